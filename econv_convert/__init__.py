@@ -1,0 +1,33 @@
+"""econv-convert: exact dense (eConv/ePool) versions of strided CNNs, and weights both ways.
+
+>>> dense = densify(model, (1, 3, 224, 224))     # doctest: +SKIP
+>>> report = verify(model, dense)                 # doctest: +SKIP
+>>> baseline = inverse(dense)                     # doctest: +SKIP
+"""
+
+from econv_convert.api import (
+    DenseInfo,
+    densify,
+    inverse,
+    lattice_view,
+    load_dense,
+    save_dense,
+)
+from econv_convert.errors import (
+    EConvError,
+    EquivalenceError,
+    InvalidInputError,
+    InvalidModelError,
+    TransferError,
+    UnsafeCheckpointError,
+    UnsupportedLayerError,
+)
+from econv_convert.verify import VerifyReport, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenseInfo", "EConvError", "EquivalenceError", "InvalidInputError", "InvalidModelError",
+    "TransferError", "UnsafeCheckpointError", "UnsupportedLayerError", "VerifyReport",
+    "__version__", "densify", "inverse", "lattice_view", "load_dense", "save_dense", "verify",
+]

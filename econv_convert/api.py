@@ -1,0 +1,302 @@
+"""The Python API: densify, inverse, save_dense, load_dense.
+
+A dense model is a ``torch.fx.GraphModule`` whose ``state_dict()`` has exactly the baseline's
+keys and shapes (fully connected heads keep their Parameter; it is reshaped at run time), and
+whose ``econv`` attribute (:class:`DenseInfo`) records how it was made: enough to rebuild the
+baseline (``inverse``) and to read the baseline's outputs off the dense ones (``lattice_view``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from econv_convert import ops
+from econv_convert.errors import InvalidInputError, InvalidModelError, TransferError
+from econv_convert.fxgraph import shape_prop, trace
+from econv_convert.rewrite import GLOBAL_POOL_MODES, LayerRecord, Rewriter
+from econv_convert.serialize import graph_from_json, graph_to_json
+
+FORMAT = "econv-convert/dense"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DenseInfo:
+    """How a dense model was made. Plain data: stored as JSON in dense checkpoints."""
+
+    example_shape: list[int]
+    global_pool: str
+    until: str | None
+    outputs: list[dict[str, Any]]  # per output tensor: dense dims (kind, step), base_ndim
+    records: list[dict[str, Any]]
+    notes: list[str]
+    has_padding: bool
+    global_pools: int
+    specialized: dict[str, list[int]] = field(default_factory=dict)
+    baseline_graph: str = ""  # JSON: the lowered baseline graph, for inverse
+    params: list[str] = field(default_factory=list)  # state-dict keys that are Parameters
+
+    @property
+    def total_step(self) -> tuple[int, ...]:
+        """The largest lattice step the model reaches (per spatial axis)."""
+        best: tuple[int, ...] = ()
+        for r in self.records:
+            for steps in (tuple(r["step_in"]), tuple(r["step_out"])):
+                if _prod(steps) > _prod(best) or len(steps) > len(best):
+                    best = steps
+        return best
+
+    def layer_records(self) -> list[LayerRecord]:
+        return [LayerRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
+                for r in self.records]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> DenseInfo:
+        data = json.loads(text)
+        return DenseInfo(**data)
+
+
+def _prod(t: Sequence[int]) -> int:
+    p = 1
+    for v in t:
+        p *= v
+    return p
+
+
+def _example(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    if isinstance(example_input, torch.Tensor):
+        return example_input
+    shape = tuple(int(v) for v in example_input)
+    if len(shape) < 3 or any(v < 1 for v in shape):
+        raise InvalidInputError(f"input shape {shape} must be N,C,spatial... with positive sizes")
+    ref = next(iter(model.parameters()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device = ref.device if ref is not None else "cpu"
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+
+
+def densify(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[int],
+    *,
+    global_pool: str = "phase",
+    until: str | None = None,
+) -> fx.GraphModule:
+    """The dense model of ``model``.
+
+    ``example_input`` (a tensor or a shape ``N, C, spatial...``) is used to trace shapes; the
+    result is exact for any input size the baseline accepts. ``global_pool`` is ``phase`` (one
+    output per lattice phase; phase 0 is the baseline), ``lattice`` (the baseline's pool) or
+    ``dense`` (every position: a different function). ``until`` cuts the model after module
+    ``until`` (a name from ``named_modules()``).
+
+    Raises :class:`UnsupportedLayerError` naming the node when a layer is not
+    translation-equivariant on the lattice. The model is not modified; a model in training mode
+    is densified in eval mode (a note in ``dense.econv.notes`` says so).
+    """
+    if global_pool not in GLOBAL_POOL_MODES:
+        raise InvalidInputError(
+            f"global pool mode '{global_pool}' is not one of {', '.join(GLOBAL_POOL_MODES)}")
+    notes = []
+    if model.training:
+        notes.append("the model was in training mode: densified in eval mode (BatchNorm uses "
+                     "running statistics, dropout is off)")
+    baseline = copy.deepcopy(model).eval()
+    x = _example(baseline, example_input)
+    gm = trace(baseline, until)
+    values = shape_prop(gm, x)
+    graph, plan = Rewriter(gm, values, global_pool).run()
+    dense = fx.GraphModule(gm, graph)
+    _restore_keys(dense, baseline)
+    dense.econv = DenseInfo(
+        example_shape=list(x.shape),
+        global_pool=global_pool,
+        until=until,
+        outputs=plan.outputs,
+        records=[asdict(r) for r in plan.records],
+        notes=notes + plan.notes,
+        has_padding=plan.has_padding,
+        global_pools=plan.global_pools,
+        specialized=plan.specialized,
+        baseline_graph=graph_to_json(gm.graph),
+        params=[k for k, _ in baseline.named_parameters()],
+    )
+    dense.eval()
+    return dense
+
+
+def _restore_keys(dense: nn.Module, baseline: nn.Module) -> None:
+    """Give ``dense`` every parameter and buffer of ``baseline`` that its graph does not use
+    (layers past ``until``, BatchNorm's ``num_batches_tracked``), so the state dicts match."""
+    have = set(dense.state_dict().keys())
+    persistent = set(baseline.state_dict().keys())
+    for name, p in baseline.named_parameters():
+        if name not in have:
+            _set(dense, name, p, parameter=True)
+    for name, b in baseline.named_buffers():
+        if name not in have and name in persistent:
+            _set(dense, name, b, parameter=False)
+
+
+def _set(root: nn.Module, name: str, value: torch.Tensor, parameter: bool) -> None:
+    *path, leaf = name.split(".")
+    mod = root
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    if parameter:
+        mod.register_parameter(leaf, value if isinstance(value, nn.Parameter)
+                               else nn.Parameter(value))
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def info(dense: nn.Module) -> DenseInfo:
+    meta = getattr(dense, "econv", None)
+    if not isinstance(meta, DenseInfo):
+        raise InvalidInputError("not a dense model made by econv-convert (no .econv record)")
+    return meta
+
+
+def lattice_view(dense: nn.Module, outputs: Any) -> Any:
+    """The baseline's outputs read off the dense model's outputs (lattice points, phase 0)."""
+    specs = iter(info(dense).outputs)
+
+    def view(t):
+        if isinstance(t, torch.Tensor):
+            spec = next(specs)
+            return ops.lattice_view(t, spec["dims"], spec["base_ndim"])
+        return t
+
+    return fx.node.map_aggregate(outputs, view)
+
+
+def _build(graph_json: str, state: dict[str, torch.Tensor], params: Sequence[str]) -> fx.GraphModule:
+    root = nn.Module()
+    params = set(params)
+    for name, t in state.items():
+        _set(root, name, nn.Parameter(t, requires_grad=t.is_floating_point()) if name in params
+             else t, parameter=name in params)
+    graph = graph_from_json(graph_json)
+    for n in graph.nodes:
+        if n.op == "get_attr" and n.target not in state:
+            raise InvalidInputError(f"the stored graph reads '{n.target}', which the weights lack")
+    return fx.GraphModule(root, graph)
+
+
+def inverse(dense: nn.Module) -> fx.GraphModule:
+    """The baseline model carrying the dense model's (possibly fine-tuned) weights.
+
+    Its ``state_dict()`` loads into the original baseline class as it is.
+    """
+    meta = info(dense)
+    state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
+    try:
+        baseline = _build(meta.baseline_graph, state, meta.params)
+    except InvalidInputError as e:
+        raise TransferError(f"cannot rebuild the baseline: {e}") from None
+    baseline.econv_example_shape = list(meta.example_shape)
+    return baseline.eval()
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict`` with a one-line error naming missing, unexpected and mismatched keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {_some(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_some(unexpected)}")
+        if mismatched:
+            parts.append("shape mismatch " + _some(
+                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]))
+        raise TransferError(f"{what} do not fit the model: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def _some(items: Sequence[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense checkpoints
+
+
+def save_dense(dense: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a dense checkpoint (``.pt``) that :func:`load_dense` reads without unpickling code.
+
+    The file is written beside its target and renamed into place when complete.
+    """
+    meta = info(dense)
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "graph": graph_to_json(dense.graph),
+        "info": meta.to_json(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in dense.state_dict().items()},
+    }
+    atomic_write(path, lambda f: torch.save(payload, f))
+    return path
+
+
+def load_dense(path: str | os.PathLike) -> fx.GraphModule:
+    """Load a dense checkpoint written by :func:`save_dense` into a trainable module."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InvalidInputError(f"{path}: not a readable dense checkpoint ({_short(e)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InvalidInputError(f"{path}: not a dense checkpoint written by econv-convert")
+    if payload.get("version") != FORMAT_VERSION:
+        raise InvalidInputError(f"{path}: dense checkpoint version {payload.get('version')} "
+                                f"is not supported (expected {FORMAT_VERSION})")
+    try:
+        meta = DenseInfo.from_json(payload["info"])
+        dense = _build(payload["graph"], payload["state_dict"], meta.params)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidInputError(f"{path}: damaged dense checkpoint ({_short(e)})") from None
+    dense.econv = meta
+    return dense.eval()
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the target folder, renamed into place on success."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InvalidInputError(f"{path}: the folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,47 @@
+"""Typed errors. The library raises these; only the CLI turns them into messages and exit codes.
+
+Every message is one line that says what is wrong and where (the node or file), so the CLI can
+print it as it is.
+"""
+
+from __future__ import annotations
+
+
+class EConvError(Exception):
+    """Base class of every error econv-convert raises on purpose. CLI exit code 2."""
+
+    exit_code = 2
+
+
+class InvalidInputError(EConvError):
+    """A file, option or argument the user gave cannot be used."""
+
+
+class InvalidModelError(EConvError):
+    """The model cannot be traced or run as given (wrong weights, untraceable control flow)."""
+
+
+class UnsupportedLayerError(EConvError):
+    """A layer is not translation-equivariant on the lattice, or has no rule yet.
+
+    ``node`` names the graph node (and module path where there is one); ``reason`` says why.
+    """
+
+    def __init__(self, node: str, reason: str) -> None:
+        self.node = node
+        self.reason = reason
+        super().__init__(f"cannot densify node '{node}': {reason}")
+
+
+class EquivalenceError(EConvError):
+    """The dense model does not reproduce the baseline. CLI exit code 1."""
+
+    exit_code = 1
+
+
+class TransferError(EConvError):
+    """Weights cannot be moved between a dense model and its baseline."""
+
+
+class UnsafeCheckpointError(InvalidInputError):
+    """A checkpoint needs arbitrary code to load and ``trust_pickle`` was not given."""

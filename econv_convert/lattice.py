@@ -1,0 +1,147 @@
+"""Lattice arithmetic: the one place where the mathematics of densification lives.
+
+Pure integer functions over small frozen records, free of any framework, so that the PyTorch
+rewrite, the runtime ops, ``inspect`` and the verifier all share the same formulas.
+
+Conventions (per spatial axis, see ``DESIGN.md``):
+
+* a baseline map of size ``h`` on a lattice of step ``s`` is held densely in the *tight* form of
+  size ``tight(h, s) == (h - 1) * s + 1``: it ends on its last lattice point, so zero, reflect and
+  replicate padding stay exact and no layer ever reads a lattice point the baseline lacks;
+* ``B[i] == D[i * s]`` for every baseline index ``i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+Minimum = Callable[[int, int], int]
+
+
+def tight(h: int, step: int) -> int:
+    """Dense size of a baseline map of size ``h`` held on a lattice of step ``step``."""
+    return (h - 1) * step + 1
+
+
+def lattice_count(dense: int, step: int) -> int:
+    """Baseline size represented by a tight dense map of size ``dense``."""
+    return (dense - 1) // step + 1
+
+
+@dataclass(frozen=True)
+class Window:
+    """Geometry of one sliding-window layer along one axis (convolution or pooling).
+
+    ``pad_lo``/``pad_hi`` allow asymmetric padding (``padding='same'`` with an even kernel).
+    """
+
+    kernel: int
+    stride: int = 1
+    pad_lo: int = 0
+    pad_hi: int = 0
+    dilation: int = 1
+    ceil_mode: bool = False
+
+    @property
+    def extent(self) -> int:
+        """Number of input positions one window spans."""
+        return self.dilation * (self.kernel - 1) + 1
+
+
+def out_size(h: int, w: Window, minimum: Minimum = min) -> int:
+    """Baseline output size of a window layer on an input of size ``h`` (PyTorch semantics).
+
+    With ``ceil_mode`` the last, partial window is kept only if it starts inside the input or
+    the left padding; ``minimum`` lets callers pass ``torch.sym_min`` for symbolic sizes.
+    Returns a value below 1 when the input is smaller than the window.
+    """
+    span = h + w.pad_lo + w.pad_hi - w.extent
+    if not w.ceil_mode:
+        return span // w.stride + 1
+    ceil_out = (span + w.stride - 1) // w.stride + 1
+    return minimum(ceil_out, (h + w.pad_lo - 1) // w.stride + 1)
+
+
+@dataclass(frozen=True)
+class DenseWindow:
+    """What a window layer becomes on an input lattice of step ``step``.
+
+    The dense layer runs with stride 1 and the dilation below on the input padded by
+    ``pad_lo``/``pad_hi`` dense positions; its output is then cropped to the tight size of the
+    baseline output on the output lattice ``out_step``.
+    """
+
+    kernel: int
+    dilation: int
+    pad_lo: int
+    pad_hi: int
+    out_step: int
+
+
+def dense_window(w: Window, step: int) -> DenseWindow:
+    """The dense form of ``w`` on an input lattice of step ``step``.
+
+    In ceil mode the baseline's extra window reaches up to ``stride - 1`` positions past the
+    right padding; the dense map is padded that far so that the window exists.
+    """
+    extra = w.stride - 1 if w.ceil_mode else 0
+    return DenseWindow(
+        kernel=w.kernel,
+        dilation=w.dilation * step,
+        pad_lo=w.pad_lo * step,
+        pad_hi=(w.pad_hi + extra) * step,
+        out_step=step * w.stride,
+    )
+
+
+def same_padding(kernel: int, dilation: int) -> tuple[int, int]:
+    """PyTorch's ``padding='same'`` split: the odd position goes to the right."""
+    total = dilation * (kernel - 1)
+    return total // 2, total - total // 2
+
+
+def avg_divisor_bounds(h: int, w: Window, count_include_pad: bool) -> tuple[int, int]:
+    """Baseline positions ``[lo, hi]`` that count towards an average pool's divisor.
+
+    With ``count_include_pad`` the padding counts, but a ceil-mode window is clipped at the end
+    of the right padding; without it only real input positions count.
+    """
+    if count_include_pad:
+        return -w.pad_lo, h - 1 + w.pad_hi
+    return 0, h - 1
+
+
+@dataclass(frozen=True)
+class Field:
+    """Receptive field and lattice step of a map along one axis."""
+
+    size: int = 1
+    step: int = 1
+
+    def through(self, w: Window) -> Field:
+        return Field(size=self.size + (w.extent - 1) * self.step, step=self.step * w.stride)
+
+
+def product(values: Sequence[int]) -> int:
+    result = 1
+    for v in values:
+        result *= int(v)
+    return result
+
+
+def output_stride_split(strides: Sequence[int], output_stride: int) -> list[bool]:
+    """Which strides to keep (True) so that the kept cumulative stride reaches ``output_stride``.
+
+    DeepLab style: keep strides while the running product stays within ``output_stride``;
+    every later stride becomes dilation.
+    """
+    keep: list[bool] = []
+    running = 1
+    for t in strides:
+        if running * t <= output_stride:
+            running *= t
+            keep.append(True)
+        else:
+            keep.append(False)
+    return keep

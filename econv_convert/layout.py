@@ -1,0 +1,85 @@
+"""What each dense tensor's dimensions mean, relative to the baseline tensor it stands for.
+
+A dense tensor has the baseline tensor's dimensions, in the same order, followed by *extra*
+trailing dimensions the baseline lacks:
+
+* ``plain``: the same size in both (batch, channels, a globally pooled axis in lattice mode);
+* ``space``: a spatial axis on a lattice of ``step``: baseline size ``h``, dense ``(h-1)*step+1``;
+* ``phase`` (extra only): one entry per lattice phase of a globally pooled axis (``phase``
+  pooling), phase 0 being the baseline's value;
+* an extra ``space`` dim: the positions of a Flatten + Linear head turned into a convolution;
+  the baseline, run on the example size, has one position there.
+
+A *fold* is a ``flatten`` over channels and space that only a Linear layer may consume: the
+dense tensor keeps the unflattened map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Dim:
+    kind: str  # "plain" | "space" | "phase"
+    axis: int = -1
+    step: int = 1
+
+    @property
+    def spatial(self) -> bool:
+        return self.kind != "plain"
+
+
+PLAIN = Dim("plain")
+
+
+@dataclass(frozen=True)
+class Layout:
+    base: tuple[int, ...]  # the baseline tensor's shape at the example input
+    dims: tuple[Dim, ...]  # one per dense dim
+    n_extra: int = 0  # trailing dims that the baseline tensor lacks
+    fold: int = 0  # >0: the last baseline dim is the flatten of this many dense dims
+    fold_shape: tuple[int, ...] = ()  # the folded spatial sizes at the example input
+
+    @staticmethod
+    def plain(shape) -> Layout:
+        return Layout(tuple(shape), tuple(PLAIN for _ in shape))
+
+    @property
+    def base_ndim(self) -> int:
+        return len(self.base)
+
+    @property
+    def base_dims(self) -> tuple[Dim, ...]:
+        """Dims standing for baseline dims (no extras; a fold's dims are not included)."""
+        body = self.dims[: len(self.dims) - self.n_extra]
+        return body[: len(body) - self.fold] if self.fold else body
+
+    @property
+    def fold_dims(self) -> tuple[Dim, ...]:
+        body = self.dims[: len(self.dims) - self.n_extra]
+        return body[len(body) - self.fold :] if self.fold else ()
+
+    @property
+    def extras(self) -> tuple[Dim, ...]:
+        return self.dims[len(self.dims) - self.n_extra :] if self.n_extra else ()
+
+    @property
+    def has_space(self) -> bool:
+        return any(d.spatial for d in self.base_dims) or bool(self.fold)
+
+    @property
+    def is_plain(self) -> bool:
+        """Dense tensor == baseline tensor (nothing spatial, nothing extra)."""
+        return not self.has_space and not self.n_extra
+
+    def with_base(self, base, dims) -> Layout:
+        """Same extras, new baseline shape and dims."""
+        return replace(self, base=tuple(base), dims=tuple(dims) + self.extras, fold=0, fold_shape=())
+
+    def norm_dim(self, d: int, ndim: int | None = None) -> int:
+        """A dim index as the baseline would read it, made non-negative (extras untouched)."""
+        n = self.base_ndim if ndim is None else ndim
+        if not -n <= d < n:
+            raise IndexError(d)
+        return d % n

@@ -1,0 +1,335 @@
+"""Runtime operations of dense models.
+
+A dense graph calls these functions with the dense tensor and static geometry (plain tuples,
+so the graph serializes as data). Every size-dependent correction (ceil-mode ends, tight crops,
+average-pool divisors, phase counts) is computed here from the tensor's actual size, so a dense
+model is exact for any input size the baseline accepts, not only the example one.
+
+Spatial dimensions are always the trailing ``len(steps)`` dimensions of ``x`` unless a function
+says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from econv_convert.lattice import Window, dense_window, lattice_count, out_size, tight
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def _windows(kernel, stride, pad_lo, pad_hi, dilation, ceil_mode) -> list[Window]:
+    return [
+        Window(k, t, lo, hi, d, ceil_mode)
+        for k, t, lo, hi, d in zip(kernel, stride, pad_lo, pad_hi, dilation, strict=True)
+    ]
+
+
+def _pad_arg(lo: Sequence[int], hi: Sequence[int]) -> list[int]:
+    """F.pad's argument: last axis first, (left, right) pairs."""
+    pad: list[int] = []
+    for a, b in zip(reversed(lo), reversed(hi), strict=True):
+        pad += [a, b]
+    return pad
+
+
+def _crop(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    nd = len(sizes)
+    for i, n in enumerate(sizes):
+        x = x.narrow(x.dim() - nd + i, 0, n)
+    return x
+
+
+def _baseline_sizes(x: torch.Tensor, steps: Sequence[int]) -> list[int]:
+    nd = len(steps)
+    return [lattice_count(x.shape[x.dim() - nd + i], s) for i, s in enumerate(steps)]
+
+
+def _out_sizes(x, steps, windows) -> tuple[list[int], list[int]]:
+    """Tight dense output sizes and baseline output sizes of a window layer."""
+    base_out = []
+    for h, w in zip(_baseline_sizes(x, steps), windows, strict=True):
+        n = out_size(h, w, torch.sym_min)
+        torch._check(n >= 1, lambda: "input smaller than the layer's window")
+        base_out.append(n)
+    dense_out = [tight(n, s * w.stride) for n, s, w in zip(base_out, steps, windows, strict=True)]
+    return dense_out, base_out
+
+
+def conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    steps: Sequence[int],
+    stride: Sequence[int],
+    pad_lo: Sequence[int],
+    pad_hi: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    kernel: Sequence[int] | None = None,
+    pad_mode: str = "constant",
+) -> torch.Tensor:
+    """Dense convolution: stride 1, dilation ``d * s``, padding ``p * s``, tight crop.
+
+    ``kernel`` reshapes a fully connected weight ``(out, C * prod(kernel))`` into a convolution
+    kernel at run time, so the Parameter keeps its name and shape (Flatten + Linear heads).
+    """
+    nd = len(steps)
+    if kernel is not None:
+        weight = weight.reshape(weight.shape[0], -1, *kernel)
+    k = weight.shape[2:]
+    ws = _windows(k, stride, pad_lo, pad_hi, dilation, False)
+    dense_out, _ = _out_sizes(x, steps, ws)
+    dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
+    lo = [d.pad_lo for d in dws]
+    hi = [d.pad_hi for d in dws]
+    if pad_mode == "constant" and lo == hi:
+        y = _CONV[nd](x, weight, bias, 1, lo, [d.dilation for d in dws], groups)
+    else:
+        if any(lo) or any(hi):
+            x = F.pad(x, _pad_arg(lo, hi), mode=pad_mode)
+        y = _CONV[nd](x, weight, bias, 1, 0, [d.dilation for d in dws], groups)
+    return _crop(y, dense_out)
+
+
+def max_pool(
+    x: torch.Tensor,
+    steps: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    pad_lo: Sequence[int],
+    pad_hi: Sequence[int],
+    dilation: Sequence[int],
+    ceil_mode: bool,
+) -> torch.Tensor:
+    """Dense max pooling: explicit ``-inf`` padding (PyTorch limits pooling padding to half the
+    kernel, even when dilated), then a stride-1 dilated pool and a tight crop."""
+    nd = len(steps)
+    ws = _windows(kernel, stride, pad_lo, pad_hi, dilation, ceil_mode)
+    dense_out, _ = _out_sizes(x, steps, ws)
+    dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
+    pad = _pad_arg([d.pad_lo for d in dws], [d.pad_hi for d in dws])
+    if any(pad):
+        x = F.pad(x, pad, value=-math.inf)
+    y = _MAXPOOL[nd](x, list(kernel), 1, 0, [d.dilation for d in dws])
+    return _crop(y, dense_out)
+
+
+def avg_pool(
+    x: torch.Tensor,
+    steps: Sequence[int],
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: int | None,
+) -> torch.Tensor:
+    """Dense average pooling (PyTorch's AvgPool has no dilation).
+
+    The window sum is a depthwise convolution with a dilated kernel of ones; the divisor is the
+    product over axes of how many taps of each window the baseline counts (the padding, clipped
+    at the end of the right padding, or the real input only), computed for the actual size.
+    """
+    nd = len(steps)
+    ws = _windows(kernel, stride, padding, padding, [1] * nd, ceil_mode)
+    dense_out, _ = _out_sizes(x, steps, ws)
+    dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
+    channels = x.shape[x.dim() - nd - 1]
+    lead = x.shape[: x.dim() - nd - 1]
+    z = x.reshape(-1, channels, *x.shape[x.dim() - nd :])
+    z = F.pad(z, _pad_arg([d.pad_lo for d in dws], [d.pad_hi for d in dws]))
+    ones = z.new_ones((channels, 1, *kernel))
+    y = _CONV[nd](z, ones, None, 1, 0, [d.dilation for d in dws], channels)
+    y = _crop(y, dense_out)
+    if divisor_override:
+        return (y / divisor_override).reshape(*lead, channels, *y.shape[2:])
+    divisor = None
+    for i, (w, s, n) in enumerate(zip(ws, steps, dense_out, strict=True)):
+        h = lattice_count(x.shape[x.dim() - nd + i], s)
+        lo, hi = (-w.pad_lo, h - 1 + w.pad_hi) if count_include_pad else (0, h - 1)
+        # dense positions of each window's taps, relative to the unpadded map
+        taps = torch.arange(n, device=x.device)[:, None] + (
+            torch.arange(w.kernel, device=x.device)[None, :] - w.pad_lo
+        ) * s
+        count = ((taps >= lo * s) & (taps <= hi * s)).sum(1).to(y.dtype)
+        count = count.reshape([n if j == i else 1 for j in range(nd)])
+        divisor = count if divisor is None else divisor * count
+    return (y / divisor).reshape(*lead, channels, *y.shape[2:])
+
+
+def global_pool(
+    x: torch.Tensor,
+    dims: Sequence[int],
+    steps: Sequence[int],
+    mode: str,
+    reduce: str,
+    keepdim: bool,
+) -> torch.Tensor:
+    """Pooling over whole spatial dimensions ``dims`` of a dense map.
+
+    * ``lattice``: only the lattice points: exactly the baseline's value;
+    * ``dense``: every dense position: the average over shifted copies (a different function);
+    * ``phase``: each of the ``s`` phases of each axis separately; the pooled dimensions become
+      trailing *phase* dimensions of size ``s`` (phase 0 is exactly the baseline). A phase with
+      no position inside the input (possible when the map has a single lattice point) is NaN.
+    """
+    dims = [d % x.dim() for d in dims]
+    if mode == "lattice":
+        index = [slice(None)] * x.dim()
+        for d, s in zip(dims, steps, strict=True):
+            index[d] = slice(None, None, s)
+        x = x[tuple(index)]
+    if mode in ("lattice", "dense"):
+        return _reduce(x, dims, reduce, keepdim)
+    # phase: split each pooled dim (size H) into (ceil(H / s), s) and reduce the first part
+    fill = 0.0 if reduce in ("mean", "sum") else -math.inf
+    counts = []
+    for d, s in zip(dims, steps, strict=True):
+        n = x.shape[d]
+        h = (n + s - 1) // s
+        pad = [0, 0] * (x.dim() - 1 - d) + [0, h * s - n]
+        x = F.pad(x, pad, value=fill)
+        x = x.unflatten(d, (h, s)).movedim(d + 1, -1)
+        r = torch.arange(s, device=x.device)
+        counts.append(torch.clamp((n - 1 - r) // s + 1, min=0))
+    y = _reduce(x, dims, "sum" if reduce == "mean" else reduce, keepdim)
+    count = counts[0]
+    for c in counts[1:]:
+        count = count[..., None] * c
+    if reduce == "mean":
+        y = y / count.to(y.dtype)
+    elif reduce != "sum":
+        y = torch.where(count > 0, y, torch.full_like(y, math.nan))
+    return y
+
+
+def _reduce(x: torch.Tensor, dims: Sequence[int], reduce: str, keepdim: bool) -> torch.Tensor:
+    if reduce == "mean":
+        return x.mean(tuple(dims), keepdim=keepdim)
+    if reduce == "sum":
+        return x.sum(tuple(dims), keepdim=keepdim)
+    return x.amax(tuple(dims), keepdim=keepdim)
+
+
+def phase_to_map(p: torch.Tensor, targets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+    """Spread trailing phase dimensions of ``p`` over map dimensions.
+
+    The k-th of the last ``len(targets)`` dims of ``p`` holds one value per phase of an axis;
+    it replaces the size-1 dim ``targets[k]`` and is tiled to ``sizes[k]``, so that dense
+    position ``q`` gets phase ``q % s`` (a squeeze-excitation scale for every shift).
+    """
+    n = len(targets)
+    for k, (t, size) in enumerate(zip(targets, sizes, strict=True)):
+        src = p.dim() - n + k
+        s = p.shape[src]
+        reps = [1] * p.dim()
+        reps[src] = (size + s - 1) // s
+        p = p.repeat(reps).narrow(src, 0, size)
+        p = p.movedim(src, t + 1).squeeze(t)
+    return p
+
+
+def phase_to_map_like(p, like, targets, like_dims):
+    """:func:`phase_to_map` with the sizes of ``like``'s dims ``like_dims``."""
+    return phase_to_map(p, targets, [like.shape[d] for d in like_dims])
+
+
+def base_size(x: torch.Tensor, base_ndim: int, fold: bool):
+    """``x.size()`` as the baseline model reads it: without trailing extra dims."""
+    return torch.Size(dim_size(x, d, base_ndim, fold) for d in range(base_ndim))
+
+
+def dim_size(x: torch.Tensor, d: int, base_ndim: int, fold: bool):
+    if fold and d == base_ndim - 1:
+        return -1  # a flatten over space has no dense size; -1 keeps reshapes consistent
+    return x.shape[d]
+
+
+def fold_extras(x: torch.Tensor, n_extra: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Move the trailing ``n_extra`` dims into the batch: ``(N, ..., E) -> (N * E, ...)``."""
+    extra = tuple(x.shape[x.dim() - n_extra :])
+    base = x.dim() - n_extra
+    x = x.movedim(tuple(range(base, x.dim())), tuple(range(1, 1 + n_extra)))
+    return x.reshape(-1, *x.shape[1 + n_extra :]), extra
+
+
+def unfold_extras(y: torch.Tensor, extra: Sequence[int]) -> torch.Tensor:
+    n = len(extra)
+    y = y.reshape(-1, *extra, *y.shape[1:])
+    return y.movedim(tuple(range(1, 1 + n)), tuple(range(y.dim() - n, y.dim())))
+
+
+def _function(name: str):
+    from econv_convert.serialize import resolve  # the allow-list that checkpoints use
+
+    return resolve(name)
+
+
+def per_position(fn: str, x: torch.Tensor, n_extra: int, *args, **kwargs) -> torch.Tensor:
+    """Apply the per-sample op named ``fn`` at each trailing extra position of ``x``."""
+    z, extra = fold_extras(x, n_extra)
+    return unfold_extras(_function(fn)(z, *args, **kwargs), extra)
+
+
+def last_dims(fn: str, x: torch.Tensor, n_extra: int, *args, **kwargs) -> torch.Tensor:
+    """Apply the op named ``fn``, which acts on the last dims of its input, below trailing
+    extra dims."""
+    lead = tuple(range(x.dim() - n_extra, x.dim()))
+    z = x.movedim(lead, tuple(range(n_extra)))
+    y = _function(fn)(z, *args, **kwargs)
+    return y.movedim(tuple(range(n_extra)), tuple(range(y.dim() - n_extra, y.dim())))
+
+
+def append_extras(x: torch.Tensor, n_extra: int) -> torch.Tensor:
+    """Add ``n_extra`` trailing singleton dims so ``x`` broadcasts against a tensor with extras."""
+    return x.reshape(*x.shape, *([1] * n_extra))
+
+
+def reshape(x: torch.Tensor, shape: Sequence, from_dims: Sequence[int | None], n_extra: int):
+    """Reshape whose spatial entries keep the dense size of input dim ``from_dims[i]``.
+
+    ``shape`` is the baseline's shape argument; entries where ``from_dims`` names a dim of
+    ``x`` are replaced by that dim's dense size; trailing extra dims are kept as they are.
+    """
+    out = [x.shape[d] if d is not None else v for v, d in zip(shape, from_dims, strict=True)]
+    out += list(x.shape[x.dim() - n_extra :])
+    return x.reshape(out)
+
+
+def spatial_slice(x: torch.Tensor, dim: int, start, stop, base_step: int, step: int):
+    """Baseline slice ``[start:stop:base_step]`` of a map on lattice ``step``, held densely."""
+    h = lattice_count(x.shape[dim], step)
+    start, stop, base_step = slice(start, stop, base_step).indices(h)
+    n = max(0, (stop - start + base_step - 1) // base_step)
+    torch._check(n >= 1, lambda: "a spatial slice is empty")
+    return x.narrow(dim, start * step, tight(n, step * base_step))
+
+
+def lattice_view(y: torch.Tensor, dims: Sequence[tuple[str, int]], base_ndim: int) -> torch.Tensor:
+    """The baseline's output read off a dense output.
+
+    ``dims`` gives each dense dim's kind: ``plain``, ``space`` (take every ``step``-th) or
+    ``phase`` (take phase 0). Dims past ``base_ndim`` are extras the baseline lacks: after the
+    lattice sampling they have size one and are dropped.
+    """
+    index = []
+    for kind, step in dims:
+        if kind == "space":
+            index.append(slice(None, None, step))
+        elif kind == "phase":
+            index.append(slice(0, 1))
+        else:
+            index.append(slice(None))
+    y = y[tuple(index)]
+    if y.dim() > base_ndim:
+        extra = y.shape[base_ndim:]
+        if any(n != 1 for n in extra):
+            return y  # a larger input than the baseline accepts: a map of predictions
+        y = y.reshape(y.shape[:base_ndim])
+    return y
