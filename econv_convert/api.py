@@ -46,6 +46,7 @@ class DenseInfo:
     specialized: dict[str, list[int]] = field(default_factory=dict)
     baseline_graph: str = ""  # JSON: the lowered baseline graph, for inverse
     params: list[str] = field(default_factory=list)  # state-dict keys that are Parameters
+    arch: str | None = None  # MODULE:CALLABLE of the baseline, when known (for inverse)
 
     @property
     def total_step(self) -> tuple[int, ...]:

@@ -258,9 +258,43 @@ def shape_prop(gm: fx.GraphModule, *inputs: torch.Tensor) -> dict[fx.Node, Any]:
 
 def node_name(node: fx.Node) -> str:
     """A node's name for people: the module path where it came from a module."""
-    where = node.meta.get(NAME)
-    return f"{where} ({node.name})" if where and where != node.name else node.name
+    return node.meta.get(NAME) or node.name
 
 
 def is_getitem(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
+
+
+def from_exported(program: Any) -> fx.GraphModule:
+    """A ``torch.export`` program as a module the tracer can read.
+
+    Its ``aten`` operators are replaced by the ``torch`` bindings of the same operators (same
+    positional signatures), which the rules know; the shape guards of the export, which pin
+    the example size, are dropped (verification checks other sizes instead). An operator with
+    no binding stays as it is and is refused by name if it touches a spatial map.
+    """
+    gm = program.module()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target.startswith("_guards"):
+            graph.erase_node(node)
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            fn = _binding(node.target)
+            if fn is not None:
+                node.target = fn
+    graph.eliminate_dead_code()
+    graph.lint()
+    # a plain GraphModule: the exported module's own class refuses .eval()
+    return fx.GraphModule(gm, graph).eval()
+
+
+def _binding(op: torch._ops.OpOverload) -> Callable | None:
+    name = op._schema.name.split("::", 1)[1]
+    if op._schema.name.split("::", 1)[0] != "aten" or op._overloadname not in (
+            "default", "Tensor", "Scalar", "dim", "using_ints", "int", "self"):
+        return None
+    for ns in (torch._C._nn, torch):
+        fn = getattr(ns, name, None)
+        if callable(fn):
+            return fn
+    return None

@@ -39,9 +39,14 @@ def _pad_arg(lo: Sequence[int], hi: Sequence[int]) -> list[int]:
 
 
 def _crop(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Keep the first ``sizes[i]`` positions of each trailing dim.
+
+    A gather rather than ``narrow``: ``narrow`` branches on whether the crop is a no-op, which an
+    exporter must then pin to the example size (a guard); a gather always copies and does not.
+    """
     nd = len(sizes)
     for i, n in enumerate(sizes):
-        x = x.narrow(x.dim() - nd + i, 0, n)
+        x = x.index_select(x.dim() - nd + i, torch.arange(n, device=x.device))
     return x
 
 
@@ -311,15 +316,15 @@ def spatial_slice(x: torch.Tensor, dim: int, start, stop, base_step: int, step: 
     return x.narrow(dim, start * step, tight(n, step * base_step))
 
 
-def lattice_view(y: torch.Tensor, dims: Sequence[tuple[str, int]], base_ndim: int) -> torch.Tensor:
+def lattice_view(y: torch.Tensor, dims: Sequence[Sequence], base_ndim: int) -> torch.Tensor:
     """The baseline's output read off a dense output.
 
-    ``dims`` gives each dense dim's kind: ``plain``, ``space`` (take every ``step``-th) or
+    ``dims`` gives each dense dim's ``(kind, step, axis)``: ``plain``, ``space`` (every ``step``-th) or
     ``phase`` (take phase 0). Dims past ``base_ndim`` are extras the baseline lacks: after the
     lattice sampling they have size one and are dropped.
     """
     index = []
-    for kind, step in dims:
+    for kind, step, *_ in dims:
         if kind == "space":
             index.append(slice(None, None, step))
         elif kind == "phase":

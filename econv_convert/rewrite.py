@@ -51,8 +51,10 @@ class LayerRecord:
     step_in: tuple[int, ...]
     step_out: tuple[int, ...]
     field: tuple[int, ...]
-    fx_name: str = ""
+    fx_name: str = ""  # the baseline graph's node
+    dense_name: str = ""  # the dense graph's node
     note: str = ""
+    cost: int = 0  # multiply-adds (or comparisons) per output element
 
 
 @dataclass
@@ -109,6 +111,8 @@ class Rewriter:
             self.node = node
             try:
                 self.env[node] = self._rewrite(node)
+                if node not in self.fields:
+                    self.fields[node] = self._inherited_field(node)
             except _Refuse as r:
                 raise UnsupportedLayerError(node_name(node), r.reason) from None
             except UnsupportedLayerError:
@@ -119,6 +123,13 @@ class Rewriter:
                 ) from e
         self.graph.lint()
         return self.graph, self.plan
+
+    def _inherited_field(self, node: fx.Node) -> tuple[Field, ...]:
+        """A layer with no window sees what its inputs see (the largest, per axis)."""
+        found = [self.fields[n] for n in node.all_input_nodes if self.fields.get(n)]
+        if not found:
+            return ()
+        return tuple(max(fs, key=lambda f: f.size) for fs in zip(*found))
 
     def _rewrite(self, node: fx.Node) -> Val:
         if node.op == "placeholder":
@@ -186,11 +197,13 @@ class Rewriter:
     def field_of(self, a: Any) -> tuple[Field, ...]:
         return self.fields.get(a, ()) if isinstance(a, fx.Node) else ()
 
-    def record(self, kind: str, before: dict, after: dict, step_in, step_out, rf, note=""):
+    def record(self, dense: fx.Node, kind: str, before: dict, after: dict, step_in, step_out,
+               rf, note: str = "", cost: int = 0):
+        """Note a rewritten layer. ``cost``: multiply-adds (or comparisons) per output element."""
         node = self.node
         self.plan.records.append(LayerRecord(
             node_name(node), kind, before, after, tuple(step_in), tuple(step_out),
-            tuple(f.size for f in rf), node.name, note))
+            tuple(f.size for f in rf), node.name, dense.name, note, int(cost)))
 
     def tensor_inputs(self, node: fx.Node) -> list[Val]:
         found: list[Val] = []
@@ -220,7 +233,7 @@ class Rewriter:
                     _refuse("the output is a flatten over spatial positions; only a Linear "
                             "layer may consume such a flatten")
                 outputs.append({
-                    "dims": [(d.kind, d.step) for d in lay.dims],
+                    "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
                     "base_ndim": lay.base_ndim,
                 })
             return val.node
@@ -339,11 +352,12 @@ def _conv(rw: Rewriter, node: fx.Node) -> Val:
     rf = _fields_through(rw, node.args[0], k, stride, dilation)
     rw.fields[node] = rf
     rw.plan.has_padding |= any(lo) or any(hi)
-    rw.record("conv", {"kernel": k, "stride": stride, "padding": _pads(lo, hi), "dilation": dilation},
+    rw.record(n, "conv", {"kernel": k, "stride": stride, "padding": _pads(lo, hi), "dilation": dilation},
               {"kernel": k, "stride": (1,) * nd, "padding": _pads([a * s for a, s in zip(lo, steps)],
                                                                    [b * s for b, s in zip(hi, steps)]),
                "dilation": tuple(d * s for d, s in zip(dilation, steps, strict=True))},
-              steps, [s * t for s, t in zip(steps, stride, strict=True)], rf)
+              steps, [s * t for s, t in zip(steps, stride, strict=True)], rf,
+              cost=weight.shape[1] * math.prod(k))
     return rw.result(node, n, _window_out(rw, node, x.layout, axes, steps, stride))
 
 
@@ -386,12 +400,12 @@ def _max_pool(rw: Rewriter, node: fx.Node) -> Val:
     rf = _fields_through(rw, node.args[0], k, stride, dilation)
     rw.fields[node] = rf
     rw.plan.has_padding |= any(padding) or ceil
-    rw.record("max_pool", {"kernel": k, "stride": stride, "padding": padding,
+    rw.record(n, "max_pool", {"kernel": k, "stride": stride, "padding": padding,
                            "dilation": dilation, "ceil_mode": ceil},
               {"kernel": k, "stride": (1,) * nd,
                "padding": tuple(p * s for p, s in zip(padding, steps)),
                "dilation": tuple(d * s for d, s in zip(dilation, steps)), "ceil_mode": ceil},
-              steps, [s * t for s, t in zip(steps, stride)], rf)
+              steps, [s * t for s, t in zip(steps, stride)], rf, cost=math.prod(k))
     return rw.result(node, n, _window_out(rw, node, x.layout, axes, steps, stride))
 
 
@@ -417,12 +431,12 @@ def _emit_avg(rw, node, x, steps, axes, k, stride, padding, ceil, include, divis
     rf = _fields_through(rw, node.args[0], k, stride, (1,) * nd)
     rw.fields[node] = rf
     rw.plan.has_padding |= any(padding) or ceil
-    rw.record("avg_pool", {"kernel": k, "stride": stride, "padding": padding, "ceil_mode": ceil,
+    rw.record(n, "avg_pool", {"kernel": k, "stride": stride, "padding": padding, "ceil_mode": ceil,
                            "count_include_pad": include},
               {"kernel": k, "stride": (1,) * nd,
                "padding": tuple(p * s for p, s in zip(padding, steps)),
                "dilation": steps, "ceil_mode": ceil, "count_include_pad": include},
-              steps, [s * t for s, t in zip(steps, stride)], rf, note)
+              steps, [s * t for s, t in zip(steps, stride)], rf, note, cost=math.prod(k))
     return rw.result(node, n, _window_out(rw, node, x.layout, axes, steps, stride))
 
 
@@ -430,11 +444,11 @@ _ADAPTIVE_AVG = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_po
 
 
 @rule(*_ADAPTIVE_AVG, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-      torch.adaptive_avg_pool1d)
+      torch.adaptive_avg_pool1d, torch._C._nn.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool3d)
 def _adaptive(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
     nd = len(x.layout.base) - 2
-    avg = node.target in _ADAPTIVE_AVG or node.target is torch.adaptive_avg_pool1d
+    avg = "avg" in getattr(node.target, "__name__", "")
     if not avg and _arg(node, 2, "return_indices", False):
         _refuse("adaptive max pooling with return_indices")
     form, steps, axes = _spatial_geometry(rw, x.layout, nd)
@@ -467,8 +481,8 @@ def _adaptive(rw: Rewriter, node: fx.Node) -> Val:
     n = rw.call(ops.max_pool, x.node, steps, k, k, (0,) * nd, (0,) * nd, (1,) * nd, False)
     rf = _fields_through(rw, node.args[0], k, k, (1,) * nd)
     rw.fields[node] = rf
-    rw.record("max_pool", {"kernel": k, "stride": k}, {"kernel": k, "dilation": steps},
-              steps, [s * t for s, t in zip(steps, k)], rf, note)
+    rw.record(n, "max_pool", {"kernel": k, "stride": k}, {"kernel": k, "dilation": steps},
+              steps, [s * t for s, t in zip(steps, k)], rf, note, cost=math.prod(k))
     return rw.result(node, n, _window_out(rw, node, x.layout, axes, steps, k))
 
 
@@ -494,7 +508,7 @@ def _global(rw: Rewriter, node: fx.Node, x: Val, dims: Sequence[int], reduce: st
     if rw.mode == "phase":
         extras = tuple(Dim("phase", lay.base_dims[d].axis, lay.base_dims[d].step) for d in space)
     rw.plan.global_pools += 1
-    rw.record(f"global_{reduce}", {"dims": tuple(dims)}, {"mode": rw.mode},
+    rw.record(n, f"global_{reduce}", {"dims": tuple(dims)}, {"mode": rw.mode},
               steps, [1] * len(steps), tuple(rw.field_of(node.args[0])),
               {"phase": "one output per lattice phase (phase 0 = baseline)",
                "lattice": "pools lattice points only (= baseline)",
@@ -555,7 +569,20 @@ _UNARY_METHODS = [
 ]
 
 
-@rule(*_UNARY_FUNCTIONS, *_UNARY_METHODS)
+def _bindings(fns):
+    """The functions and their C bindings (``torch._C._nn.hardswish`` behind ``F.hardswish``),
+    which ``torch.export`` programs call."""
+    out = list(fns)
+    for fn in fns:
+        name = getattr(fn, "__name__", None)
+        for ns in (torch._C._nn, torch):
+            alias = getattr(ns, name, None) if name else None
+            if callable(alias) and alias not in out:
+                out.append(alias)
+    return out
+
+
+@rule(*_bindings(_UNARY_FUNCTIONS), *_UNARY_METHODS)
 def _unary(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
     others = [rw.v(a) for a in list(node.args[1:]) + list(node.kwargs.values())]
@@ -693,7 +720,7 @@ def _map_operand(tensors, out_nd, out_dims):
 # -- channel-wise layers ---------------------------------------------------------------------
 
 
-@rule(F.batch_norm, F.prelu, F.local_response_norm, F.channel_shuffle, torch.channel_shuffle,
+@rule(F.batch_norm, torch.batch_norm, F.prelu, F.local_response_norm, F.channel_shuffle, torch.channel_shuffle,
       F.normalize)
 def _channelwise(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
@@ -766,8 +793,9 @@ def _linear_head(rw: Rewriter, node: fx.Node, x: Val, w, b) -> Val:
     n = rw.call(ops.conv, x.node, w, b, steps, (1,) * nd, (0,) * nd, (0,) * nd, (1,) * nd, 1, k)
     rf = _fields_through(rw, node.args[0], k, (1,) * nd, (1,) * nd)
     rw.fields[node] = rf
-    rw.record("linear_as_conv", {"in_features": rw.base(node.args[0]).shape[-1]},
-              {"kernel": k, "dilation": steps}, steps, steps, rf)
+    rw.record(n, "linear_as_conv", {"in_features": rw.base(node.args[0]).shape[-1]},
+              {"kernel": k, "dilation": steps}, steps, steps, rf,
+              cost=rw.base(node.args[0]).shape[-1])
     base = rw.base(node)
     dims = (PLAIN, PLAIN) + tuple(Dim("space", d.axis, d.step) for d in spatial)
     return Val(n, Layout(tuple(base.shape), dims, nd))
@@ -1138,7 +1166,7 @@ def _pad(rw: Rewriter, node: fx.Node) -> Val:
         kwargs["value"] = value
     n = rw.call(F.pad, x.node, dense, **kwargs)
     rw.plan.has_padding |= any(p > 0 for p in pad)
-    rw.record("pad", {"pad": tuple(pad), "mode": mode}, {"pad": tuple(dense)},
+    rw.record(n, "pad", {"pad": tuple(pad), "mode": mode}, {"pad": tuple(dense)},
               steps or [1], steps or [1], tuple(rw.field_of(node.args[0])))
     rw.fields[node] = rw.field_of(node.args[0])
     return rw.result(node, n, lay.base_dims)

@@ -1,2 +1,276 @@
-VerifyReport = None
-def verify(*a, **k): ...
+"""Numerical proof that a dense model is the baseline's dense equivalent.
+
+Two checks, on random inputs of several sizes (odd ones, and ones that are not multiples of
+the lattice step):
+
+* **lattice**: ``baseline(x)`` equals the dense output read on the lattice (phase 0);
+* **shift** (models with no padding, no ceil-mode window and no global pooling, where every
+  window is a genuine crop of the input): the dense output at offset ``r`` equals the baseline
+  run on the input cropped at ``r`` (for a patch classifier: the prediction at every pixel).
+
+A case passes when ``|dense - baseline| <= atol * scale + rtol * |baseline|`` everywhere, with
+``scale`` the largest ``|baseline|`` of that output (fp32 tolerances relative to the output's
+scale).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from econv_convert.api import info, inverse, lattice_view
+from econv_convert.fxgraph import shape_prop
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    check: str  # "lattice" or "shift"
+    shape: tuple[int, ...]
+    max_abs: float = 0.0
+    scale: float = 0.0
+    ok: bool = True
+    detail: str = ""  # where the worst error is, or why the case was skipped
+    skipped: bool = False
+    offset: tuple[int, ...] = ()
+
+
+@dataclass
+class VerifyReport:
+    cases: list[Case] = field(default_factory=list)
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def checked(self) -> list[Case]:
+        return [c for c in self.cases if not c.skipped]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checked) and all(c.ok for c in self.checked)
+
+    @property
+    def max_abs(self) -> float:
+        return max((c.max_abs for c in self.checked), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((c.max_abs / c.scale for c in self.checked if c.scale > 0), default=0.0)
+
+    def failures(self) -> list[Case]:
+        return [c for c in self.checked if not c.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "max_abs_error": self.max_abs,
+            "max_error_over_scale": self.max_rel,
+            "cases": [c.__dict__ | {"shape": list(c.shape), "offset": list(c.offset)}
+                      for c in self.cases],
+            "notes": list(self.notes),
+        }
+
+
+def candidate_shapes(example: Sequence[int], step: Sequence[int]) -> list[tuple[int, ...]]:
+    """Input shapes to test: the example, and sizes around it that are odd and not multiples
+    of the lattice step, so ceil-mode ends and tight crops change with the size."""
+    n, c, *sp = (int(v) for v in example)
+    st = list(step) + [1] * (len(sp) - len(step))
+    shapes = [tuple(sp)]
+    shapes.append(tuple(h + 1 + (i % 2) * (st[i] - 1) for i, h in enumerate(sp)))
+    shapes.append(tuple(h + st[i] + 3 + 2 * i for i, h in enumerate(sp)))
+    # odd, past the example but short of one more lattice step: same map sizes downstream
+    shapes.append(tuple(h + st[i] - 1 - 2 * i if st[i] > 2 * i + 1 else h + 1
+                        for i, h in enumerate(sp)))
+    if all(h > 3 for h in sp):
+        shapes.append(tuple(h - 1 - 2 * i for i, h in enumerate(sp)))
+    unique = []
+    for s in shapes:
+        if s not in unique and all(v >= 1 for v in s):
+            unique.append(s)
+    return [(max(n, 2), c, *s) for s in unique]
+
+
+def verify(
+    baseline: nn.Module,
+    dense: nn.Module,
+    *,
+    shapes: Sequence[Sequence[int]] | None = None,
+    trials: int = 1,
+    seed: int = 0,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    shift: bool = True,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Check ``dense`` against ``baseline`` on random inputs; never raises on a mismatch.
+
+    ``shapes`` defaults to :func:`candidate_shapes` of the example input; sizes the baseline
+    does not accept (a fixed-size head) are reported as skipped.
+    """
+    meta = info(dense)
+    baseline = baseline.eval()
+    dense = dense.eval()
+    step = meta.total_step
+    shapes = [tuple(s) for s in shapes] if shapes else candidate_shapes(meta.example_shape, step)
+    do_shift = shift and not meta.has_padding and meta.global_pools == 0
+    report = VerifyReport(atol=atol, rtol=rtol)
+    if shift and not do_shift:
+        report.notes.append("shift check not applicable: the model pads, has ceil-mode windows "
+                            "or pools globally, so shifted windows differ at the borders")
+    specialized = _specialized_checker(dense, meta)
+    total = len(shapes) * trials + (trials * 3 if do_shift else 0)
+    done = 0
+    ref = next(iter(dense.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for shape in shapes:
+            for _ in range(trials):
+                x = torch.randn(shape, generator=gen).to(device, dtype)
+                report.cases.append(_lattice_case(baseline, dense, x, specialized, (atol, rtol)))
+                done += 1
+                if progress:
+                    progress(done, total, f"lattice {'x'.join(map(str, shape[2:]))}")
+        if do_shift:
+            rng = random.Random(seed)
+            example = meta.example_shape
+            big = [max(example[0], 2), example[1]] + [h + 2 * s for h, s in
+                                                      zip(example[2:], _pad_step(step, example))]
+            for _ in range(trials):
+                x = torch.randn(big, generator=gen).to(device, dtype)
+                y = dense(x)
+                for k in range(3):
+                    room = [b - e for b, e in zip(big[2:], example[2:])]
+                    offset = tuple(rng.randint(0, r) if k else r for r in room)
+                    report.cases.append(_shift_case(baseline, dense, x, y, offset, example,
+                                                   (atol, rtol)))
+                    done += 1
+                    if progress:
+                        progress(done, total, f"shift {offset}")
+    return report
+
+
+def _pad_step(step: Sequence[int], example: Sequence[int]) -> list[int]:
+    return list(step) + [1] * (len(example) - 2 - len(step))
+
+
+def _specialized_checker(dense: nn.Module, meta) -> Callable[[torch.Tensor], str]:
+    """For models with size-specialized layers (adaptive pools), a function that says why an
+    input is outside the specialization (empty when it is inside)."""
+    if not meta.specialized:
+        return lambda x: ""
+    gm = inverse(dense)
+    names = {n.name: n for n in gm.graph.nodes}
+
+    def check(x: torch.Tensor) -> str:
+        values = shape_prop(gm, x)
+        for name, size in meta.specialized.items():
+            arg = names[name].args[0]
+            got = list(values[arg].shape[2:])
+            if got != list(size):
+                return (f"adaptive pool '{name}' sees {tuple(got)} here, but the dense model is "
+                        f"specialized to {tuple(size)}")
+        return ""
+
+    return check
+
+
+def _run_baseline(baseline: nn.Module, x: torch.Tensor) -> tuple[Any, str]:
+    try:
+        return baseline(x), ""
+    except Exception as e:  # a fixed-size head rejects other sizes: not a failure
+        text = str(e).strip().splitlines()
+        return None, f"the baseline rejects this size ({type(e).__name__}: {text[0][:70] if text else ''})"
+
+
+def _lattice_case(baseline, dense, x, specialized, tol) -> Case:
+    shape = tuple(x.shape)
+    why = specialized(x)
+    if why:
+        return Case("lattice", shape, skipped=True, detail=why)
+    b, why = _run_baseline(baseline, x)
+    if b is None:
+        return Case("lattice", shape, skipped=True, detail=why)
+    d = lattice_view(dense, dense(x))
+    return _compare("lattice", shape, _flat(b), _flat(d), tol)
+
+
+def _shift_case(baseline, dense, x, y, offset, example, tol) -> Case:
+    crop = x
+    for i, (r, e) in enumerate(zip(offset, example[2:])):
+        crop = crop.narrow(2 + i, r, e)
+    b, why = _run_baseline(baseline, crop)
+    if b is None:
+        return Case("shift", tuple(x.shape), skipped=True, detail=why, offset=offset)
+    specs = info(dense).outputs
+    outs = _flat(y)
+    picked = []
+    for out, spec, base in zip(outs, specs, _flat(b)):
+        index = []
+        extra = 0
+        for i, (kind, step, _axis) in enumerate(spec["dims"]):
+            if kind == "space":
+                axis_size = base.shape[i] if i < spec["base_ndim"] else 1
+                r = offset[spec["dims"][i][2]]
+                index.append(slice(r, r + (axis_size - 1) * step + 1, step))
+                extra += i >= spec["base_ndim"]
+            else:
+                index.append(slice(None))
+        v = out[tuple(index)]
+        if extra:
+            v = v.reshape(v.shape[: v.dim() - extra])
+        picked.append(v)
+    return _compare("shift", tuple(x.shape), _flat(b), picked, tol, offset)
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    fx.node.map_aggregate(out, lambda t: found.append(t) if isinstance(t, torch.Tensor) else t)
+    return found
+
+
+def _compare(check, shape, base: list[torch.Tensor], dense: list[torch.Tensor], tol,
+             offset: tuple[int, ...] = ()) -> Case:
+    atol, rtol = tol
+    if len(base) != len(dense):
+        return Case(check, shape, ok=False, offset=offset,
+                    detail=f"{len(dense)} dense outputs vs {len(base)} baseline outputs")
+    worst = Case(check, shape, offset=offset)
+    for k, (b, d) in enumerate(zip(base, dense)):
+        if b.shape != d.shape:
+            return Case(check, shape, ok=False, offset=offset,
+                        detail=f"output {k}: dense gives {tuple(d.shape)} on the lattice, "
+                               f"baseline {tuple(b.shape)}")
+        b = b.float()
+        d = d.float()
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        diff = (d - b).abs()
+        diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+        max_abs = float(diff.max()) if diff.numel() else 0.0
+        bad = diff > atol * max(scale, 1e-12) + rtol * b.abs()
+        ok = not bool(bad.any())
+        detail = ""
+        if not ok:
+            flat = int(torch.argmax(diff).item())
+            where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), b.shape))
+            detail = (f"output {k} at {where}: dense {float(d.flatten()[flat]):.6g} vs "
+                      f"baseline {float(b.flatten()[flat]):.6g}")
+        if not ok or max_abs / max(scale, 1e-12) > worst.max_abs / max(worst.scale, 1e-12):
+            worst = Case(check, shape, max_abs, scale, ok and worst.ok, detail or worst.detail,
+                         offset=offset)
+        if not ok:
+            return worst
+    return worst
+

@@ -1,0 +1,420 @@
+"""The ``econv-convert`` command line (Typer + Rich).
+
+Exit codes: 0 success (equivalent), 1 the dense model is not equivalent, 2 bad input or a
+layer that cannot be densified (one line on stderr naming it), 3 an internal error (a bug:
+run again with ``--debug`` for the traceback and report it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from econv_convert import __version__
+from econv_convert.errors import EConvError, InvalidInputError
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "fixtures" / "patch_classifier.pt"
+DEFAULT_SHAPE = [1, 3, 224, 224]
+
+app = typer.Typer(
+    name="econv-convert",
+    help="Turn a strided CNN into its exact dense equivalent, prove it, and move weights both "
+         "ways.",
+    add_completion=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+_state = {"debug": bool(os.environ.get("ECONV_DEBUG"))}
+
+
+class GlobalPool(str, Enum):
+    phase = "phase"
+    lattice = "lattice"
+    dense = "dense"
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"econv-convert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = _state["debug"] or debug
+
+
+def _guarded(fn):
+    """Run a command; turn library errors into one line on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except EConvError as e:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error[/]: {e}", soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]: nothing was written")
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if _state["debug"]:
+                raise
+            first = str(e).strip().splitlines()
+            err.print(f"[bold red]internal error[/]: {type(e).__name__}: "
+                      f"{first[0] if first else ''} (run with --debug for the traceback, and "
+                      "please report it)", soft_wrap=True)
+            raise typer.Exit(3) from None
+
+    return wrapper
+
+
+# -- shared options ---------------------------------------------------------------------------
+
+ModelArg = Annotated[Path | None, typer.Argument(
+    help="Baseline model: .pt/.pth checkpoint or state dict, .safetensors, or .pt2 program. "
+         "Default: the bundled patch classifier fixture.", show_default=False)]
+ArchOpt = Annotated[str | None, typer.Option(
+    "--arch", help="MODULE:CALLABLE that builds the baseline; MODEL's weights are loaded into "
+                   "it. Imports only that module.")]
+ArchKwargsOpt = Annotated[str | None, typer.Option(
+    "--arch-kwargs", help="JSON object of keyword arguments for --arch.")]
+ShapeOpt = Annotated[str | None, typer.Option(
+    "--input-shape", help="Example input N,C,H,W (default: what the checkpoint records, else "
+                          "1,3,224,224).")]
+PoolOpt = Annotated[GlobalPool, typer.Option(
+    "--global-pool", help="phase: one output per lattice phase (phase 0 = baseline); lattice: "
+                          "the baseline's pool only; dense: pool every position (a different "
+                          "function).")]
+UntilOpt = Annotated[str | None, typer.Option(
+    "--until", help="Stop at this module (a name from named_modules()) and return its output.")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow checkpoints that run code when loaded (a whole pickled "
+                           "model). Only for files you trust.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable report on "
+                                                      "stdout instead of tables.")]
+TrialsOpt = Annotated[int, typer.Option("--trials", min=1, help="Random inputs per size.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
+AtolOpt = Annotated[float, typer.Option("--atol", min=0.0,
+                                        help="Absolute tolerance, times the output's scale.")]
+RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance.")]
+
+
+def _model_path(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    if not DEFAULT_MODEL.exists():
+        raise InvalidInputError("no MODEL given and the bundled fixture is not installed here; "
+                                "name a model file")
+    return DEFAULT_MODEL
+
+
+def _load(model: Path | None, arch, arch_kwargs, trust_pickle):
+    from econv_convert.loading import load_model, parse_kwargs
+
+    path = _model_path(model)
+    return path, load_model(path, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs),
+                            trust_pickle=trust_pickle)
+
+
+def _shape(text: str | None, recorded: list[int] | None) -> list[int]:
+    from econv_convert.loading import parse_shape
+
+    if text:
+        return parse_shape(text)
+    return list(recorded) if recorded else list(DEFAULT_SHAPE)
+
+
+def _check_output(output: Path, inputs: list[Path]) -> None:
+    if output.exists() and output.is_dir():
+        raise InvalidInputError(f"{output}: is a directory; give a file name")
+    folder = output.parent
+    if not folder.is_dir():
+        raise InvalidInputError(f"{output}: the folder {folder} does not exist")
+    for i in inputs:
+        if i.exists() and output.exists() and output.resolve() == i.resolve():
+            raise InvalidInputError(f"{output}: the output would overwrite the input")
+
+
+def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool):
+    from econv_convert.verify import verify
+
+    if quiet:
+        return verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol)
+    columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        return verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
+                      progress=progress)
+
+
+def _emit_json(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, Path):
+        return str(v)
+    return str(v)
+
+
+def _info_dict(meta) -> dict[str, Any]:
+    return {
+        "global_pool": meta.global_pool,
+        "until": meta.until,
+        "total_step": list(meta.total_step),
+        "example_shape": meta.example_shape,
+        "layers": meta.records,
+        "outputs": meta.outputs,
+        "notes": meta.notes,
+    }
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+@app.command()
+@_guarded
+def densify(
+    model: ModelArg = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Where to write the dense model: .pt (dense checkpoint, "
+                               "econv_convert.load_dense), .pt2 (torch.export) or .onnx. "
+                               "Without it nothing is written.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: ShapeOpt = None,
+    global_pool: PoolOpt = GlobalPool.phase,
+    until: UntilOpt = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check.")]
+    = False,
+    allow_mismatch: Annotated[bool, typer.Option(
+        "--allow-mismatch", help="Write the dense model even if verification fails.")] = False,
+    trust_pickle: TrustOpt = False,
+    trials: TrialsOpt = 1,
+    seed: SeedOpt = 0,
+    atol: AtolOpt = 1e-5,
+    rtol: RtolOpt = 1e-4,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rewrite MODEL into its dense equivalent, verify it and write it to OUTPUT."""
+    from econv_convert import api, exports, report
+
+    if output is not None:
+        exports.check_suffix(output)
+        _check_output(output, [_model_path(model)])
+    path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
+    shape = _shape(input_shape, loaded.input_shape)
+    dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until)
+    dense.econv.arch = loaded.arch
+    result = None
+    if not no_verify:
+        result = _verify(loaded.model, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
+                         quiet=json_out)
+    failed = result is not None and not result.ok
+    check = None
+    written = output is not None and (not failed or allow_mismatch)
+    if written:
+        check = exports.write(dense, output)
+    if json_out:
+        _emit_json({
+            "model": str(path), "output": str(output) if written else None,
+            "dense": _info_dict(dense.econv),
+            "verification": result.to_dict() if result else None,
+            "export_check": check.__dict__ if check else None,
+        })
+    else:
+        out.print(report.layers_table(dense.econv, f"Dense model of {path.name}"))
+        report.print_summary(out, dense.econv)
+        if result is not None:
+            out.print(report.verify_table(result))
+            report.verify_summary(out, result)
+        if check is not None:
+            out.print(f"{check.format} export re-run at {'x'.join(map(str, check.shape))}: "
+                      f"max |error| {check.max_abs:.2e}")
+        if output is None:
+            out.print("[dim]nothing written (give -o OUT to write the dense model)[/]")
+        elif not written:
+            out.print(f"[red]{output} not written[/]: the dense model is not equivalent "
+                      "(--allow-mismatch writes it anyway)")
+        else:
+            out.print(f"wrote [bold]{output}[/]")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guarded
+def verify(
+    model: ModelArg = None,
+    dense: Annotated[Path | None, typer.Option(
+        "--dense", help="A saved dense checkpoint (.pt) to check against MODEL. Without it "
+                        "MODEL is densified in memory.")] = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: ShapeOpt = None,
+    global_pool: PoolOpt = GlobalPool.phase,
+    until: UntilOpt = None,
+    trust_pickle: TrustOpt = False,
+    trials: TrialsOpt = 2,
+    seed: SeedOpt = 0,
+    atol: AtolOpt = 1e-5,
+    rtol: RtolOpt = 1e-4,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check that a dense model reproduces MODEL on random inputs (exit 0 equal, 1 not)."""
+    from econv_convert import api, report
+
+    notes = []
+    if dense is not None:
+        from econv_convert.loading import check_file
+
+        check_file(dense)
+        dense_model = api.load_dense(dense)
+        if model is None:
+            baseline = api.inverse(dense_model)
+            notes.append("no MODEL given: checked against the baseline graph recorded in the "
+                         "dense checkpoint")
+            path = dense
+        else:
+            path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
+            baseline = loaded.model
+    else:
+        path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
+        shape = _shape(input_shape, loaded.input_shape)
+        dense_model = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until)
+        baseline = loaded.model
+    result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
+                     quiet=json_out)
+    result.notes[:0] = notes
+    if json_out:
+        _emit_json({"model": str(path), "dense": str(dense) if dense else None,
+                    "verification": result.to_dict()})
+    else:
+        report.print_summary(out, dense_model.econv)
+        out.print(report.verify_table(result))
+        report.verify_summary(out, result)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guarded
+def inverse(
+    dense: Annotated[Path, typer.Argument(help="A dense checkpoint (.pt) written by densify, "
+                                               "possibly fine-tuned.", show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="Baseline weights to write: .pt (a state dict for the "
+                               "baseline's load_state_dict) or .safetensors.")],
+    trials: TrialsOpt = 1,
+    seed: SeedOpt = 0,
+    atol: AtolOpt = 1e-5,
+    rtol: RtolOpt = 1e-4,
+    json_out: JsonOpt = False,
+) -> None:
+    """Inverse transfer: write the baseline's weights taken from a dense model, after checking
+    that the baseline with them equals the dense model on the lattice."""
+    from econv_convert import api, report
+    from econv_convert.loading import build_arch, check_file
+
+    check_file(dense)
+    suffix = output.suffix.lower()
+    if suffix not in (".pt", ".pth", ".safetensors"):
+        raise InvalidInputError(f"{output}: the output must end in .pt, .pth or .safetensors")
+    _check_output(output, [dense])
+    dense_model = api.load_dense(dense)
+    baseline = api.inverse(dense_model)
+    meta = dense_model.econv
+    if getattr(meta, "arch", None):
+        # prove that the weights load into the user's own class, strictly
+        api.load_weights_into(build_arch(meta.arch), baseline.state_dict(),
+                              f"the dense weights of {dense.name}")
+    result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
+                     quiet=json_out)
+    if result.ok:
+        state = {k: v.detach().clone().contiguous() for k, v in baseline.state_dict().items()}
+        if suffix == ".safetensors":
+            from safetensors.torch import save
+
+            data = save(state)
+            api.atomic_write(output, lambda f: f.write(data))
+        else:
+            import torch
+
+            api.atomic_write(output, lambda f: torch.save(state, f))
+    if json_out:
+        _emit_json({"dense": str(dense), "output": str(output) if result.ok else None,
+                    "verification": result.to_dict()})
+    else:
+        out.print(report.verify_table(result))
+        report.verify_summary(out, result)
+        if result.ok:
+            out.print(f"wrote [bold]{output}[/] ({len(baseline.state_dict())} tensors, the "
+                      "baseline's keys and shapes)")
+        else:
+            out.print(f"[red]{output} not written[/]: the baseline does not reproduce the dense "
+                      "model")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guarded
+def inspect(
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: ShapeOpt = None,
+    global_pool: PoolOpt = GlobalPool.phase,
+    until: UntilOpt = None,
+    trust_pickle: TrustOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the plan without writing anything: per layer its lattice step, receptive field,
+    output sizes and multiply-adds, baseline vs dense."""
+    from econv_convert import api, costs, report
+
+    path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
+    shape = _shape(input_shape, loaded.input_shape)
+    dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until)
+    plan = costs.plan(dense)
+    if json_out:
+        _emit_json({"model": str(path), "dense": _info_dict(dense.econv), "plan": plan.to_dict()})
+        return
+    out.print(report.plan_table(plan))
+    report.print_summary(out, dense.econv)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Writing dense models: ``.pt`` dense checkpoints, ``.pt2`` torch.export programs and
+``.onnx`` graphs, the latter two with dynamic spatial axes.
+
+Every export is run again after it is made, on an input of a size other than the one it was
+traced at, and compared with the in-memory dense model; a mismatch raises
+:class:`EquivalenceError` and nothing is written. Files are written through a temporary file
+in the target folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from econv_convert.api import atomic_write, info, save_dense
+from econv_convert.errors import EquivalenceError, InvalidInputError, InvalidModelError
+
+SUFFIXES = (".pt", ".pt2", ".onnx")
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    format: str
+    shape: tuple[int, ...]  # the input the export was re-run on
+    max_abs: float
+
+
+def check_suffix(path: Path, what: str = "output") -> str:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise InvalidInputError(f"{path}: the {what} must end in .pt (dense checkpoint), .pt2 "
+                                "(torch.export program) or .onnx")
+    return suffix
+
+
+def _shapes(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Trace at the example size plus two lattice steps (so no map has a single position,
+    which exporters pin to 1); check at a size that is neither."""
+    meta = info(dense)
+    n, c, *sp = meta.example_shape
+    step = list(meta.total_step) + [1] * (len(sp) - len(meta.total_step))
+    trace = (n, c, *(h + 2 * s for h, s in zip(sp, step)))
+    check = (n, c, *(h + 3 * s + 3 for h, s in zip(sp, step)))
+    return trace, check
+
+
+def _input_name(dense: nn.Module) -> str:
+    return next(n.target for n in dense.graph.nodes if n.op == "placeholder")
+
+
+def _dynamic(dense: nn.Module, ndim: int) -> dict:
+    dims = {i: torch.export.Dim.DYNAMIC for i in range(2, ndim)}
+    return {_input_name(dense): dims}
+
+
+def _inputs(shape, dense) -> torch.Tensor:
+    ref = next(iter(dense.parameters()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (list, tuple)):
+        return _first_tensor(out[0])
+    if isinstance(out, dict):
+        return _first_tensor(next(iter(out.values())))
+    raise InvalidModelError("the model returns no tensor")
+
+
+def _compare(fmt: str, expected: torch.Tensor, got: torch.Tensor, shape) -> ExportCheck:
+    got = torch.as_tensor(got)
+    if got.shape != expected.shape:
+        raise EquivalenceError(f"the {fmt} export gives shape {tuple(got.shape)} at input "
+                               f"{shape}, the dense model {tuple(expected.shape)}")
+    err = float((got.float() - expected.float()).abs().max()) if got.numel() else 0.0
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    if err > 1e-4 * max(scale, 1.0):
+        raise EquivalenceError(f"the {fmt} export differs from the dense model by {err:.3g} at "
+                               f"input {shape}")
+    return ExportCheck(fmt, tuple(shape), err)
+
+
+def export_pt2(dense: nn.Module) -> tuple[torch.export.ExportedProgram, ExportCheck]:
+    trace, check = _shapes(dense)
+    import torch.fx.experimental._config as fx_config
+
+    try:
+        with warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=True):
+            warnings.simplefilter("ignore")
+            program = torch.export.export(dense, (_inputs(trace, dense),),
+                                          dynamic_shapes=_dynamic(dense, len(trace)))
+    except Exception as e:
+        raise InvalidModelError(f"torch.export failed on the dense model ({_first(e)})") from e
+    x = _inputs(check, dense)
+    with torch.no_grad():
+        expected = _first_tensor(dense(x))
+        got = _first_tensor(program.module()(x))
+    return program, _compare("pt2", expected, got, check)
+
+
+def export_onnx(dense: nn.Module) -> tuple[bytes, ExportCheck]:
+    import onnx
+    import onnxruntime as ort
+
+    trace, check = _shapes(dense)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(dense, (_inputs(trace, dense),), dynamo=True,
+                                        dynamic_shapes=_dynamic(dense, len(trace)),
+                                        verbose=False, optimize=True)
+        model = program.model_proto
+        onnx.checker.check_model(model)
+        data = model.SerializeToString()
+    except Exception as e:
+        raise InvalidModelError(f"ONNX export failed on the dense model ({_first(e)})") from e
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    x = _inputs(check, dense)
+    with torch.no_grad():
+        expected = _first_tensor(dense(x))
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    return data, _compare("onnx", expected, torch.from_numpy(got), check)
+
+
+def write(dense: nn.Module, path: Path) -> ExportCheck | None:
+    """Write ``dense`` in the format named by ``path``'s suffix; returns the export's check."""
+    suffix = check_suffix(path)
+    if suffix == ".pt":
+        save_dense(dense, path)
+        return None
+    if suffix == ".pt2":
+        program, result = export_pt2(dense)
+        atomic_write(path, lambda f: torch.export.save(program, f))
+        return result
+    data, result = export_onnx(dense)
+    atomic_write(path, lambda f: f.write(data))
+    return result
+
+
+def _first(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__

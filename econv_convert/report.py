@@ -1,0 +1,114 @@
+"""Rich rendering of plans and verification reports, and their JSON form. CLI only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from econv_convert.api import DenseInfo
+from econv_convert.costs import Plan
+from econv_convert.verify import VerifyReport
+
+
+def _t(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        if len(set(map(str, v))) == 1 and v and not isinstance(v[0], (list, tuple)):
+            return str(v[0])
+        return "x".join(_t(x) for x in v)
+    return str(v)
+
+
+def _geometry(g: dict[str, Any]) -> str:
+    short = {"kernel": "k", "stride": "s", "padding": "p", "dilation": "d", "ceil_mode": "ceil",
+             "count_include_pad": "incl_pad", "in_features": "in", "mode": "mode", "dims": "dims",
+             "pad": "pad"}
+    parts = []
+    for key, v in g.items():
+        if key in ("ceil_mode", "count_include_pad"):
+            if v:
+                parts.append(short[key])
+            continue
+        parts.append(f"{short.get(key, key)}={_t(v)}")
+    return " ".join(parts)
+
+
+def layers_table(meta: DenseInfo, title: str = "Rewritten layers") -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col in ("#", "node", "kind", "baseline", "dense", "lattice step", "receptive field"):
+        table.add_column(col, justify="right" if col == "#" else "left")
+    for i, r in enumerate(meta.layer_records(), 1):
+        step = f"{_t(r.step_in)} -> {_t(r.step_out)}"
+        table.add_row(str(i), r.node, r.kind, _geometry(r.before), _geometry(r.after), step,
+                      _t(r.field) if r.field else "")
+    return table
+
+
+def verify_table(report: VerifyReport) -> Table:
+    table = Table(title="Equivalence", title_justify="left", header_style="bold")
+    for col in ("check", "input", "offset", "max |error|", "error / scale", "result"):
+        table.add_column(col)
+    skipped: dict[str, list[str]] = {}
+    for c in report.cases:
+        shape = "x".join(map(str, c.shape))
+        offset = _t(c.offset) if c.offset else ""
+        if c.skipped:
+            skipped.setdefault(c.detail, []).append(shape)
+            continue
+        rel = c.max_abs / c.scale if c.scale else 0.0
+        result = "[green]equal[/]" if c.ok else f"[red]DIFFERENT[/]: {c.detail}"
+        table.add_row(c.check, shape, offset, f"{c.max_abs:.2e}", f"{rel:.2e}", result)
+    for why, shapes in skipped.items():
+        table.add_row("lattice", ", ".join(shapes), "", "", "", f"[yellow]skipped[/]: {why}")
+    return table
+
+
+def plan_table(p: Plan) -> Table:
+    table = Table(title=f"Plan at input {'x'.join(map(str, p.input_shape))}", title_justify="left",
+                  header_style="bold")
+    for col in ("node", "kind", "step", "receptive field", "baseline out", "dense out",
+                "baseline MACs", "dense MACs", "x"):
+        table.add_column(col, justify="right" if "MAC" in col or col == "x" else "left")
+    for layer in p.layers:
+        ratio = f"{layer.dense_macs / layer.base_macs:.0f}" if layer.base_macs else ""
+        table.add_row(layer.node, layer.kind, f"{_t(layer.step_in)} -> {_t(layer.step_out)}",
+                      _t(layer.field), _t(layer.base_shape), _t(layer.dense_shape),
+                      _count(layer.base_macs), _count(layer.dense_macs), ratio)
+    ratio = f"{p.dense_macs / p.base_macs:.1f}" if p.base_macs else ""
+    table.add_section()
+    table.add_row("whole model", "", "", "", "", "", _count(p.base_macs), _count(p.dense_macs),
+                  ratio)
+    return table
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def print_summary(console: Console, meta: DenseInfo) -> None:
+    step = _t(meta.total_step) if meta.total_step else "1"
+    console.print(f"global pooling: [bold]{meta.global_pool}[/]   total lattice step: "
+                  f"[bold]{step}[/]   example input: {'x'.join(map(str, meta.example_shape))}")
+    for note in meta.notes:
+        console.print(f"[yellow]note[/]: {note}")
+
+
+def verify_summary(console: Console, report: VerifyReport) -> None:
+    for note in report.notes:
+        console.print(f"[yellow]note[/]: {note}")
+    n = len(report.checked)
+    if report.ok:
+        console.print(f"[bold green]equivalent[/]: {n} checks, largest error "
+                      f"{report.max_abs:.2e} ({report.max_rel:.2e} of the output scale; "
+                      f"tolerance atol {report.atol:g} x scale + rtol {report.rtol:g})")
+    elif not n:
+        console.print("[bold red]nothing checked[/]: the baseline accepted none of the input "
+                      "sizes; give --input-shape")
+    else:
+        bad = report.failures()
+        console.print(f"[bold red]NOT equivalent[/]: {len(bad)} of {n} checks fail; worst: "
+                      f"{bad[0].detail}")
