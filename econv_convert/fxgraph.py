@@ -53,13 +53,14 @@ def trace(model: nn.Module, until: str | None = None) -> fx.GraphModule:
             f"cannot trace the model with torch.fx ({type(e).__name__}: {_first_line(e)}); "
             "data-dependent control flow in a forward() must be made static to densify"
         ) from e
+    gm = fx.GraphModule(model, graph)
     if until is not None:
         if not isinstance(tracer.until_value, fx.Proxy):
             raise InvalidModelError(f"--until: module '{until}' is never called on a tensor")
-        out = next(n for n in graph.nodes if n.op == "output")
+        out = next(n for n in gm.graph.nodes if n.op == "output")
         out.args = (tracer.until_value.node,)
-        graph.eliminate_dead_code()
-    gm = fx.GraphModule(model, graph)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
     _lower(gm)
     return gm
 
@@ -258,7 +259,12 @@ def shape_prop(gm: fx.GraphModule, *inputs: torch.Tensor) -> dict[fx.Node, Any]:
 
 def node_name(node: fx.Node) -> str:
     """A node's name for people: the module path where it came from a module."""
-    return node.meta.get(NAME) or node.name
+    if node.meta.get(NAME):
+        return node.meta[NAME]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return f"{node.name}' in module '{next(reversed(stack))}"
+    return node.name
 
 
 def is_getitem(node: Any) -> bool:

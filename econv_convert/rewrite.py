@@ -969,6 +969,9 @@ def _reshape(rw: Rewriter, node: fx.Node) -> Val:
         elif len(ins) == 1 and len(outs) == 1:
             out_dims.append(lay.base_dims[ins[0]])
             from_dims.append(ins[0])
+        elif not any(not lay.base_dims[i].spatial for i in ins):
+            _refuse("flattens spatial dims into one sequence of positions (tokens for "
+                    "attention or a position-wise reshape), which is not translation-equivariant")
         elif outs == [len(base_out) - 1] and ins[-1] == len(base_in) - 1 and not lay.n_extra:
             # flatten of (channels..., space...) into the last dim: a fold, for a Linear head
             fold_dims = tuple(lay.base_dims[i] for i in ins)

@@ -1,0 +1,48 @@
+"""Shared helpers: random BatchNorm statistics and the lattice-equivalence assertion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+import torch.nn as nn
+
+from econv_convert import densify, lattice_view
+from econv_convert.examples import randomize_batchnorm
+
+FIXTURES = __import__("pathlib").Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def rand_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics (a fresh BatchNorm is the identity and hides bugs), eval."""
+    return randomize_batchnorm(model, torch.Generator().manual_seed(seed)).eval()
+
+
+def assert_lattice_equal(
+    model: nn.Module,
+    example: Sequence[int],
+    sizes: Sequence[Sequence[int]] = (),
+    *,
+    global_pool: str = "phase",
+    dense: nn.Module | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Densify ``model`` at ``example`` and check ``baseline(x) == lattice(dense(x))`` at the
+    example and at every size in ``sizes`` (spatial sizes; batch 2, the example's channels)."""
+    model = model.eval()
+    dense = dense if dense is not None else densify(model, example, global_pool=global_pool)
+    gen = torch.Generator().manual_seed(seed)
+    for spatial in [tuple(example[2:]), *map(tuple, sizes)]:
+        x = torch.randn((2, example[1], *spatial), generator=gen)
+        with torch.no_grad():
+            expected = model(x)
+            got = lattice_view(dense, dense(x))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, s=spatial: f"input {s}: {m}")
+    return dense
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,67 @@
+"""The lattice arithmetic, against PyTorch itself."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from econv_convert.lattice import (
+    Field,
+    Window,
+    dense_window,
+    lattice_count,
+    out_size,
+    same_padding,
+    tight,
+)
+
+CASES = [
+    (h, k, t, p, d, c)
+    for h, k, t, p, d, c in itertools.product(
+        (1, 2, 5, 8, 13), (1, 2, 3, 4), (1, 2, 3), (0, 1, 2), (1, 2), (False, True))
+    if p <= k // 2
+]
+
+
+@pytest.mark.parametrize("h,k,t,p,d,ceil", CASES,
+                         ids=[f"h{h}-k{k}-s{t}-p{p}-d{d}-{'ceil' if c else 'floor'}"
+                              for h, k, t, p, d, c in CASES])
+def test_out_size_matches_pytorch(h, k, t, p, d, ceil):
+    w = Window(k, t, p, p, d, ceil)
+    try:
+        expected = F.max_pool1d(torch.zeros(1, 1, h), k, t, p, d, ceil).shape[-1]
+    except RuntimeError:
+        expected = None  # PyTorch rejects an input smaller than the window
+    got = out_size(h, w)
+    if expected is None:
+        assert got < 1
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize("h,step", [(1, 1), (1, 4), (5, 1), (5, 3), (17, 8)])
+def test_tight_and_lattice_count_are_inverse(h, step):
+    assert lattice_count(tight(h, step), step) == h
+    assert tight(h, step) == (h - 1) * step + 1
+
+
+def test_dense_window_scales_padding_and_dilation_by_the_step():
+    dw = dense_window(Window(3, 2, 1, 1, 2, ceil_mode=True), step=4)
+    assert (dw.dilation, dw.pad_lo, dw.pad_hi, dw.out_step) == (8, 4, 8, 8)
+
+
+@pytest.mark.parametrize("k,d", [(1, 1), (2, 1), (3, 1), (4, 2), (5, 3)])
+def test_same_padding_matches_pytorch(k, d):
+    x = torch.randn(1, 1, 11)
+    w = torch.randn(1, 1, k)
+    lo, hi = same_padding(k, d)
+    expected = F.conv1d(x, w, padding="same", dilation=d)
+    torch.testing.assert_close(F.conv1d(F.pad(x, (lo, hi)), w, dilation=d), expected)
+
+
+def test_receptive_field_grows_with_the_step():
+    f = Field().through(Window(3, 2)).through(Window(3, 1))
+    assert (f.size, f.step) == (7, 2)

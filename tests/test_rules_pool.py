@@ -1,0 +1,148 @@
+"""Pooling rules: max and average pools of every geometry, adaptive pools, global pools."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import assert_lattice_equal, rand_bn
+from econv_convert import UnsupportedLayerError, densify, lattice_view
+
+
+def prefix(stride: int = 2) -> list[nn.Module]:
+    return [nn.Conv2d(3, 4, 3, stride, 1), nn.BatchNorm2d(4), nn.ReLU()]
+
+
+MAXPOOL = [
+    (k, t, p, d, c)
+    for k, t, p, d, c in itertools.product((1, 2, 3, 4), (1, 2, 3), (0, 1, 2), (1, 2),
+                                           (False, True))
+    if p <= k // 2 and not (k == 1 and d == 2)
+]
+
+
+@pytest.mark.parametrize("k,stride,pad,dil,ceil", MAXPOOL,
+                         ids=[f"k{k}-s{t}-p{p}-d{d}-{'ceil' if c else 'floor'}"
+                              for k, t, p, d, c in MAXPOOL])
+def test_max_pool2d_geometry(k, stride, pad, dil, ceil):
+    model = rand_bn(nn.Sequential(*prefix(), nn.MaxPool2d(k, stride, pad, dil, ceil_mode=ceil),
+                                  nn.Conv2d(4, 3, 2, 2)))
+    assert_lattice_equal(model, (1, 3, 29, 31), [(33, 26), (37, 41), (30, 30)])
+
+
+AVGPOOL = [
+    (k, t, p, c, inc)
+    for k, t, p, c, inc in itertools.product((1, 2, 3, 4), (1, 2, 3), (0, 1, 2), (False, True),
+                                             (False, True))
+    if p <= k // 2
+]
+
+
+@pytest.mark.parametrize("k,stride,pad,ceil,include", AVGPOOL,
+                         ids=[f"k{k}-s{t}-p{p}-{'ceil' if c else 'floor'}-{'incl' if i else 'excl'}"
+                              for k, t, p, c, i in AVGPOOL])
+def test_avg_pool2d_geometry(k, stride, pad, ceil, include):
+    model = rand_bn(nn.Sequential(
+        *prefix(), nn.AvgPool2d(k, stride, pad, ceil_mode=ceil, count_include_pad=include),
+        nn.Conv2d(4, 3, 2, 2)))
+    assert_lattice_equal(model, (1, 3, 29, 31), [(33, 26), (37, 41), (30, 30)])
+
+
+@pytest.mark.parametrize("divisor", [1, 3, 7])
+def test_avg_pool2d_divisor_override(divisor):
+    model = rand_bn(nn.Sequential(*prefix(), nn.AvgPool2d(3, 2, 1, ceil_mode=True,
+                                                          divisor_override=divisor)))
+    assert_lattice_equal(model, (1, 3, 27, 30), [(33, 25)])
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool1d(3, 2, 1, ceil_mode=True),
+                                  nn.AvgPool1d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+                                  nn.AvgPool1d(2)], ids=["max", "avg-excl", "avg"])
+def test_pool1d(pool):
+    model = rand_bn(nn.Sequential(nn.Conv1d(2, 4, 3, 2), nn.BatchNorm1d(4), pool,
+                                  nn.Conv1d(4, 2, 3)))
+    assert_lattice_equal(model, (1, 2, 50), [(51,), (64,), (39,)])
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool3d(3, 2, 1, ceil_mode=True),
+                                  nn.AvgPool3d(2, 2, ceil_mode=True, count_include_pad=False)],
+                         ids=["max", "avg"])
+def test_pool3d(pool):
+    model = rand_bn(nn.Sequential(nn.Conv3d(2, 4, 3, 2, 1), nn.BatchNorm3d(4), pool))
+    assert_lattice_equal(model, (1, 2, 11, 9, 10), [(13, 10, 9)])
+
+
+def test_functional_pools_use_the_same_rules():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, 2)
+
+        def forward(self, x):
+            x = F.max_pool2d(self.conv(x), 3, 2, 1, ceil_mode=True)
+            x = F.avg_pool2d(x, 2, ceil_mode=True, count_include_pad=False)
+            return torch.flatten(x.mean((2, 3), keepdim=True), 1)
+
+    assert_lattice_equal(Net(), (1, 3, 33, 29), [(40, 37), (27, 31)])
+
+
+# -- global pooling ----------------------------------------------------------------------------
+
+def classifier(head: nn.Module) -> nn.Module:
+    return rand_bn(nn.Sequential(*prefix(2), nn.Conv2d(4, 6, 3, 2, 1), nn.BatchNorm2d(6),
+                                 nn.ReLU(), head))
+
+
+HEADS = {
+    "adaptive-avg": lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)),
+    "adaptive-max": lambda: nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), nn.Flatten(),
+                                          nn.Linear(6, 3)),
+    "keepdim-1x1-conv": lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(6, 3, 1)),
+}
+
+
+@pytest.mark.parametrize("mode", ["phase", "lattice"])
+@pytest.mark.parametrize("head", HEADS, ids=list(HEADS))
+def test_global_pool_modes_equal_baseline(head, mode):
+    assert_lattice_equal(classifier(HEADS[head]()), (1, 3, 32, 32), [(37, 29), (45, 50)],
+                         global_pool=mode)
+
+
+def test_phase_mode_gives_one_prediction_per_phase():
+    model = classifier(HEADS["adaptive-avg"]())
+    dense = densify(model, (1, 3, 32, 32), global_pool="phase")
+    x = torch.randn(2, 3, 37, 41)
+    y = dense(x)
+    assert y.shape == (2, 3, 4, 4)  # N x K x s x s, s = 4
+    # phase (r, c) pools the dense map's sub-lattice starting at (r, c)
+    trunk = densify(model[:-1], (1, 3, 32, 32))
+    fmap = trunk(x)
+    for r, c in [(0, 0), (1, 2), (3, 3)]:
+        feats = fmap[..., r::4, c::4].mean((2, 3))
+        torch.testing.assert_close(y[..., r, c], model[-1][2](feats), rtol=1e-4, atol=1e-5)
+
+
+def test_dense_mode_is_a_different_function():
+    model = classifier(HEADS["adaptive-avg"]())
+    dense = densify(model, (1, 3, 32, 32), global_pool="dense")
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(lattice_view(dense, dense(x)), model(x), atol=1e-4)
+    assert any("NOT the baseline" in r["note"] for r in dense.econv.records)
+
+
+def test_adaptive_pool_to_a_divisor_is_a_plain_pool():
+    model = rand_bn(nn.Sequential(*prefix(2), nn.AdaptiveAvgPool2d((4, 2)), nn.Flatten(),
+                                  nn.Linear(4 * 4 * 2, 3)))
+    dense = assert_lattice_equal(model, (1, 3, 16, 16), [(15, 15)])
+    assert dense.econv.specialized  # the report says the pool depends on the size
+    assert any("specialized" in n for n in dense.econv.notes)
+
+
+def test_adaptive_pool_to_a_non_divisor_is_refused():
+    model = rand_bn(nn.Sequential(*prefix(2), nn.AdaptiveAvgPool2d(3)))
+    with pytest.raises(UnsupportedLayerError, match=r"node '3'.*adaptive pooling"):
+        densify(model, (1, 3, 16, 16))
