@@ -127,8 +127,8 @@ def densify(
         example_shape=list(x.shape),
         global_pool=global_pool,
         until=until,
-        outputs=plan.outputs,
-        records=[asdict(r) for r in plan.records],
+        outputs=_as_json(plan.outputs),
+        records=_as_json([asdict(r) for r in plan.records]),
         notes=notes + plan.notes,
         has_padding=plan.has_padding,
         global_pools=plan.global_pools,
@@ -138,6 +138,11 @@ def densify(
     )
     dense.eval()
     return dense
+
+
+def _as_json(value: Any) -> Any:
+    """The value as it reads back from a checkpoint (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 def _restore_keys(dense: nn.Module, baseline: nn.Module) -> None:
@@ -197,7 +202,9 @@ def _build(graph_json: str, state: dict[str, torch.Tensor], params: Sequence[str
     for n in graph.nodes:
         if n.op == "get_attr" and n.target not in state:
             raise InvalidInputError(f"the stored graph reads '{n.target}', which the weights lack")
-    return fx.GraphModule(root, graph)
+    gm = fx.GraphModule(root, graph)
+    _restore_keys(gm, root)  # GraphModule copies only what its graph reads
+    return gm
 
 
 def inverse(dense: nn.Module) -> fx.GraphModule:

@@ -37,7 +37,7 @@ def _geometry(g: dict[str, Any]) -> str:
 def layers_table(meta: DenseInfo, title: str = "Rewritten layers") -> Table:
     table = Table(title=title, title_justify="left", header_style="bold")
     for col in ("#", "node", "kind", "baseline", "dense", "lattice step", "receptive field"):
-        table.add_column(col, justify="right" if col == "#" else "left")
+        table.add_column(col, justify="right" if col == "#" else "left", overflow="fold")
     for i, r in enumerate(meta.layer_records(), 1):
         step = f"{_t(r.step_in)} -> {_t(r.step_out)}"
         table.add_row(str(i), r.node, r.kind, _geometry(r.before), _geometry(r.after), step,
@@ -48,7 +48,7 @@ def layers_table(meta: DenseInfo, title: str = "Rewritten layers") -> Table:
 def verify_table(report: VerifyReport) -> Table:
     table = Table(title="Equivalence", title_justify="left", header_style="bold")
     for col in ("check", "input", "offset", "max |error|", "error / scale", "result"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     skipped: dict[str, list[str]] = {}
     for c in report.cases:
         shape = "x".join(map(str, c.shape))
@@ -69,7 +69,8 @@ def plan_table(p: Plan) -> Table:
                   header_style="bold")
     for col in ("node", "kind", "step", "receptive field", "baseline out", "dense out",
                 "baseline MACs", "dense MACs", "x"):
-        table.add_column(col, justify="right" if "MAC" in col or col == "x" else "left")
+        table.add_column(col, justify="right" if "MAC" in col or col == "x" else "left",
+                         overflow="fold")
     for layer in p.layers:
         ratio = f"{layer.dense_macs / layer.base_macs:.0f}" if layer.base_macs else ""
         table.add_row(layer.node, layer.kind, f"{_t(layer.step_in)} -> {_t(layer.step_out)}",

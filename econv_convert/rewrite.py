@@ -793,7 +793,7 @@ def _linear_head(rw: Rewriter, node: fx.Node, x: Val, w, b) -> Val:
     n = rw.call(ops.conv, x.node, w, b, steps, (1,) * nd, (0,) * nd, (0,) * nd, (1,) * nd, 1, k)
     rf = _fields_through(rw, node.args[0], k, (1,) * nd, (1,) * nd)
     rw.fields[node] = rf
-    rw.record(n, "linear_as_conv", {"in_features": rw.base(node.args[0]).shape[-1]},
+    rw.record(n, "fc_to_conv", {"in_features": rw.base(node.args[0]).shape[-1]},
               {"kernel": k, "dilation": steps}, steps, steps, rf,
               cost=rw.base(node.args[0]).shape[-1])
     base = rw.base(node)

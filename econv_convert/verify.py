@@ -187,12 +187,25 @@ def _specialized_checker(dense: nn.Module, meta) -> Callable[[torch.Tensor], str
     return check
 
 
-def _run_baseline(baseline: nn.Module, x: torch.Tensor) -> tuple[Any, str]:
+def _run_baseline(baseline: nn.Module, x: torch.Tensor, until: str | None) -> tuple[Any, str]:
+    """The baseline's output, or that of its module ``until``, captured by a hook (the layers
+    after it may reject the size; that does not matter then)."""
+    captured: list[Any] = []
+    handle = None
+    if until is not None:
+        handle = baseline.get_submodule(until).register_forward_hook(
+            lambda m, args, out: captured.append(out))
     try:
-        return baseline(x), ""
+        out = baseline(x)
+        return (captured[0] if captured else out), ""
     except Exception as e:  # a fixed-size head rejects other sizes: not a failure
+        if captured:
+            return captured[0], ""
         text = str(e).strip().splitlines()
         return None, f"the baseline rejects this size ({type(e).__name__}: {text[0][:70] if text else ''})"
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def _lattice_case(baseline, dense, x, specialized, tol) -> Case:
@@ -200,7 +213,7 @@ def _lattice_case(baseline, dense, x, specialized, tol) -> Case:
     why = specialized(x)
     if why:
         return Case("lattice", shape, skipped=True, detail=why)
-    b, why = _run_baseline(baseline, x)
+    b, why = _run_baseline(baseline, x, info(dense).until)
     if b is None:
         return Case("lattice", shape, skipped=True, detail=why)
     d = lattice_view(dense, dense(x))
@@ -211,7 +224,7 @@ def _shift_case(baseline, dense, x, y, offset, example, tol) -> Case:
     crop = x
     for i, (r, e) in enumerate(zip(offset, example[2:])):
         crop = crop.narrow(2 + i, r, e)
-    b, why = _run_baseline(baseline, crop)
+    b, why = _run_baseline(baseline, crop, info(dense).until)
     if b is None:
         return Case("shift", tuple(x.shape), skipped=True, detail=why, offset=offset)
     specs = info(dense).outputs

@@ -1,0 +1,99 @@
+"""The Python API: dense checkpoints, inverse transfer, training-mode models, .pt2 input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import FIXTURES, rand_bn
+from econv_convert import (
+    InvalidInputError,
+    densify,
+    inverse,
+    lattice_view,
+    load_dense,
+    save_dense,
+    verify,
+)
+from econv_convert.examples import tiny_resnet
+from econv_convert.loading import load_model
+
+
+@pytest.fixture
+def resnet():
+    torch.manual_seed(0)
+    return rand_bn(tiny_resnet(num_classes=5, width=8))
+
+
+def test_dense_checkpoint_round_trip(resnet, tmp_path):
+    dense = densify(resnet, (1, 3, 48, 48))
+    path = save_dense(dense, tmp_path / "dense.pt")
+    loaded = load_dense(path)
+    x = torch.randn(2, 3, 53, 47)
+    torch.testing.assert_close(loaded(x), dense(x))
+    assert loaded.econv.records == dense.econv.records
+    # trainable: the parameters are Parameters and receive gradients
+    loaded(x).sum().backward()
+    assert loaded.get_parameter("fc.weight").grad is not None
+
+
+def test_dense_checkpoint_loads_with_weights_only(resnet, tmp_path):
+    path = save_dense(densify(resnet, (1, 3, 48, 48)), tmp_path / "dense.pt")
+    payload = torch.load(path, weights_only=True)  # no code is unpickled
+    assert payload["format"] == "econv-convert/dense"
+    json.loads(payload["graph"])
+
+
+def test_inverse_after_fine_tuning_the_dense_model(resnet):
+    dense = densify(resnet, (1, 3, 48, 48))
+    with torch.no_grad():  # stand-in for dense training: move every weight
+        for p in dense.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    baseline = inverse(dense)
+    fresh = tiny_resnet(num_classes=5, width=8).eval()
+    fresh.load_state_dict(baseline.state_dict())  # strict: the baseline's own class
+    x = torch.randn(2, 3, 51, 45)
+    torch.testing.assert_close(fresh(x), lattice_view(dense, dense(x)), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(fresh(x), resnet(x))  # the fine-tuned weights, not the old ones
+
+
+def test_training_mode_model_is_densified_in_eval_mode_and_says_so(resnet):
+    resnet.train()
+    dense = densify(resnet, (1, 3, 48, 48))
+    assert any("training mode" in n for n in dense.econv.notes)
+    assert resnet.training  # the caller's model is not modified
+    assert verify(resnet.eval(), dense).ok
+
+
+def test_export_program_input(tmp_path, resnet):
+    program = torch.export.export(resnet, (torch.randn(1, 3, 48, 48),))
+    torch.export.save(program, tmp_path / "m.pt2")
+    model = load_model(tmp_path / "m.pt2").model
+    dense = densify(model, (1, 3, 48, 48))
+    report = verify(resnet, dense)
+    assert report.ok and len(report.checked) >= 3
+
+
+def test_fixtures_load_without_arch_and_verify():
+    for name in ("patch_classifier", "tiny_vgg", "tiny_resnet"):
+        loaded = load_model(FIXTURES / f"{name}.pt")
+        dense = densify(loaded.model, loaded.input_shape)
+        report = verify(loaded.model, dense)
+        assert report.ok, (name, report.failures())
+
+
+def test_global_pool_mode_is_checked():
+    with pytest.raises(InvalidInputError, match="global pool mode"):
+        densify(nn.Conv2d(3, 3, 1), (1, 3, 8, 8), global_pool="median")
+
+
+def test_verify_reports_a_wrong_dense_model(resnet):
+    dense = densify(resnet, (1, 3, 48, 48))
+    with torch.no_grad():
+        dense.get_parameter("layer2.conv1.weight").mul_(1.01)
+    report = verify(resnet, dense)
+    assert not report.ok
+    assert "output 0" in report.failures()[0].detail
