@@ -1,0 +1,28 @@
+# Set-up and the two quick-start jobs. Every path installs the pinned CPU torch first: pip finds
+# a CPU build of torch==2.13.0 here, while an unpinned request pulls several GB of CUDA wheels.
+# The package itself asks for a torch range, which the pinned install already satisfies.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test clean
+
+$(BIN)/econv-convert: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/econv-convert
+
+demo: setup  ## densify + verify the bundled patch classifier, print the report, write out/
+	mkdir -p out
+	$(BIN)/econv-convert densify -o out/patch_classifier_dense.pt
+
+test: setup  ## the test suite
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis
