@@ -47,6 +47,9 @@ class DenseInfo:
     baseline_graph: str = ""  # JSON: the lowered baseline graph, for inverse
     params: list[str] = field(default_factory=list)  # state-dict keys that are Parameters
     arch: str | None = None  # MODULE:CALLABLE of the baseline, when known (for inverse)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    peak_elements: int = 0  # the largest dense activation at the example input
+    peak_node: str = ""
 
     @property
     def total_step(self) -> tuple[int, ...]:
@@ -135,6 +138,8 @@ def densify(
         specialized=plan.specialized,
         baseline_graph=graph_to_json(gm.graph),
         params=[k for k, _ in baseline.named_parameters()],
+        peak_elements=plan.peak_elements,
+        peak_node=plan.peak_node,
     )
     dense.eval()
     return dense
@@ -283,7 +288,9 @@ def load_dense(path: str | os.PathLike) -> fx.GraphModule:
     try:
         meta = DenseInfo.from_json(payload["info"])
         dense = _build(payload["graph"], payload["state_dict"], meta.params)
-    except (KeyError, TypeError, ValueError) as e:
+    except InvalidInputError as e:
+        raise InvalidInputError(f"{path}: {e}") from None
+    except Exception as e:  # damaged or edited by hand: one line, never a traceback
         raise InvalidInputError(f"{path}: damaged dense checkpoint ({_short(e)})") from None
     dense.econv = meta
     return dense.eval()

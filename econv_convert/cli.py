@@ -118,6 +118,8 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.
 AtolOpt = Annotated[float, typer.Option("--atol", min=0.0,
                                         help="Absolute tolerance, times the output's scale.")]
 RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance.")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Run even where the memory estimate exceeds the available memory.")]
 
 
 def _model_path(model: Path | None) -> Path:
@@ -154,6 +156,28 @@ def _check_output(output: Path, inputs: list[Path]) -> None:
     for i in inputs:
         if i.exists() and output.exists() and output.resolve() == i.resolve():
             raise InvalidInputError(f"{output}: the output would overwrite the input")
+
+
+def _guard_memory(dense, force: bool, *, exporting: bool = False) -> None:
+    """Refuse before running the dense model at sizes that would not fit in memory."""
+    from econv_convert.resources import check_memory
+    from econv_convert.verify import candidate_shapes
+
+    meta = dense.econv
+    shapes = candidate_shapes(meta.example_shape, meta.total_step)
+    if exporting:
+        from econv_convert.exports import export_shapes
+
+        shapes += list(export_shapes(dense))
+    largest = max(shapes, key=lambda s: _area(s))
+    check_memory(meta, largest, force=force)
+
+
+def _area(shape) -> int:
+    n = 1
+    for v in shape[:1] + tuple(shape[2:]):
+        n *= v
+    return n
 
 
 def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool):
@@ -222,6 +246,7 @@ def densify(
     seed: SeedOpt = 0,
     atol: AtolOpt = 1e-5,
     rtol: RtolOpt = 1e-4,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Rewrite MODEL into its dense equivalent, verify it and write it to OUTPUT."""
@@ -234,6 +259,8 @@ def densify(
     shape = _shape(input_shape, loaded.input_shape)
     dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until)
     dense.econv.arch = loaded.arch
+    dense.econv.arch_kwargs = dict(loaded.arch_kwargs or {})
+    _guard_memory(dense, force, exporting=output is not None and output.suffix != ".pt")
     result = None
     if not no_verify:
         result = _verify(loaded.model, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
@@ -287,6 +314,7 @@ def verify(
     seed: SeedOpt = 0,
     atol: AtolOpt = 1e-5,
     rtol: RtolOpt = 1e-4,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Check that a dense model reproduces MODEL on random inputs (exit 0 equal, 1 not)."""
@@ -311,6 +339,7 @@ def verify(
         shape = _shape(input_shape, loaded.input_shape)
         dense_model = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until)
         baseline = loaded.model
+    _guard_memory(dense_model, force)
     result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
                      quiet=json_out)
     result.notes[:0] = notes
@@ -354,7 +383,7 @@ def inverse(
     meta = dense_model.econv
     if getattr(meta, "arch", None):
         # prove that the weights load into the user's own class, strictly
-        api.load_weights_into(build_arch(meta.arch), baseline.state_dict(),
+        api.load_weights_into(build_arch(meta.arch, meta.arch_kwargs), baseline.state_dict(),
                               f"the dense weights of {dense.name}")
     result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
                      quiet=json_out)
@@ -395,6 +424,7 @@ def inspect(
     global_pool: PoolOpt = GlobalPool.phase,
     until: UntilOpt = None,
     trust_pickle: TrustOpt = False,
+    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show the plan without writing anything: per layer its lattice step, receptive field,
@@ -404,6 +434,9 @@ def inspect(
     path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
     shape = _shape(input_shape, loaded.input_shape)
     dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until)
+    from econv_convert.resources import check_memory
+
+    check_memory(dense.econv, dense.econv.example_shape, force=force)
     plan = costs.plan(dense)
     if json_out:
         _emit_json({"model": str(path), "dense": _info_dict(dense.econv), "plan": plan.to_dict()})

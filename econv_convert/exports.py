@@ -39,7 +39,7 @@ def check_suffix(path: Path, what: str = "output") -> str:
     return suffix
 
 
-def _shapes(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def export_shapes(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Trace at batch 2 and the example size plus two lattice steps (so no dim has size 1,
     which exporters pin); check at a batch and size that are neither."""
     meta = info(dense)
@@ -89,7 +89,7 @@ def _compare(fmt: str, expected: torch.Tensor, got: torch.Tensor, shape) -> Expo
 
 
 def export_pt2(dense: nn.Module) -> tuple[torch.export.ExportedProgram, ExportCheck]:
-    trace, check = _shapes(dense)
+    trace, check = export_shapes(dense)
     import torch.fx.experimental._config as fx_config
 
     try:
@@ -110,7 +110,7 @@ def export_onnx(dense: nn.Module) -> tuple[bytes, ExportCheck]:
     import onnx
     import onnxruntime as ort
 
-    trace, check = _shapes(dense)
+    trace, check = export_shapes(dense)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")

@@ -77,6 +77,20 @@ class Layout:
         """Same extras, new baseline shape and dims."""
         return replace(self, base=tuple(base), dims=tuple(dims) + self.extras, fold=0, fold_shape=())
 
+    def dense_numel(self) -> int:
+        """Elements of the dense tensor at the example input (the tight form)."""
+        n = 1
+        for size, d in zip(self.base, self.base_dims):
+            n *= (size - 1) * d.step + 1 if d.kind == "space" else size
+        if self.fold:
+            folded = self.base[-1]
+            for k, d in zip(self.fold_shape, self.fold_dims[1:]):
+                folded = folded // k * ((k - 1) * d.step + 1)
+            n *= folded
+        for d in self.extras:
+            n *= d.step if d.kind == "phase" else 1
+        return n
+
     def norm_dim(self, d: int, ndim: int | None = None) -> int:
         """A dim index as the baseline would read it, made non-negative (extras untouched)."""
         n = self.base_ndim if ndim is None else ndim

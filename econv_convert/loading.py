@@ -43,6 +43,7 @@ class Loaded:
     model: nn.Module
     input_shape: list[int] | None
     arch: str | None
+    arch_kwargs: dict[str, Any] | None = None
 
 
 def parse_shape(text: str) -> list[int]:
@@ -182,7 +183,7 @@ def _from_state(path, state, arch, arch_kwargs, input_shape) -> Loaded:
     except TransferError as e:
         raise InvalidInputError(str(e)) from None
     # weights carry no train/eval mode: a converter runs the model for inference
-    return Loaded(model.eval(), input_shape, arch)
+    return Loaded(model.eval(), input_shape, arch, arch_kwargs)
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:

@@ -65,6 +65,8 @@ class Plan:
     has_padding: bool = False  # any zero/reflect padding or ceil-mode window: no shift check
     global_pools: int = 0
     specialized: dict[str, list[int]] = field(default_factory=dict)  # node -> traced size
+    peak_elements: int = 0  # the largest dense tensor at the example input
+    peak_node: str = ""
 
     @property
     def total_step(self) -> tuple[int, ...]:
@@ -110,7 +112,10 @@ class Rewriter:
         for node in self.gm.graph.nodes:
             self.node = node
             try:
-                self.env[node] = self._rewrite(node)
+                self.env[node] = val = self._rewrite(node)
+                if val.layout is not None and val.layout.dense_numel() > self.plan.peak_elements:
+                    self.plan.peak_elements = val.layout.dense_numel()
+                    self.plan.peak_node = node_name(node)
                 if node not in self.fields:
                     self.fields[node] = self._inherited_field(node)
             except _Refuse as r:

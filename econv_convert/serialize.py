@@ -102,6 +102,8 @@ def _dec(a: Any, nodes: dict[str, fx.Node]) -> Any:
         return a
     (tag, v), = a.items()
     if tag == "$n":
+        if v not in nodes:
+            raise InvalidInputError(f"the stored graph refers to unknown node {v!r}")
         return nodes[v]
     if tag == "$f":
         return float(v)
@@ -140,31 +142,46 @@ def graph_to_json(graph: fx.Graph) -> str:
 
 
 def graph_from_json(text: str) -> fx.Graph:
+    """Rebuild a stored graph; any malformed entry is an :class:`InvalidInputError`."""
     try:
-        data = json.loads(text)
-        specs = data["nodes"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise InvalidInputError(f"the stored graph is not valid ({e})") from None
+        return _graph_from_json(text)
+    except InvalidInputError:
+        raise
+    except Exception as e:  # a damaged or hand-edited file: say so in one line
+        lines = str(e).strip().splitlines()
+        detail = f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
+        raise InvalidInputError(f"the stored graph is damaged ({detail})") from None
+
+
+def _graph_from_json(text: str) -> fx.Graph:
+    data = json.loads(text)
+    specs = data["nodes"]
+    if not isinstance(specs, list):
+        raise InvalidInputError("the stored graph has no node list")
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
     for spec in specs:
-        op, target = spec["op"], spec["target"]
+        op, target, name = spec["op"], spec["target"], spec["name"]
+        if not all(isinstance(v, str) for v in (op, target, name)):
+            raise InvalidInputError(f"stored node {name!r} has a malformed op or target")
         args = _dec(spec["args"], nodes)
         kwargs = _dec(spec["kwargs"], nodes)
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+            raise InvalidInputError(f"stored node {name!r} has malformed arguments")
         if op == "call_function":
             target = resolve(target)
         elif op == "call_method":
-            if not _METHOD.fullmatch(str(target)) or target in _METHOD_DENIED:
+            if not _METHOD.fullmatch(target) or target in _METHOD_DENIED:
                 raise InvalidInputError(f"the graph calls method '{target}', which is not allowed")
         elif op == "get_attr":
-            if not re.fullmatch(r"\w+(\.\w+)*", str(target)):
+            if not re.fullmatch(r"\w+(\.\w+)*", target):
                 raise InvalidInputError(f"bad attribute path '{target}' in graph")
         elif op == "output":
             graph.output(args[0])
             continue
         elif op != "placeholder":
             raise InvalidInputError(f"node kind '{op}' is not allowed in a stored graph")
-        node = graph.create_node(op, target, tuple(args), dict(kwargs), spec["name"])
-        nodes[spec["name"]] = node
+        node = graph.create_node(op, target, tuple(args), dict(kwargs), name)
+        nodes[name] = node
     graph.lint()
     return graph

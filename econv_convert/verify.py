@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from econv_convert.api import info, inverse, lattice_view
+from econv_convert.errors import InvalidModelError
 from econv_convert.fxgraph import shape_prop
 
 Progress = Callable[[int, int, str], None]
@@ -150,7 +151,7 @@ def verify(
                                                       zip(example[2:], _pad_step(step, example))]
             for _ in range(trials):
                 x = torch.randn(big, generator=gen).to(device, dtype)
-                y = dense(x)
+                y = _run_dense(dense, x)
                 for k in range(3):
                     room = [b - e for b, e in zip(big[2:], example[2:])]
                     offset = tuple(rng.randint(0, r) if k else r for r in room)
@@ -208,6 +209,16 @@ def _run_baseline(baseline: nn.Module, x: torch.Tensor, until: str | None) -> tu
             handle.remove()
 
 
+def _run_dense(dense: nn.Module, x: torch.Tensor) -> Any:
+    try:
+        return dense(x)
+    except Exception as e:  # a damaged dense file, or a bug: either way say where
+        text = str(e).strip().splitlines()
+        raise InvalidModelError(
+            f"the dense model fails on an input of shape {tuple(x.shape)} "
+            f"({type(e).__name__}: {text[0][:160] if text else ''})") from e
+
+
 def _lattice_case(baseline, dense, x, specialized, tol) -> Case:
     shape = tuple(x.shape)
     why = specialized(x)
@@ -216,7 +227,7 @@ def _lattice_case(baseline, dense, x, specialized, tol) -> Case:
     b, why = _run_baseline(baseline, x, info(dense).until)
     if b is None:
         return Case("lattice", shape, skipped=True, detail=why)
-    d = lattice_view(dense, dense(x))
+    d = lattice_view(dense, _run_dense(dense, x))
     return _compare("lattice", shape, _flat(b), _flat(d), tol)
 
 

@@ -1,0 +1,57 @@
+"""Memory guard: estimate what a dense forward pass needs before running one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from econv_convert.api import DenseInfo
+from econv_convert.errors import InvalidInputError
+
+# a forward pass holds the largest map, its padded copy and the next layer's output at once
+LIVE_FACTOR = 3
+
+
+class ResourceError(InvalidInputError):
+    """A run would need more memory than is available."""
+
+
+def available_bytes() -> int | None:
+    """Memory available to a new allocation (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_bytes(meta: DenseInfo, shape: Sequence[int], element_size: int = 4) -> int:
+    """Activation memory of one dense forward pass at input ``shape`` (an estimate: the largest
+    dense map at the example input, scaled by the input's area and batch)."""
+    example = meta.example_shape
+    scale = shape[0] / max(example[0], 1)
+    for new, old in zip(shape[2:], example[2:]):
+        scale *= new / max(old, 1)
+    return int(meta.peak_elements * scale * element_size * LIVE_FACTOR)
+
+
+def check_memory(meta: DenseInfo, shape: Sequence[int], *, force: bool = False) -> int:
+    """Refuse (ResourceError) a run at ``shape`` that would not fit; returns the estimate."""
+    need = estimate_bytes(meta, shape)
+    have = available_bytes()
+    if not force and have is not None and need > have:
+        raise ResourceError(
+            f"a dense forward pass at input {'x'.join(map(str, shape))} needs about "
+            f"{_gib(need)} (largest map: {meta.peak_node}), but only {_gib(have)} is available; "
+            "use a smaller --input-shape, or --force to try anyway")
+    return need
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
