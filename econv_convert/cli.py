@@ -36,7 +36,7 @@ app = typer.Typer(
 )
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
-_state = {"debug": bool(os.environ.get("ECONV_DEBUG"))}
+_state = {"debug": False}
 
 
 class GlobalPool(str, Enum):
@@ -57,7 +57,7 @@ def _main(
                                           help="Print the version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
-    _state["debug"] = _state["debug"] or debug
+    _state["debug"] = debug or bool(os.environ.get("ECONV_DEBUG"))  # per invocation
 
 
 def _guarded(fn):
