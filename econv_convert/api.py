@@ -48,6 +48,7 @@ class DenseInfo:
     params: list[str] = field(default_factory=list)  # state-dict keys that are Parameters
     arch: str | None = None  # MODULE:CALLABLE of the baseline, when known (for inverse)
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    output_stride: int | None = None
     peak_elements: int = 0  # the largest dense activation at the example input
     peak_node: str = ""
 
@@ -99,6 +100,7 @@ def densify(
     *,
     global_pool: str = "phase",
     until: str | None = None,
+    output_stride: int | None = None,
 ) -> fx.GraphModule:
     """The dense model of ``model``.
 
@@ -106,7 +108,9 @@ def densify(
     result is exact for any input size the baseline accepts. ``global_pool`` is ``phase`` (one
     output per lattice phase; phase 0 is the baseline), ``lattice`` (the baseline's pool) or
     ``dense`` (every position: a different function). ``until`` cuts the model after module
-    ``until`` (a name from ``named_modules()``).
+    ``until`` (a name from ``named_modules()``). ``output_stride`` K keeps the baseline's
+    strides until the cumulative stride reaches K and turns the rest into dilation (DeepLab
+    style); the output lattice step is then total stride / K. K must be reachable that way.
 
     Raises :class:`UnsupportedLayerError` naming the node when a layer is not
     translation-equivariant on the lattice. The model is not modified; a model in training mode
@@ -115,6 +119,8 @@ def densify(
     if global_pool not in GLOBAL_POOL_MODES:
         raise InvalidInputError(
             f"global pool mode '{global_pool}' is not one of {', '.join(GLOBAL_POOL_MODES)}")
+    if output_stride is not None and output_stride < 1:
+        raise InvalidInputError(f"--output-stride must be a positive integer, not {output_stride}")
     notes = []
     if model.training:
         notes.append("the model was in training mode: densified in eval mode (BatchNorm uses "
@@ -123,7 +129,10 @@ def densify(
     x = _example(baseline, example_input)
     gm = trace(baseline, until)
     values = shape_prop(gm, x)
-    graph, plan = Rewriter(gm, values, global_pool).run()
+    rewriter = Rewriter(gm, values, global_pool, output_stride)
+    graph, plan = rewriter.run()
+    if output_stride is not None:
+        _check_output_stride(output_stride, plan, rewriter)
     dense = fx.GraphModule(gm, graph)
     _restore_keys(dense, baseline)
     dense.econv = DenseInfo(
@@ -138,11 +147,22 @@ def densify(
         specialized=plan.specialized,
         baseline_graph=graph_to_json(gm.graph),
         params=[k for k, _ in baseline.named_parameters()],
+        output_stride=output_stride,
         peak_elements=plan.peak_elements,
         peak_node=plan.peak_node,
     )
     dense.eval()
     return dense
+
+
+def _check_output_stride(k: int, plan, rewriter: Rewriter) -> None:
+    cumulative = {max(f.step for f in fs) for fs in rewriter.fields.values() if fs} | {1}
+    total = max(cumulative)
+    kept = max(plan.kept_stride, default=1)
+    if total % k or kept != min(k, total) or k > total:
+        raise InvalidInputError(
+            f"--output-stride {k} cannot be reached: the model's total stride is {total}; "
+            f"reachable output strides: {', '.join(map(str, sorted(cumulative)))}")
 
 
 def _as_json(value: Any) -> Any:

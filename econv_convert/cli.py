@@ -106,6 +106,10 @@ PoolOpt = Annotated[GlobalPool, typer.Option(
     "--global-pool", help="phase: one output per lattice phase (phase 0 = baseline); lattice: "
                           "the baseline's pool only; dense: pool every position (a different "
                           "function).")]
+OutputStrideOpt = Annotated[int | None, typer.Option(
+    "--output-stride", min=1, help="Keep the baseline's strides up to this cumulative stride "
+                                   "and densify the rest (DeepLab style); must divide the total "
+                                   "stride.")]
 UntilOpt = Annotated[str | None, typer.Option(
     "--until", help="Stop at this module (a name from named_modules()) and return its output.")]
 TrustOpt = Annotated[bool, typer.Option(
@@ -213,6 +217,7 @@ def _info_dict(meta) -> dict[str, Any]:
     return {
         "global_pool": meta.global_pool,
         "until": meta.until,
+        "output_stride": meta.output_stride,
         "total_step": list(meta.total_step),
         "example_shape": meta.example_shape,
         "layers": meta.records,
@@ -237,6 +242,7 @@ def densify(
     input_shape: ShapeOpt = None,
     global_pool: PoolOpt = GlobalPool.phase,
     until: UntilOpt = None,
+    output_stride: OutputStrideOpt = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check.")]
     = False,
     allow_mismatch: Annotated[bool, typer.Option(
@@ -257,7 +263,8 @@ def densify(
         _check_output(output, [_model_path(model)])
     path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
     shape = _shape(input_shape, loaded.input_shape)
-    dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until)
+    dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until,
+                        output_stride=output_stride)
     dense.econv.arch = loaded.arch
     dense.econv.arch_kwargs = dict(loaded.arch_kwargs or {})
     _guard_memory(dense, force, exporting=output is not None and output.suffix != ".pt")
@@ -309,6 +316,7 @@ def verify(
     input_shape: ShapeOpt = None,
     global_pool: PoolOpt = GlobalPool.phase,
     until: UntilOpt = None,
+    output_stride: OutputStrideOpt = None,
     trust_pickle: TrustOpt = False,
     trials: TrialsOpt = 2,
     seed: SeedOpt = 0,
@@ -337,7 +345,8 @@ def verify(
     else:
         path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
         shape = _shape(input_shape, loaded.input_shape)
-        dense_model = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until)
+        dense_model = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until,
+                                  output_stride=output_stride)
         baseline = loaded.model
     _guard_memory(dense_model, force)
     result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
@@ -423,6 +432,7 @@ def inspect(
     input_shape: ShapeOpt = None,
     global_pool: PoolOpt = GlobalPool.phase,
     until: UntilOpt = None,
+    output_stride: OutputStrideOpt = None,
     trust_pickle: TrustOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -433,7 +443,8 @@ def inspect(
 
     path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
     shape = _shape(input_shape, loaded.input_shape)
-    dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until)
+    dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until,
+                        output_stride=output_stride)
     from econv_convert.resources import check_memory
 
     check_memory(dense.econv, dense.econv.example_shape, force=force)

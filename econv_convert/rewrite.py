@@ -67,6 +67,7 @@ class Plan:
     specialized: dict[str, list[int]] = field(default_factory=dict)  # node -> traced size
     peak_elements: int = 0  # the largest dense tensor at the example input
     peak_node: str = ""
+    kept_stride: tuple[int, ...] = ()  # cumulative stride kept under an output stride
 
     @property
     def total_step(self) -> tuple[int, ...]:
@@ -94,9 +95,11 @@ def _tuple(v, n: int) -> tuple[int, ...]:
 
 
 class Rewriter:
-    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any], global_pool: str):
+    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any], global_pool: str,
+                 output_stride: int | None = None):
         if global_pool not in GLOBAL_POOL_MODES:
             raise ValueError(global_pool)
+        self.output_stride = output_stride
         self.gm = gm
         self.values = values
         self.mode = global_pool
@@ -315,6 +318,27 @@ def _spatial_geometry(rw: Rewriter, x: Layout, nd: int) -> tuple[str, tuple[int,
     _refuse("only some of the spatial dims are on a lattice")
 
 
+def _keep_stride(rw: Rewriter, node: fx.Node, x: Val, axes, steps, stride, kernel,
+                 dilation) -> Val | None:
+    """Under ``output_stride`` K, a strided layer still on step 1 (dense == baseline there)
+    keeps its stride while the cumulative stride stays within K (DeepLab style)."""
+    if rw.output_stride is None or any(s != 1 for s in steps):
+        return None
+    rf = rw.field_of(node.args[0]) or tuple(Field() for _ in stride)
+    if any(f.step * t > rw.output_stride for f, t in zip(rf, stride)):
+        return None
+    fields = _fields_through(rw, node.args[0], kernel, stride, dilation)
+    rw.fields[node] = fields
+    if any(t > 1 for t in stride):
+        rw.plan.kept_stride = tuple(f.step for f in fields)
+    n = rw.same(node)
+    name = getattr(node.target, "__name__", str(node.target))
+    kind = "conv" if "conv" in name else "max_pool" if "max" in name else "avg_pool"
+    rw.record(n, kind, {"kernel": kernel, "stride": stride}, {"stride": stride}, steps, steps,
+              fields, f"stride kept (output stride {rw.output_stride})")
+    return rw.result(node, n, [PLAIN, PLAIN] + [Dim("space", a, 1) for a in axes])
+
+
 def _window_out(rw: Rewriter, node, x_lay: Layout, axes, steps, strides) -> list[Dim]:
     return [PLAIN, PLAIN] + [Dim("space", a, s * t) for a, s, t in zip(axes, steps, strides, strict=True)]
 
@@ -350,6 +374,10 @@ def _conv(rw: Rewriter, node: fx.Node) -> Val:
         lo = hi = (0,) * nd
     else:
         lo = hi = _tuple(padding, nd)
+    kept = _keep_stride(rw, node, x, axes, steps, stride, k, dilation)
+    if kept is not None:
+        rw.plan.has_padding |= any(lo) or any(hi)
+        return kept
     wnode = rw.v(node.args[1]).node
     bias = _arg(node, 2, "bias")
     bnode = rw.v(bias).node if bias is not None else None
@@ -401,6 +429,10 @@ def _max_pool(rw: Rewriter, node: fx.Node) -> Val:
         return _per_extra(rw, node, x)
     k, stride, padding, dilation = _pool_params(node, nd, avg=False)
     ceil = bool(_arg(node, 5, "ceil_mode", False))
+    kept = _keep_stride(rw, node, x, axes, steps, stride, k, dilation)
+    if kept is not None:
+        rw.plan.has_padding |= any(padding) or ceil
+        return kept
     n = rw.call(ops.max_pool, x.node, steps, k, stride, padding, padding, dilation, ceil)
     rf = _fields_through(rw, node.args[0], k, stride, dilation)
     rw.fields[node] = rf
@@ -432,6 +464,10 @@ def _avg_pool(rw: Rewriter, node: fx.Node) -> Val:
 
 def _emit_avg(rw, node, x, steps, axes, k, stride, padding, ceil, include, divisor, note=""):
     nd = len(k)
+    kept = _keep_stride(rw, node, x, axes, steps, stride, k, (1,) * nd)
+    if kept is not None:
+        rw.plan.has_padding |= any(padding) or ceil
+        return kept
     n = rw.call(ops.avg_pool, x.node, steps, k, stride, padding, ceil, include, divisor)
     rf = _fields_through(rw, node.args[0], k, stride, (1,) * nd)
     rw.fields[node] = rf

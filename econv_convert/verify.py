@@ -147,14 +147,15 @@ def verify(
         if do_shift:
             rng = random.Random(seed)
             example = meta.example_shape
-            big = [max(example[0], 2), example[1]] + [h + 2 * s for h, s in
-                                                      zip(example[2:], _pad_step(step, example))]
+            res = meta.output_stride or 1  # dense positions are this many input pixels apart
+            big = [max(example[0], 2), example[1]] + [
+                h + 2 * s * res for h, s in zip(example[2:], _pad_step(step, example))]
             for _ in range(trials):
                 x = torch.randn(big, generator=gen).to(device, dtype)
                 y = _run_dense(dense, x)
                 for k in range(3):
-                    room = [b - e for b, e in zip(big[2:], example[2:])]
-                    offset = tuple(rng.randint(0, r) if k else r for r in room)
+                    room = [(b - e) // res for b, e in zip(big[2:], example[2:])]
+                    offset = tuple(res * (rng.randint(0, r) if k else r) for r in room)
                     report.cases.append(_shift_case(baseline, dense, x, y, offset, example,
                                                    (atol, rtol)))
                     done += 1
@@ -247,7 +248,7 @@ def _shift_case(baseline, dense, x, y, offset, example, tol) -> Case:
         for i, (kind, step, _axis) in enumerate(spec["dims"]):
             if kind == "space":
                 axis_size = base.shape[i] if i < spec["base_ndim"] else 1
-                r = offset[spec["dims"][i][2]]
+                r = offset[spec["dims"][i][2]] // (info(dense).output_stride or 1)
                 index.append(slice(r, r + (axis_size - 1) * step + 1, step))
                 extra += i >= spec["base_ndim"]
             else:
