@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from econv_convert.lattice import Window, dense_window, lattice_count, out_size, tight
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_MAXPOOL = {2: F.max_pool2d, 3: F.max_pool3d}
 
 
 def _windows(kernel, stride, pad_lo, pad_hi, dilation, ceil_mode) -> list[Window]:
@@ -48,6 +48,19 @@ def _crop(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     for i, n in enumerate(sizes):
         x = x.index_select(x.dim() - nd + i, torch.arange(n, device=x.device))
     return x
+
+
+def _crop_strided(y: torch.Tensor, x: torch.Tensor, steps, windows) -> torch.Tensor:
+    """Crop a stride-1 dense output to the tight form of the strided baseline output.
+
+    Without stride there is nothing to crop: the dense output already has the tight size
+    ``H + (pad_lo + pad_hi - extent + 1) * s``; skipping the arithmetic keeps the sizes simple
+    expressions for exporters (and saves a copy).
+    """
+    if all(w.stride == 1 for w in windows):
+        return y
+    dense_out, _ = _out_sizes(x, steps, windows)
+    return _crop(y, dense_out)
 
 
 def _baseline_sizes(x: torch.Tensor, steps: Sequence[int]) -> list[int]:
@@ -89,17 +102,17 @@ def conv(
         weight = weight.reshape(weight.shape[0], -1, *kernel)
     k = weight.shape[2:]
     ws = _windows(k, stride, pad_lo, pad_hi, dilation, False)
-    dense_out, _ = _out_sizes(x, steps, ws)
     dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
     lo = [d.pad_lo for d in dws]
     hi = [d.pad_hi for d in dws]
     if pad_mode == "constant" and lo == hi:
         y = _CONV[nd](x, weight, bias, 1, lo, [d.dilation for d in dws], groups)
+        return _crop_strided(y, x, steps, ws)
     else:
         if any(lo) or any(hi):
             x = F.pad(x, _pad_arg(lo, hi), mode=pad_mode)
         y = _CONV[nd](x, weight, bias, 1, 0, [d.dilation for d in dws], groups)
-    return _crop(y, dense_out)
+    return _crop_strided(y, x, steps, ws)
 
 
 def max_pool(
@@ -116,13 +129,18 @@ def max_pool(
     kernel, even when dilated), then a stride-1 dilated pool and a tight crop."""
     nd = len(steps)
     ws = _windows(kernel, stride, pad_lo, pad_hi, dilation, ceil_mode)
-    dense_out, _ = _out_sizes(x, steps, ws)
     dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
     pad = _pad_arg([d.pad_lo for d in dws], [d.pad_hi for d in dws])
+    source = x
     if any(pad):
         x = F.pad(x, pad, value=-math.inf)
+    if nd == 1:
+        # as a 2-D pool over a singleton row: same values, and torch.export keeps the length
+        # symbolic (its 1-D max pool pins it)
+        y = F.max_pool2d(x.unsqueeze(-2), (1, kernel[0]), 1, 0, (1, dws[0].dilation))
+        return _crop_strided(y.squeeze(-2), source, steps, ws)
     y = _MAXPOOL[nd](x, list(kernel), 1, 0, [d.dilation for d in dws])
-    return _crop(y, dense_out)
+    return _crop_strided(y, source, steps, ws)
 
 
 def avg_pool(
@@ -143,7 +161,6 @@ def avg_pool(
     """
     nd = len(steps)
     ws = _windows(kernel, stride, padding, padding, [1] * nd, ceil_mode)
-    dense_out, _ = _out_sizes(x, steps, ws)
     dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
     channels = x.shape[x.dim() - nd - 1]
     lead = x.shape[: x.dim() - nd - 1]
@@ -151,7 +168,8 @@ def avg_pool(
     z = F.pad(z, _pad_arg([d.pad_lo for d in dws], [d.pad_hi for d in dws]))
     ones = z.new_ones((channels, 1, *kernel))
     y = _CONV[nd](z, ones, None, 1, 0, [d.dilation for d in dws], channels)
-    y = _crop(y, dense_out)
+    y = _crop_strided(y, x, steps, ws)
+    dense_out = y.shape[2:]
     if divisor_override:
         return (y / divisor_override).reshape(*lead, channels, *y.shape[2:])
     divisor = None

@@ -1,0 +1,74 @@
+"""Every family structure densifies exactly: whole network, feature extractor, output stride,
+and exports. The models are in ``families.py`` (small, self-written)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import rand_bn
+from econv_convert import InvalidInputError, densify, verify
+from econv_convert.exports import export_onnx, export_pt2
+from families import FAMILIES
+
+NAMES = list(FAMILIES)
+
+
+def build(name):
+    torch.manual_seed(0)
+    return rand_bn(FAMILIES[name][0]())
+
+
+def check(model, dense, min_checked=2):
+    report = verify(model, dense)
+    assert report.ok, report.failures()
+    assert len(report.checked) >= min_checked
+    return report
+
+
+@pytest.mark.parametrize("mode", ["phase", "lattice"])
+@pytest.mark.parametrize("name", NAMES)
+def test_family_densifies_exactly(name, mode):
+    model = build(name)
+    _, shape, stride = FAMILIES[name]
+    dense = densify(model, shape, global_pool=mode)
+    assert max(dense.econv.total_step) == stride
+    check(model, dense)
+    assert sorted(dense.state_dict()) == sorted(model.state_dict())
+
+
+def _middle_child(model) -> str:
+    children = [n for n, _ in model.named_children()]
+    return children[len(children) // 2]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_family_feature_extractor(name):
+    model = build(name)
+    until = _middle_child(model)
+    dense = densify(model, FAMILIES[name][1], until=until)
+    check(model, dense)
+
+
+@pytest.mark.parametrize("k", [8, 16])
+@pytest.mark.parametrize("name", NAMES)
+def test_family_output_stride(name, k):
+    model = build(name)
+    _, shape, stride = FAMILIES[name]
+    if stride % k:
+        with pytest.raises(InvalidInputError, match="cannot be reached"):
+            densify(model, shape, output_stride=k)
+        return
+    dense = densify(model, shape, output_stride=k)
+    assert max(dense.econv.total_step) == stride // k
+    check(model, dense)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+@pytest.mark.parametrize("name", NAMES)
+def test_family_exports_match_at_a_new_size(name, fmt):
+    model = build(name)
+    dense = densify(model, FAMILIES[name][1], global_pool="lattice")
+    _, result = (export_pt2 if fmt == "pt2" else export_onnx)(dense)  # raises on a mismatch
+    assert result.shape[2:] != tuple(FAMILIES[name][1][2:])
+    assert result.max_abs < 1e-4
