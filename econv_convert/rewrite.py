@@ -1011,8 +1011,10 @@ def _reshape(rw: Rewriter, node: fx.Node) -> Val:
             out_dims.append(lay.base_dims[ins[0]])
             from_dims.append(ins[0])
         elif not any(not lay.base_dims[i].spatial for i in ins):
-            _refuse("flattens spatial dims into one sequence of positions (tokens for "
-                    "attention or a position-wise reshape), which is not translation-equivariant")
+            merge = len(outs) < len(ins)
+            _refuse(("merges spatial dims into one sequence of positions (tokens for attention)"
+                     if merge else "splits a spatial dim (a window partition)")
+                    + ", which is not translation-equivariant on the lattice")
         elif outs == [len(base_out) - 1] and ins[-1] == len(base_in) - 1 and not lay.n_extra:
             # flatten of (channels..., space...) into the last dim: a fold, for a Linear head
             fold_dims = tuple(lay.base_dims[i] for i in ins)

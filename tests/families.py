@@ -485,3 +485,71 @@ FAMILIES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]] = {
     "cnn1d": (cnn1d, (1, 2, 96), 16),
     "cnn3d": (cnn3d, (1, 1, 16, 18, 17), 8),
 }
+
+
+# -- not translation-equivariant on the lattice: must be refused, naming the node -----------
+
+class ViTLike(nn.Module):
+    def __init__(self, classes=5, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 8, 8)
+        self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
+        self.encoder = nn.TransformerEncoderLayer(dim, 2, 32, batch_first=True)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.encoder(tokens).mean(1))
+
+
+class SwinLike(nn.Module):
+    """Window partition by view/permute, attention inside windows."""
+
+    def __init__(self, dim=8, window=4):
+        super().__init__()
+        self.window = window
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+
+    def forward(self, x):
+        x = self.patch(x).permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        win = self.window
+        x = x.view(b, h // win, win, w // win, win, c).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(-1, win * win, c)
+        return self.attn(x, x, x)[0]
+
+
+class UNetLike(nn.Module):
+    def __init__(self, transposed=True):
+        super().__init__()
+        self.down = nn.Sequential(conv_bn(3, 8), nn.MaxPool2d(2), conv_bn(8, 16))
+        self.up = (nn.ConvTranspose2d(16, 8, 2, 2) if transposed
+                   else nn.Upsample(scale_factor=2, mode="bilinear"))
+        self.out = nn.Conv2d(8 + (8 if transposed else 16), 2, 1)
+        self.skip = conv_bn(3, 8)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.skip(x), self.up(self.down(x))], 1))
+
+
+class SizeDependentPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 2, 1)
+        self.pool = nn.AdaptiveAvgPool2d((7, 7))
+        self.fc = nn.Linear(4 * 49, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.conv(x)), 1))
+
+
+# name -> (builder, example shape, what the refusal must say)
+REFUSED: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {
+    "vit": (ViTLike, (1, 3, 32, 32), r"'flatten'.*merges spatial dims into one sequence"),
+    "swin": (SwinLike, (1, 3, 32, 32), r"'view'.*splits a spatial dim \(a window partition\)"),
+    "unet-transposed": (lambda: UNetLike(True), (1, 3, 32, 32), r"node 'up'.*transposed"),
+    "unet-upsample": (lambda: UNetLike(False), (1, 3, 32, 32), r"node 'up'.*upsampling"),
+    "adaptive-pool-size-dependent": (SizeDependentPool, (1, 3, 32, 32),
+                                     r"node 'pool'.*depend on the input size"),
+}

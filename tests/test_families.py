@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import rand_bn
-from econv_convert import InvalidInputError, densify, verify
+from econv_convert import InvalidInputError, UnsupportedLayerError, densify, verify
 from econv_convert.exports import export_onnx, export_pt2
-from families import FAMILIES
+from families import FAMILIES, REFUSED
 
 NAMES = list(FAMILIES)
 
@@ -72,3 +72,12 @@ def test_family_exports_match_at_a_new_size(name, fmt):
     _, result = (export_pt2 if fmt == "pt2" else export_onnx)(dense)  # raises on a mismatch
     assert result.shape[2:] != tuple(FAMILIES[name][1][2:])
     assert result.max_abs < 1e-4
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_non_equivariant_families_are_refused_naming_the_node(name):
+    build_fn, shape, match = REFUSED[name]
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedLayerError, match=match) as err:
+        densify(rand_bn(build_fn()), shape)
+    assert "\n" not in str(err.value)
