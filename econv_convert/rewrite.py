@@ -1190,6 +1190,9 @@ def _pad(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
     lay = x.layout
     pad = list(_arg(node, 1, "pad"))
+    if any(isinstance(p, fx.Node) for p in pad):
+        _refuse("padding computed from the input size (TF-style 'same' padding) depends on the "
+                "size modulo the stride; use static padding")
     mode = _arg(node, 2, "mode", "constant")
     value = _arg(node, 3, "value", None)
     if lay.is_plain:
