@@ -758,6 +758,16 @@ def _map_operand(tensors, out_nd, out_dims):
     return None
 
 
+@rule(operator.mod, operator.lshift, operator.rshift, math.ceil, math.floor, math.sqrt)
+def _scalar_math(rw: Rewriter, node: fx.Node) -> Val:
+    """Integer arithmetic; a result computed from a spatial size stays marked as such, so the
+    op that uses it is the one refused, with its own reason."""
+    vals = [rw.v(a) for a in node.args]
+    if any(v.layout is not None for v in vals):
+        return rw._unknown(node)
+    return Val(rw.same(node), spatial=any(v.spatial for v in vals))
+
+
 # -- channel-wise layers ---------------------------------------------------------------------
 
 
