@@ -456,6 +456,98 @@ def inspect(
     report.print_summary(out, dense.econv)
 
 
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"{what} '{text}': expected numbers like 0.485,0.456,0.406") \
+            from None
+
+
+def _bytes(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise InvalidInputError(f"--max-memory '{text}': expected a size like 2G or 512M") \
+            from None
+
+
+@app.command()
+@_guarded
+def predict(
+    dense: Annotated[Path, typer.Argument(help="A dense checkpoint (.pt) written by densify.",
+                                          show_default=False)],
+    input: Annotated[Path, typer.Argument(help="A .npy array (C,H,W or N,C,H,W) or an image "
+                                               "(PNG, JPEG).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the dense "
+                                         "output (.npy); for images a heat map .png is written "
+                                         "beside it.")],
+    tile: Annotated[int | None, typer.Option("--tile", help="Output block per tile, in input "
+                                             "pixels (a multiple of the lattice step). "
+                                             "Default: chosen from --max-memory.")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget for one tile, like 2G (default: half of the "
+                             "available memory).")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean to subtract, "
+                                             "like 0.485,0.456,0.406.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Per-channel std to divide by.")]
+    = None,
+    channel: Annotated[int | None, typer.Option("--channel", help="Heat map of this output "
+                                                "channel (default: the arg-max class).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Dense inference on a large input, tile by tile: exactly the whole-image result, in
+    bounded memory."""
+    import numpy as np
+
+    from econv_convert import api
+    from econv_convert import predict as tiled
+    from econv_convert.loading import check_file
+
+    check_file(dense)
+    check_file(input)
+    if output.suffix.lower() != ".npy":
+        raise InvalidInputError(f"{output}: the output must end in .npy")
+    _check_output(output, [dense, input])
+    model = api.load_dense(dense)
+    x, image = tiled.load_input(input, _floats(mean, "--mean"), _floats(std, "--std"),
+                                model.econv.example_shape[1])
+    plan = tiled.plan_tiles(model, tuple(x.shape), tile=tile, max_memory=_bytes(max_memory))
+    columns = (TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
+        task = bar.add_task("", total=plan.count)
+        y = tiled.predict(model, x, tile=plan.tile[0], progress=lambda d, t: bar.update(
+            task, completed=d))
+    if channel is not None and not 0 <= channel < y.shape[1]:
+        raise InvalidInputError(f"--channel {channel}: the output has {y.shape[1]} channels")
+    data = y.numpy()
+    api.atomic_write(output, lambda f: np.save(f, data))
+    picture = None
+    if image and y.dim() == 4:
+        from PIL import Image
+
+        picture = output.with_suffix(".png")
+        rgb = tiled.heat_map(y, channel).numpy()
+        api.atomic_write(picture, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
+    if json_out:
+        _emit_json({"output": str(output), "heat_map": str(picture) if picture else None,
+                    "shape": list(y.shape), "tiles": plan.count, "tile": list(plan.tile),
+                    "halo": list(plan.halo), "tile_memory_estimate": plan.estimate_bytes})
+    else:
+        out.print(f"{plan.count} tiles of {'x'.join(map(str, plan.tile))} (halo "
+                  f"{'x'.join(map(str, plan.halo))}, about {plan.estimate_bytes / 2**20:.0f} MiB "
+                  f"each); output {'x'.join(map(str, y.shape))}")
+        out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{picture}[/]" if picture else ""))
+
+
 def main() -> None:
     app()
 
