@@ -456,6 +456,79 @@ def inspect(
     report.print_summary(out, dense.econv)
 
 
+@app.command()
+@_guarded
+def bench(
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: Annotated[str | None, typer.Option(
+        "--input-shape", help="Input to time at (default: the example input; for patch "
+                              "classifiers 1,C,512,512).")] = None,
+    global_pool: PoolOpt = GlobalPool.phase,
+    output_stride: OutputStrideOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per case (the median "
+                                                            "is reported).")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 1,
+    trust_pickle: TrustOpt = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Time the baseline, the dense model, shift-and-stitch and (patch classifiers) the sliding
+    window, in one run, with multiply-adds and ratios."""
+    from econv_convert import api
+    from econv_convert import bench as timing
+    from econv_convert.resources import check_memory
+
+    if device not in ("cpu", "cuda"):
+        raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidInputError("--device cuda: no CUDA device is available here")
+    path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
+    example = _shape(None, loaded.input_shape)
+    dense = api.densify(loaded.model, example, global_pool=global_pool.value,
+                        output_stride=output_stride)
+    if input_shape:
+        shape = _shape(input_shape, None)
+    elif timing._patch_size(dense) is not None:
+        shape = [1, example[1]] + [512] * (len(example) - 2)
+    else:
+        shape = example
+    check_memory(dense.econv, shape, force=force)
+    with err.status("timing", spinner="dots") as status:
+        result = timing.bench(loaded.model, dense, shape, device=device, runs=runs,
+                              warmup=warmup, progress=lambda name: status.update(
+                                  f"timing {name}"))
+    data = result.to_dict()
+    if json_out:
+        _emit_json({"model": str(path), **data})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{path.name} at {'x'.join(map(str, shape))} on {result.device} "
+                        f"(median of {runs})", title_justify="left", header_style="bold")
+    for col in ("case", "time", "multiply-adds", "vs dense", "note"):
+        table.add_column(col, justify="right" if col in ("time", "multiply-adds", "vs dense")
+                         else "left", overflow="fold")
+    dense_t = result.timings["dense"].seconds
+    for name, t in result.timings.items():
+        table.add_row(name, f"{t.seconds * 1e3:.1f} ms", f"{t.macs / 1e9:.3f} G",
+                      f"{t.seconds / dense_t:.2f}x", t.note)
+    out.print(table)
+    for key, value in data["speedups"].items():
+        macs = data["mac_ratios"][key.removeprefix("dense_vs_") + "_vs_dense"]
+        out.print(f"{key}: [bold]{value:.1f}x[/] faster (multiply-add ratio {macs:.1f}x)")
+    if result.dilation_overhead is not None:
+        out.print(f"dilated convolutions vs the same undilated (equal multiply-adds): "
+                  f"{result.dilation_overhead:.2f}x")
+    out.print(f"dense activation memory estimate: {result.dense_activation_estimate / 2**20:.0f}"
+              " MiB" + (" (measured peaks in --json)" if device == "cuda" else ""))
+
+
 def _floats(text: str | None, what: str) -> list[float] | None:
     if text is None:
         return None
