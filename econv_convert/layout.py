@@ -77,19 +77,20 @@ class Layout:
         """Same extras, new baseline shape and dims."""
         return replace(self, base=tuple(base), dims=tuple(dims) + self.extras, fold=0, fold_shape=())
 
-    def dense_numel(self) -> int:
-        """Elements of the dense tensor at the example input (the tight form)."""
-        n = 1
-        for size, d in zip(self.base, self.base_dims):
-            n *= (size - 1) * d.step + 1 if d.kind == "space" else size
+    def dense_shape(self) -> tuple[int, ...]:
+        """The dense tensor's shape at the example input (the tight form)."""
+        shape = [(size - 1) * d.step + 1 if d.kind == "space" else size
+                 for size, d in zip(self.base, self.base_dims)]
         if self.fold:
-            folded = self.base[-1]
-            for k, d in zip(self.fold_shape, self.fold_dims[1:]):
-                folded = folded // k * ((k - 1) * d.step + 1)
-            n *= folded
-        for d in self.extras:
-            n *= d.step if d.kind == "phase" else 1
-        return n
+            channels = self.base[-1] // max(1, _prod(self.fold_shape))
+            shape += [channels] + [(k - 1) * d.step + 1
+                                   for k, d in zip(self.fold_shape, self.fold_dims[1:])]
+        shape += [d.step if d.kind == "phase" else 1 for d in self.extras]
+        return tuple(shape)
+
+    def dense_numel(self) -> int:
+        """Elements of the dense tensor at the example input."""
+        return _prod(self.dense_shape())
 
     def norm_dim(self, d: int, ndim: int | None = None) -> int:
         """A dim index as the baseline would read it, made non-negative (extras untouched)."""
@@ -97,3 +98,10 @@ class Layout:
         if not -n <= d < n:
             raise IndexError(d)
         return d % n
+
+
+def _prod(values) -> int:
+    n = 1
+    for v in values:
+        n *= v
+    return n

@@ -40,7 +40,7 @@ class Val:
     spatial: bool = False  # a number that depends on a spatial size
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerRecord:
     """One rewritten layer, for reports and ``inspect``."""
 
@@ -55,6 +55,8 @@ class LayerRecord:
     dense_name: str = ""  # the dense graph's node
     note: str = ""
     cost: int = 0  # multiply-adds (or comparisons) per output element
+    base_shape: tuple[int, ...] = ()  # the layer's output at the example input
+    dense_shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -116,6 +118,11 @@ class Rewriter:
             self.node = node
             try:
                 self.env[node] = val = self._rewrite(node)
+                if self.plan.records and self.plan.records[-1].fx_name == node.name \
+                        and val.layout is not None:
+                    r = self.plan.records[-1]
+                    r.base_shape = val.layout.base
+                    r.dense_shape = val.layout.dense_shape()
                 if val.layout is not None and val.layout.dense_numel() > self.plan.peak_elements:
                     self.plan.peak_elements = val.layout.dense_numel()
                     self.plan.peak_node = node_name(node)
