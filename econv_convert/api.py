@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from econv_convert import ops
-from econv_convert.errors import InvalidInputError, InvalidModelError, TransferError
+from econv_convert.errors import InvalidInputError, TransferError
 from econv_convert.fxgraph import shape_prop, trace
 from econv_convert.rewrite import GLOBAL_POOL_MODES, LayerRecord, Rewriter
 from econv_convert.serialize import graph_from_json, graph_to_json
@@ -58,7 +59,7 @@ class DenseInfo:
         best: tuple[int, ...] = ()
         for r in self.records:
             for steps in (tuple(r["step_in"]), tuple(r["step_out"])):
-                if _prod(steps) > _prod(best) or len(steps) > len(best):
+                if math.prod(steps) > math.prod(best) or len(steps) > len(best):
                     best = steps
         return best
 
@@ -73,13 +74,6 @@ class DenseInfo:
     def from_json(text: str) -> DenseInfo:
         data = json.loads(text)
         return DenseInfo(**data)
-
-
-def _prod(t: Sequence[int]) -> int:
-    p = 1
-    for v in t:
-        p *= v
-    return p
 
 
 def _example(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from econv_convert import ops
-from econv_convert.api import info, inverse
+from econv_convert.api import info
 from econv_convert.errors import InvalidInputError
 from econv_convert.lattice import Window, dense_window
 from econv_convert.resources import estimate_bytes
@@ -276,7 +276,3 @@ def _unravel(i: int, sizes: Sequence[int]) -> list[int]:
         out.append(r)
     return out[::-1]
 
-
-def baseline_of(dense: nn.Module) -> nn.Module:
-    """The baseline rebuilt from a dense checkpoint (when only the dense file is at hand)."""
-    return inverse(dense)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from enum import Enum
@@ -143,6 +144,21 @@ def _load(model: Path | None, arch, arch_kwargs, trust_pickle):
                             trust_pickle=trust_pickle)
 
 
+def _densified(model, arch, arch_kwargs, trust_pickle, input_shape, global_pool, until,
+               output_stride):
+    """Load MODEL and densify it at the example input: what densify, verify, inspect and
+    bench all start with."""
+    from econv_convert import api
+
+    path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
+    shape = _shape(input_shape, loaded.input_shape)
+    dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until,
+                        output_stride=output_stride)
+    dense.econv.arch = loaded.arch
+    dense.econv.arch_kwargs = dict(loaded.arch_kwargs or {})
+    return path, loaded, dense
+
+
 def _shape(text: str | None, recorded: list[int] | None) -> list[int]:
     from econv_convert.loading import parse_shape
 
@@ -173,15 +189,8 @@ def _guard_memory(dense, force: bool, *, exporting: bool = False) -> None:
         from econv_convert.exports import export_shapes
 
         shapes += list(export_shapes(dense))
-    largest = max(shapes, key=lambda s: _area(s))
+    largest = max(shapes, key=lambda s: math.prod(s[:1]) * math.prod(s[2:]))
     check_memory(meta, largest, force=force)
-
-
-def _area(shape) -> int:
-    n = 1
-    for v in shape[:1] + tuple(shape[2:]):
-        n *= v
-    return n
 
 
 def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool):
@@ -256,17 +265,13 @@ def densify(
     json_out: JsonOpt = False,
 ) -> None:
     """Rewrite MODEL into its dense equivalent, verify it and write it to OUTPUT."""
-    from econv_convert import api, exports, report
+    from econv_convert import exports, report
 
     if output is not None:
         exports.check_suffix(output)
         _check_output(output, [_model_path(model)])
-    path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
-    shape = _shape(input_shape, loaded.input_shape)
-    dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until,
-                        output_stride=output_stride)
-    dense.econv.arch = loaded.arch
-    dense.econv.arch_kwargs = dict(loaded.arch_kwargs or {})
+    path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, input_shape,
+                                     global_pool, until, output_stride)
     _guard_memory(dense, force, exporting=output is not None and output.suffix != ".pt")
     result = None
     if not no_verify:
@@ -343,10 +348,8 @@ def verify(
             path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
             baseline = loaded.model
     else:
-        path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
-        shape = _shape(input_shape, loaded.input_shape)
-        dense_model = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until,
-                                  output_stride=output_stride)
+        path, loaded, dense_model = _densified(model, arch, arch_kwargs, trust_pickle,
+                                               input_shape, global_pool, until, output_stride)
         baseline = loaded.model
     _guard_memory(dense_model, force)
     result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
@@ -439,12 +442,10 @@ def inspect(
 ) -> None:
     """Show the plan without writing anything: per layer its lattice step, receptive field,
     output sizes and multiply-adds, baseline vs dense."""
-    from econv_convert import api, costs, report
+    from econv_convert import costs, report
 
-    path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
-    shape = _shape(input_shape, loaded.input_shape)
-    dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until,
-                        output_stride=output_stride)
+    path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, input_shape,
+                                     global_pool, until, output_stride)
     from econv_convert.resources import check_memory
 
     check_memory(dense.econv, dense.econv.example_shape, force=force)
@@ -477,7 +478,6 @@ def bench(
 ) -> None:
     """Time the baseline, the dense model, shift-and-stitch and (patch classifiers) the sliding
     window, in one run, with multiply-adds and ratios."""
-    from econv_convert import api
     from econv_convert import bench as timing
     from econv_convert.resources import check_memory
 
@@ -488,10 +488,9 @@ def bench(
 
         if not torch.cuda.is_available():
             raise InvalidInputError("--device cuda: no CUDA device is available here")
-    path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
-    example = _shape(None, loaded.input_shape)
-    dense = api.densify(loaded.model, example, global_pool=global_pool.value,
-                        output_stride=output_stride)
+    path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, None, global_pool,
+                                     None, output_stride)
+    example = dense.econv.example_shape
     if input_shape:
         shape = _shape(input_shape, None)
     elif timing._patch_size(dense) is not None:

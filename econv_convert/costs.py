@@ -6,6 +6,7 @@ connected heads); Linear layers applied per position after a global pool are not
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,4 @@ def plan(dense: nn.Module) -> Plan:
 
 
 def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for v in shape:
-        n *= v
-    return n if shape else 0
+    return math.prod(shape) if shape else 0  # no shape: the layer gave no tensor

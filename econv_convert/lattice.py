@@ -13,7 +13,7 @@ Conventions (per spatial axis, see ``DESIGN.md``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 Minimum = Callable[[int, int], int]
@@ -121,27 +121,3 @@ class Field:
 
     def through(self, w: Window) -> Field:
         return Field(size=self.size + (w.extent - 1) * self.step, step=self.step * w.stride)
-
-
-def product(values: Sequence[int]) -> int:
-    result = 1
-    for v in values:
-        result *= int(v)
-    return result
-
-
-def output_stride_split(strides: Sequence[int], output_stride: int) -> list[bool]:
-    """Which strides to keep (True) so that the kept cumulative stride reaches ``output_stride``.
-
-    DeepLab style: keep strides while the running product stays within ``output_stride``;
-    every later stride becomes dilation.
-    """
-    keep: list[bool] = []
-    running = 1
-    for t in strides:
-        if running * t <= output_stride:
-            running *= t
-            keep.append(True)
-        else:
-            keep.append(False)
-    return keep

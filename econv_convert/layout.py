@@ -16,6 +16,7 @@ dense tensor keeps the unflattened map.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 
@@ -82,7 +83,7 @@ class Layout:
         shape = [(size - 1) * d.step + 1 if d.kind == "space" else size
                  for size, d in zip(self.base, self.base_dims)]
         if self.fold:
-            channels = self.base[-1] // max(1, _prod(self.fold_shape))
+            channels = self.base[-1] // max(1, math.prod(self.fold_shape))
             shape += [channels] + [(k - 1) * d.step + 1
                                    for k, d in zip(self.fold_shape, self.fold_dims[1:])]
         shape += [d.step if d.kind == "phase" else 1 for d in self.extras]
@@ -90,7 +91,7 @@ class Layout:
 
     def dense_numel(self) -> int:
         """Elements of the dense tensor at the example input."""
-        return _prod(self.dense_shape())
+        return math.prod(self.dense_shape())
 
     def norm_dim(self, d: int, ndim: int | None = None) -> int:
         """A dim index as the baseline would read it, made non-negative (extras untouched)."""
@@ -98,10 +99,3 @@ class Layout:
         if not -n <= d < n:
             raise IndexError(d)
         return d % n
-
-
-def _prod(values) -> int:
-    n = 1
-    for v in values:
-        n *= v
-    return n

@@ -17,7 +17,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from econv_convert.lattice import Window, dense_window, lattice_count, out_size, tight
+from econv_convert.lattice import (
+    Window,
+    avg_divisor_bounds,
+    dense_window,
+    lattice_count,
+    out_size,
+    tight,
+)
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _MAXPOOL = {2: F.max_pool2d, 3: F.max_pool3d}
@@ -175,7 +182,7 @@ def avg_pool(
     divisor = None
     for i, (w, s, n) in enumerate(zip(ws, steps, dense_out, strict=True)):
         h = lattice_count(x.shape[x.dim() - nd + i], s)
-        lo, hi = (-w.pad_lo, h - 1 + w.pad_hi) if count_include_pad else (0, h - 1)
+        lo, hi = avg_divisor_bounds(h, w, count_include_pad)
         # dense positions of each window's taps, relative to the unpadded map
         taps = torch.arange(n, device=x.device)[:, None] + (
             torch.arange(w.kernel, device=x.device)[None, :] - w.pad_lo

@@ -72,7 +72,7 @@ def test_safetensors_with_arch():
     ("econv_convert.examples:nothing", "has no 'nothing'"),
     ("econv_convert.lattice:PLAIN", "has no"),
     ("econv_convert.layout:PLAIN", "not callable"),
-    ("econv_convert.lattice:product", "failed"),
+    ("econv_convert.lattice:tight", "failed"),
 ], ids=["not-importable", "no-colon", "missing-attr", "missing-attr-2", "not-callable",
         "call-fails"])
 def test_arch_errors(arch, match):
