@@ -765,7 +765,16 @@ def _map_operand(tensors, out_nd, out_dims):
     return None
 
 
-@rule(operator.mod, operator.lshift, operator.rshift, math.ceil, math.floor, math.sqrt)
+@rule(torch._assert)
+def _assert(rw: Rewriter, node: fx.Node) -> Val:
+    """A shape assertion of the baseline: on dense sizes it would fail for no reason (the
+    dense model is checked by verify instead), so it is dropped."""
+    return Val(None)
+
+
+@rule(operator.mod, operator.lshift, operator.rshift, math.ceil, math.floor, math.sqrt,
+      operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+      operator.and_, operator.or_, operator.not_)
 def _scalar_math(rw: Rewriter, node: fx.Node) -> Val:
     """Integer arithmetic; a result computed from a spatial size stays marked as such, so the
     op that uses it is the one refused, with its own reason."""

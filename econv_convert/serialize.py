@@ -34,7 +34,7 @@ _DENIED = re.compile(
     r"load|save|file|hub|set_|seed|compile|export|jit|library|cuda|mps|distributed|"
     r"backends|use_|_dynamo|storage|from_numpy|frombuffer|^_"
 )
-_BUILTINS = {"getattr": builtins.getattr}
+_BUILTINS = {"getattr": builtins.getattr, "torch._assert": torch._assert}
 _METHOD = re.compile(r"[a-z][a-z0-9_]*")
 _METHOD_DENIED = {"numpy", "register_hook", "backward", "share_memory_", "apply_", "map_",
                   "map2_", "storage", "untyped_storage", "tolist", "data_ptr", "pin_memory"}

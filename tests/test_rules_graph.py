@@ -132,6 +132,16 @@ def test_explicit_padding(mode):
     assert_lattice_equal(trunk(Pad(), nn.Conv2d(8, 4, 3, 2)), (1, 3, 29, 31), [(37, 33)])
 
 
+def test_shape_assertions_of_the_baseline_are_dropped():
+    class Checked(nn.Module):
+        def forward(self, x):
+            torch._assert(x.shape[1] == 8, "channels")
+            torch._assert(x.shape[-1] >= 3, "the map is too small")  # a spatial size
+            return x
+
+    assert_lattice_equal(trunk(Checked(), nn.Conv2d(8, 4, 3, 2)), (1, 3, 33, 35), [(41, 37)])
+
+
 def test_spatial_slicing():
     class Crop(nn.Module):
         def forward(self, x):
