@@ -220,6 +220,8 @@ def main() -> None:
     plots(results)
     print(table(results))
     print(json.dumps({"dilation_overhead": [c["dilation_overhead"] for c in results["speed"]],
+                      "space_to_batch_overhead": [c["space_to_batch_overhead"]
+                                                  for c in results["speed"]],
                       "predict": results["predict"],
                       "resnet50_sized": results["resnet50_sized"]}, indent=1))
 

@@ -55,6 +55,7 @@ class BenchResult:
     output_stride: int | None
     timings: dict[str, Timing]
     dilation_overhead: float | None  # dense conv time / undilated conv time, same MACs
+    space_to_batch_overhead: float | None  # the same convs in space-to-batch form
     dense_activation_estimate: int
     notes: list[str] = field(default_factory=list)
 
@@ -96,6 +97,23 @@ def _time(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return statistics.median(times), times, peak
+
+
+def _interleaved(fns: Sequence[Callable[[], Any]], device: torch.device, runs: int,
+                 warmup: int) -> list[float]:
+    """Median times of ``fns`` run in turn, run after run, so that drift on a shared machine
+    falls on all of them alike (a ratio of two separate blocks of runs would carry it)."""
+    times: list[list[float]] = [[] for _ in fns]
+    with torch.no_grad():
+        for i in range(warmup + runs):
+            for fn, ts in zip(fns, times, strict=True):
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                if i >= warmup:
+                    ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def _macs(fn: Callable[[], Any]) -> int:
@@ -167,10 +185,47 @@ def sliding_window(baseline: nn.Module, x: torch.Tensor, patch: Sequence[int],
     return baseline(torch.cat(crops))
 
 
+def space_to_batch_conv(xp: torch.Tensor, weight, bias, dilation: Sequence[int], groups: int):
+    """A stride-1 convolution with dilation ``D = d * s`` on an already padded map, computed as
+    ``s`` interleaved phases folded into the batch, each convolved with dilation ``d``: exact,
+    and the alternative execution form for dilated layers (TensorFlow's atrous convolution)."""
+    nd = xp.dim() - 2
+    k = weight.shape[2:]
+    s = [math.gcd(*dilation)] * nd
+    d = [dd // ss for dd, ss in zip(dilation, s)]
+    sizes = xp.shape[2:]
+    padded = [-(-n // ss) * ss for n, ss in zip(sizes, s)]
+    pad: list[int] = []
+    for n, m in zip(reversed(sizes), reversed(padded)):
+        pad += [0, m - n]
+    z = F.pad(xp, pad)
+    n_, c = z.shape[:2]
+    shape = [n_, c]
+    for m, ss in zip(padded, s):
+        shape += [m // ss, ss]
+    z = z.reshape(shape)
+    phase_dims = [3 + 2 * i for i in range(nd)]
+    space_dims = [2 + 2 * i for i in range(nd)]
+    z = z.permute(0, *phase_dims, 1, *space_dims).reshape(-1, c, *[m // ss for m, ss in
+                                                                  zip(padded, s)])
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    y = conv(z, weight, bias, 1, 0, d, groups)
+    out = y.shape[2:]
+    y = y.reshape(n_, *s, y.shape[1], *out)
+    order = [0, 1 + nd]
+    for i in range(nd):
+        order += [2 + nd + i, 1 + i]
+    y = y.permute(order).reshape(n_, y.shape[1 + nd], *[o * ss for o, ss in zip(out, s)])
+    for i, (n, kk, dd) in enumerate(zip(sizes, k, dilation)):
+        y = y.narrow(2 + i, 0, n - dd * (kk - 1))
+    return y
+
+
 def dilation_overhead(dense: nn.Module, x: torch.Tensor, device: torch.device, runs: int,
-                      warmup: int) -> float | None:
-    """Time of the dense model's dilated convolutions over the same convolutions undilated,
-    each on an input cropped so that the output (and so the multiply-adds) is the same."""
+                      warmup: int) -> tuple[float, float] | None:
+    """Time of the dense model's dilated convolutions, and of the same convolutions in
+    space-to-batch form, over the same convolutions undilated, each undilated one on an input
+    cropped so that the output (and so the multiply-adds) is the same."""
     calls: list[tuple] = []
 
     class _Recorder(fx.Interpreter):
@@ -181,7 +236,7 @@ def dilation_overhead(dense: nn.Module, x: torch.Tensor, device: torch.device, r
 
     with torch.no_grad():
         _Recorder(dense).run(x)
-    dilated = undilated = 0.0
+    dilated = undilated = batched = 0.0
     timed = False
     for args, _ in calls:
         xin, weight, bias, steps, stride, lo, hi, dil, groups = args[:9]
@@ -192,25 +247,31 @@ def dilation_overhead(dense: nn.Module, x: torch.Tensor, device: torch.device, r
         nd = len(steps)
         dws = [dense_window(Window(kk, t, a, b, d), s)
                for kk, t, a, b, d, s in zip(k, stride, lo, hi, dil, steps)]
-        if all(d.dilation == 1 for d in dws):
-            continue
+        dil_t = ops._effective_dilation(k, dws)
+        if all(d == 1 for d in dil_t):
+            continue  # nothing dilated (a 1 x 1 convolution, or the first layers)
         pad = []
         for d in reversed(dws):
             pad += [d.pad_lo, d.pad_hi]
         xp = F.pad(xin, pad)
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-        dil_t = [d.dilation for d in dws]
         # the undilated twin: same kernel, output of the same size from a cropped input
         crop = xp
         for i, (kk, d) in enumerate(zip(k, dil_t)):
             crop = crop.narrow(2 + i, 0, xp.shape[2 + i] - (kk - 1) * (d - 1))
         crop = crop.contiguous()
-        a, _, _ = _time(lambda: conv(xp, weight, bias, 1, 0, dil_t, groups), device, runs, warmup)
-        b, _, _ = _time(lambda: conv(crop, weight, bias, 1, 0, 1, groups), device, runs, warmup)
+        a, b, c = _interleaved(
+            [lambda: conv(xp, weight, bias, 1, 0, dil_t, groups),
+             lambda: conv(crop, weight, bias, 1, 0, 1, groups),
+             lambda: space_to_batch_conv(xp, weight, bias, dil_t, groups)],
+            device, runs, warmup)
         dilated += a
         undilated += b
+        batched += c
         timed = True
-    return dilated / undilated if timed and undilated > 0 else None
+    if not timed or undilated <= 0:
+        return None
+    return dilated / undilated, batched / undilated
 
 
 def bench(baseline: nn.Module, dense: nn.Module, shape: Sequence[int], *, device: str = "cpu",
@@ -264,9 +325,9 @@ def bench(baseline: nn.Module, dense: nn.Module, shape: Sequence[int], *, device
                scale=total / sample, macs=int(per * total))
     if progress:
         progress("dilation")
-    overhead = dilation_overhead(dense, x, dev, runs, warmup)
-    return BenchResult(list(shape), str(dev), step, meta.output_stride, timings, overhead,
-                       estimate_bytes(meta, shape), notes)
+    overhead = dilation_overhead(dense, x, dev, runs, warmup) or (None, None)
+    return BenchResult(list(shape), str(dev), step, meta.output_stride, timings, overhead[0],
+                       overhead[1], estimate_bytes(meta, shape), notes)
 
 
 def _unravel(i: int, sizes: Sequence[int]) -> list[int]:

@@ -523,7 +523,8 @@ def bench(
         out.print(f"{key}: [bold]{value:.1f}x[/] faster (multiply-add ratio {macs:.1f}x)")
     if result.dilation_overhead is not None:
         out.print(f"dilated convolutions vs the same undilated (equal multiply-adds): "
-                  f"{result.dilation_overhead:.2f}x")
+                  f"{result.dilation_overhead:.2f}x; in space-to-batch form: "
+                  f"{result.space_to_batch_overhead:.2f}x")
     out.print(f"dense activation memory estimate: {result.dense_activation_estimate / 2**20:.0f}"
               " MiB" + (" (measured peaks in --json)" if device == "cuda" else ""))
 

@@ -57,6 +57,12 @@ def _crop(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     return x
 
 
+def _effective_dilation(kernel, dws) -> list[int]:
+    """Dilation has no effect along an axis with one tap (1 x 1 convolutions); passing 1 there
+    lets PyTorch pick its plain kernels."""
+    return [d.dilation if k > 1 else 1 for k, d in zip(kernel, dws, strict=True)]
+
+
 def _crop_strided(y: torch.Tensor, x: torch.Tensor, steps, windows) -> torch.Tensor:
     """Crop a stride-1 dense output to the tight form of the strided baseline output.
 
@@ -112,14 +118,13 @@ def conv(
     dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
     lo = [d.pad_lo for d in dws]
     hi = [d.pad_hi for d in dws]
+    dil = _effective_dilation(k, dws)
     if pad_mode == "constant" and lo == hi:
-        y = _CONV[nd](x, weight, bias, 1, lo, [d.dilation for d in dws], groups)
-        return _crop_strided(y, x, steps, ws)
+        y = _CONV[nd](x, weight, bias, 1, lo, dil, groups)
     else:
-        if any(lo) or any(hi):
-            x = F.pad(x, _pad_arg(lo, hi), mode=pad_mode)
-        y = _CONV[nd](x, weight, bias, 1, 0, [d.dilation for d in dws], groups)
-    return _crop_strided(y, x, steps, ws)
+        padded = F.pad(x, _pad_arg(lo, hi), mode=pad_mode) if any(lo) or any(hi) else x
+        y = _CONV[nd](padded, weight, bias, 1, 0, dil, groups)
+    return _crop_strided(y, x, steps, ws)  # sizes from the unpadded map
 
 
 def max_pool(

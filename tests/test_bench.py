@@ -52,3 +52,14 @@ def test_bench_patch_classifier_scales_a_sliding_window_sample():
     result = bench(loaded.model, dense, (1, 3, 96, 96), runs=1, warmup=0, window_sample=8)
     sliding = result.timings["sliding_window"]
     assert "scaled up" in sliding.note and sliding.macs > result.timings["dense"].macs
+
+
+@pytest.mark.parametrize("dilation,pad", [(4, 4), (8, 0), (6, 12)])
+def test_space_to_batch_form_is_exact(dilation, pad):
+    from econv_convert.bench import space_to_batch_conv
+
+    x = torch.nn.functional.pad(torch.randn(2, 4, 37, 30), (pad, pad, pad, pad))
+    w = torch.randn(5, 4, 3, 3)
+    expected = torch.nn.functional.conv2d(x, w, None, 1, 0, dilation)
+    torch.testing.assert_close(space_to_batch_conv(x, w, None, (dilation, dilation), 1), expected,
+                               rtol=1e-4, atol=1e-4)

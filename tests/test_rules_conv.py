@@ -81,3 +81,18 @@ def test_anisotropic_strides_and_kernels():
         nn.Conv2d(3, 4, (3, 5), (1, 2), (1, 2)), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Conv2d(4, 4, (5, 3), (3, 1), (2, 0), (1, 2)), nn.MaxPool2d((2, 3), (2, 1))))
     assert_lattice_equal(model, (1, 3, 29, 31), [(37, 26), (33, 41)])
+
+
+def test_asymmetric_padding_with_stride_in_the_runtime_op():
+    """PyTorch convolutions pad symmetrically (or 'same' at stride 1), but the runtime op
+    accepts asymmetric padding with a stride; its crop must use the unpadded size."""
+    import torch
+    import torch.nn.functional as F
+
+    from econv_convert import ops
+
+    x = torch.randn(1, 2, 29, 31)
+    w = torch.randn(3, 2, 3, 3)
+    expected = F.conv2d(F.pad(x, (1, 2, 0, 2)), w, stride=2)  # baseline, step 1 input
+    got = ops.conv(x, w, None, (1, 1), (2, 2), (0, 1), (2, 2), (1, 1), 1)
+    torch.testing.assert_close(got[..., ::2, ::2], expected)
