@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from econv_convert import ops
-from econv_convert.errors import InvalidInputError, TransferError
+from econv_convert.errors import InvalidInputError, TransferError, describe
 from econv_convert.fxgraph import shape_prop, trace
 from econv_convert.rewrite import GLOBAL_POOL_MODES, LayerRecord, Rewriter
 from econv_convert.serialize import graph_from_json, graph_to_json
@@ -293,7 +293,8 @@ def load_dense(path: str | os.PathLike) -> fx.GraphModule:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise InvalidInputError(f"{path}: not a readable dense checkpoint ({_short(e)})") from None
+        raise InvalidInputError(
+            f"{path}: not a readable dense checkpoint ({describe(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InvalidInputError(f"{path}: not a dense checkpoint written by econv-convert")
     if payload.get("version") != FORMAT_VERSION:
@@ -305,14 +306,9 @@ def load_dense(path: str | os.PathLike) -> fx.GraphModule:
     except InvalidInputError as e:
         raise InvalidInputError(f"{path}: {e}") from None
     except Exception as e:  # damaged or edited by hand: one line, never a traceback
-        raise InvalidInputError(f"{path}: damaged dense checkpoint ({_short(e)})") from None
+        raise InvalidInputError(f"{path}: damaged dense checkpoint ({describe(e)})") from None
     dense.econv = meta
     return dense.eval()
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def atomic_write(path: Path, write) -> None:

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from econv_convert import __version__
-from econv_convert.errors import EConvError, InvalidInputError
+from econv_convert.errors import EConvError, InvalidInputError, describe
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "fixtures" / "patch_classifier.pt"
 DEFAULT_SHAPE = [1, 3, 224, 224]
@@ -81,10 +81,8 @@ def _guarded(fn):
         except Exception as e:
             if _state["debug"]:
                 raise
-            first = str(e).strip().splitlines()
-            err.print(f"[bold red]internal error[/]: {type(e).__name__}: "
-                      f"{first[0] if first else ''} (run with --debug for the traceback, and "
-                      "please report it)", soft_wrap=True)
+            err.print(f"[bold red]internal error[/]: {describe(e, None)} (run with --debug "
+                      "for the traceback, and please report it)", soft_wrap=True)
             raise typer.Exit(3) from None
 
     return wrapper

@@ -7,6 +7,15 @@ print it as it is.
 from __future__ import annotations
 
 
+def describe(e: BaseException, limit: int | None = 200) -> str:
+    """``Type: first line of the message`` (cut at ``limit``): a cause to quote in a one-line
+    error of our own."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0][:limit]}"
+
+
 class EConvError(Exception):
     """Base class of every error econv-convert raises on purpose. CLI exit code 2."""
 

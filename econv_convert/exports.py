@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from econv_convert.api import atomic_write, info, save_dense
-from econv_convert.errors import EquivalenceError, InvalidInputError, InvalidModelError
+from econv_convert.errors import EquivalenceError, InvalidInputError, InvalidModelError, describe
 
 SUFFIXES = (".pt", ".pt2", ".onnx")
 
@@ -98,7 +98,7 @@ def export_pt2(dense: nn.Module) -> tuple[torch.export.ExportedProgram, ExportCh
             program = torch.export.export(dense, (_inputs(trace, dense),),
                                           dynamic_shapes=_dynamic(dense, len(trace)))
     except Exception as e:
-        raise InvalidModelError(f"torch.export failed on the dense model ({_first(e)})") from e
+        raise InvalidModelError(f"torch.export failed on the dense model ({describe(e)})") from e
     x = _inputs(check, dense)
     with torch.no_grad():
         expected = _first_tensor(dense(x))
@@ -121,7 +121,7 @@ def export_onnx(dense: nn.Module) -> tuple[bytes, ExportCheck]:
         onnx.checker.check_model(model)
         data = model.SerializeToString()
     except Exception as e:
-        raise InvalidModelError(f"ONNX export failed on the dense model ({_first(e)})") from e
+        raise InvalidModelError(f"ONNX export failed on the dense model ({describe(e)})") from e
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
@@ -145,8 +145,3 @@ def write(dense: nn.Module, path: Path) -> ExportCheck | None:
     data, result = export_onnx(dense)
     atomic_write(path, lambda f: f.write(data))
     return result
-
-
-def _first(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__

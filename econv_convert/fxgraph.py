@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from econv_convert.errors import InvalidModelError
+from econv_convert.errors import InvalidModelError, describe
 
 NAME = "econv_name"  # node.meta key: the module path a node came from, for messages
 
@@ -50,7 +50,7 @@ def trace(model: nn.Module, until: str | None = None) -> fx.GraphModule:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, AttributeError, ...
         raise InvalidModelError(
-            f"cannot trace the model with torch.fx ({type(e).__name__}: {_first_line(e)}); "
+            f"cannot trace the model with torch.fx ({describe(e, None)}); "
             "data-dependent control flow in a forward() must be made static to densify"
         ) from e
     gm = fx.GraphModule(model, graph)
@@ -63,11 +63,6 @@ def trace(model: nn.Module, until: str | None = None) -> fx.GraphModule:
         gm.recompile()
     _lower(gm)
     return gm
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,7 +247,7 @@ def shape_prop(gm: fx.GraphModule, *inputs: torch.Tensor) -> dict[fx.Node, Any]:
     except Exception as e:
         raise InvalidModelError(
             f"the model fails on an input of shape {tuple(inputs[0].shape)} "
-            f"({type(e).__name__}: {_first_line(e)})"
+            f"({describe(e, None)})"
         ) from e
     return values
 

@@ -32,6 +32,7 @@ from econv_convert.errors import (
     InvalidModelError,
     TransferError,
     UnsafeCheckpointError,
+    describe,
 )
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".tar"}
@@ -194,17 +195,17 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" not in str(e) and "Unsupported global" not in str(e):
-            raise InvalidInputError(f"{path}: damaged checkpoint ({_first(e)})") from None
+            raise InvalidInputError(f"{path}: damaged checkpoint ({describe(e)})") from None
         if not trust_pickle:
             raise UnsafeCheckpointError(
                 f"{path}: loading needs to run code stored in the file ({_global_of(e)}); "
                 "if you trust its origin, pass --trust-pickle") from None
     except Exception as e:
-        raise InvalidInputError(f"{path}: cannot read the checkpoint ({_first(e)})") from None
+        raise InvalidInputError(f"{path}: cannot read the checkpoint ({describe(e)})") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise InvalidInputError(f"{path}: cannot unpickle the checkpoint ({_first(e)})") from None
+        raise InvalidInputError(f"{path}: cannot unpickle the checkpoint ({describe(e)})") from None
 
 
 def _looks_like_legacy_pickle(path: Path) -> bool:
@@ -221,11 +222,6 @@ def _global_of(e: Exception) -> str:
     return "it is not a plain weights file"
 
 
-def _first(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -233,14 +229,14 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise InvalidInputError(f"{path}: not a valid safetensors file ({_first(e)})") from None
+        raise InvalidInputError(f"{path}: not a valid safetensors file ({describe(e)})") from None
 
 
 def _load_pt2(path: Path) -> nn.Module:
     try:
         program = torch.export.load(str(path))
     except Exception as e:
-        raise InvalidInputError(f"{path}: not a readable torch.export program ({_first(e)})") \
+        raise InvalidInputError(f"{path}: not a readable torch.export program ({describe(e)})") \
             from None
     from econv_convert.fxgraph import from_exported
 

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
-from econv_convert.errors import InvalidInputError
+from econv_convert.errors import InvalidInputError, describe
 
 _NAMESPACES = {
     "torch": torch,
@@ -148,9 +148,7 @@ def graph_from_json(text: str) -> fx.Graph:
     except InvalidInputError:
         raise
     except Exception as e:  # a damaged or hand-edited file: say so in one line
-        lines = str(e).strip().splitlines()
-        detail = f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
-        raise InvalidInputError(f"the stored graph is damaged ({detail})") from None
+        raise InvalidInputError(f"the stored graph is damaged ({describe(e, 160)})") from None
 
 
 def _graph_from_json(text: str) -> fx.Graph:

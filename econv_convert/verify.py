@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from econv_convert.api import info, inverse, lattice_view
-from econv_convert.errors import InvalidModelError
+from econv_convert.errors import InvalidModelError, describe
 from econv_convert.fxgraph import shape_prop
 
 Progress = Callable[[int, int, str], None]
@@ -203,8 +203,7 @@ def _run_baseline(baseline: nn.Module, x: torch.Tensor, until: str | None) -> tu
     except Exception as e:  # a fixed-size head rejects other sizes: not a failure
         if captured:
             return captured[0], ""
-        text = str(e).strip().splitlines()
-        return None, f"the baseline rejects this size ({type(e).__name__}: {text[0][:70] if text else ''})"
+        return None, f"the baseline rejects this size ({describe(e, 70)})"
     finally:
         if handle is not None:
             handle.remove()
@@ -214,10 +213,8 @@ def _run_dense(dense: nn.Module, x: torch.Tensor) -> Any:
     try:
         return dense(x)
     except Exception as e:  # a damaged dense file, or a bug: either way say where
-        text = str(e).strip().splitlines()
-        raise InvalidModelError(
-            f"the dense model fails on an input of shape {tuple(x.shape)} "
-            f"({type(e).__name__}: {text[0][:160] if text else ''})") from e
+        raise InvalidModelError(f"the dense model fails on an input of shape {tuple(x.shape)} "
+                                f"({describe(e, 160)})") from e
 
 
 def _lattice_case(baseline, dense, x, specialized, tol) -> Case:
