@@ -63,6 +63,14 @@ class DenseInfo:
                     best = steps
         return best
 
+    @property
+    def axis_steps(self) -> tuple[int, ...]:
+        """The total lattice step for each spatial axis of the input (1 for an axis that is
+        never strided)."""
+        nd = len(self.example_shape) - 2
+        steps = tuple(self.total_step[:nd])
+        return steps + (1,) * (nd - len(steps))
+
     def layer_records(self) -> list[LayerRecord]:
         return [LayerRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
                 for r in self.records]

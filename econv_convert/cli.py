@@ -182,7 +182,7 @@ def _guard_memory(dense, force: bool, *, exporting: bool = False) -> None:
     from econv_convert.verify import candidate_shapes
 
     meta = dense.econv
-    shapes = candidate_shapes(meta.example_shape, meta.total_step)
+    shapes = candidate_shapes(meta.example_shape, meta.axis_steps)
     if exporting:
         from econv_convert.exports import export_shapes
 

@@ -44,9 +44,8 @@ def export_shapes(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     which exporters pin); check at a batch and size that are neither."""
     meta = info(dense)
     n, c, *sp = meta.example_shape
-    step = list(meta.total_step) + [1] * (len(sp) - len(meta.total_step))
-    trace = (2, c, *(h + 2 * s for h, s in zip(sp, step)))
-    check = (3, c, *(h + 3 * s + 3 for h, s in zip(sp, step)))
+    trace = (2, c, *(h + 2 * s for h, s in zip(sp, meta.axis_steps)))
+    check = (3, c, *(h + 3 * s + 3 for h, s in zip(sp, meta.axis_steps)))
     return trace, check
 
 

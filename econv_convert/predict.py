@@ -48,8 +48,7 @@ def _geometry(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     for r in meta.records:
         for i, f in enumerate(r["field"][:nd]):
             field[i] = max(field[i], f)
-    step = list(meta.total_step) + [1] * (nd - len(meta.total_step))
-    return tuple(field), tuple(step[:nd])
+    return tuple(field), meta.axis_steps
 
 
 def plan_tiles(dense: nn.Module, shape: Sequence[int], *, tile: int | None = None,

@@ -82,11 +82,11 @@ class VerifyReport:
         }
 
 
-def candidate_shapes(example: Sequence[int], step: Sequence[int]) -> list[tuple[int, ...]]:
+def candidate_shapes(example: Sequence[int], st: Sequence[int]) -> list[tuple[int, ...]]:
     """Input shapes to test: the example, and sizes around it that are odd and not multiples
-    of the lattice step, so ceil-mode ends and tight crops change with the size."""
+    of the lattice step ``st`` (one per spatial axis), so ceil-mode ends and tight crops change
+    with the size."""
     n, c, *sp = (int(v) for v in example)
-    st = list(step) + [1] * (len(sp) - len(step))
     shapes = [tuple(sp)]
     shapes.append(tuple(h + 1 + (i % 2) * (st[i] - 1) for i, h in enumerate(sp)))
     shapes.append(tuple(h + st[i] + 3 + 2 * i for i, h in enumerate(sp)))
@@ -122,8 +122,10 @@ def verify(
     meta = info(dense)
     baseline = baseline.eval()
     dense = dense.eval()
-    step = meta.total_step
-    shapes = [tuple(s) for s in shapes] if shapes else candidate_shapes(meta.example_shape, step)
+    if shapes:
+        shapes = [tuple(s) for s in shapes]
+    else:
+        shapes = candidate_shapes(meta.example_shape, meta.axis_steps)
     do_shift = shift and not meta.has_padding and meta.global_pools == 0
     report = VerifyReport(atol=atol, rtol=rtol)
     if shift and not do_shift:
@@ -149,7 +151,7 @@ def verify(
             example = meta.example_shape
             res = meta.output_stride or 1  # dense positions are this many input pixels apart
             big = [max(example[0], 2), example[1]] + [
-                h + 2 * s * res for h, s in zip(example[2:], _pad_step(step, example))]
+                h + 2 * s * res for h, s in zip(example[2:], meta.axis_steps)]
             for _ in range(trials):
                 x = torch.randn(big, generator=gen).to(device, dtype)
                 y = _run_dense(dense, x)
@@ -162,10 +164,6 @@ def verify(
                     if progress:
                         progress(done, total, f"shift {offset}")
     return report
-
-
-def _pad_step(step: Sequence[int], example: Sequence[int]) -> list[int]:
-    return list(step) + [1] * (len(example) - 2 - len(step))
 
 
 def _specialized_checker(dense: nn.Module, meta) -> Callable[[torch.Tensor], str]:
