@@ -325,7 +325,7 @@ def _spatial_geometry(rw: Rewriter, x: Layout, nd: int) -> tuple[str, tuple[int,
     _refuse("only some of the spatial dims are on a lattice")
 
 
-def _keep_stride(rw: Rewriter, node: fx.Node, x: Val, axes, steps, stride, kernel,
+def _keep_stride(rw: Rewriter, node: fx.Node, axes, steps, stride, kernel,
                  dilation) -> Val | None:
     """Under ``output_stride`` K, a strided layer still on step 1 (dense == baseline there)
     keeps its stride while the cumulative stride stays within K (DeepLab style)."""
@@ -346,7 +346,7 @@ def _keep_stride(rw: Rewriter, node: fx.Node, x: Val, axes, steps, stride, kerne
     return rw.result(node, n, [PLAIN, PLAIN] + [Dim("space", a, 1) for a in axes])
 
 
-def _window_out(rw: Rewriter, node, x_lay: Layout, axes, steps, strides) -> list[Dim]:
+def _window_out(axes, steps, strides) -> list[Dim]:
     return [PLAIN, PLAIN] + [Dim("space", a, s * t) for a, s, t in zip(axes, steps, strides, strict=True)]
 
 
@@ -381,9 +381,9 @@ def _conv(rw: Rewriter, node: fx.Node) -> Val:
         lo = hi = (0,) * nd
     else:
         lo = hi = _tuple(padding, nd)
-    kept = _keep_stride(rw, node, x, axes, steps, stride, k, dilation)
+    rw.plan.has_padding |= any(lo) or any(hi)
+    kept = _keep_stride(rw, node, axes, steps, stride, k, dilation)
     if kept is not None:
-        rw.plan.has_padding |= any(lo) or any(hi)
         return kept
     wnode = rw.v(node.args[1]).node
     bias = _arg(node, 2, "bias")
@@ -391,14 +391,13 @@ def _conv(rw: Rewriter, node: fx.Node) -> Val:
     n = rw.call(ops.conv, x.node, wnode, bnode, steps, stride, lo, hi, dilation, groups)
     rf = _fields_through(rw, node.args[0], k, stride, dilation)
     rw.fields[node] = rf
-    rw.plan.has_padding |= any(lo) or any(hi)
     rw.record(n, "conv", {"kernel": k, "stride": stride, "padding": _pads(lo, hi), "dilation": dilation},
               {"kernel": k, "stride": (1,) * nd, "padding": _pads([a * s for a, s in zip(lo, steps)],
                                                                    [b * s for b, s in zip(hi, steps)]),
                "dilation": tuple(d * s for d, s in zip(dilation, steps, strict=True))},
               steps, [s * t for s, t in zip(steps, stride, strict=True)], rf,
               cost=weight.shape[1] * math.prod(k))
-    return rw.result(node, n, _window_out(rw, node, x.layout, axes, steps, stride))
+    return rw.result(node, n, _window_out(axes, steps, stride))
 
 
 def _pads(lo, hi):
@@ -436,21 +435,20 @@ def _max_pool(rw: Rewriter, node: fx.Node) -> Val:
         return _per_extra(rw, node, x)
     k, stride, padding, dilation = _pool_params(node, nd, avg=False)
     ceil = bool(_arg(node, 5, "ceil_mode", False))
-    kept = _keep_stride(rw, node, x, axes, steps, stride, k, dilation)
+    rw.plan.has_padding |= any(padding) or ceil
+    kept = _keep_stride(rw, node, axes, steps, stride, k, dilation)
     if kept is not None:
-        rw.plan.has_padding |= any(padding) or ceil
         return kept
     n = rw.call(ops.max_pool, x.node, steps, k, stride, padding, padding, dilation, ceil)
     rf = _fields_through(rw, node.args[0], k, stride, dilation)
     rw.fields[node] = rf
-    rw.plan.has_padding |= any(padding) or ceil
     rw.record(n, "max_pool", {"kernel": k, "stride": stride, "padding": padding,
                            "dilation": dilation, "ceil_mode": ceil},
               {"kernel": k, "stride": (1,) * nd,
                "padding": tuple(p * s for p, s in zip(padding, steps)),
                "dilation": tuple(d * s for d, s in zip(dilation, steps)), "ceil_mode": ceil},
               steps, [s * t for s, t in zip(steps, stride)], rf, cost=math.prod(k))
-    return rw.result(node, n, _window_out(rw, node, x.layout, axes, steps, stride))
+    return rw.result(node, n, _window_out(axes, steps, stride))
 
 
 @rule(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d)
@@ -471,21 +469,20 @@ def _avg_pool(rw: Rewriter, node: fx.Node) -> Val:
 
 def _emit_avg(rw, node, x, steps, axes, k, stride, padding, ceil, include, divisor, note=""):
     nd = len(k)
-    kept = _keep_stride(rw, node, x, axes, steps, stride, k, (1,) * nd)
+    rw.plan.has_padding |= any(padding) or ceil
+    kept = _keep_stride(rw, node, axes, steps, stride, k, (1,) * nd)
     if kept is not None:
-        rw.plan.has_padding |= any(padding) or ceil
         return kept
     n = rw.call(ops.avg_pool, x.node, steps, k, stride, padding, ceil, include, divisor)
     rf = _fields_through(rw, node.args[0], k, stride, (1,) * nd)
     rw.fields[node] = rf
-    rw.plan.has_padding |= any(padding) or ceil
     rw.record(n, "avg_pool", {"kernel": k, "stride": stride, "padding": padding, "ceil_mode": ceil,
                            "count_include_pad": include},
               {"kernel": k, "stride": (1,) * nd,
                "padding": tuple(p * s for p, s in zip(padding, steps)),
                "dilation": steps, "ceil_mode": ceil, "count_include_pad": include},
               steps, [s * t for s, t in zip(steps, stride)], rf, note, cost=math.prod(k))
-    return rw.result(node, n, _window_out(rw, node, x.layout, axes, steps, stride))
+    return rw.result(node, n, _window_out(axes, steps, stride))
 
 
 _ADAPTIVE_AVG = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
@@ -531,7 +528,7 @@ def _adaptive(rw: Rewriter, node: fx.Node) -> Val:
     rw.fields[node] = rf
     rw.record(n, "max_pool", {"kernel": k, "stride": k}, {"kernel": k, "dilation": steps},
               steps, [s * t for s, t in zip(steps, k)], rf, note, cost=math.prod(k))
-    return rw.result(node, n, _window_out(rw, node, x.layout, axes, steps, k))
+    return rw.result(node, n, _window_out(axes, steps, k))
 
 
 def _global(rw: Rewriter, node: fx.Node, x: Val, dims: Sequence[int], reduce: str,
