@@ -435,18 +435,15 @@ def inspect(
     until: UntilOpt = None,
     output_stride: OutputStrideOpt = None,
     trust_pickle: TrustOpt = False,
-    force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show the plan without writing anything: per layer its lattice step, receptive field,
-    output sizes and multiply-adds, baseline vs dense."""
+    output sizes and multiply-adds, baseline vs dense. The dense model is never run (no
+    memory guard is needed), so this is quick for any model size."""
     from econv_convert import costs, report
 
     path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, input_shape,
                                      global_pool, until, output_stride)
-    from econv_convert.resources import check_memory
-
-    check_memory(dense.econv, dense.econv.example_shape, force=force)
     plan = costs.plan(dense)
     if json_out:
         _emit_json({"model": str(path), "dense": _info_dict(dense.econv), "plan": plan.to_dict()})
