@@ -95,6 +95,15 @@ def dense_window(w: Window, step: int) -> DenseWindow:
     )
 
 
+def dense_out(size: int, step: int, w: Window, minimum: Minimum = min) -> int:
+    """Tight dense output size of window layer ``w`` run densely on a tight map of ``size``
+    positions on a lattice of ``step`` (the crop that follows a strided dense layer).
+
+    Only ``+ - * //`` and ``minimum`` are used, on non-negative operands, so symbolic sizes
+    work: ``torch.SymInt`` in PyTorch exports, graph-building integers for ONNX."""
+    return tight(out_size(lattice_count(size, step), w, minimum), step * w.stride)
+
+
 def same_padding(kernel: int, dilation: int) -> tuple[int, int]:
     """PyTorch's ``padding='same'`` split: the odd position goes to the right."""
     total = dilation * (kernel - 1)

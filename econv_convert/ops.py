@@ -21,6 +21,7 @@ from econv_convert.lattice import (
     Window,
     avg_divisor_bounds,
     dense_window,
+    dense_out as dense_out_size,
     lattice_count,
     out_size,
     tight,
@@ -88,7 +89,9 @@ def _out_sizes(x, steps, windows) -> tuple[list[int], list[int]]:
         n = out_size(h, w, torch.sym_min)
         torch._check(n >= 1, lambda: "input smaller than the layer's window")
         base_out.append(n)
-    dense_out = [tight(n, s * w.stride) for n, s, w in zip(base_out, steps, windows, strict=True)]
+    nd = len(steps)
+    dense_out = [dense_out_size(x.shape[x.dim() - nd + i], s, w, torch.sym_min)
+                 for i, (s, w) in enumerate(zip(steps, windows, strict=True))]
     return dense_out, base_out
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from econv_convert.api import info, inverse, lattice_view
+from econv_convert import ops
+from econv_convert.api import info, inverse
 from econv_convert.errors import InvalidModelError, describe
 from econv_convert.fxgraph import shape_prop
 
@@ -102,6 +103,10 @@ def candidate_shapes(example: Sequence[int], st: Sequence[int]) -> list[tuple[in
     return [(max(n, 2), c, *s) for s in unique]
 
 
+RunBaseline = Callable[[torch.Tensor], tuple[list[torch.Tensor] | None, str]]
+RunDense = Callable[[torch.Tensor], list[torch.Tensor]]
+
+
 def verify(
     baseline: nn.Module,
     dense: nn.Module,
@@ -122,47 +127,82 @@ def verify(
     meta = info(dense)
     baseline = baseline.eval()
     dense = dense.eval()
+    specialized = _specialized_checker(dense, meta)
+    ref = next(iter(dense.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+
+    def run_baseline(x: torch.Tensor):
+        why = specialized(x)
+        if why:
+            return None, why
+        out, why = _run_baseline(baseline, x, meta.until)
+        return (_flat(out) if out is not None else None), why
+
+    with torch.no_grad():
+        return check(meta, run_baseline, lambda x: _flat(_run_dense(dense, x)), shapes=shapes,
+                     trials=trials, seed=seed, atol=atol, rtol=rtol, shift=shift,
+                     progress=progress, device=device, dtype=dtype)
+
+
+def check(
+    meta,
+    run_baseline: RunBaseline,
+    run_dense: RunDense,
+    *,
+    shapes: Sequence[Sequence[int]] | None = None,
+    trials: int = 1,
+    seed: int = 0,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    shift: bool = True,
+    progress: Progress | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch: int | None = None,
+) -> VerifyReport:
+    """The lattice and shift checks for any runtime: ``run_baseline(x)`` gives the baseline's
+    output tensors (or None and why the size is not accepted), ``run_dense(x)`` the dense
+    model's; ``meta`` is the :class:`~econv_convert.api.DenseInfo` of the dense model.
+    ``batch`` fixes the batch size (a graph with a static batch dim)."""
     if shapes:
         shapes = [tuple(s) for s in shapes]
     else:
         shapes = candidate_shapes(meta.example_shape, meta.axis_steps)
+        if batch is not None:
+            shapes = [(batch, *s[1:]) for s in shapes]
     do_shift = shift and not meta.has_padding and meta.global_pools == 0
     report = VerifyReport(atol=atol, rtol=rtol)
     if shift and not do_shift:
         report.notes.append("shift check not applicable: the model pads, has ceil-mode windows "
                             "or pools globally, so shifted windows differ at the borders")
-    specialized = _specialized_checker(dense, meta)
     total = len(shapes) * trials + (trials * 3 if do_shift else 0)
     done = 0
-    ref = next(iter(dense.parameters()), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for shape in shapes:
-            for _ in range(trials):
-                x = torch.randn(shape, generator=gen).to(device, dtype)
-                report.cases.append(_lattice_case(baseline, dense, x, specialized, (atol, rtol)))
+    tol = (atol, rtol)
+    for shape in shapes:
+        for _ in range(trials):
+            x = torch.randn(shape, generator=gen).to(device, dtype)
+            report.cases.append(_lattice_case(meta, run_baseline, run_dense, x, tol))
+            done += 1
+            if progress:
+                progress(done, total, f"lattice {'x'.join(map(str, shape[2:]))}")
+    if do_shift:
+        rng = random.Random(seed)
+        example = meta.example_shape
+        res = meta.output_stride or 1  # dense positions are this many input pixels apart
+        n = batch if batch is not None else max(example[0], 2)
+        big = [n, example[1]] + [h + 2 * s * res for h, s in zip(example[2:], meta.axis_steps)]
+        for _ in range(trials):
+            x = torch.randn(big, generator=gen).to(device, dtype)
+            y = run_dense(x)
+            for k in range(3):
+                room = [(b - e) // res for b, e in zip(big[2:], example[2:])]
+                offset = tuple(res * (rng.randint(0, r) if k else r) for r in room)
+                report.cases.append(_shift_case(meta, run_baseline, x, y, offset, tol))
                 done += 1
                 if progress:
-                    progress(done, total, f"lattice {'x'.join(map(str, shape[2:]))}")
-        if do_shift:
-            rng = random.Random(seed)
-            example = meta.example_shape
-            res = meta.output_stride or 1  # dense positions are this many input pixels apart
-            big = [max(example[0], 2), example[1]] + [
-                h + 2 * s * res for h, s in zip(example[2:], meta.axis_steps)]
-            for _ in range(trials):
-                x = torch.randn(big, generator=gen).to(device, dtype)
-                y = _run_dense(dense, x)
-                for k in range(3):
-                    room = [(b - e) // res for b, e in zip(big[2:], example[2:])]
-                    offset = tuple(res * (rng.randint(0, r) if k else r) for r in room)
-                    report.cases.append(_shift_case(baseline, dense, x, y, offset, example,
-                                                   (atol, rtol)))
-                    done += 1
-                    if progress:
-                        progress(done, total, f"shift {offset}")
+                    progress(done, total, f"shift {offset}")
     return report
 
 
@@ -215,35 +255,31 @@ def _run_dense(dense: nn.Module, x: torch.Tensor) -> Any:
                                 f"({describe(e, 160)})") from e
 
 
-def _lattice_case(baseline, dense, x, specialized, tol) -> Case:
+def _lattice_case(meta, run_baseline: RunBaseline, run_dense: RunDense, x, tol) -> Case:
     shape = tuple(x.shape)
-    why = specialized(x)
-    if why:
-        return Case("lattice", shape, skipped=True, detail=why)
-    b, why = _run_baseline(baseline, x, info(dense).until)
+    b, why = run_baseline(x)
     if b is None:
         return Case("lattice", shape, skipped=True, detail=why)
-    d = lattice_view(dense, _run_dense(dense, x))
-    return _compare("lattice", shape, _flat(b), _flat(d), tol)
+    d = [ops.lattice_view(y, spec["dims"], spec["base_ndim"])
+         for y, spec in zip(run_dense(x), meta.outputs)]
+    return _compare("lattice", shape, b, d, tol)
 
 
-def _shift_case(baseline, dense, x, y, offset, example, tol) -> Case:
+def _shift_case(meta, run_baseline: RunBaseline, x, y, offset, tol) -> Case:
     crop = x
-    for i, (r, e) in enumerate(zip(offset, example[2:])):
+    for i, (r, e) in enumerate(zip(offset, meta.example_shape[2:])):
         crop = crop.narrow(2 + i, r, e)
-    b, why = _run_baseline(baseline, crop, info(dense).until)
+    b, why = run_baseline(crop)
     if b is None:
         return Case("shift", tuple(x.shape), skipped=True, detail=why, offset=offset)
-    specs = info(dense).outputs
-    outs = _flat(y)
     picked = []
-    for out, spec, base in zip(outs, specs, _flat(b)):
+    for out, spec, base in zip(y, meta.outputs, b):
         index = []
         extra = 0
         for i, (kind, step, _axis) in enumerate(spec["dims"]):
             if kind == "space":
                 axis_size = base.shape[i] if i < spec["base_ndim"] else 1
-                r = offset[spec["dims"][i][2]] // (info(dense).output_stride or 1)
+                r = offset[spec["dims"][i][2]] // (meta.output_stride or 1)
                 index.append(slice(r, r + (axis_size - 1) * step + 1, step))
                 extra += i >= spec["base_ndim"]
             else:
@@ -252,7 +288,7 @@ def _shift_case(baseline, dense, x, y, offset, example, tol) -> Case:
         if extra:
             v = v.reshape(v.shape[: v.dim() - extra])
         picked.append(v)
-    return _compare("shift", tuple(x.shape), _flat(b), picked, tol, offset)
+    return _compare("shift", tuple(x.shape), b, picked, tol, offset)
 
 
 def _flat(out: Any) -> list[torch.Tensor]:

@@ -1,0 +1,412 @@
+"""Densify, verify and invert ONNX graphs, on the ONNX IR (no round trip through PyTorch).
+
+* :func:`densify` rewrites a baseline ``onnx.ModelProto`` (:mod:`econv_convert.onnx_rewrite`),
+  checks the result with ``onnx.checker`` and strict shape inference, makes the input's and
+  outputs' spatial axes dynamic, and records how it was made in the model's metadata: the
+  :class:`~econv_convert.api.DenseInfo` and the baseline graph without its weights, so that
+  :func:`inverse` needs only the dense file.
+* :func:`verify` runs both graphs in onnxruntime (CPU, graph optimizations off) with the same
+  lattice and shift checks as PyTorch models (:func:`econv_convert.verify.check`).
+* :func:`inverse` puts the dense model's initializers (same names and shapes, possibly
+  fine-tuned) back into the recorded baseline graph.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from econv_convert.api import DenseInfo, atomic_write
+from econv_convert.errors import (
+    InvalidInputError,
+    InvalidModelError,
+    TransferError,
+    UnsupportedLayerError,
+    describe,
+)
+from econv_convert.onnx_rewrite import OnnxRewriter
+from econv_convert.rewrite import GLOBAL_POOL_MODES
+from econv_convert.verify import Progress, VerifyReport, check
+
+INFO_KEY = "econv_convert.dense"
+BASELINE_KEY = "econv_convert.baseline_graph"
+MIN_OPSET = 13
+DEFAULT_SPATIAL = 224
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file (external data beside it is loaded too)."""
+    path = Path(path)
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise InvalidInputError(f"{path}: not a readable ONNX model ({describe(e, 120)})") from e
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write through a temporary file in the target folder (an interrupted write leaves
+    nothing behind)."""
+    path = Path(path)
+    data = model.SerializeToString()
+    atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    raise InvalidInputError("the model imports no default ONNX opset")
+
+
+def _prepared(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise InvalidInputError(f"the ONNX model is not valid ({describe(e, 160)})") from e
+    opset = _opset(model)
+    if opset < MIN_OPSET:
+        from onnx import version_converter
+
+        try:
+            model = version_converter.convert_version(model, MIN_OPSET)
+        except Exception as e:
+            raise InvalidInputError(f"opset {opset} could not be converted to {MIN_OPSET} "
+                                    f"({describe(e, 120)})") from e
+        notes.append(f"the model's opset {opset} was converted to {MIN_OPSET}")
+    return model
+
+
+def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise UnsupportedLayerError("graph inputs", "expected one image input, found "
+                                    f"{len(inputs)}: " + ", ".join(i.name for i in inputs))
+    return inputs[0]
+
+
+def example_shape(model: onnx.ModelProto, given: Sequence[int] | None = None) -> list[int]:
+    """The input shape to densify at: ``given``, else the graph's static dims (symbolic
+    batch 1, symbolic spatial dims 224)."""
+    x = _image_input(model)
+    dims = x.type.tensor_type.shape.dim
+    if given:
+        shape = [int(v) for v in given]
+        if dims and len(shape) != len(dims):
+            raise InvalidInputError(f"--input-shape has {len(shape)} dims; the graph's input "
+                                    f"'{x.name}' has {len(dims)}")
+        return shape
+    if len(dims) < 3:
+        raise InvalidInputError(f"the graph's input '{x.name}' has rank {len(dims)}; expected "
+                                "N, C, spatial...")
+    shape = []
+    for i, d in enumerate(dims):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            shape.append(int(d.dim_value))
+        elif i == 1:
+            raise InvalidInputError(f"the graph's input '{x.name}' has no static channel "
+                                    "count; give --input-shape")
+        else:
+            shape.append(1 if i == 0 else DEFAULT_SPATIAL)
+    return shape
+
+
+def _with_input_shape(model: onnx.ModelProto, shape: Sequence[int | str]) -> onnx.ModelProto:
+    m = copy.deepcopy(model)
+    x = _image_input(m)
+    dims = x.type.tensor_type.shape.dim
+    del dims[:]
+    for v in shape:
+        d = dims.add()
+        if isinstance(v, str):
+            d.dim_param = v
+        else:
+            d.dim_value = int(v)
+    return m
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            a = node.attribute[0]
+            if a.name == "value":
+                consts[node.output[0]] = numpy_helper.to_array(a.t)
+            elif a.name in ("value_float", "value_int"):
+                consts[node.output[0]] = np.asarray(helper.get_attribute_value(a))
+            elif a.name in ("value_floats", "value_ints"):
+                consts[node.output[0]] = np.asarray(helper.get_attribute_value(a))
+    return consts
+
+
+def _shapes(model: onnx.ModelProto, example: Sequence[int]):
+    """Every value's shape and element type at the example input: ONNX shape inference, and
+    for what it leaves unknown, one onnxruntime run that exposes those values."""
+    m = _with_input_shape(model, example)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception as e:
+        raise InvalidModelError(f"ONNX shape inference fails at input {tuple(example)} "
+                                f"({describe(e, 160)})") from e
+    g = inferred.graph
+    shapes: dict[str, tuple[int, ...]] = {}
+    types: dict[str, int] = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        t = vi.type.tensor_type
+        types[vi.name] = t.elem_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in t.shape.dim)
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+        types[init.name] = init.data_type
+    missing = [o for n in g.node for o in n.output if o and o not in shapes]
+    if missing:
+        shapes.update(_run_shapes(m, example, missing, types))
+    return shapes, types
+
+
+def _run_shapes(model: onnx.ModelProto, example, names: list[str], types: dict[str, int]):
+    """Shapes of ``names`` measured by running the model once at the example input."""
+    m = copy.deepcopy(model)
+    known = [n for n in names if types.get(n)]
+    for n in known:
+        m.graph.output.append(helper.make_tensor_value_info(n, types[n], None))
+    try:
+        sess = _session(m)
+        x = np.random.default_rng(0).standard_normal(example).astype(_input_dtype(m))
+        outs = sess.run(known, {_image_input(m).name: x})
+    except Exception as e:
+        raise InvalidModelError(f"the baseline does not run in onnxruntime at input "
+                                f"{tuple(example)} ({describe(e, 160)})") from e
+    return {n: tuple(o.shape) for n, o in zip(known, outs)}
+
+
+def _input_dtype(model: onnx.ModelProto):
+    return helper.tensor_dtype_to_np_dtype(_image_input(model).type.tensor_type.elem_type)
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def densify(
+    model: onnx.ModelProto,
+    input_shape: Sequence[int] | None = None,
+    *,
+    global_pool: str = "phase",
+    output_stride: int | None = None,
+) -> tuple[onnx.ModelProto, DenseInfo]:
+    """The dense equivalent of a baseline ONNX graph, and how it was made.
+
+    Raises :class:`UnsupportedLayerError` naming the first node that is not translation-
+    equivariant on the lattice (or has no rule)."""
+    if global_pool not in GLOBAL_POOL_MODES:
+        raise InvalidInputError(f"global pool mode '{global_pool}' is not one of "
+                                f"{', '.join(GLOBAL_POOL_MODES)}")
+    notes: list[str] = []
+    model = _prepared(model, notes)
+    example = example_shape(model, input_shape)
+    shapes, types = _shapes(model, example)
+    rw = OnnxRewriter(model, shapes, types, _constants(model), global_pool, output_stride)
+    result = rw.run()
+    if output_stride is not None:
+        got = result.kept_stride or (1,)
+        if max(got) != output_stride:
+            raise InvalidInputError(f"--output-stride {output_stride} is not reachable: the "
+                                    f"strides kept give output stride {max(got)}")
+    dense = _assemble(model, result, example, types)
+    meta = DenseInfo(
+        example_shape=list(example), global_pool=global_pool, until=None,
+        outputs=result.outputs,
+        records=[_record_dict(r) for r in result.records],
+        notes=notes + result.notes, has_padding=result.has_padding,
+        global_pools=result.global_pools, output_stride=output_stride,
+        peak_elements=result.peak_elements, peak_node=result.peak_node)
+    _store(dense, meta, model)
+    _check_dense(dense)
+    return dense, meta
+
+
+def _record_dict(r) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(r)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _assemble(model: onnx.ModelProto, result, example, types) -> onnx.ModelProto:
+    g = model.graph
+    x = _image_input(model)
+    names = ["N"] + [""] + [f"{x.name}_dim{i}" for i in range(2, len(example))]
+    dims = [d for d in x.type.tensor_type.shape.dim]
+    new_in = [names[i] if i != 1 else example[1] for i in range(len(example))]
+    if dims and dims[0].HasField("dim_value"):
+        new_in[0] = int(dims[0].dim_value)
+    elif dims and dims[0].dim_param:
+        new_in[0] = dims[0].dim_param
+    inputs = []
+    for i in g.input:
+        if i.name == x.name:
+            inputs.append(helper.make_tensor_value_info(i.name, i.type.tensor_type.elem_type,
+                                                        new_in))
+        else:
+            inputs.append(i)
+    outputs = []
+    for o, spec in zip(g.output, result.outputs):
+        rank = len(spec["dims"])
+        base = [d for d in o.type.tensor_type.shape.dim]
+        shape: list = []
+        for i, (kind, _, _) in enumerate(spec["dims"]):
+            if kind == "plain" and i < len(base) and i > 0 and base[i].HasField("dim_value"):
+                shape.append(int(base[i].dim_value))
+            else:
+                shape.append(f"{o.name}_dim{i}" if i else (new_in[0]))
+        outputs.append(helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type,
+                                                     shape if rank else None))
+    graph = helper.make_graph(list(result.graph.node), g.name or "dense", inputs, outputs,
+                              initializer=list(g.initializer), doc_string=g.doc_string)
+    dense = helper.make_model(graph, opset_imports=list(model.opset_import),
+                              producer_name="econv-convert", ir_version=model.ir_version)
+    for p in model.metadata_props:
+        if p.key not in (INFO_KEY, BASELINE_KEY):
+            dense.metadata_props.add(key=p.key, value=p.value)
+    return dense
+
+
+def _store(dense: onnx.ModelProto, meta: DenseInfo, baseline: onnx.ModelProto) -> None:
+    graph = copy.deepcopy(baseline.graph)
+    names = [i.name for i in graph.initializer]
+    del graph.initializer[:]
+    del graph.value_info[:]
+    record = {"graph": base64.b64encode(graph.SerializeToString()).decode(),
+              "initializers": names, "ir_version": baseline.ir_version,
+              "opset_import": [[o.domain, o.version] for o in baseline.opset_import]}
+    for key, value in ((INFO_KEY, meta.to_json()), (BASELINE_KEY, json.dumps(record))):
+        dense.metadata_props.add(key=key, value=value)
+
+
+def _check_dense(dense: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(dense)
+        onnx.shape_inference.infer_shapes(dense, check_type=True, strict_mode=True)
+    except Exception as e:  # a bug of ours: say so rather than write a broken file
+        raise InvalidModelError(f"the dense ONNX graph fails its own checks "
+                                f"({describe(e, 200)})") from e
+
+
+def info(dense: onnx.ModelProto) -> DenseInfo:
+    for p in dense.metadata_props:
+        if p.key == INFO_KEY:
+            try:
+                return DenseInfo.from_json(p.value)
+            except Exception as e:
+                raise InvalidInputError(f"the dense model's record is damaged "
+                                        f"({describe(e, 120)})") from e
+    raise InvalidInputError("not a dense ONNX model made by econv-convert (no "
+                            f"'{INFO_KEY}' metadata)")
+
+
+def is_dense(model: onnx.ModelProto) -> bool:
+    return any(p.key == INFO_KEY for p in model.metadata_props)
+
+
+def inverse(dense: onnx.ModelProto) -> onnx.ModelProto:
+    """The baseline graph recorded in ``dense``, with ``dense``'s initializers (and
+    ``Constant`` values of the same names): the inverse weight transfer."""
+    info(dense)
+    record = next((p.value for p in dense.metadata_props if p.key == BASELINE_KEY), None)
+    if record is None:
+        raise InvalidInputError(f"the dense model has no '{BASELINE_KEY}' metadata")
+    try:
+        data = json.loads(record)
+        graph = onnx.GraphProto()
+        graph.ParseFromString(base64.b64decode(data["graph"]))
+    except Exception as e:
+        raise InvalidInputError(f"the recorded baseline graph is damaged ({describe(e, 120)})") \
+            from e
+    inits = {i.name: i for i in dense.graph.initializer}
+    missing = [n for n in data["initializers"] if n not in inits]
+    if missing:
+        raise TransferError(f"the dense model lacks {len(missing)} of the baseline's "
+                            f"initializers (first: {missing[0]})")
+    graph.initializer.extend(copy.deepcopy(inits[n]) for n in data["initializers"])
+    constants = {n.output[0]: n for n in dense.graph.node if n.op_type == "Constant"}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] in constants:
+            node.CopyFrom(constants[node.output[0]])
+    baseline = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid(d, v) for d, v in data["opset_import"]],
+        producer_name="econv-convert", ir_version=int(data["ir_version"]))
+    return baseline
+
+
+def verify(
+    baseline: onnx.ModelProto,
+    dense: onnx.ModelProto,
+    *,
+    shapes: Sequence[Sequence[int]] | None = None,
+    trials: int = 1,
+    seed: int = 0,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    shift: bool = True,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Both graphs in onnxruntime (CPU provider, graph optimizations off), on random inputs
+    of several sizes; the same checks and report as :func:`econv_convert.verify.verify`."""
+    meta = info(dense)
+    x = _image_input(baseline)
+    dims = x.type.tensor_type.shape.dim
+    batch = int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else None
+    # the baseline with free spatial dims, so that other sizes can be tried (a graph that
+    # only works at its own size then reports those sizes as skipped)
+    free = [batch if batch is not None else "N", meta.example_shape[1]] + [
+        f"d{i}" for i in range(2, len(meta.example_shape))]
+    base_sess = _session_or_raise(_with_input_shape(baseline, free), "baseline")
+    dense_sess = _session_or_raise(dense, "dense model")
+    in_base = _image_input(baseline).name
+    in_dense = _image_input(dense).name
+    np_dtype = _input_dtype(baseline)
+    dtype = torch.from_numpy(np.zeros(1, np_dtype)).dtype
+
+    def run_baseline(t: torch.Tensor):
+        try:
+            outs = base_sess.run(None, {in_base: t.numpy()})
+        except Exception as e:
+            return None, f"the baseline rejects this size ({describe(e, 70)})"
+        return [torch.from_numpy(np.asarray(o)) for o in outs], ""
+
+    def run_dense(t: torch.Tensor):
+        try:
+            outs = dense_sess.run(None, {in_dense: t.numpy()})
+        except Exception as e:
+            raise InvalidModelError(f"the dense model fails on an input of shape "
+                                    f"{tuple(t.shape)} ({describe(e, 160)})") from e
+        return [torch.from_numpy(np.asarray(o)) for o in outs]
+
+    return check(meta, run_baseline, run_dense, shapes=shapes, trials=trials, seed=seed,
+                 atol=atol, rtol=rtol, shift=shift, progress=progress, dtype=dtype, batch=batch)
+
+
+def _session_or_raise(model: onnx.ModelProto, what: str):
+    try:
+        return _session(model)
+    except Exception as e:
+        raise InvalidModelError(f"onnxruntime cannot load the {what} ({describe(e, 160)})") \
+            from e
