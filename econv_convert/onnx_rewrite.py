@@ -320,9 +320,11 @@ def _map_geometry(rw: OnnxRewriter, lay: Layout, nd: int) -> tuple[str, tuple[in
         _refuse("the input is a flatten over spatial positions")
     if len(lay.base) != nd + 2:
         _refuse(f"expected a batched input with {nd} spatial dims, got shape {lay.base}")
-    if lay.n_extra:
-        _refuse("a window layer on a map with extra dims (phase or head positions)")
     sp = lay.base_dims[2:]
+    if lay.n_extra:
+        if any(d.spatial for d in sp):
+            _refuse("a window layer on a map that also has extra dims")
+        return "extra", (), ()
     if all(d.kind == "space" for d in sp):
         return "dense", tuple(d.step for d in sp), tuple(d.axis for d in sp)
     if not any(d.spatial for d in sp):
@@ -413,6 +415,9 @@ def _dense_windows(rw: OnnxRewriter, node, x: str, kernel, kind: str, cost: int)
     if form == "plain":
         rw._same(node)
         return None
+    if form == "extra":
+        _per_extra(rw, node, x, lay)
+        return None
     auto = attrs(node).get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     h = [_lattice_size(rw, x, i, s) if auto.startswith("SAME") else 0
@@ -438,6 +443,22 @@ def _dense_windows(rw: OnnxRewriter, node, x: str, kernel, kind: str, cost: int)
     record = (kind, _geometry_dict(ws), _geometry_dict(ws, steps, dense=True), steps, out_steps,
               rf, "", cost)
     return steps, ws, dws, record
+
+
+def _per_extra(rw: OnnxRewriter, node: onnx.NodeProto, x: str, lay: Layout) -> None:
+    """A layer on a map with extra dims (a squeeze-and-excitation branch after phase pooling,
+    convolutions after a head): the node as it is, with the extra dims moved into the batch
+    and back."""
+    b = rw.b
+    r, e = lay.base_ndim, lay.n_extra
+    perm = [0, *range(r, r + e), *range(1, r)]
+    y = b.reshape(b.transpose(x, perm), [-1] + [b.dim(x, i) for i in range(1, r)])
+    z = b.op1(node.op_type, [y, *node.input[1:]], **attrs(node))
+    z = b.reshape(z, [b.dim(x, 0)] + [b.dim(x, r + k) for k in range(e)]
+                  + [b.dim(z, i) for i in range(1, r)])
+    b.transpose(z, list(np.argsort(perm)), node.output[0])
+    out = node.output[0]
+    rw.set(out, Layout(rw.base_shape(out), tuple(PLAIN for _ in range(r)) + lay.extras, e))
 
 
 def _lattice_size(rw: OnnxRewriter, x: str, i: int, step: int):
@@ -590,9 +611,10 @@ def _global(rw: OnnxRewriter, node: onnx.NodeProto, x: str, axes: Sequence[int],
         _refuse("global pooling of a map that already has extra dims")
     axes = sorted(axes)
     dims = lay.base_dims
-    if any(dims[d].kind != "space" for d in axes):
+    if any(dims[d].kind != "space" and lay.base[d] != 1 for d in axes):
         _refuse("a reduction over spatial and non-spatial dims together")
-    steps = [dims[d].step for d in axes]
+    space = [d for d in axes if dims[d].kind == "space"]  # the rest have size 1
+    steps = [dims[d].step for d in space]
     b = rw.b
     op = {"mean": "ReduceMean", "max": "ReduceMax", "min": "ReduceMin", "sum": "ReduceSum"}[reduce]
     out = node.output[0]
@@ -600,30 +622,33 @@ def _global(rw: OnnxRewriter, node: onnx.NodeProto, x: str, axes: Sequence[int],
     if rw.mode in ("lattice", "dense"):
         src = x
         if rw.mode == "lattice" and any(s > 1 for s in steps):
-            src = b.slice(x, axes, [0] * len(axes), [_BIG] * len(axes), steps)
+            src = b.slice(x, space, [0] * len(space), [_BIG] * len(space), steps)
         b.reduce(op, src, axes, keepdims, out)
         extras: tuple[Dim, ...] = ()
     else:
         fill = {"mean": 0.0, "sum": 0.0, "max": -math.inf, "min": math.inf}[reduce]
         # pad each pooled axis to a multiple of its step, split it into (count, step), and
         # reduce the counts: what is left is one value per phase
-        sizes = [b.dim(x, d) for d in axes]
+        sizes = [b.dim(x, d) for d in space]
         blocks = [(H + s - 1) // s for H, s in zip(sizes, steps)]
-        src = b.pad(x, rank, axes, [0] * len(axes), [n * s - H for n, s, H in
-                                                      zip(blocks, steps, sizes)], rw.fill(x, fill))
+        src = b.pad(x, rank, space, [0] * len(space), [n * s - H for n, s, H in
+                                                        zip(blocks, steps, sizes)], rw.fill(x, fill))
         target: list = []
-        split = []
+        reduced = []
         for d in range(rank):
             if d in axes:
-                k = axes.index(d)
-                split.append(len(target))
+                reduced.append(len(target))
+            if d in space:
+                k = space.index(d)
                 target += [blocks[k], steps[k]]
             else:
                 target.append(b.dim(x, d))
         y = b.reshape(src, target)
-        y = b.reduce("ReduceSum" if reduce == "mean" else op, y, split, False)
-        # now: the dims in order, each pooled dim replaced by its phases; phases go last
-        y = b.transpose(y, [d for d in range(rank) if d not in axes] + list(axes))
+        y = b.reduce("ReduceSum" if reduce == "mean" else op, y, reduced, False)
+        # now: the dims in order, each spatial one replaced by its phases; phases go last
+        left = [d for d in range(rank) if d not in axes or d in space]
+        y = b.transpose(y, [i for i, d in enumerate(left) if d not in space]
+                        + [i for i, d in enumerate(left) if d in space])
         if keepdims:
             y = b.unsqueeze(y, list(axes))
         if reduce in ("mean", "max", "min"):
@@ -641,7 +666,7 @@ def _global(rw: OnnxRewriter, node: onnx.NodeProto, x: str, axes: Sequence[int],
                 y = b.op1("Where", [empty, b.scalar(math.nan, dtype), y], out)
         else:
             b.op1("Identity", [y], out)
-        extras = tuple(Dim("phase", dims[d].axis, dims[d].step) for d in axes)
+        extras = tuple(Dim("phase", dims[d].axis, dims[d].step) for d in space)
     kept = [PLAIN for i, d in enumerate(dims) if keepdims or i not in axes]
     kept = [PLAIN if d.spatial else d for d in kept]
     rw.set(out, Layout(rw.base_shape(out), tuple(kept) + extras, len(extras)))
@@ -1157,10 +1182,23 @@ def _slice(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         _refuse("slicing a value computed from a spatial size")
     if lay.fold:
         _refuse("a slice of a flatten of spatial positions")
+    n_axes = len(rw.base_shape(node.input[1])) and rw.base_shape(node.input[1])[0]
+    axes = (rw.need_const(node.input[3], "Slice axes").reshape(-1).tolist()
+            if len(node.input) > 3 and node.input[3] else list(range(n_axes)))
+    axes = [_norm(int(a), lay.base_ndim) for a in axes]
+    if not any(lay.base_dims[a].spatial for a in axes):
+        # channels only: starts/ends may be computed (from channel counts), as they are
+        if any(rw.v(i).spatial_size for i in node.input[1:] if i):
+            _refuse("a slice bound computed from a spatial size")
+        inputs = list(node.input) + [""] * (4 - len(node.input))
+        inputs[3] = rw.b.const(axes)
+        rw.emit(node, [i for i in inputs if i] if len(node.input) <= 4 else inputs)
+        rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), lay.base_dims + lay.extras,
+                                      lay.n_extra))
+        rw.inherit_field(node)
+        return
     starts = rw.need_const(node.input[1], "Slice starts").reshape(-1).tolist()
     ends = rw.need_const(node.input[2], "Slice ends").reshape(-1).tolist()
-    axes = (rw.need_const(node.input[3], "Slice axes").reshape(-1).tolist()
-            if len(node.input) > 3 and node.input[3] else list(range(len(starts))))
     steps = (rw.need_const(node.input[4], "Slice steps").reshape(-1).tolist()
              if len(node.input) > 4 and node.input[4] else [1] * len(starts))
     axes = [_norm(int(a), lay.base_ndim) for a in axes]
@@ -1240,7 +1278,9 @@ def _squeeze(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     lay = rw.lay(node.input[0])
     if lay.is_plain and not v.tainted:
         return rw._same(node)
-    if lay.fold or v.tainted:
+    if v.tainted:
+        _refuse(f"{node.op_type} of a value computed from a spatial size")
+    if lay.fold:
         _refuse(f"{node.op_type} of a flatten of spatial positions")
     a = attrs(node)
     axes = _axes_of(rw, node, a, 1)
@@ -1307,8 +1347,7 @@ def _gather(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
             picked = tuple(v.sizes[int(i)] for i in idx.reshape(-1))
         rw.emit(node, list(node.input))
         rw.env[node.output[0]] = Val(Layout.plain(rw.shapes.get(node.output[0], ())),
-                                     sizes=picked if idx is not None and idx.ndim else None,
-                                     tainted=any(picked) if picked is not None else any(v.sizes))
+                                     sizes=picked, tainted=picked is None and any(v.sizes))
         return
     lay = rw.lay(node.input[0])
     if lay.is_plain and not v.tainted:
