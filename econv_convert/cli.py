@@ -181,7 +181,7 @@ def _guard_memory(dense, force: bool, *, exporting: bool = False) -> None:
     from econv_convert.resources import check_memory
     from econv_convert.verify import candidate_shapes
 
-    meta = dense.econv
+    meta = getattr(dense, "econv", dense)
     shapes = candidate_shapes(meta.example_shape, meta.axis_steps)
     if exporting:
         from econv_convert.exports import export_shapes
@@ -192,7 +192,11 @@ def _guard_memory(dense, force: bool, *, exporting: bool = False) -> None:
 
 
 def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool):
-    from econv_convert.verify import verify
+    """Run the checks (PyTorch models, or ONNX graphs in onnxruntime) with a progress bar."""
+    if isinstance(dense, _onnx_model_type()):
+        from econv_convert.onnx_api import verify
+    else:
+        from econv_convert.verify import verify
 
     if quiet:
         return verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol)
@@ -265,6 +269,10 @@ def densify(
     """Rewrite MODEL into its dense equivalent, verify it and write it to OUTPUT."""
     from econv_convert import exports, report
 
+    if _is_onnx(model):
+        _not_for_onnx(arch=arch, arch_kwargs=arch_kwargs, until=until, trust_pickle=trust_pickle)
+        return _densify_onnx(model, output, input_shape, global_pool, output_stride, no_verify,
+                             allow_mismatch, trials, seed, atol, rtol, force, json_out)
     if output is not None:
         exports.check_suffix(output)
         _check_output(output, [_model_path(model)])
@@ -331,6 +339,10 @@ def verify(
     """Check that a dense model reproduces MODEL on random inputs (exit 0 equal, 1 not)."""
     from econv_convert import api, report
 
+    if _is_onnx(model) or (model is None and _is_onnx(dense)):
+        _not_for_onnx(arch=arch, arch_kwargs=arch_kwargs, until=until, trust_pickle=trust_pickle)
+        return _verify_onnx(model, dense, input_shape, global_pool, output_stride, trials, seed,
+                            atol, rtol, force, json_out)
     notes = []
     if dense is not None:
         from econv_convert.loading import check_file
@@ -384,6 +396,8 @@ def inverse(
     from econv_convert.loading import build_arch, check_file
 
     check_file(dense)
+    if _is_onnx(dense):
+        return _inverse_onnx(dense, output, trials, seed, atol, rtol, json_out)
     suffix = output.suffix.lower()
     if suffix not in (".pt", ".pth", ".safetensors"):
         raise InvalidInputError(f"{output}: the output must end in .pt, .pth or .safetensors")
@@ -442,14 +456,20 @@ def inspect(
     memory guard is needed), so this is quick for any model size."""
     from econv_convert import costs, report
 
-    path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, input_shape,
-                                     global_pool, until, output_stride)
-    plan = costs.plan(dense)
+    if _is_onnx(model):
+        _not_for_onnx(arch=arch, arch_kwargs=arch_kwargs, until=until, trust_pickle=trust_pickle)
+        path = model
+        _, _, meta = _onnx_densified(model, input_shape, global_pool, output_stride)
+    else:
+        path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, input_shape,
+                                         global_pool, until, output_stride)
+        meta = dense.econv
+    plan = costs.plan(meta)
     if json_out:
-        _emit_json({"model": str(path), "dense": _info_dict(dense.econv), "plan": plan.to_dict()})
+        _emit_json({"model": str(path), "dense": _info_dict(meta), "plan": plan.to_dict()})
         return
     out.print(report.plan_table(plan))
-    report.print_summary(out, dense.econv)
+    report.print_summary(out, meta)
 
 
 @app.command()
@@ -614,6 +634,155 @@ def predict(
                   f"{'x'.join(map(str, plan.halo))}, about {plan.estimate_bytes / 2**20:.0f} MiB "
                   f"each); output {'x'.join(map(str, y.shape))}")
         out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{picture}[/]" if picture else ""))
+
+
+# -- ONNX graphs ------------------------------------------------------------------------------
+
+
+def _is_onnx(path: Path | None) -> bool:
+    return path is not None and path.suffix.lower() == ".onnx"
+
+
+def _onnx_model_type():
+    import onnx
+
+    return onnx.ModelProto
+
+
+def _not_for_onnx(**given) -> None:
+    used = [k for k, v in given.items() if v]
+    if used:
+        opt = "--" + used[0].replace("_", "-")
+        raise InvalidInputError(f"{opt} is for PyTorch models; an ONNX graph carries its own "
+                                "structure and weights")
+
+
+def _load_onnx(path: Path):
+    from econv_convert import onnx_api
+    from econv_convert.loading import check_file
+
+    check_file(path)
+    return onnx_api.load(path)
+
+
+def _onnx_densified(model: Path, input_shape, global_pool, output_stride):
+    from econv_convert import onnx_api
+    from econv_convert.loading import parse_shape
+
+    baseline = _load_onnx(model)
+    if onnx_api.is_dense(baseline):
+        raise InvalidInputError(f"{model}: is already a dense model made by econv-convert")
+    dense, meta = onnx_api.densify(baseline, parse_shape(input_shape) if input_shape else None,
+                                   global_pool=global_pool.value, output_stride=output_stride)
+    return baseline, dense, meta
+
+
+def _densify_onnx(model, output, input_shape, global_pool, output_stride, no_verify,
+                  allow_mismatch, trials, seed, atol, rtol, force, json_out) -> None:
+    from econv_convert import onnx_api, report
+
+    if output is not None:
+        if output.suffix.lower() != ".onnx":
+            raise InvalidInputError(f"{output}: an ONNX model densifies to an ONNX model: the "
+                                    "output must end in .onnx")
+        _check_output(output, [model])
+    baseline, dense, meta = _onnx_densified(model, input_shape, global_pool, output_stride)
+    _guard_memory(meta, force)
+    result = None
+    if not no_verify:
+        result = _verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
+                         quiet=json_out)
+    failed = result is not None and not result.ok
+    written = output is not None and (not failed or allow_mismatch)
+    if written:
+        onnx_api.save(dense, output)
+    if json_out:
+        _emit_json({"model": str(model), "output": str(output) if written else None,
+                    "dense": _info_dict(meta),
+                    "verification": result.to_dict() if result else None})
+    else:
+        out.print(report.layers_table(meta, f"Dense model of {model.name}"))
+        report.print_summary(out, meta)
+        if result is not None:
+            out.print(report.verify_table(result))
+            report.verify_summary(out, result)
+        if output is None:
+            out.print("[dim]nothing written (give -o OUT to write the dense model)[/]")
+        elif not written:
+            out.print(f"[red]{output} not written[/]: the dense model is not equivalent "
+                      "(--allow-mismatch writes it anyway)")
+        else:
+            out.print(f"wrote [bold]{output}[/] (dynamic batch and spatial axes; checked with "
+                      "onnx.checker and strict shape inference)")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _verify_onnx(model, dense, input_shape, global_pool, output_stride, trials, seed, atol,
+                 rtol, force, json_out) -> None:
+    from econv_convert import onnx_api, report
+
+    notes = []
+    if dense is not None:
+        if dense.suffix.lower() != ".onnx":
+            raise InvalidInputError(f"{dense}: an ONNX baseline is checked against a dense "
+                                    ".onnx model")
+        dense_model = _load_onnx(dense)
+        meta = onnx_api.info(dense_model)
+        if model is None:
+            baseline = onnx_api.inverse(dense_model)
+            notes.append("no MODEL given: checked against the baseline graph recorded in the "
+                         "dense model")
+        else:
+            baseline = _load_onnx(model)
+        path = model or dense
+    else:
+        baseline, dense_model, meta = _onnx_densified(model, input_shape, global_pool,
+                                                           output_stride)
+        path = model
+    _guard_memory(meta, force)
+    result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
+                     quiet=json_out)
+    result.notes[:0] = notes
+    if json_out:
+        _emit_json({"model": str(path), "dense": str(dense) if dense else None,
+                    "verification": result.to_dict()})
+    else:
+        report.print_summary(out, meta)
+        out.print(report.verify_table(result))
+        report.verify_summary(out, result)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _inverse_onnx(dense: Path, output: Path, trials, seed, atol, rtol, json_out) -> None:
+    from econv_convert import onnx_api, report
+
+    if output.suffix.lower() != ".onnx":
+        raise InvalidInputError(f"{output}: a dense ONNX model inverts to an ONNX baseline: the "
+                                "output must end in .onnx")
+    _check_output(output, [dense])
+    dense_model = _load_onnx(dense)
+    baseline = onnx_api.inverse(dense_model)
+    result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
+                     quiet=json_out)
+    if result.ok:
+        onnx_api.save(baseline, output)
+    n = len(baseline.graph.initializer)
+    if json_out:
+        _emit_json({"dense": str(dense), "output": str(output) if result.ok else None,
+                    "verification": result.to_dict()})
+    else:
+        out.print(report.verify_table(result))
+        report.verify_summary(out, result)
+        if result.ok:
+            out.print(f"wrote [bold]{output}[/] (the baseline graph with the dense model's {n} "
+                      "initializers)")
+        else:
+            out.print(f"[red]{output} not written[/]: the baseline does not reproduce the dense "
+                      "model")
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

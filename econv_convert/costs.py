@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from econv_convert.api import info
+from econv_convert.api import DenseInfo, info
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,11 @@ class Plan:
         }
 
 
-def plan(dense: nn.Module) -> Plan:
+def plan(dense: nn.Module | DenseInfo) -> Plan:
     """The per-layer plan at the example input, from the shapes the rewrite recorded (nothing
-    is run, so it is as fast for a large model as for a small one)."""
-    meta = info(dense)
+    is run, so it is as fast for a large model as for a small one). Takes a dense model or
+    its :class:`~econv_convert.api.DenseInfo` (what an ONNX densification returns)."""
+    meta = dense if isinstance(dense, DenseInfo) else info(dense)
     layers = []
     for r in meta.layer_records():
         bs, ds = tuple(r.base_shape), tuple(r.dense_shape)

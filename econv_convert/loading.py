@@ -125,8 +125,8 @@ def load_model(
     check_file(path)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        raise InvalidInputError(f"{path}: ONNX models are not supported yet; export a PyTorch "
-                                "checkpoint or .pt2 program instead")
+        raise InvalidInputError(f"{path}: this command takes PyTorch models; ONNX graphs work "
+                                "with densify, verify, inverse and inspect")
     if suffix == ".pt2":
         return Loaded(_load_pt2(path), None, None)
     if suffix == ".safetensors":
