@@ -740,9 +740,16 @@ def _reduction(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
 # -- pointwise ------------------------------------------------------------------------------
 
 
+# ops whose further inputs are scalar parameters, not operands to broadcast
+_SCALAR_PARAMS = {"Clip", "CastLike"}
+
+
 def _unary(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
-    if len([i for i in node.input if i]) > 1:
+    if len([i for i in node.input if i]) > 1 and node.op_type not in _SCALAR_PARAMS:
         return _broadcast(rw, node)
+    for i in node.input[1:]:
+        if i and (rw.v(i).spatial_size or not rw.lay(i).is_plain):
+            _refuse(f"{node.op_type} with a parameter that varies over positions")
     x = node.input[0]
     v = rw.v(x)
     rw.emit(node, list(node.input))

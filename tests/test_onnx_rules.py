@@ -156,6 +156,8 @@ def test_squeeze_excitation_phase():
     s = g.node("Relu", [s])
     s = g.node("Conv", [s, g.weight((4, 2, 1, 1))], kernel_shape=[1, 1])
     s = g.node("HardSigmoid", [s])
+    s = g.node("Clip", [s, g.const(0.1, np.float32), g.const(0.9, np.float32)])  # scalar params
+    s = g.node("PRelu", [s, g.weight((4, 1, 1))])  # a per-channel slope broadcasts
     g.x = g.node("Mul", [x, s])
     g.x = g.node("Conv", [g.x, g.weight((5, 4, 3, 3))], kernel_shape=[3, 3], strides=[2, 2])
     for mode in ("phase", "lattice"):
