@@ -121,6 +121,10 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.
 AtolOpt = Annotated[float, typer.Option("--atol", min=0.0,
                                         help="Absolute tolerance, times the output's scale.")]
 RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance.")]
+NearOpt = Annotated[bool, typer.Option(
+    "--at-example-size", help="Check around the example input size. By default a model that "
+                              "takes any input size is checked at small sizes (one lattice "
+                              "step plus one), which proves the same dense graph much faster.")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Run even where the memory estimate exceeds the available memory.")]
 
@@ -176,13 +180,13 @@ def _check_output(output: Path, inputs: list[Path]) -> None:
             raise InvalidInputError(f"{output}: the output would overwrite the input")
 
 
-def _guard_memory(dense, force: bool, *, exporting: bool = False) -> None:
+def _guard_memory(dense, force: bool, *, exporting: bool = False, near: bool = False) -> None:
     """Refuse before running the dense model at sizes that would not fit in memory."""
     from econv_convert.resources import check_memory
-    from econv_convert.verify import candidate_shapes
+    from econv_convert.verify import default_shapes
 
     meta = getattr(dense, "econv", dense)
-    shapes = candidate_shapes(meta.example_shape, meta.axis_steps)
+    shapes, _ = default_shapes(meta, near)
     if exporting:
         from econv_convert.exports import export_shapes
 
@@ -191,7 +195,7 @@ def _guard_memory(dense, force: bool, *, exporting: bool = False) -> None:
     check_memory(meta, largest, force=force)
 
 
-def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool):
+def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool, near: bool = False):
     """Run the checks (PyTorch models, or ONNX graphs in onnxruntime) with a progress bar."""
     if isinstance(dense, _onnx_model_type()):
         from econv_convert.onnx_api import verify
@@ -199,7 +203,8 @@ def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool):
         from econv_convert.verify import verify
 
     if quiet:
-        return verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol)
+        return verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
+                      near_example=near)
     columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -209,7 +214,7 @@ def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool):
             bar.update(task, completed=done, total=total, description=what)
 
         return verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                      progress=progress)
+                      progress=progress, near_example=near)
 
 
 def _emit_json(payload: dict[str, Any]) -> None:
@@ -263,6 +268,7 @@ def densify(
     seed: SeedOpt = 0,
     atol: AtolOpt = 1e-5,
     rtol: RtolOpt = 1e-4,
+    at_example_size: NearOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -272,17 +278,19 @@ def densify(
     if _is_onnx(model):
         _not_for_onnx(arch=arch, arch_kwargs=arch_kwargs, until=until, trust_pickle=trust_pickle)
         return _densify_onnx(model, output, input_shape, global_pool, output_stride, no_verify,
-                             allow_mismatch, trials, seed, atol, rtol, force, json_out)
+                             allow_mismatch, trials, seed, atol, rtol, force, json_out,
+                             at_example_size)
     if output is not None:
         exports.check_suffix(output)
         _check_output(output, [_model_path(model)])
     path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, input_shape,
                                      global_pool, until, output_stride)
-    _guard_memory(dense, force, exporting=output is not None and output.suffix != ".pt")
+    _guard_memory(dense, force, exporting=output is not None and output.suffix != ".pt",
+                  near=at_example_size)
     result = None
     if not no_verify:
         result = _verify(loaded.model, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                         quiet=json_out)
+                         quiet=json_out, near=at_example_size)
     failed = result is not None and not result.ok
     check = None
     written = output is not None and (not failed or allow_mismatch)
@@ -333,6 +341,7 @@ def verify(
     seed: SeedOpt = 0,
     atol: AtolOpt = 1e-5,
     rtol: RtolOpt = 1e-4,
+    at_example_size: NearOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -342,7 +351,7 @@ def verify(
     if _is_onnx(model) or (model is None and _is_onnx(dense)):
         _not_for_onnx(arch=arch, arch_kwargs=arch_kwargs, until=until, trust_pickle=trust_pickle)
         return _verify_onnx(model, dense, input_shape, global_pool, output_stride, trials, seed,
-                            atol, rtol, force, json_out)
+                            atol, rtol, force, json_out, at_example_size)
     notes = []
     if dense is not None:
         from econv_convert.loading import check_file
@@ -361,9 +370,9 @@ def verify(
         path, loaded, dense_model = _densified(model, arch, arch_kwargs, trust_pickle,
                                                input_shape, global_pool, until, output_stride)
         baseline = loaded.model
-    _guard_memory(dense_model, force)
+    _guard_memory(dense_model, force, near=at_example_size)
     result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                     quiet=json_out)
+                     quiet=json_out, near=at_example_size)
     result.notes[:0] = notes
     if json_out:
         _emit_json({"model": str(path), "dense": str(dense) if dense else None,
@@ -678,7 +687,7 @@ def _onnx_densified(model: Path, input_shape, global_pool, output_stride):
 
 
 def _densify_onnx(model, output, input_shape, global_pool, output_stride, no_verify,
-                  allow_mismatch, trials, seed, atol, rtol, force, json_out) -> None:
+                  allow_mismatch, trials, seed, atol, rtol, force, json_out, near) -> None:
     from econv_convert import onnx_api, report
 
     if output is not None:
@@ -687,11 +696,11 @@ def _densify_onnx(model, output, input_shape, global_pool, output_stride, no_ver
                                     "output must end in .onnx")
         _check_output(output, [model])
     baseline, dense, meta = _onnx_densified(model, input_shape, global_pool, output_stride)
-    _guard_memory(meta, force)
+    _guard_memory(meta, force, near=near)
     result = None
     if not no_verify:
         result = _verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                         quiet=json_out)
+                         quiet=json_out, near=near)
     failed = result is not None and not result.ok
     written = output is not None and (not failed or allow_mismatch)
     if written:
@@ -719,7 +728,7 @@ def _densify_onnx(model, output, input_shape, global_pool, output_stride, no_ver
 
 
 def _verify_onnx(model, dense, input_shape, global_pool, output_stride, trials, seed, atol,
-                 rtol, force, json_out) -> None:
+                 rtol, force, json_out, near) -> None:
     from econv_convert import onnx_api, report
 
     notes = []
@@ -740,9 +749,9 @@ def _verify_onnx(model, dense, input_shape, global_pool, output_stride, trials, 
         baseline, dense_model, meta = _onnx_densified(model, input_shape, global_pool,
                                                            output_stride)
         path = model
-    _guard_memory(meta, force)
+    _guard_memory(meta, force, near=near)
     result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                     quiet=json_out)
+                     quiet=json_out, near=near)
     result.notes[:0] = notes
     if json_out:
         _emit_json({"model": str(path), "dense": str(dense) if dense else None,

@@ -373,6 +373,7 @@ def verify(
     rtol: float = 1e-4,
     shift: bool = True,
     progress: Progress | None = None,
+    near_example: bool = False,
 ) -> VerifyReport:
     """Both graphs in onnxruntime (CPU provider, graph optimizations off), on random inputs
     of several sizes; the same checks and report as :func:`econv_convert.verify.verify`."""
@@ -407,7 +408,8 @@ def verify(
         return [torch.from_numpy(np.asarray(o)) for o in outs]
 
     return check(meta, run_baseline, run_dense, shapes=shapes, trials=trials, seed=seed,
-                 atol=atol, rtol=rtol, shift=shift, progress=progress, dtype=dtype, batch=batch)
+                 atol=atol, rtol=rtol, shift=shift, progress=progress, dtype=dtype, batch=batch,
+                 near_example=near_example)
 
 
 def _session_or_raise(model: onnx.ModelProto, what: str):

@@ -97,3 +97,36 @@ def test_verify_reports_a_wrong_dense_model(resnet):
     report = verify(resnet, dense)
     assert not report.ok
     assert "output 0" in report.failures()[0].detail
+
+
+def test_verify_checks_any_size_models_at_small_sizes(resnet):
+    dense = densify(resnet, (1, 3, 96, 112))  # total step 16
+    report = verify(resnet, dense)
+    assert report.ok and len(report.checked) >= 3
+    assert max(c.shape[2] for c in report.checked) <= 17 + 16
+    assert any("small sizes from 17x17" in n for n in report.notes)
+    near = verify(resnet, dense, near_example=True)
+    assert near.ok and (2, 3, 96, 112) in [c.shape for c in near.checked]
+    assert not any("small sizes" in n for n in near.notes)
+
+
+def test_verify_falls_back_to_the_example_when_small_sizes_are_rejected():
+    """Unpadded 7 x 7 convolutions need more than one lattice step plus one pixel."""
+    torch.manual_seed(0)
+    model = rand_bn(nn.Sequential(
+        nn.Conv2d(3, 4, 7), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 7), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()))
+    dense = densify(model, (1, 3, 40, 40))
+    report = verify(model, dense)
+    assert report.ok, report.failures()
+    assert [c.shape for c in report.checked][0] == (2, 3, 40, 40)
+
+
+def test_verify_keeps_fixed_head_models_near_the_example():
+    from econv_convert.examples import patch_classifier
+
+    torch.manual_seed(0)
+    model = rand_bn(patch_classifier(num_classes=3))
+    dense = densify(model, (1, 3, 65, 65))
+    report = verify(model, dense)
+    assert report.ok and report.checked[0].shape == (2, 3, 65, 65)
