@@ -102,11 +102,16 @@ def _time(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -
 def _interleaved(fns: Sequence[Callable[[], Any]], device: torch.device, runs: int,
                  warmup: int) -> list[float]:
     """Median times of ``fns`` run in turn, run after run, so that drift on a shared machine
-    falls on all of them alike (a ratio of two separate blocks of runs would carry it)."""
+    falls on all of them alike (a ratio of two separate blocks of runs would carry it). The
+    order rotates from run to run, so that each function follows each other one equally
+    often."""
     times: list[list[float]] = [[] for _ in fns]
+    n = len(fns)
     with torch.no_grad():
         for i in range(warmup + runs):
-            for fn, ts in zip(fns, times, strict=True):
+            for j in range(n):
+                k = (i + j) % n
+                fn, ts = fns[k], times[k]
                 _sync(device)
                 t0 = time.perf_counter()
                 fn()
@@ -236,7 +241,7 @@ def dilation_overhead(dense: nn.Module, x: torch.Tensor, device: torch.device, r
 
     with torch.no_grad():
         _Recorder(dense).run(x)
-    dilated = undilated = batched = 0.0
+    dilated = undilated = batched = undilated2 = 0.0
     timed = False
     for args, _ in calls:
         xin, weight, bias, steps, stride, lo, hi, dil, groups = args[:9]
@@ -253,37 +258,58 @@ def dilation_overhead(dense: nn.Module, x: torch.Tensor, device: torch.device, r
         pad = []
         for d in reversed(dws):
             pad += [d.pad_lo, d.pad_hi]
-        xp = F.pad(xin, pad)
+        fmt = memory_format(xin.dim(), xin.is_contiguous(memory_format=torch.channels_last)
+                            or xin.is_contiguous(memory_format=torch.channels_last_3d))
+        xp = F.pad(xin, pad).contiguous(memory_format=fmt)
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
         # the undilated twin: same kernel, output of the same size from a cropped input
         crop = xp
         for i, (kk, d) in enumerate(zip(k, dil_t)):
             crop = crop.narrow(2 + i, 0, xp.shape[2 + i] - (kk - 1) * (d - 1))
-        crop = crop.contiguous()
-        a, b, c = _interleaved(
-            [lambda: conv(xp, weight, bias, 1, 0, dil_t, groups),
-             lambda: conv(crop, weight, bias, 1, 0, 1, groups),
-             lambda: space_to_batch_conv(xp, weight, bias, dil_t, groups)],
-            device, runs, warmup)
+        crop = crop.contiguous(memory_format=fmt)
+        # each form against the undilated twin in its own interleaved pair: a third function
+        # in the same rotation (space-to-batch allocates and sweeps large buffers) slows
+        # whatever runs next, and the dilated convolution's larger input suffers most
+        plain = lambda: conv(crop, weight, bias, 1, 0, 1, groups)  # noqa: E731
+        a, b = _interleaved([lambda: conv(xp, weight, bias, 1, 0, dil_t, groups), plain],
+                            device, runs, warmup)
+        c, b2 = _interleaved([lambda: space_to_batch_conv(xp, weight, bias, dil_t, groups),
+                              plain], device, runs, warmup)
         dilated += a
         undilated += b
         batched += c
+        undilated2 += b2
         timed = True
-    if not timed or undilated <= 0:
+    if not timed or undilated <= 0 or undilated2 <= 0:
         return None
-    return dilated / undilated, batched / undilated
+    return dilated / undilated, batched / undilated2
+
+
+def memory_format(ndim: int, channels_last: bool) -> torch.memory_format:
+    """The memory format to run ``ndim``-dimensional activations in. Channels-last makes
+    dilated convolutions on this CPU run as fast as undilated ones (in the default layout,
+    small dilated maps ran up to 1.3x slower) and whole dense models 5-25% faster."""
+    if channels_last and ndim == 4:
+        return torch.channels_last
+    if channels_last and ndim == 5:
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def bench(baseline: nn.Module, dense: nn.Module, shape: Sequence[int], *, device: str = "cpu",
           runs: int = 5, warmup: int = 1, window_sample: int = 64, seed: int = 0,
+          channels_last: bool = True,
           progress: Callable[[str], None] | None = None) -> BenchResult:
     """Time the baseline, the dense model, shift-and-stitch and (for patch classifiers) the
-    sliding window, at input ``shape``, in one run."""
+    sliding window, at input ``shape``, in one run; all of them with activations and weights
+    in the same memory format (channels-last by default, for 2-D and 3-D models)."""
     dev = torch.device(device)
     meta = info(dense)
-    baseline = baseline.to(dev).eval()
-    dense = dense.to(dev).eval()
+    fmt = memory_format(len(shape), channels_last)
+    baseline = baseline.to(dev).eval().to(memory_format=fmt)
+    dense = dense.to(dev).eval().to(memory_format=fmt)
     x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(dev)
+    x = x.contiguous(memory_format=fmt)
     step = list(meta.total_step)
     notes = []
     timings: dict[str, Timing] = {}
@@ -300,7 +326,8 @@ def bench(baseline: nn.Module, dense: nn.Module, shape: Sequence[int], *, device
     if patch is None:
         record("baseline", lambda: baseline(x))
     else:
-        example = torch.randn(shape[0], shape[1], *patch, device=dev)
+        example = torch.randn(shape[0], shape[1], *patch, device=dev).contiguous(
+            memory_format=fmt)
         record("baseline", lambda: baseline(example),
                note=f"one {'x'.join(map(str, patch))} patch: the baseline accepts no other size")
     record("dense", lambda: dense(x))
@@ -326,6 +353,8 @@ def bench(baseline: nn.Module, dense: nn.Module, shape: Sequence[int], *, device
     if progress:
         progress("dilation")
     overhead = dilation_overhead(dense, x, dev, runs, warmup) or (None, None)
+    if fmt is not torch.contiguous_format:
+        notes.append("every case runs channels-last (activations and weights)")
     return BenchResult(list(shape), str(dev), step, meta.output_stride, timings, overhead[0],
                        overhead[1], estimate_bytes(meta, shape), notes)
 

@@ -496,6 +496,9 @@ def bench(
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per case (the median "
                                                             "is reported).")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 1,
+    channels_last: Annotated[bool, typer.Option(
+        "--channels-last/--contiguous", help="Memory format of every case (2-D and 3-D "
+                                             "models).")] = True,
     trust_pickle: TrustOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -524,7 +527,7 @@ def bench(
     check_memory(dense.econv, shape, force=force)
     with err.status("timing", spinner="dots") as status:
         result = timing.bench(loaded.model, dense, shape, device=device, runs=runs,
-                              warmup=warmup, progress=lambda name: status.update(
+                              warmup=warmup, channels_last=channels_last, progress=lambda name: status.update(
                                   f"timing {name}"))
     data = result.to_dict()
     if json_out:

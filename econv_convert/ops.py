@@ -49,10 +49,16 @@ def _pad_arg(lo: Sequence[int], hi: Sequence[int]) -> list[int]:
 def _crop(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Keep the first ``sizes[i]`` positions of each trailing dim.
 
-    A gather rather than ``narrow``: ``narrow`` branches on whether the crop is a no-op, which an
-    exporter must then pin to the example size (a guard); a gather always copies and does not.
+    When exporting, a gather rather than ``narrow``: ``narrow`` branches on whether the crop is
+    a no-op, which an exporter must then pin to the example size (a guard); a gather always
+    copies and does not. Run eagerly, ``narrow``: a view, no copy, and the memory format
+    (channels-last) is kept, which a gather loses.
     """
     nd = len(sizes)
+    if not torch.compiler.is_compiling():
+        for i, n in enumerate(sizes):
+            x = x.narrow(x.dim() - nd + i, 0, n)
+        return x
     for i, n in enumerate(sizes):
         x = x.index_select(x.dim() - nd + i, torch.arange(n, device=x.device))
     return x

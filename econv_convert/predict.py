@@ -89,8 +89,14 @@ def plan_tiles(dense: nn.Module, shape: Sequence[int], *, tile: int | None = Non
 
 def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
             max_memory: int | None = None, progress: Progress | None = None) -> torch.Tensor:
-    """``dense(x)`` computed tile by tile; identical (fp32 tolerance) to one whole pass."""
+    """``dense(x)`` computed tile by tile; identical (fp32 tolerance) to one whole pass.
+
+    Tiles of 2-D and 3-D models run channels-last (faster dense convolutions on CPU; see
+    :func:`econv_convert.bench.memory_format`)."""
+    from econv_convert.bench import memory_format
+
     plan = plan_tiles(dense, tuple(x.shape), tile=tile, max_memory=max_memory)
+    fmt = memory_format(x.dim(), True)
     sizes = x.shape[2:]
     nd = len(sizes)
     starts = [range(0, n, t) for n, t in zip(sizes, plan.tile)]
@@ -104,7 +110,7 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
             crop = x
             for i in range(nd):
                 crop = crop.narrow(2 + i, lo[i], hi[i] - lo[i])
-            y = dense(crop)
+            y = dense(crop.contiguous(memory_format=fmt))
             # tile output index q is image output index lo + q; keep [origin, origin + tile)
             keep = y
             offsets = []
@@ -118,7 +124,7 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
                 keep = keep.narrow(d, a, b - a)
                 offsets.append(origin[i])
             if keep is not None:
-                pieces.append((tuple(offsets), keep.clone()))
+                pieces.append((tuple(offsets), keep.contiguous()))
             done += 1
             if progress:
                 progress(done, plan.count)
