@@ -1,4 +1,4 @@
-"""Benchmarks: run ``python benchmarks/run.py`` (about 5 minutes on 2 CPU cores).
+"""Benchmarks: run ``python benchmarks/run.py`` (about 10 minutes on 2 CPU cores).
 
 Writes ``benchmarks/results.json``, ``benchmarks/speed.png`` and ``benchmarks/predict.png`` and
 prints a Markdown table. Every ratio is measured within one run on one machine.
@@ -9,7 +9,7 @@ prints a Markdown table. Every ratio is measured within one run on one machine.
 3. tiled predict: peak memory and time as the image grows (each size in a fresh process,
    peak RSS), against one whole-image pass;
 4. a ResNet-50-sized model (bottleneck blocks 3-4-6-3, width 64, written here): densify,
-   verify with default options, and inspect.
+   verify with default options, and inspect, in process and as CLI commands.
 """
 
 from __future__ import annotations
@@ -142,11 +142,35 @@ def resnet50_timings() -> dict:
     t = time.perf_counter()
     report = verify(model, dense)
     t_verify = time.perf_counter() - t
+    cli = _cli_timings(model)
     return {"parameters": params, "baseline_macs": costs.base_macs,
             "dense_macs": costs.dense_macs, "densify_s": t_densify, "inspect_s": t_inspect,
             "dense_forward_224_s": t_forward, "verify_s": t_verify,
             "verify_checks": len(report.checked), "verify_ok": report.ok,
-            "densify_plus_verify_s": t_densify + t_verify}
+            "verify_sizes": [list(c.shape) for c in report.checked],
+            "densify_plus_verify_s": t_densify + t_verify,
+            **cli}
+
+
+def _cli_timings(model: nn.Module) -> dict:
+    """The commands a user runs, end to end in a fresh process (start-up included):
+    ``econv-convert densify`` with default options (which verifies) and ``inspect``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "resnet50_sized.pt"
+        torch.save({"state_dict": model.state_dict(), "arch": "benchmarks.run:resnet50_sized",
+                    "input_shape": [1, 3, 224, 224]}, ckpt)
+        out = {}
+        for name, args in (("cli_densify_s", ["densify", str(ckpt)]),
+                           ("cli_inspect_s", ["inspect", str(ckpt)])):
+            t = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "econv_convert.cli", *args], cwd=ROOT,
+                                  capture_output=True, text=True)
+            out[name] = time.perf_counter() - t
+            if done.returncode:
+                raise RuntimeError(f"econv-convert {args[0]} failed: {done.stderr[-300:]}")
+        return out
 
 
 def plots(results: dict) -> None:
