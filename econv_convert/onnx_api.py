@@ -236,7 +236,7 @@ def densify(
         if max(got) != output_stride:
             raise InvalidInputError(f"--output-stride {output_stride} is not reachable: the "
                                     f"strides kept give output stride {max(got)}")
-    dense = _assemble(model, result, example, types)
+    dense = _assemble(model, result, example)
     meta = DenseInfo(
         example_shape=list(example), global_pool=global_pool, until=None,
         outputs=result.outputs,
@@ -256,7 +256,7 @@ def _record_dict(r) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def _assemble(model: onnx.ModelProto, result, example, types) -> onnx.ModelProto:
+def _assemble(model: onnx.ModelProto, result, example) -> onnx.ModelProto:
     g = model.graph
     x = _image_input(model)
     names = ["N"] + [""] + [f"{x.name}_dim{i}" for i in range(2, len(example))]
@@ -275,16 +275,15 @@ def _assemble(model: onnx.ModelProto, result, example, types) -> onnx.ModelProto
             inputs.append(i)
     outputs = []
     for o, spec in zip(g.output, result.outputs):
-        rank = len(spec["dims"])
         base = [d for d in o.type.tensor_type.shape.dim]
         shape: list = []
         for i, (kind, _, _) in enumerate(spec["dims"]):
-            if kind == "plain" and i < len(base) and i > 0 and base[i].HasField("dim_value"):
-                shape.append(int(base[i].dim_value))
+            if kind == "plain" and i < len(base) and base[i].HasField("dim_value"):
+                shape.append(int(base[i].dim_value))  # plain dims keep the baseline's size
             else:
-                shape.append(f"{o.name}_dim{i}" if i else (new_in[0]))
+                shape.append(f"{o.name}_dim{i}")
         outputs.append(helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type,
-                                                     shape if rank else None))
+                                                     shape))
     graph = helper.make_graph(list(result.graph.node), g.name or "dense", inputs, outputs,
                               initializer=list(g.initializer), doc_string=g.doc_string)
     dense = helper.make_model(graph, opset_imports=list(model.opset_import),

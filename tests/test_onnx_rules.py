@@ -243,6 +243,38 @@ def test_channels_last_layer_norm_and_linear():
     assert_onnx_equivalent(g.model(), SIZES)
 
 
+def test_pointwise_variadic_and_channel_reductions():
+    """Dropout, LRN, LpNormalization, reductions and ArgMax over channels, Sum/Mean/Where,
+    Squeeze/Unsqueeze and Gather on channels, per-channel constants, on a strided map."""
+    g = Graph((1, 3, 17, 19))
+    x = g.node("Dropout", [g.x])
+    x = g.node("LRN", [x], size=3)
+    x = g.node("LpNormalization", [x], axis=1, p=2)
+    m = g.node("ReduceMean", [x], axes=[1], keepdims=1)
+    a = g.node("ArgMax", [x], axis=1, keepdims=1)
+    a = g.node("Cast", [a], to=1)
+    s = g.node("Sum", [x, m, a])
+    s = g.node("Mean", [s, g.weight((4, 1, 1)), g.const(0.5, np.float32)])
+    s = g.node("Where", [g.node("Greater", [s, g.const(0.0, np.float32)]), s,
+                         g.const(-1.0, np.float32)])
+    s = g.node("Squeeze", [g.node("Unsqueeze", [s, g.const([1])]), g.const([1])])
+    s = g.node("Gather", [s, g.const([0, 2, 3])], axis=1)
+    g.x = g.node("Conv", [s, g.weight((2, 3, 3, 3))], kernel_shape=[3, 3], strides=[2, 2])
+    assert_onnx_equivalent(g.model(), SIZES)
+
+
+@pytest.mark.parametrize("mode", ["phase", "lattice"])
+def test_pooled_matmul_head_runs_per_phase(mode):
+    """Global pool, Squeeze, MatMul + Add: in phase mode the head runs once per phase."""
+    g = Graph((1, 3, 17, 19))
+    x = g.node("GlobalAveragePool", [g.x])
+    x = g.node("Squeeze", [x, g.const([2, 3])])
+    x = g.node("MatMul", [x, g.weight((4, 6))])
+    x = g.node("Add", [x, g.weight((6,))])
+    g.x = g.node("LogSoftmax", [x], axis=-1)
+    assert_onnx_equivalent(g.model(), SIZES, global_pool=mode)
+
+
 # -- refusals -------------------------------------------------------------------------------
 
 
