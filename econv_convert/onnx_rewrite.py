@@ -58,6 +58,8 @@ REFUSED = {
     "Loop": "a subgraph (If/Loop/Scan) is not supported",
     "Scan": "a subgraph (If/Loop/Scan) is not supported",
 }
+_SHAPE_PLUMBING = {"Squeeze", "Unsqueeze", "Slice", "Gather", "Cast", "Identity", "Reshape",
+                   "Flatten"}
 _REDUCE = {"ReduceMean": "mean", "ReduceMax": "max", "ReduceMin": "min", "ReduceSum": "sum",
            "GlobalAveragePool": "mean", "GlobalMaxPool": "max"}
 _BIG = 2**62
@@ -80,6 +82,7 @@ class Val:
     layout: Layout | None
     sizes: tuple[bool, ...] | None = None  # per entry of a 1-D shape tensor: a spatial size?
     tainted: bool = False  # computed from a spatial size
+    merged: int = 0  # >0: the last baseline dim merges this many trailing spatial dims
 
     @property
     def spatial_size(self) -> bool:
@@ -178,6 +181,17 @@ class OnnxRewriter:
         if node.domain not in ("", "ai.onnx"):
             _refuse(f"operator domain '{node.domain}' has no rule")
         op = node.op_type
+        vals = [self.v(i) for i in node.input if i]
+        if any(v.merged for v in vals):
+            return _on_merged(self, node)
+        if op in _SHAPE_PLUMBING and vals and vals[0].tainted and vals[0].layout is not None \
+                and vals[0].layout.is_plain:
+            # integer plumbing on a value computed from spatial sizes: it stays such a value
+            self.emit(node, list(node.input))
+            for o in node.output:
+                self.set(o, Layout.plain(self.shapes[o]) if o in self.shapes else None,
+                         tainted=True)
+            return None
         if op in REFUSED:
             if self._any_spatial(node) or op in ("If", "Loop", "Scan"):
                 _refuse(REFUSED[op])
@@ -879,6 +893,55 @@ def _phase_to_map(rw: OnnxRewriter, name: str, lay: Layout, like: Layout, like_n
     return y, Layout(lay.base, tuple(dims))
 
 
+def _on_merged(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
+    """Nodes reading a value whose spatial dims were merged into one (``x.view(n, c, -1)``):
+    pointwise ops keep the merge; a mean/max/min/sum over the merged dim is global pooling;
+    anything else is refused."""
+    x = node.input[0]
+    v = rw.v(x)
+    others = [rw.v(i) for i in node.input[1:] if i]
+    op = node.op_type
+    if not v.merged or any(o.merged or not o.layout.is_plain or o.spatial_size for o in others):
+        _refuse("an op that combines merged spatial positions with other tensors")
+    if op in UNARY or op == "Dropout":
+        if op not in _SCALAR_PARAMS and others:
+            _refuse(f"{op} with a parameter on merged spatial positions")
+        if op == "Dropout":
+            if len(node.output) > 1 and node.output[1]:
+                _refuse("dropout's mask output is used")
+            rw.b.op1("Identity", [x], node.output[0])
+        else:
+            rw.emit(node, list(node.input))
+        rw.env[node.output[0]] = Val(v.layout, merged=v.merged)
+        return
+    lay = v.layout
+    rank = lay.base_ndim - v.merged + 1  # the baseline's rank
+    a = attrs(node)
+    if op not in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum"):
+        _refuse(f"{op} on merged spatial positions (only a mean, max, min or sum over them "
+                "has a rule)")
+    axes = _axes_of(rw, node, a, 1)
+    if axes is None or [_norm(d, rank) for d in axes] != [rank - 1]:
+        _refuse(f"{op} over other dims than the merged spatial positions")
+    keepdims = bool(a.get("keepdims", 1))
+    tmp = rw.b.fresh("pooled")
+    rw.shapes[tmp] = tuple(lay.base[:rank - 1])
+    inner = onnx.NodeProto()
+    inner.CopyFrom(node)
+    inner.output[0] = tmp
+    _global(rw, inner, x, list(range(rank - 1, lay.base_ndim)), _REDUCE[op], False)
+    pooled = rw.env[tmp].layout
+    out = node.output[0]
+    if keepdims:
+        rw.b.unsqueeze(tmp, [rank - 1], out)
+        dims = pooled.base_dims + (PLAIN,)
+    else:
+        rw.b.op1("Identity", [tmp], out)
+        dims = pooled.base_dims
+    rw.set(out, Layout(rw.base_shape(out), dims + pooled.extras, pooled.n_extra))
+    rw.fields[out] = rw.field_of(x)
+
+
 # -- channels: axes that must not be spatial ---------------------------------------------------
 
 
@@ -973,6 +1036,13 @@ def _fold_or_reshape(rw: OnnxRewriter, node: onnx.NodeProto, x: str, out_shape) 
             rw.set(out, Layout(tuple(out_shape), tuple(dims) + lay.extras, lay.n_extra))
             rw.inherit_field(node)
             return
+    # all spatial dims merged into one, last (x.view(n, c, -1)): only a reduction over it
+    if (z == len(base_in) and a >= 1 and not lay.n_extra and
+            tuple(out_shape) == tuple(base_in[:a]) + (math.prod(block),)):
+        rw.b.op1("Identity", [x], out)
+        rw.env[out] = Val(lay, merged=len(block))
+        rw.inherit_field(node)
+        return
     # a flatten of channels and space that only Gemm/MatMul may consume
     if (len(out_shape) == a and z == len(base_in) and a >= 2 and
             tuple(out_shape[:a - 1]) == tuple(base_in[:a - 1]) and not lay.n_extra):

@@ -164,6 +164,26 @@ def test_squeeze_excitation_phase():
         assert_onnx_equivalent(g.model(), SIZES, global_pool=mode)
 
 
+@pytest.mark.parametrize("mode", ["phase", "lattice"])
+@pytest.mark.parametrize("op,keepdims", [("ReduceMean", 0), ("ReduceMax", 1)])
+def test_global_pool_written_as_view_and_reduce(op, keepdims, mode):
+    """``x.view(n, c, -1).mean(-1)``: spatial dims merged into one, then reduced."""
+    g = Graph((1, 3, 17, 19))
+    x = g.node("Reshape", [g.x, g.const([1, 4, -1])])
+    x = g.node("Relu", [x])
+    g.x = g.node(op, [x], axes=[-1], keepdims=keepdims)
+    _, meta = assert_onnx_equivalent(g.model(), global_pool=mode)
+    assert meta.global_pools == 1
+
+
+def test_merged_positions_are_only_reduced():
+    def build(g):
+        x = g.node("Reshape", [g.x, g.const([1, 4, -1])])
+        g.x = g.node("Softmax", [x], name="attn", axis=-1)
+
+    _refused(build, r"'attn \(Softmax\)'.*merged spatial positions")
+
+
 # -- heads ----------------------------------------------------------------------------------
 
 
