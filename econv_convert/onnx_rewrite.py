@@ -966,6 +966,31 @@ def _channel_axis(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     rw.inherit_field(node)
 
 
+@rule("QuantizeLinear", "DequantizeLinear")
+def _quantize(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
+    """(De)quantization per tensor or per channel (its ``axis``): pointwise on a map."""
+    x = node.input[0]
+    lay = rw.lay(x)
+    if lay.is_plain and not rw.v(x).spatial_size:
+        return rw._same(node)
+    if lay.fold:
+        _refuse("quantization of a flatten of spatial positions")
+    scale = rw.base_shape(node.input[1]) if node.input[1] in rw.shapes else ()
+    for i in node.input[1:]:
+        if i and not rw.lay(i).is_plain:
+            _refuse("quantization parameters that vary over positions")
+    a = attrs(node)
+    if scale and math.prod(scale) > 1:
+        axis = _norm(int(a.get("axis", 1)), lay.base_ndim)
+        if lay.base_dims[axis].spatial or len(scale) > 1:
+            _refuse("quantization parameters that vary over positions (blocked or spatial axis)")
+        rw.emit(node, list(node.input), axis=axis)
+    else:
+        rw.emit(node, list(node.input))
+    rw.set(node.output[0], lay)
+    rw.inherit_field(node)
+
+
 @rule("LayerNormalization")
 def _layer_norm(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     """Normalization over the trailing dims from ``axis``: they must not be spatial; extra

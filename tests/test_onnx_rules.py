@@ -283,6 +283,22 @@ def test_pointwise_variadic_and_channel_reductions():
     assert_onnx_equivalent(g.model(), SIZES)
 
 
+def test_quantize_dequantize_per_tensor_and_per_channel():
+    """A QDQ model: activations quantized per tensor, weights per channel."""
+    g = Graph((1, 3, 17, 19), opset=13)
+    q = g.node("QuantizeLinear", [g.x, g.const(0.05, np.float32), g.const(0, np.uint8)])
+    x = g.node("DequantizeLinear", [q, g.const(0.05, np.float32), g.const(0, np.uint8)])
+    wq = g.const(np.random.default_rng(0).integers(-50, 50, (5, 4, 3, 3)), np.int8)
+    w = g.node("DequantizeLinear", [wq, g.const(np.full(5, 0.01), np.float32),
+                                    g.const(np.zeros(5), np.int8)], axis=0)
+    x = g.node("Conv", [x, w], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
+    q = g.node("QuantizeLinear", [x, g.const(np.full(5, 0.02), np.float32),
+                                  g.const(np.full(5, 128), np.uint8)], axis=1)
+    g.x = g.node("DequantizeLinear", [q, g.const(np.full(5, 0.02), np.float32),
+                                      g.const(np.full(5, 128), np.uint8)], axis=1)
+    assert_onnx_equivalent(g.model(), SIZES)
+
+
 @pytest.mark.parametrize("mode", ["phase", "lattice"])
 def test_pooled_matmul_head_runs_per_phase(mode):
     """Global pool, Squeeze, MatMul + Add: in phase mode the head runs once per phase."""
