@@ -99,7 +99,8 @@ class Builder:
     def op1(self, op_type: str, inputs: Sequence[str], output: str | None = None, **attrs) -> str:
         return self.op(op_type, inputs, [output] if output else 1, **attrs)[0]
 
-    def const(self, values, dtype: int = TensorProto.INT64, shape: Sequence[int] | None = None) -> str:
+    def const(self, values, dtype: int = TensorProto.INT64,
+              shape: Sequence[int] | None = None) -> str:
         """A constant tensor as a ``Constant`` node (the model's initializers stay untouched)."""
         arr = np.asarray(values, dtype=_NP[dtype])
         if shape is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.lattice import Field, Window, dense_out, dense_window
@@ -374,11 +374,12 @@ def _window_attrs(rw: OnnxRewriter, node: onnx.NodeProto, kernel: Sequence[int],
                 total = rw.b.maximum(((h[i] + stride[i] - 1) // stride[i] - 1) * stride[i]
                                      + ext - h[i], 0)
             small = total // 2
-            lo[i], hi[i] = (small, total - small) if auto == "SAME_UPPER" else (total - small, small)
+            big = total - small
+            lo[i], hi[i] = (small, big) if auto == "SAME_UPPER" else (big, small)
     elif auto != "NOTSET":
         _refuse(f"auto_pad '{auto}'")
     return [Window(k, t, p, q, d, ceil) for k, t, p, q, d in
-            zip(kernel, stride, lo, hi, dil, strict=True)], auto
+            zip(kernel, stride, lo, hi, dil, strict=True)]
 
 
 def _static(v) -> bool:
@@ -421,8 +422,8 @@ def _fields(rw: OnnxRewriter, x: str, ws: Sequence[Window]) -> tuple[Field, ...]
 
 def _dense_windows(rw: OnnxRewriter, node, x: str, kernel, kind: str, cost: int):
     """Shared start of every window rule: geometry, the plain and kept-stride cases, the
-    record. Returns (steps, axes, windows, dense windows) or None when the node was emitted
-    unchanged."""
+    record. Returns (steps, windows, dense windows, record arguments), or None when the node
+    was emitted as it is (nothing spatial, extra dims only, or a kept stride)."""
     lay = rw.lay(x)
     nd = len(kernel)
     form, steps, axes = _map_geometry(rw, lay, nd)
@@ -436,7 +437,7 @@ def _dense_windows(rw: OnnxRewriter, node, x: str, kernel, kind: str, cost: int)
     auto = auto.decode() if isinstance(auto, bytes) else auto
     h = [_lattice_size(rw, x, i, s) if auto.startswith("SAME") else 0
          for i, s in enumerate(steps)]
-    ws, auto = _window_attrs(rw, node, kernel, h)
+    ws = _window_attrs(rw, node, kernel, h)
     rw.result.has_padding |= any(not _static(w.pad_lo) or w.pad_lo or w.pad_hi
                                  or w.ceil_mode for w in ws)
     rf = _fields(rw, x, ws)
@@ -584,7 +585,6 @@ def _avg_pool(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     dtype = rw.types.get(x, TensorProto.FLOAT)
     axes = list(range(2, 2 + nd))
     lo, hi = _pad_lists(dws)
-    strided = any(w.stride > 1 for w in ws)
     src = x
     if lp:
         p = float(a.get("p", 2))
@@ -645,8 +645,8 @@ def _global(rw: OnnxRewriter, node: onnx.NodeProto, x: str, axes: Sequence[int],
         # reduce the counts: what is left is one value per phase
         sizes = [b.dim(x, d) for d in space]
         blocks = [(H + s - 1) // s for H, s in zip(sizes, steps)]
-        src = b.pad(x, rank, space, [0] * len(space), [n * s - H for n, s, H in
-                                                        zip(blocks, steps, sizes)], rw.fill(x, fill))
+        ends = [n * s - H for n, s, H in zip(blocks, steps, sizes)]
+        src = b.pad(x, rank, space, [0] * len(space), ends, rw.fill(x, fill))
         target: list = []
         reduced = []
         for d in range(rank):
@@ -817,7 +817,8 @@ def _broadcast(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     maps = [lay for lay in lays if any(d.kind == "space" for d in lay.base_dims)]
     for k, lay in enumerate(lays):
         if maps and lay.extras and all(d.kind == "phase" for d in lay.extras):
-            names[k], lays[k] = _phase_to_map(rw, names[k], lay, maps[0], names[lays.index(maps[0])])
+            like = lays.index(maps[0])
+            names[k], lays[k] = _phase_to_map(rw, names[k], lay, maps[0], names[like])
     rank = max(lay.base_ndim for lay in lays)
     out_dims: list[Dim] = []
     for i in range(rank):
@@ -841,7 +842,8 @@ def _broadcast(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         if lay.extras and lay.extras != extras:
             _refuse("operands with different extra dims")
         if not lay.extras and extras:
-            names[k] = rw.b.unsqueeze(names[k], list(range(len(lay.dims), len(lay.dims) + len(extras))))
+            n = len(lay.dims)
+            names[k] = rw.b.unsqueeze(names[k], list(range(n, n + len(extras))))
     rw.emit(node, _with_gaps(node.input, names))
     for o in node.output:
         rw.set(o, Layout(rw.base_shape(o), tuple(out_dims) + extras, len(extras)))
@@ -1057,7 +1059,8 @@ def _fold_or_reshape(rw: OnnxRewriter, node: onnx.NodeProto, x: str, out_shape) 
             if not j:
                 _refuse("a reshape that merges the batch into space")
             rw.b.reshape(x, target, out)
-            dims = [PLAIN] * j + list(lay.base_dims[a:z]) + [PLAIN] * (len(out_shape) - j - len(block))
+            tail = len(out_shape) - j - len(block)
+            dims = [PLAIN] * j + list(lay.base_dims[a:z]) + [PLAIN] * tail
             rw.set(out, Layout(tuple(out_shape), tuple(dims) + lay.extras, lay.n_extra))
             rw.inherit_field(node)
             return
@@ -1181,7 +1184,8 @@ def _gemm(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         _refuse("Gemm with transA on a spatial map")
     if not rw.lay(w).is_plain or (bias and not rw.lay(bias).is_plain):
         _refuse("Gemm weights that depend on positions")
-    trans, alpha, beta = bool(a.get("transB", 0)), float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
+    trans = bool(a.get("transB", 0))
+    alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
     if lay.fold:
         return _head_conv(rw, node, x, lay, _weight_as_conv(rw, w, trans, lay, alpha), bias,
                           beta)

@@ -339,11 +339,21 @@ def test_refuses_depth_to_space():
 
 
 def test_refuses_attention_over_positions():
+    """Merging the positions into tokens is allowed (a pool may follow); using the tokens
+    as a sequence is refused at the first node that does."""
     def build(g):
         t = g.node("Reshape", [g.x, g.const([1, 4, 64])], name="tokens")
-        g.x = g.node("MatMul", [g.node("Transpose", [t], perm=[0, 2, 1]), t], name="attn")
+        g.x = g.node("MatMul", [g.node("Transpose", [t], name="to_seq", perm=[0, 2, 1]), t],
+                     name="attn")
 
-    _refused(build, r"'tokens \(Reshape\)'.*mixes spatial positions")
+    _refused(build, r"'to_seq \(Transpose\)'.*merged spatial positions")
+
+
+def test_refuses_reshape_that_splits_space():
+    def build(g):
+        g.x = g.node("Reshape", [g.x, g.const([1, 4, 2, 4, 8])], name="windows")
+
+    _refused(build, r"'windows \(Reshape\)'.*mixes spatial positions")
 
 
 def test_refuses_positional_embedding():
