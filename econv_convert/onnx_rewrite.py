@@ -1488,6 +1488,26 @@ def _shape_concat(rw: OnnxRewriter, node: onnx.NodeProto, vals: list[Val]) -> No
                                  tainted=sizes is None)
 
 
+@rule("Expand")
+def _expand(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
+    """``y.expand_as(x)`` before an element-wise op with the map: the target shape comes from
+    the map's (dense) shape. Broadcasting in that op does the same, so the value passes as it
+    is; a value that is itself spatial is not expanded over positions."""
+    v, target = rw.v(node.input[0]), rw.v(node.input[1])
+    if not target.spatial_size and (v.layout is None or v.layout.is_plain):
+        return rw._same(node)
+    lay = rw.lay(node.input[0])
+    if lay.fold or any(d.spatial for d in lay.base_dims):
+        _refuse("expanding a spatial map")
+    if not target.spatial_size:
+        _refuse("expanding a value with extra dims to a fixed shape")
+    out = rw.base_shape(node.output[0])
+    if len(out) != lay.base_ndim or any(a != b and a != 1 for a, b in zip(lay.base, out)):
+        _refuse(f"expanding {lay.base} to {out} changes more than size-1 dims")
+    rw.b.op1("Identity", [node.input[0]], node.output[0])
+    rw.env[node.output[0]] = Val(lay)
+
+
 @rule("Constant")
 def _constant(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     rw._same(node)

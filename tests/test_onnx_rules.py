@@ -184,6 +184,18 @@ def test_merged_positions_are_only_reduced():
     _refused(build, r"'attn \(Softmax\)'.*merged spatial positions")
 
 
+@pytest.mark.parametrize("mode", ["phase", "lattice"])
+def test_squeeze_excitation_with_expand_as(mode):
+    """``x * s.expand_as(x)``: Expand to the map's shape, computed from Shape(map)."""
+    g = Graph((1, 3, 17, 19))
+    x = g.x
+    s = g.node("ReduceMean", [x], axes=[2, 3], keepdims=1)
+    s = g.node("Sigmoid", [g.node("Conv", [s, g.weight((4, 4, 1, 1))], kernel_shape=[1, 1])])
+    s = g.node("Expand", [s, g.node("Shape", [x])])
+    g.x = g.node("Mul", [x, s])
+    assert_onnx_equivalent(g.model(), SIZES, global_pool=mode)
+
+
 # -- heads ----------------------------------------------------------------------------------
 
 
