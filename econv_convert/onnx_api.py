@@ -26,6 +26,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from econv_convert.api import DenseInfo, atomic_write
+from econv_convert.lattice import Window, out_size
 from econv_convert.errors import (
     InvalidInputError,
     InvalidModelError,
@@ -149,9 +150,44 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return consts
 
 
+FOLD_LIMIT = 4096  # elements: constant subgraphs of this size are evaluated (pads, shapes)
+
+
+def _fold_constants(model: onnx.ModelProto, consts: dict[str, np.ndarray]) -> None:
+    """Evaluate small nodes whose inputs are all constants (exporters build pads and shapes
+    from chains of Constant, Concat, Reshape, Slice, Cast...), so that rules can read them.
+    The graph itself is not changed."""
+    from onnx.reference import ReferenceEvaluator
+
+    opsets = list(model.opset_import)
+    for node in model.graph.node:
+        if node.op_type == "Constant" or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        ins = [i for i in node.input if i]
+        if not all(i in consts for i in ins) or any(o in consts for o in node.output):
+            continue
+        if sum(consts[i].size for i in ins) > FOLD_LIMIT:
+            continue
+        graph = helper.make_graph(
+            [node], "fold",
+            [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(consts[i].dtype),
+                                           consts[i].shape) for i in dict.fromkeys(ins)],
+            [helper.make_tensor_value_info(o, 0, None) for o in node.output if o])
+        try:
+            outs = ReferenceEvaluator(helper.make_model(graph, opset_imports=opsets)).run(
+                None, {i: consts[i] for i in ins})
+        except Exception:  # an op the reference cannot run: the rules will say what they need
+            continue
+        for o, v in zip([o for o in node.output if o], outs):
+            if isinstance(v, np.ndarray) and v.size <= FOLD_LIMIT:
+                consts[o] = v
+
+
 def _shapes(model: onnx.ModelProto, example: Sequence[int]):
-    """Every value's shape and element type at the example input: ONNX shape inference, and
-    for what it leaves unknown, one onnxruntime run that exposes those values."""
+    """Every value's shape and element type at the example input. Types come from ONNX shape
+    inference; shapes are measured in one onnxruntime run that exposes every value, since the
+    runtime is what the dense graph is checked against (the spec's shape inference and
+    onnxruntime disagree on ceil-mode pools whose last window would start in the padding)."""
     m = _with_input_shape(model, example)
     try:
         inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
@@ -169,24 +205,29 @@ def _shapes(model: onnx.ModelProto, example: Sequence[int]):
     for init in g.initializer:
         shapes[init.name] = tuple(init.dims)
         types[init.name] = init.data_type
-    missing = [o for n in g.node for o in n.output if o and o not in shapes]
-    if missing:
-        shapes.update(_run_shapes(m, example, missing, types))
+    outputs = [o for n in g.node for o in n.output if o]
+    shapes.update(_run_shapes(model, example, outputs, types, symbolic=not static_input(model)))
     return shapes, types
 
 
-def _run_shapes(model: onnx.ModelProto, example, names: list[str], types: dict[str, int]):
-    """Shapes of ``names`` measured by running the model once at the example input."""
-    m = copy.deepcopy(model)
+def _run_shapes(model: onnx.ModelProto, example, names: list[str], types: dict[str, int],
+                symbolic: bool):
+    """Shapes of ``names`` measured by running the model once at the example input. The input
+    is declared with free sizes: onnxruntime's own shape inference at load time follows the
+    spec, and would reject a graph whose ceil-mode pools it sizes differently from its run."""
+    m = _with_input_shape(model, [example[0], example[1]] + [f"d{i}" for i in
+                                                             range(2, len(example))])
+    outputs = {o.name for o in m.graph.output}
     known = [n for n in names if types.get(n)]
     for n in known:
-        m.graph.output.append(helper.make_tensor_value_info(n, types[n], None))
+        if n not in outputs:
+            m.graph.output.append(helper.make_tensor_value_info(n, types[n], None))
     try:
         sess = _session(m)
         x = np.random.default_rng(0).standard_normal(example).astype(_input_dtype(m))
         outs = sess.run(known, {_image_input(m).name: x})
     except Exception as e:
-        hint = "" if static_input(model) else "; its input has symbolic sizes: give --input-shape"
+        hint = "; its input has symbolic sizes: give --input-shape" if symbolic else ""
         raise InvalidModelError(f"the baseline does not run in onnxruntime at input "
                                 f"{tuple(example)} ({describe(e, 120)}){hint}") from e
     return {n: tuple(o.shape) for n, o in zip(known, outs)}
@@ -229,7 +270,9 @@ def densify(
     model = _prepared(model, notes)
     example = example_shape(model, input_shape)
     shapes, types = _shapes(model, example)
-    rw = OnnxRewriter(model, shapes, types, _constants(model), global_pool, output_stride)
+    consts = _constants(model)
+    _fold_constants(model, consts)
+    rw = OnnxRewriter(model, shapes, types, consts, global_pool, output_stride)
     result = rw.run()
     if output_stride is not None:
         got = result.kept_stride or (1,)
@@ -392,6 +435,9 @@ def verify(
     dtype = torch.from_numpy(np.zeros(1, np_dtype)).dtype
 
     def run_baseline(t: torch.Tensor):
+        why = _invalid_size(baseline, tuple(t.shape))
+        if why:
+            return None, why
         try:
             outs = base_sess.run(None, {in_base: t.numpy()})
         except Exception as e:
@@ -409,6 +455,40 @@ def verify(
     return check(meta, run_baseline, run_dense, shapes=shapes, trials=trials, seed=seed,
                  atol=atol, rtol=rtol, shift=shift, progress=progress, dtype=dtype, batch=batch,
                  near_example=near_example)
+
+
+def _invalid_size(model: onnx.ModelProto, shape: tuple[int, ...]) -> str:
+    """Why ``model`` cannot take ``shape`` (a window larger than its padded input), or "".
+    onnxruntime runs some such graphs anyway (its sizes truncate toward zero: a 3-wide pool
+    over 2 values gives one), where PyTorch raises; such sizes are not checked."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_with_input_shape(model, shape))
+    except Exception as e:
+        return f"the baseline's shapes are invalid at this size ({describe(e, 70)})"
+    g = inferred.graph
+    known = {vi.name: vi for vi in [*g.input, *g.value_info, *g.output]}
+    weights = {i.name: tuple(i.dims) for i in g.initializer}
+    for node in g.node:
+        if node.op_type not in ("Conv", "MaxPool", "AveragePool", "LpPool") or \
+                node.input[0] not in known:
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            continue
+        dims = known[node.input[0]].type.tensor_type.shape.dim[2:]
+        kernel = a.get("kernel_shape") or weights.get(node.input[1], (0, 0))[2:]
+        nd = len(kernel)
+        pads = a.get("pads") or [0] * 2 * nd
+        dil = a.get("dilations") or [1] * nd
+        strides = a.get("strides") or [1] * nd
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and i < nd:
+                w = Window(kernel[i], strides[i], pads[i], pads[i + nd], dil[i],
+                           bool(a.get("ceil_mode", 0)))
+                if out_size(d.dim_value, w) < 1:
+                    return (f"node '{node.name or node.output[0]}' has a window larger than its "
+                            "input at this size")
+    return ""
 
 
 def _session_or_raise(model: onnx.ModelProto, what: str):

@@ -25,7 +25,7 @@ from econv_convert.errors import UnsupportedLayerError
 from econv_convert.lattice import Field, Window, dense_out, dense_window
 from econv_convert.layout import PLAIN, Dim, Layout
 from econv_convert.onnx_graph import Builder, SymInt
-from econv_convert.rewrite import GLOBAL_POOL_MODES, LayerRecord
+from econv_convert.rewrite import GLOBAL_POOL_MODES, HEAD_KIND, LayerRecord
 
 # ONNX ops that are the same function at every position (the first input carries the map;
 # further inputs, if any, are broadcast like the binary ops)
@@ -546,8 +546,11 @@ def _max_pool(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     x = node.input[0]
     nd = len(kernel)
     lo, hi = _pad_lists(dws)
-    # explicit -inf padding: pooling pads must stay below the kernel in onnxruntime
-    src = rw.b.pad(x, nd + 2, list(range(2, 2 + nd)), lo, hi, rw.fill(x, -math.inf)) \
+    # explicit padding (pooling pads must stay below the kernel in onnxruntime) with the
+    # lowest finite value: onnxruntime's max over a window of padding only is that, not -inf
+    lowest = float(np.finfo(helper.tensor_dtype_to_np_dtype(
+        rw.types.get(x, TensorProto.FLOAT))).min)
+    src = rw.b.pad(x, nd + 2, list(range(2, 2 + nd)), lo, hi, rw.fill(x, lowest)) \
         if _nonzero(lo + hi) else x
     strided = any(w.stride > 1 for w in ws)
     y = rw.b.op1("MaxPool", [src], None if strided else node.output[0],
@@ -1142,7 +1145,7 @@ def _head_conv(rw: OnnxRewriter, node: onnx.NodeProto, x: str, lay: Layout, kern
     rf = rw.field_of(x)
     if rf:
         rw.fields[out] = tuple(f.through(Window(k)) for f, k in zip(rf, lay.fold_shape))
-    rw.record("linear_head", {"in_features": lay.base[-1]},
+    rw.record(HEAD_KIND, {"in_features": lay.base[-1]},
               {"kernel": tuple(lay.fold_shape), "dilation": tuple(d.step for d in space)},
               tuple(d.step for d in space), tuple(d.step for d in space),
               rw.fields.get(out, ()), "Flatten + fully connected as a dilated convolution",

@@ -27,6 +27,7 @@ from econv_convert.lattice import Field, Window, same_padding
 from econv_convert.layout import PLAIN, Dim, Layout
 
 GLOBAL_POOL_MODES = ("phase", "lattice", "dense")
+HEAD_KIND = "fc_to_conv"  # the record kind of a Flatten + fully connected head (fixed input size)
 
 
 @dataclass
@@ -857,7 +858,7 @@ def _linear_head(rw: Rewriter, node: fx.Node, x: Val, w, b) -> Val:
     n = rw.call(ops.conv, x.node, w, b, steps, (1,) * nd, (0,) * nd, (0,) * nd, (1,) * nd, 1, k)
     rf = _fields_through(rw, node.args[0], k, (1,) * nd, (1,) * nd)
     rw.fields[node] = rf
-    rw.record(n, "fc_to_conv", {"in_features": rw.base(node.args[0]).shape[-1]},
+    rw.record(n, HEAD_KIND, {"in_features": rw.base(node.args[0]).shape[-1]},
               {"kernel": k, "dilation": steps}, steps, steps, rf,
               cost=rw.base(node.args[0]).shape[-1])
     base = rw.base(node)

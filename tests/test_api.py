@@ -130,3 +130,16 @@ def test_verify_keeps_fixed_head_models_near_the_example():
     dense = densify(model, (1, 3, 65, 65))
     report = verify(model, dense)
     assert report.ok and report.checked[0].shape == (2, 3, 65, 65)
+
+
+def test_flatten_head_models_are_checked_near_the_example():
+    """A Flatten + Linear head fixes the input size: no small-size shortcut (the dense model
+    would be asked for sizes its head convolution cannot take)."""
+    torch.manual_seed(0)
+    model = rand_bn(nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), nn.Conv2d(6, 6, 1, 3),
+                                  nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(36, 4)))
+    dense = densify(model, (1, 3, 13, 9))
+    report = verify(model, dense)
+    assert report.ok, report.failures()
+    assert report.checked[0].shape == (2, 3, 13, 9)
+    assert not any("small sizes" in n for n in report.notes)
