@@ -73,7 +73,7 @@ def test_dynamo_export_with_dynamic_shapes(name):
     graph = export(rand_bn(build()), shape, dynamo=True, dynamic=True)
     dense, meta = onnx_api.densify(graph, shape)
     report = onnx_api.verify(graph, dense)
-    assert report.ok and len(report.checked) >= 4, report.failures()
+    assert report.ok and len(report.checked) >= 3, report.failures()
 
 
 @pytest.mark.parametrize("mode", ["phase", "lattice"])
