@@ -330,7 +330,8 @@ def _assemble(model: onnx.ModelProto, result, example) -> onnx.ModelProto:
     graph = helper.make_graph(list(result.graph.node), g.name or "dense", inputs, outputs,
                               initializer=list(g.initializer), doc_string=g.doc_string)
     dense = helper.make_model(graph, opset_imports=list(model.opset_import),
-                              producer_name="econv-convert", ir_version=model.ir_version)
+                              producer_name="econv-convert", ir_version=model.ir_version,
+                              functions=list(model.functions))
     for p in model.metadata_props:
         if p.key not in (INFO_KEY, BASELINE_KEY):
             dense.metadata_props.add(key=p.key, value=p.value)

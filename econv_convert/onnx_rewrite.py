@@ -179,7 +179,9 @@ class OnnxRewriter:
 
     def _rewrite(self, node: onnx.NodeProto) -> None:
         if node.domain not in ("", "ai.onnx"):
-            _refuse(f"operator domain '{node.domain}' has no rule")
+            if self._any_spatial(node):
+                _refuse(f"operator {node.domain}::{node.op_type} has no rule on a spatial map")
+            return self._same(node)
         op = node.op_type
         vals = [self.v(i) for i in node.input if i]
         if any(v.merged for v in vals):
@@ -1352,6 +1354,9 @@ def _pad(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode == "wrap":
         _refuse("circular padding is not translation-equivariant on the lattice")
+    if "pads" not in a and rw.v(node.input[1]).spatial_size:
+        _refuse("padding computed from the input size (TensorFlow-style 'same' padding); "
+                "export the model at a fixed input size, where the pads are constants")
     pads = [int(p) for p in (a["pads"] if "pads" in a else
                              rw.need_const(node.input[1], "Pad pads").reshape(-1))]
     r = lay.base_ndim
