@@ -11,7 +11,8 @@ trailing dimensions the baseline lacks:
   the baseline, run on the example size, has one position there.
 
 A *fold* is a ``flatten`` over channels and space that only a Linear layer may consume: the
-dense tensor keeps the unflattened map.
+dense tensor keeps the unflattened map. A *merge* flattens only the trailing spatial dims
+into one (``x.view(n, c, -1)``); only a reduction over it (global pooling) may consume it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Layout:
     n_extra: int = 0  # trailing dims that the baseline tensor lacks
     fold: int = 0  # >0: the last baseline dim is the flatten of this many dense dims
     fold_shape: tuple[int, ...] = ()  # the folded spatial sizes at the example input
+    # >0: the baseline tensor is this one with its last ``merged`` (spatial) dims flattened
+    # into one (``x.view(n, c, -1)``); only a reduction over that dim may consume it
+    merged: int = 0
 
     @staticmethod
     def plain(shape) -> Layout:
@@ -76,7 +80,8 @@ class Layout:
 
     def with_base(self, base, dims) -> Layout:
         """Same extras, new baseline shape and dims."""
-        return replace(self, base=tuple(base), dims=tuple(dims) + self.extras, fold=0, fold_shape=())
+        return replace(self, base=tuple(base), dims=tuple(dims) + self.extras, fold=0,
+                       fold_shape=(), merged=0)
 
     def dense_shape(self) -> tuple[int, ...]:
         """The dense tensor's shape at the example input (the tight form)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -162,6 +162,9 @@ class Rewriter:
             rule = FUNCTIONS.get(node.target)
         else:
             rule = METHODS.get(node.target)
+        if rule is not _unary and any(
+                v.layout is not None and v.layout.merged for v in self.tensor_inputs(node)):
+            return _on_merged(self, node)
         if rule is not None:
             return rule(self, node)
         return self._unknown(node)
@@ -248,6 +251,9 @@ class Rewriter:
                 if lay.fold:
                     _refuse("the output is a flatten over spatial positions; only a Linear "
                             "layer may consume such a flatten")
+                if lay.merged:
+                    _refuse("the output merges spatial positions into one dim; only a "
+                            "reduction over them may consume it")
                 outputs.append({
                     "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
                     "base_ndim": lay.base_ndim,
@@ -533,7 +539,7 @@ def _adaptive(rw: Rewriter, node: fx.Node) -> Val:
 
 
 def _global(rw: Rewriter, node: fx.Node, x: Val, dims: Sequence[int], reduce: str,
-            keepdim: bool) -> Val:
+            keepdim: bool, base: tuple[int, ...] | None = None) -> Val:
     """Reduction over whole spatial dims: global pooling in the chosen mode."""
     lay = x.layout
     if lay.n_extra or lay.fold:
@@ -547,7 +553,7 @@ def _global(rw: Rewriter, node: fx.Node, x: Val, dims: Sequence[int], reduce: st
         # have size 1 now, and reducing them again changes nothing
         fn = {"mean": torch.mean, "sum": torch.sum, "amax": torch.amax}[reduce]
         n = rw.call(fn, n, tuple(dims), keepdim=keepdim)
-    base = rw.base(node)
+    base_shape = tuple(rw.base(node).shape) if base is None else base
     kept = [d for i, d in enumerate(lay.base_dims) if keepdim or i not in dims]
     kept = [PLAIN if d.spatial else d for d in kept]
     extras = ()
@@ -559,7 +565,37 @@ def _global(rw: Rewriter, node: fx.Node, x: Val, dims: Sequence[int], reduce: st
               {"phase": "one output per lattice phase (phase 0 = baseline)",
                "lattice": "pools lattice points only (= baseline)",
                "dense": "pools every position: NOT the baseline function"}[rw.mode])
-    return Val(n, Layout(tuple(base.shape), tuple(kept) + extras, len(extras)))
+    return Val(n, Layout(base_shape, tuple(kept) + extras, len(extras)))
+
+
+_MERGE_REDUCTIONS = {"mean": "mean", "sum": "sum", "amax": "amax", torch.mean: "mean",
+                     torch.sum: "sum", torch.amax: "amax"}
+
+
+def _on_merged(rw: Rewriter, node: fx.Node) -> Val:
+    """A node reading merged spatial positions (``x.view(n, c, -1)``): a mean, sum or amax
+    over the merged dim is global pooling over the spatial dims; anything else is refused."""
+    name = _MERGE_REDUCTIONS.get(node.target)
+    x = rw.v(node.args[0])
+    lay = x.layout
+    if name is None or lay is None or not lay.merged or any(
+            v.layout is not None and v.layout.merged for v in rw.tensor_inputs(node)[1:]):
+        _refuse(f"{_describe(node)} on merged spatial positions (only a mean, sum or amax over "
+                "them has a rule: global pooling)")
+    rank = lay.base_ndim - lay.merged + 1  # the baseline's rank
+    dims = _reduce_dims(node, rank)
+    keepdim = bool(_arg(node, 2, "keepdim", False))
+    if dims is None or [d % rank for d in dims] != [rank - 1] or node.kwargs.get("dtype"):
+        _refuse(f"{_describe(node)} over other dims than the merged spatial positions")
+    space = list(range(rank - 1, lay.base_ndim))
+    val = _global(rw, node, Val(x.node, replace(lay, merged=0)), space, name, keepdim=False,
+                  base=tuple(rw.base(node).shape[:rank - 1]))
+    if not keepdim:
+        return val
+    out = val.layout
+    n = rw.call(torch.unsqueeze, val.node, rank - 1)
+    return Val(n, Layout(tuple(rw.base(node).shape), out.base_dims + (PLAIN,) + out.extras,
+                         out.n_extra))
 
 
 def _reduce_dims(node: fx.Node, ndim: int):
@@ -761,6 +797,22 @@ def _map_operand(tensors, out_nd, out_dims):
         if v.layout.n_extra == 0 and any(d.kind == "space" for d in v.layout.base_dims):
             return v.node, out_nd - v.layout.base_ndim
     return None
+
+
+@rule("expand_as")
+def _expand_as(rw: Rewriter, node: fx.Node) -> Val:
+    """``s.expand_as(x)`` consumed only by element-wise ops: they broadcast ``s`` by
+    themselves, so it passes as it is (a squeeze-excitation scale, phase-pooled or not)."""
+    y = rw.v(node.args[0])
+    if y.layout is None or rw.lay(node.args[1]).is_plain:
+        return rw.wrap(node, rw.same(node))
+    if y.layout.has_space or y.layout.fold:
+        _refuse("expanding a spatial map")
+    binary = {t for t in _BINARY if not isinstance(t, str)}
+    if not all((u.op == "call_function" and u.target in binary)
+               or (u.op == "call_method" and u.target in _BINARY) for u in node.users):
+        _refuse("an expanded value used by something other than an element-wise op")
+    return Val(y.node, y.layout)
 
 
 @rule(torch._assert)
@@ -1026,6 +1078,7 @@ def _reshape(rw: Rewriter, node: fx.Node) -> Val:
         _refuse(f"reshape {base_in} -> {base_out} cannot be matched dim by dim")
     out_dims: list[Dim] = []
     from_dims: list[int | None] = []
+    identity_so_far = True
     for ins, outs in groups:
         in_space = [i for i in ins if lay.base_dims[i].spatial]
         if not in_space:
@@ -1036,6 +1089,10 @@ def _reshape(rw: Rewriter, node: fx.Node) -> Val:
             from_dims.append(ins[0])
         elif not any(not lay.base_dims[i].spatial for i in ins):
             merge = len(outs) < len(ins)
+            if (merge and outs == [len(base_out) - 1] and ins[-1] == len(base_in) - 1
+                    and not lay.n_extra and identity_so_far):
+                # all spatial dims merged into the last one: only a reduction may follow
+                return Val(x.node, replace(lay, merged=len(ins)))
             _refuse(("merges spatial dims into one sequence of positions (tokens for attention)"
                      if merge else "splits a spatial dim (a window partition)")
                     + ", which is not translation-equivariant on the lattice")
@@ -1047,6 +1104,7 @@ def _reshape(rw: Rewriter, node: fx.Node) -> Val:
                                       fold_shape=tuple(base_in[i] for i in ins[1:])))
         else:
             _refuse(f"reshape {base_in} -> {base_out} mixes spatial positions with other dims")
+        identity_so_far &= len(ins) == 1 and len(outs) == 1
     n = rw.call(ops.reshape, x.node, _shape_args(rw, node), from_dims, lay.n_extra)
     return Val(n, Layout(base_out, tuple(out_dims) + lay.extras, lay.n_extra))
 

@@ -146,3 +146,55 @@ def test_adaptive_pool_to_a_non_divisor_is_refused():
     model = rand_bn(nn.Sequential(*prefix(2), nn.AdaptiveAvgPool2d(3)))
     with pytest.raises(UnsupportedLayerError, match=r"node '3'.*adaptive pooling"):
         densify(model, (1, 3, 16, 16))
+
+
+class _MergedPool(nn.Module):
+    """Global pooling written as ``view(n, c, -1)`` + a reduction over the merged dim."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), nn.BatchNorm2d(6), nn.ReLU(),
+                                  nn.Conv2d(6, 6, 3, 2, 1))
+        self.fc = nn.Linear(6, 4)
+        self.how = how
+
+    def forward(self, x):
+        x = self.conv(x)
+        n, c, h, w = x.shape
+        if self.how == "view-mean":
+            x = x.view(n, c, h * w).mean(-1)
+        elif self.how == "flatten-amax-keepdim":
+            x = torch.flatten(x, 2).amax(2, keepdim=True).squeeze(-1)
+        elif self.how == "relu-sum":
+            x = x.reshape(n, c, -1).relu().sum(dim=-1)
+        else:
+            x = x.view(n, c, -1).softmax(-1).sum(-1)  # attention-like: refused
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("mode", ["phase", "lattice"])
+@pytest.mark.parametrize("how", ["view-mean", "flatten-amax-keepdim", "relu-sum"])
+def test_global_pool_written_as_view_and_reduce(how, mode):
+    assert_lattice_equal(rand_bn(_MergedPool(how)), (1, 3, 33, 35), [(40, 37), (29, 31)],
+                         global_pool=mode)
+
+
+def test_merged_positions_are_only_reduced():
+    with pytest.raises(UnsupportedLayerError, match=r"'softmax'.*merged spatial positions"):
+        densify(rand_bn(_MergedPool("softmax")), (1, 3, 33, 35))
+
+
+@pytest.mark.parametrize("mode", ["phase", "lattice"])
+def test_squeeze_excitation_with_expand_as(mode):
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, 2, 1)
+            self.fc = nn.Conv2d(6, 6, 1)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(x))
+            w = torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+            return x * w.expand_as(x)
+
+    assert_lattice_equal(rand_bn(SE()), (1, 3, 33, 35), [(40, 37)], global_pool=mode)
