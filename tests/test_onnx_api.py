@@ -221,3 +221,15 @@ def test_cli_refused_layer_exits_2(tmp_path):
     assert r.exit_code == 2
     assert "cannot densify node 'd2s (DepthToSpace)'" in r.stderr
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_cli_verify_in_memory_and_at_example_size():
+    r = runner.invoke(app, ["verify", str(RESNET), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)["verification"]
+    assert data["ok"] and any("small sizes" in n for n in data["notes"])
+    r = runner.invoke(app, ["verify", str(RESNET), "--at-example-size", "--trials", "1",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    shapes = [c["shape"] for c in json.loads(r.stdout)["verification"]["cases"]]
+    assert [1, 3, 64, 64] in shapes
