@@ -1,4 +1,5 @@
-"""Benchmarks: run ``python benchmarks/run.py`` (about 10 minutes on 2 CPU cores).
+"""Benchmarks: run ``python benchmarks/run.py`` (about 10 minutes on 2 CPU cores);
+``python benchmarks/run.py resnet50`` re-measures section 4 only.
 
 Writes ``benchmarks/results.json``, ``benchmarks/speed.png`` and ``benchmarks/predict.png`` and
 prints a Markdown table. Every ratio is measured within one run on one machine.
@@ -231,6 +232,12 @@ def main() -> None:
     import tempfile
 
     torch.set_num_threads(os.cpu_count() or 1)
+    if sys.argv[1:] == ["resnet50"]:  # re-measure that section only, into results.json
+        results = json.loads((HERE / "results.json").read_text())
+        results["resnet50_sized"] = resnet50_timings()
+        (HERE / "results.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results["resnet50_sized"], indent=1))
+        return
     results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                                  "threads": torch.get_num_threads()}}
     print("speed ...", flush=True)
