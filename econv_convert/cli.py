@@ -118,9 +118,12 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable 
                                                       "stdout instead of tables.")]
 TrialsOpt = Annotated[int, typer.Option("--trials", min=1, help="Random inputs per size.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
-AtolOpt = Annotated[float, typer.Option("--atol", min=0.0,
-                                        help="Absolute tolerance, times the output's scale.")]
-RtolOpt = Annotated[float, typer.Option("--rtol", min=0.0, help="Relative tolerance.")]
+AtolOpt = Annotated[float | None, typer.Option(
+    "--atol", min=0.0, help="Absolute tolerance, times the output's scale (default 1e-5; 1e-2 "
+                            "for fp16/bf16 models).", show_default=False)]
+RtolOpt = Annotated[float | None, typer.Option(
+    "--rtol", min=0.0, help="Relative tolerance (default 1e-4; 1e-2 for fp16/bf16 models).",
+    show_default=False)]
 NearOpt = Annotated[bool, typer.Option(
     "--at-example-size", help="Check around the example input size. By default a model that "
                               "takes any input size is checked at small sizes (one lattice "
@@ -266,8 +269,8 @@ def densify(
     trust_pickle: TrustOpt = False,
     trials: TrialsOpt = 1,
     seed: SeedOpt = 0,
-    atol: AtolOpt = 1e-5,
-    rtol: RtolOpt = 1e-4,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
     at_example_size: NearOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -339,8 +342,8 @@ def verify(
     trust_pickle: TrustOpt = False,
     trials: TrialsOpt = 2,
     seed: SeedOpt = 0,
-    atol: AtolOpt = 1e-5,
-    rtol: RtolOpt = 1e-4,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
     at_example_size: NearOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -395,8 +398,8 @@ def inverse(
                                "baseline's load_state_dict) or .safetensors.")],
     trials: TrialsOpt = 1,
     seed: SeedOpt = 0,
-    atol: AtolOpt = 1e-5,
-    rtol: RtolOpt = 1e-4,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Inverse transfer: write the baseline's weights taken from a dense model, after checking

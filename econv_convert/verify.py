@@ -111,6 +111,15 @@ RunBaseline = Callable[[torch.Tensor], tuple[list[torch.Tensor] | None, str]]
 RunDense = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
+def default_tolerance(dtype: torch.dtype, atol: float | None = None,
+                      rtol: float | None = None) -> tuple[float, float]:
+    """``(atol, rtol)``: those given, else 1e-5 and 1e-4 for fp32/fp64 models and 1e-2 for
+    fp16/bf16 ones (a dense model sums in another order; half precision rounds at ~1e-3)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return (atol if atol is not None else (1e-2 if half else 1e-5),
+            rtol if rtol is not None else (1e-2 if half else 1e-4))
+
+
 def any_size(meta) -> bool:
     """Whether the dense model's structure is the same at every input size: no fully
     connected head over a fixed map and no adaptive pool specialized to the example size."""
@@ -145,8 +154,8 @@ def verify(
     shapes: Sequence[Sequence[int]] | None = None,
     trials: int = 1,
     seed: int = 0,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    atol: float | None = None,
+    rtol: float | None = None,
     shift: bool = True,
     progress: Progress | None = None,
     near_example: bool = False,
@@ -186,8 +195,8 @@ def check(
     shapes: Sequence[Sequence[int]] | None = None,
     trials: int = 1,
     seed: int = 0,
-    atol: float = 1e-5,
-    rtol: float = 1e-4,
+    atol: float | None = None,
+    rtol: float | None = None,
     shift: bool = True,
     progress: Progress | None = None,
     device: torch.device | str = "cpu",
@@ -198,7 +207,9 @@ def check(
     """The lattice and shift checks for any runtime: ``run_baseline(x)`` gives the baseline's
     output tensors (or None and why the size is not accepted), ``run_dense(x)`` the dense
     model's; ``meta`` is the :class:`~econv_convert.api.DenseInfo` of the dense model.
-    ``batch`` fixes the batch size (a graph with a static batch dim)."""
+    ``batch`` fixes the batch size (a graph with a static batch dim). Tolerances left as None
+    follow the dtype (:func:`default_tolerance`)."""
+    atol, rtol = default_tolerance(dtype, atol, rtol)
     note = ""
     if shapes:
         shapes = [tuple(s) for s in shapes]

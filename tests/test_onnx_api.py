@@ -233,3 +233,21 @@ def test_cli_verify_in_memory_and_at_example_size():
     assert r.exit_code == 0, r.output
     shapes = [c["shape"] for c in json.loads(r.stdout)["verification"]["cases"]]
     assert [1, 3, 64, 64] in shapes
+
+
+def test_half_precision_graph_verifies_with_half_tolerances():
+    build, shape, _ = FAMILIES["mobilenetv3"]
+    torch.manual_seed(0)
+    model = rand_bn(build()).half()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(shape).half(),), buf, dynamo=False,
+                          opset_version=17)
+    graph = onnx.load_from_string(buf.getvalue())
+    dense, _ = onnx_api.densify(graph)
+    report = onnx_api.verify(graph, dense)
+    assert report.ok and (report.atol, report.rtol) == (1e-2, 1e-2), report.failures()
+    assert report.max_rel < 1e-2
+    strict = onnx_api.verify(graph, dense, atol=1e-7, rtol=0.0)  # fp16 rounding shows
+    assert not strict.ok
