@@ -345,7 +345,8 @@ def _map_geometry(rw: OnnxRewriter, lay: Layout, nd: int) -> tuple[str, tuple[in
         return "dense", tuple(d.step for d in sp), tuple(d.axis for d in sp)
     if not any(d.spatial for d in sp):
         return "plain", (), ()
-    _refuse("only some of the spatial dims are on a lattice")
+    _refuse("only some of the spatial dims are on a lattice (a channels-last graph input? "
+            "the input must be N, C, spatial...)")
 
 
 def _ints(a: dict, key: str, n: int, default: int) -> tuple[int, ...]:
