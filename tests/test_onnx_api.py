@@ -251,3 +251,18 @@ def test_half_precision_graph_verifies_with_half_tolerances():
     assert report.max_rel < 1e-2
     strict = onnx_api.verify(graph, dense, atol=1e-7, rtol=0.0)  # fp16 rounding shows
     assert not strict.ok
+
+
+@pytest.mark.parametrize("name", ["tiny_resnet", "patch_classifier"])
+def test_fixture_onnx_export_matches_the_pytorch_fixture(name):
+    """fixtures/NAME.onnx is fixtures/NAME.pt exported: both paths, same dense outputs."""
+    from econv_convert.loading import load_model
+
+    loaded = load_model(FIXTURES / f"{name}.pt")
+    graph = onnx_api.load(FIXTURES / f"{name}.onnx")
+    dense, _ = onnx_api.densify(graph)
+    x = torch.randn(1, 3, 71, 77)
+    got = torch.from_numpy(run(dense, x.numpy())[0])
+    with torch.no_grad():
+        want = densify(loaded.model, loaded.input_shape)(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
