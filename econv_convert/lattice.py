@@ -13,7 +13,7 @@ Conventions (per spatial axis, see ``DESIGN.md``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 Minimum = Callable[[int, int], int]
@@ -102,6 +102,36 @@ def dense_out(size: int, step: int, w: Window, minimum: Minimum = min) -> int:
     Only ``+ - * //`` and ``minimum`` are used, on non-negative operands, so symbolic sizes
     work: ``torch.SymInt`` in PyTorch exports, graph-building integers for ONNX."""
     return tight(out_size(lattice_count(size, step), w, minimum), step * w.stride)
+
+
+def keeps_stride(steps: Sequence[int], fields: Sequence[Field], strides: Sequence[int],
+                 output_stride: int | None) -> bool:
+    """Under an output stride K, a strided layer still on lattice step 1 (where the dense map
+    is the baseline's) keeps its stride while the cumulative stride stays within K
+    (DeepLab style); ``fields`` are those of the layer's input."""
+    if output_stride is None or any(s != 1 for s in steps):
+        return False
+    return all(f.step * t <= output_stride for f, t in zip(fields, strides, strict=True))
+
+
+def window_geometry(windows: Sequence[Window], steps: Sequence[int] | None = None,
+                    **extra) -> dict:
+    """How a window layer reads, for reports: kernel, stride, padding (``(lo, hi)`` pairs when
+    they differ), dilation and ceil mode; with ``steps``, its dense form on that lattice.
+    Padding that is not a number (computed when a graph runs) reads "same (size-dependent)"."""
+    s = tuple(steps) if steps is not None else (1,) * len(windows)
+    dense = steps is not None
+    g: dict = {"kernel": tuple(w.kernel for w in windows),
+               "stride": tuple(1 if dense else w.stride for w in windows)}
+    if all(isinstance(w.pad_lo, int) and isinstance(w.pad_hi, int) for w in windows):
+        lo = tuple(w.pad_lo * k for w, k in zip(windows, s))
+        hi = tuple(w.pad_hi * k for w, k in zip(windows, s))
+        g["padding"] = lo if lo == hi else tuple(zip(lo, hi))
+    else:
+        g["padding"] = "same (size-dependent)"
+    g["dilation"] = tuple(w.dilation * k for w, k in zip(windows, s))
+    g["ceil_mode"] = any(w.ceil_mode for w in windows)
+    return g | extra
 
 
 def same_padding(kernel: int, dilation: int) -> tuple[int, int]:

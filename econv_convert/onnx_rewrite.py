@@ -22,7 +22,14 @@ import onnx
 from onnx import TensorProto, helper
 
 from econv_convert.errors import UnsupportedLayerError
-from econv_convert.lattice import Field, Window, dense_out, dense_window
+from econv_convert.lattice import (
+    Field,
+    Window,
+    dense_out,
+    dense_window,
+    keeps_stride,
+    window_geometry,
+)
 from econv_convert.layout import PLAIN, Dim, Layout
 from econv_convert.onnx_graph import Builder, SymInt
 from econv_convert.rewrite import GLOBAL_POOL_MODES, HEAD_KIND, LayerRecord
@@ -389,35 +396,6 @@ def _static(v) -> bool:
     return not isinstance(v, SymInt)
 
 
-def _geometry_dict(ws: Sequence[Window], steps=None, dense: bool = False) -> dict:
-    def pads(w):
-        return (w.pad_lo, w.pad_hi) if _static(w.pad_lo) and _static(w.pad_hi) else "same"
-
-    s = steps or (1,) * len(ws)
-    g = {"kernel": tuple(w.kernel for w in ws),
-         "stride": tuple(1 if dense else w.stride for w in ws)}
-    p = [pads(w) for w in ws]
-    if "same" in p:
-        g["padding"] = "same (size-dependent)"
-    else:
-        lo = tuple(a * (k if dense else 1) for (a, _), k in zip(p, s))
-        hi = tuple(b * (k if dense else 1) for (_, b), k in zip(p, s))
-        g["padding"] = lo if lo == hi else tuple(zip(lo, hi))
-    g["dilation"] = tuple(w.dilation * (k if dense else 1) for w, k in zip(ws, s))
-    if any(w.ceil_mode for w in ws):
-        g["ceil_mode"] = True
-    return g
-
-
-def _keeps_stride(rw: OnnxRewriter, x: str, steps, ws: Sequence[Window]) -> bool:
-    """Under ``output_stride`` K, a strided layer on step 1 keeps its stride while the
-    cumulative stride stays within K (DeepLab style)."""
-    if rw.output_stride is None or any(s != 1 for s in steps):
-        return False
-    rf = rw.field_of(x) or tuple(Field() for _ in ws)
-    return all(f.step * w.stride <= rw.output_stride for f, w in zip(rf, ws))
-
-
 def _fields(rw: OnnxRewriter, x: str, ws: Sequence[Window]) -> tuple[Field, ...]:
     rf = rw.field_of(x) or tuple(Field() for _ in ws)
     return tuple(f.through(Window(w.kernel, w.stride, 0, 0, w.dilation)) for f, w in zip(rf, ws))
@@ -446,20 +424,21 @@ def _dense_windows(rw: OnnxRewriter, node, x: str, kernel, kind: str, cost: int)
     rf = _fields(rw, x, ws)
     rw.fields[node.output[0]] = rf
     out_steps = tuple(s * w.stride for s, w in zip(steps, ws))
-    if _keeps_stride(rw, x, steps, ws):
+    in_fields = rw.field_of(x) or tuple(Field() for _ in ws)
+    if keeps_stride(steps, in_fields, [w.stride for w in ws], rw.output_stride):
         if any(w.stride > 1 for w in ws):
             rw.result.kept_stride = tuple(f.step for f in rf)
         rw._same(node)
         rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), (PLAIN, PLAIN) + tuple(
             Dim("space", a, 1) for a in axes)))
-        rw.record(kind, _geometry_dict(ws), {"stride": tuple(w.stride for w in ws)}, steps,
+        rw.record(kind, window_geometry(ws), {"stride": tuple(w.stride for w in ws)}, steps,
                   steps, rf, f"stride kept (output stride {rw.output_stride})", cost)
         return None
     dws = [dense_window(w, s) for w, s in zip(ws, steps)]
     out_dims = (PLAIN, PLAIN) + tuple(Dim("space", a, t) for a, t in zip(axes, out_steps))
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), out_dims))
-    record = (kind, _geometry_dict(ws), _geometry_dict(ws, steps, dense=True), steps, out_steps,
-              rf, "", cost)
+    record = (kind, window_geometry(ws), window_geometry(ws, steps), steps, out_steps, rf, "",
+              cost)
     return steps, ws, dws, record
 
 

@@ -23,7 +23,7 @@ from econv_convert import ops
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.serialize import qualified_name as _qualified_name
 from econv_convert.fxgraph import node_name
-from econv_convert.lattice import Field, Window, same_padding
+from econv_convert.lattice import Field, Window, keeps_stride, same_padding, window_geometry
 from econv_convert.layout import PLAIN, Dim, Layout
 
 GLOBAL_POOL_MODES = ("phase", "lattice", "dense")
@@ -333,13 +333,11 @@ def _spatial_geometry(rw: Rewriter, x: Layout, nd: int) -> tuple[str, tuple[int,
 
 
 def _keep_stride(rw: Rewriter, node: fx.Node, axes, steps, stride, kernel,
-                 dilation) -> Val | None:
+                 dilation, cost: int) -> Val | None:
     """Under ``output_stride`` K, a strided layer still on step 1 (dense == baseline there)
     keeps its stride while the cumulative stride stays within K (DeepLab style)."""
-    if rw.output_stride is None or any(s != 1 for s in steps):
-        return None
     rf = rw.field_of(node.args[0]) or tuple(Field() for _ in stride)
-    if any(f.step * t > rw.output_stride for f, t in zip(rf, stride)):
+    if not keeps_stride(steps, rf, stride, rw.output_stride):
         return None
     fields = _fields_through(rw, node.args[0], kernel, stride, dilation)
     rw.fields[node] = fields
@@ -349,7 +347,7 @@ def _keep_stride(rw: Rewriter, node: fx.Node, axes, steps, stride, kernel,
     name = getattr(node.target, "__name__", str(node.target))
     kind = "conv" if "conv" in name else "max_pool" if "max" in name else "avg_pool"
     rw.record(n, kind, {"kernel": kernel, "stride": stride}, {"stride": stride}, steps, steps,
-              fields, f"stride kept (output stride {rw.output_stride})")
+              fields, f"stride kept (output stride {rw.output_stride})", cost)
     return rw.result(node, n, [PLAIN, PLAIN] + [Dim("space", a, 1) for a in axes])
 
 
@@ -389,7 +387,8 @@ def _conv(rw: Rewriter, node: fx.Node) -> Val:
     else:
         lo = hi = _tuple(padding, nd)
     rw.plan.has_padding |= any(lo) or any(hi)
-    kept = _keep_stride(rw, node, axes, steps, stride, k, dilation)
+    kept = _keep_stride(rw, node, axes, steps, stride, k, dilation,
+                        weight.shape[1] * math.prod(k))
     if kept is not None:
         return kept
     wnode = rw.v(node.args[1]).node
@@ -398,18 +397,11 @@ def _conv(rw: Rewriter, node: fx.Node) -> Val:
     n = rw.call(ops.conv, x.node, wnode, bnode, steps, stride, lo, hi, dilation, groups)
     rf = _fields_through(rw, node.args[0], k, stride, dilation)
     rw.fields[node] = rf
-    rw.record(n, "conv", {"kernel": k, "stride": stride, "padding": _pads(lo, hi), "dilation": dilation},
-              {"kernel": k, "stride": (1,) * nd, "padding": _pads([a * s for a, s in zip(lo, steps)],
-                                                                   [b * s for b, s in zip(hi, steps)]),
-               "dilation": tuple(d * s for d, s in zip(dilation, steps, strict=True))},
-              steps, [s * t for s, t in zip(steps, stride, strict=True)], rf,
+    ws = [Window(kk, t, a, b, d) for kk, t, a, b, d in zip(k, stride, lo, hi, dilation)]
+    rw.record(n, "conv", window_geometry(ws), window_geometry(ws, steps), steps,
+              [s * t for s, t in zip(steps, stride, strict=True)], rf,
               cost=weight.shape[1] * math.prod(k))
     return rw.result(node, n, _window_out(axes, steps, stride))
-
-
-def _pads(lo, hi):
-    lo, hi = tuple(lo), tuple(hi)
-    return lo if lo == hi else tuple(zip(lo, hi))
 
 
 def _fields_through(rw: Rewriter, x_node, kernel, stride, dilation) -> tuple[Field, ...]:
@@ -443,18 +435,15 @@ def _max_pool(rw: Rewriter, node: fx.Node) -> Val:
     k, stride, padding, dilation = _pool_params(node, nd, avg=False)
     ceil = bool(_arg(node, 5, "ceil_mode", False))
     rw.plan.has_padding |= any(padding) or ceil
-    kept = _keep_stride(rw, node, axes, steps, stride, k, dilation)
+    kept = _keep_stride(rw, node, axes, steps, stride, k, dilation, math.prod(k))
     if kept is not None:
         return kept
     n = rw.call(ops.max_pool, x.node, steps, k, stride, padding, padding, dilation, ceil)
     rf = _fields_through(rw, node.args[0], k, stride, dilation)
     rw.fields[node] = rf
-    rw.record(n, "max_pool", {"kernel": k, "stride": stride, "padding": padding,
-                           "dilation": dilation, "ceil_mode": ceil},
-              {"kernel": k, "stride": (1,) * nd,
-               "padding": tuple(p * s for p, s in zip(padding, steps)),
-               "dilation": tuple(d * s for d, s in zip(dilation, steps)), "ceil_mode": ceil},
-              steps, [s * t for s, t in zip(steps, stride)], rf, cost=math.prod(k))
+    ws = [Window(kk, t, p, p, d, ceil) for kk, t, p, d in zip(k, stride, padding, dilation)]
+    rw.record(n, "max_pool", window_geometry(ws), window_geometry(ws, steps), steps,
+              [s * t for s, t in zip(steps, stride)], rf, cost=math.prod(k))
     return rw.result(node, n, _window_out(axes, steps, stride))
 
 
@@ -477,18 +466,16 @@ def _avg_pool(rw: Rewriter, node: fx.Node) -> Val:
 def _emit_avg(rw, node, x, steps, axes, k, stride, padding, ceil, include, divisor, note=""):
     nd = len(k)
     rw.plan.has_padding |= any(padding) or ceil
-    kept = _keep_stride(rw, node, axes, steps, stride, k, (1,) * nd)
+    kept = _keep_stride(rw, node, axes, steps, stride, k, (1,) * nd, math.prod(k))
     if kept is not None:
         return kept
     n = rw.call(ops.avg_pool, x.node, steps, k, stride, padding, ceil, include, divisor)
     rf = _fields_through(rw, node.args[0], k, stride, (1,) * nd)
     rw.fields[node] = rf
-    rw.record(n, "avg_pool", {"kernel": k, "stride": stride, "padding": padding, "ceil_mode": ceil,
-                           "count_include_pad": include},
-              {"kernel": k, "stride": (1,) * nd,
-               "padding": tuple(p * s for p, s in zip(padding, steps)),
-               "dilation": steps, "ceil_mode": ceil, "count_include_pad": include},
-              steps, [s * t for s, t in zip(steps, stride)], rf, note, cost=math.prod(k))
+    ws = [Window(kk, t, p, p, 1, ceil) for kk, t, p in zip(k, stride, padding)]
+    rw.record(n, "avg_pool", window_geometry(ws, count_include_pad=include),
+              window_geometry(ws, steps, count_include_pad=include), steps,
+              [s * t for s, t in zip(steps, stride)], rf, note, cost=math.prod(k))
     return rw.result(node, n, _window_out(axes, steps, stride))
 
 

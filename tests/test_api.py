@@ -143,3 +143,12 @@ def test_flatten_head_models_are_checked_near_the_example():
     assert report.ok, report.failures()
     assert report.checked[0].shape == (2, 3, 13, 9)
     assert not any("small sizes" in n for n in report.notes)
+
+
+def test_plan_counts_layers_that_keep_their_stride(resnet):
+    from econv_convert.costs import plan
+
+    p = plan(densify(resnet, (1, 3, 64, 64), output_stride=8))
+    kept = [layer for layer in p.layers if "stride kept" in layer.note]
+    assert kept and all(layer.base_macs > 0 and layer.dense_macs == layer.base_macs
+                        for layer in kept)
