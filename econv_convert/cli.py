@@ -245,6 +245,73 @@ def _info_dict(meta) -> dict[str, Any]:
     }
 
 
+# -- reports shared by PyTorch models and ONNX graphs -------------------------------------------
+
+
+def _densify_report(path: Path, output: Path | None, written: bool, meta, result,
+                    json_out: bool, json_extra: dict[str, Any], line: str | None,
+                    wrote_note: str = "") -> None:
+    """What densify prints (or its JSON), then exit 1 if verification failed."""
+    from econv_convert import report
+
+    if json_out:
+        _emit_json({"model": str(path), "output": str(output) if written else None,
+                    "dense": _info_dict(meta),
+                    "verification": result.to_dict() if result else None, **json_extra})
+    else:
+        out.print(report.layers_table(meta, f"Dense model of {path.name}"))
+        report.print_summary(out, meta)
+        if result is not None:
+            out.print(report.verify_table(result))
+            report.verify_summary(out, result)
+        if line:
+            out.print(line)
+        if output is None:
+            out.print("[dim]nothing written (give -o OUT to write the dense model)[/]")
+        elif not written:
+            out.print(f"[red]{output} not written[/]: the dense model is not equivalent "
+                      "(--allow-mismatch writes it anyway)")
+        else:
+            out.print(f"wrote [bold]{output}[/]{wrote_note}")
+    if result is not None and not result.ok:
+        raise typer.Exit(1)
+
+
+def _verify_report(path: Path, dense: Path | None, meta, result, json_out: bool) -> None:
+    """What verify prints (or its JSON), then exit 1 if not equivalent."""
+    from econv_convert import report
+
+    if json_out:
+        _emit_json({"model": str(path), "dense": str(dense) if dense else None,
+                    "verification": result.to_dict()})
+    else:
+        report.print_summary(out, meta)
+        out.print(report.verify_table(result))
+        report.verify_summary(out, result)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _inverse_report(dense: Path, output: Path, result, json_out: bool, what: str) -> None:
+    """What inverse prints (or its JSON), then exit 1 if the baseline does not reproduce the
+    dense model (nothing was written then)."""
+    from econv_convert import report
+
+    if json_out:
+        _emit_json({"dense": str(dense), "output": str(output) if result.ok else None,
+                    "verification": result.to_dict()})
+    else:
+        out.print(report.verify_table(result))
+        report.verify_summary(out, result)
+        if result.ok:
+            out.print(f"wrote [bold]{output}[/] ({what})")
+        else:
+            out.print(f"[red]{output} not written[/]: the baseline does not reproduce the dense "
+                      "model")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 # -- commands -------------------------------------------------------------------------------
 
 
@@ -276,7 +343,7 @@ def densify(
     json_out: JsonOpt = False,
 ) -> None:
     """Rewrite MODEL into its dense equivalent, verify it and write it to OUTPUT."""
-    from econv_convert import exports, report
+    from econv_convert import exports
 
     if _is_onnx(model):
         _not_for_onnx(arch=arch, arch_kwargs=arch_kwargs, until=until, trust_pickle=trust_pickle)
@@ -299,31 +366,12 @@ def densify(
     written = output is not None and (not failed or allow_mismatch)
     if written:
         check = exports.write(dense, output)
-    if json_out:
-        _emit_json({
-            "model": str(path), "output": str(output) if written else None,
-            "dense": _info_dict(dense.econv),
-            "verification": result.to_dict() if result else None,
-            "export_check": check.__dict__ if check else None,
-        })
-    else:
-        out.print(report.layers_table(dense.econv, f"Dense model of {path.name}"))
-        report.print_summary(out, dense.econv)
-        if result is not None:
-            out.print(report.verify_table(result))
-            report.verify_summary(out, result)
-        if check is not None:
-            out.print(f"{check.format} export re-run at {'x'.join(map(str, check.shape))}: "
-                      f"max |error| {check.max_abs:.2e}")
-        if output is None:
-            out.print("[dim]nothing written (give -o OUT to write the dense model)[/]")
-        elif not written:
-            out.print(f"[red]{output} not written[/]: the dense model is not equivalent "
-                      "(--allow-mismatch writes it anyway)")
-        else:
-            out.print(f"wrote [bold]{output}[/]")
-    if failed:
-        raise typer.Exit(1)
+    extra = None
+    if check is not None:
+        extra = (f"{check.format} export re-run at {'x'.join(map(str, check.shape))}: "
+                 f"max |error| {check.max_abs:.2e}")
+    _densify_report(path, output, written, dense.econv, result, json_out,
+                    {"export_check": check.__dict__ if check else None}, extra)
 
 
 @app.command()
@@ -349,7 +397,7 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Check that a dense model reproduces MODEL on random inputs (exit 0 equal, 1 not)."""
-    from econv_convert import api, report
+    from econv_convert import api
 
     if _is_onnx(model) or (model is None and _is_onnx(dense)):
         _not_for_onnx(arch=arch, arch_kwargs=arch_kwargs, until=until, trust_pickle=trust_pickle)
@@ -377,15 +425,7 @@ def verify(
     result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
                      quiet=json_out, near=at_example_size)
     result.notes[:0] = notes
-    if json_out:
-        _emit_json({"model": str(path), "dense": str(dense) if dense else None,
-                    "verification": result.to_dict()})
-    else:
-        report.print_summary(out, dense_model.econv)
-        out.print(report.verify_table(result))
-        report.verify_summary(out, result)
-    if not result.ok:
-        raise typer.Exit(1)
+    _verify_report(path, dense, dense_model.econv, result, json_out)
 
 
 @app.command()
@@ -404,7 +444,7 @@ def inverse(
 ) -> None:
     """Inverse transfer: write the baseline's weights taken from a dense model, after checking
     that the baseline with them equals the dense model on the lattice."""
-    from econv_convert import api, report
+    from econv_convert import api
     from econv_convert.loading import build_arch, check_file
 
     check_file(dense)
@@ -434,20 +474,8 @@ def inverse(
             import torch
 
             api.atomic_write(output, lambda f: torch.save(state, f))
-    if json_out:
-        _emit_json({"dense": str(dense), "output": str(output) if result.ok else None,
-                    "verification": result.to_dict()})
-    else:
-        out.print(report.verify_table(result))
-        report.verify_summary(out, result)
-        if result.ok:
-            out.print(f"wrote [bold]{output}[/] ({len(baseline.state_dict())} tensors, the "
-                      "baseline's keys and shapes)")
-        else:
-            out.print(f"[red]{output} not written[/]: the baseline does not reproduce the dense "
-                      "model")
-    if not result.ok:
-        raise typer.Exit(1)
+    _inverse_report(dense, output, result, json_out,
+                    f"{len(baseline.state_dict())} tensors, the baseline's keys and shapes")
 
 
 @app.command()
@@ -694,7 +722,7 @@ def _onnx_densified(model: Path, input_shape, global_pool, output_stride):
 
 def _densify_onnx(model, output, input_shape, global_pool, output_stride, no_verify,
                   allow_mismatch, trials, seed, atol, rtol, force, json_out, near) -> None:
-    from econv_convert import onnx_api, report
+    from econv_convert import onnx_api
 
     if output is not None:
         if output.suffix.lower() != ".onnx":
@@ -711,31 +739,14 @@ def _densify_onnx(model, output, input_shape, global_pool, output_stride, no_ver
     written = output is not None and (not failed or allow_mismatch)
     if written:
         onnx_api.save(dense, output)
-    if json_out:
-        _emit_json({"model": str(model), "output": str(output) if written else None,
-                    "dense": _info_dict(meta),
-                    "verification": result.to_dict() if result else None})
-    else:
-        out.print(report.layers_table(meta, f"Dense model of {model.name}"))
-        report.print_summary(out, meta)
-        if result is not None:
-            out.print(report.verify_table(result))
-            report.verify_summary(out, result)
-        if output is None:
-            out.print("[dim]nothing written (give -o OUT to write the dense model)[/]")
-        elif not written:
-            out.print(f"[red]{output} not written[/]: the dense model is not equivalent "
-                      "(--allow-mismatch writes it anyway)")
-        else:
-            out.print(f"wrote [bold]{output}[/] (dynamic batch and spatial axes; checked with "
-                      "onnx.checker and strict shape inference)")
-    if failed:
-        raise typer.Exit(1)
+    _densify_report(model, output, written, meta, result, json_out, {}, None,
+                    " (dynamic batch and spatial axes; checked with onnx.checker and strict "
+                    "shape inference)")
 
 
 def _verify_onnx(model, dense, input_shape, global_pool, output_stride, trials, seed, atol,
                  rtol, force, json_out, near) -> None:
-    from econv_convert import onnx_api, report
+    from econv_convert import onnx_api
 
     notes = []
     if dense is not None:
@@ -759,19 +770,11 @@ def _verify_onnx(model, dense, input_shape, global_pool, output_stride, trials, 
     result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
                      quiet=json_out, near=near)
     result.notes[:0] = notes
-    if json_out:
-        _emit_json({"model": str(path), "dense": str(dense) if dense else None,
-                    "verification": result.to_dict()})
-    else:
-        report.print_summary(out, meta)
-        out.print(report.verify_table(result))
-        report.verify_summary(out, result)
-    if not result.ok:
-        raise typer.Exit(1)
+    _verify_report(path, dense, meta, result, json_out)
 
 
 def _inverse_onnx(dense: Path, output: Path, trials, seed, atol, rtol, json_out) -> None:
-    from econv_convert import onnx_api, report
+    from econv_convert import onnx_api
 
     if output.suffix.lower() != ".onnx":
         raise InvalidInputError(f"{output}: a dense ONNX model inverts to an ONNX baseline: the "
@@ -783,21 +786,8 @@ def _inverse_onnx(dense: Path, output: Path, trials, seed, atol, rtol, json_out)
                      quiet=json_out)
     if result.ok:
         onnx_api.save(baseline, output)
-    n = len(baseline.graph.initializer)
-    if json_out:
-        _emit_json({"dense": str(dense), "output": str(output) if result.ok else None,
-                    "verification": result.to_dict()})
-    else:
-        out.print(report.verify_table(result))
-        report.verify_summary(out, result)
-        if result.ok:
-            out.print(f"wrote [bold]{output}[/] (the baseline graph with the dense model's {n} "
-                      "initializers)")
-        else:
-            out.print(f"[red]{output} not written[/]: the baseline does not reproduce the dense "
-                      "model")
-    if not result.ok:
-        raise typer.Exit(1)
+    _inverse_report(dense, output, result, json_out, "the baseline graph with the dense "
+                    f"model's {len(baseline.graph.initializer)} initializers")
 
 
 def main() -> None:
