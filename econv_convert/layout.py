@@ -21,6 +21,10 @@ import math
 from dataclasses import dataclass, replace
 
 
+class LayoutError(Exception):
+    """A tensor's layout does not fit what a rule needs; the message says why."""
+
+
 @dataclass(frozen=True)
 class Dim:
     kind: str  # "plain" | "space" | "phase"
@@ -104,3 +108,25 @@ class Layout:
         if not -n <= d < n:
             raise IndexError(d)
         return d % n
+
+    def window_input(self, nd: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+        """Classify the input of a window layer with ``nd`` spatial dims: ``dense`` (every
+        spatial dim on a lattice; with their steps and axes), ``plain`` (nothing spatial: the
+        baseline op as it is) or ``extra`` (nothing spatial, but extra dims: the op runs per
+        extra position). Raises :class:`LayoutError` otherwise."""
+        if self.fold:
+            raise LayoutError("the input is a flatten over spatial positions")
+        if len(self.base) != nd + 2:
+            raise LayoutError(f"expected a batched input with {nd} spatial dims, got shape "
+                              f"{self.base}")
+        sp = self.base_dims[2:]
+        if self.n_extra:
+            if any(d.spatial for d in sp):
+                raise LayoutError("a window layer on a map that also has extra dims")
+            return "extra", (), ()
+        if all(d.kind == "space" for d in sp):
+            return "dense", tuple(d.step for d in sp), tuple(d.axis for d in sp)
+        if not any(d.spatial for d in sp):
+            return "plain", (), ()
+        raise LayoutError("only some of the spatial dims are on a lattice (a channels-last "
+                          "model input? it must be N, C, spatial...)")

@@ -30,7 +30,7 @@ from econv_convert.lattice import (
     keeps_stride,
     window_geometry,
 )
-from econv_convert.layout import PLAIN, Dim, Layout
+from econv_convert.layout import PLAIN, Dim, Layout, LayoutError
 from econv_convert.onnx_graph import Builder, SymInt
 from econv_convert.rewrite import GLOBAL_POOL_MODES, HEAD_KIND, LayerRecord
 
@@ -338,22 +338,11 @@ def rule(*ops: str):
 
 def _map_geometry(rw: OnnxRewriter, lay: Layout, nd: int) -> tuple[str, tuple[int, ...],
                                                                  tuple[int, ...]]:
-    """'dense' (every spatial dim on a lattice), 'plain' (nothing spatial)."""
-    if lay.fold:
-        _refuse("the input is a flatten over spatial positions")
-    if len(lay.base) != nd + 2:
-        _refuse(f"expected a batched input with {nd} spatial dims, got shape {lay.base}")
-    sp = lay.base_dims[2:]
-    if lay.n_extra:
-        if any(d.spatial for d in sp):
-            _refuse("a window layer on a map that also has extra dims")
-        return "extra", (), ()
-    if all(d.kind == "space" for d in sp):
-        return "dense", tuple(d.step for d in sp), tuple(d.axis for d in sp)
-    if not any(d.spatial for d in sp):
-        return "plain", (), ()
-    _refuse("only some of the spatial dims are on a lattice (a channels-last graph input? "
-            "the input must be N, C, spatial...)")
+    """Classify a window layer's input (:meth:`Layout.window_input`)."""
+    try:
+        return lay.window_input(nd)
+    except LayoutError as e:
+        _refuse(str(e))
 
 
 def _ints(a: dict, key: str, n: int, default: int) -> tuple[int, ...]:

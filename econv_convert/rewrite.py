@@ -24,7 +24,7 @@ from econv_convert.errors import UnsupportedLayerError
 from econv_convert.serialize import qualified_name as _qualified_name
 from econv_convert.fxgraph import node_name
 from econv_convert.lattice import Field, Window, keeps_stride, same_padding, window_geometry
-from econv_convert.layout import PLAIN, Dim, Layout
+from econv_convert.layout import PLAIN, Dim, Layout, LayoutError
 
 GLOBAL_POOL_MODES = ("phase", "lattice", "dense")
 HEAD_KIND = "fc_to_conv"  # the record kind of a Flatten + fully connected head (fixed input size)
@@ -314,22 +314,11 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 
 
 def _spatial_geometry(rw: Rewriter, x: Layout, nd: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-    """Classify a window layer's input: 'dense' (all spatial dims on a lattice), 'plain'
-    (nothing spatial: the baseline op as it is) or 'extra' (per extra position)."""
-    if x.fold:
-        _refuse("input is a flatten over spatial positions")
-    if len(x.base) != nd + 2:
-        _refuse(f"expected a batched input with {nd} spatial dims, got shape {x.base}")
-    sp = x.base_dims[2:]
-    if x.n_extra:
-        if any(d.spatial for d in sp):
-            _refuse("a window layer on a map that also has extra dims")
-        return "extra", (), ()
-    if all(d.kind == "space" for d in sp):
-        return "dense", tuple(d.step for d in sp), tuple(d.axis for d in sp)
-    if not any(d.spatial for d in sp):
-        return "plain", (), ()
-    _refuse("only some of the spatial dims are on a lattice")
+    """Classify a window layer's input (:meth:`Layout.window_input`)."""
+    try:
+        return x.window_input(nd)
+    except LayoutError as e:
+        _refuse(str(e))
 
 
 def _keep_stride(rw: Rewriter, node: fx.Node, axes, steps, stride, kernel,
