@@ -435,8 +435,13 @@ def verify(
     np_dtype = _input_dtype(baseline)
     dtype = torch.from_numpy(np.zeros(1, np_dtype)).dtype
 
+    invalid: dict[tuple[int, ...], str] = {}  # per shape: shape inference, once
+
     def run_baseline(t: torch.Tensor):
-        why = _invalid_size(baseline, tuple(t.shape))
+        shape = tuple(t.shape)
+        if shape not in invalid:
+            invalid[shape] = _invalid_size(baseline, shape)
+        why = invalid[shape]
         if why:
             return None, why
         try:

@@ -74,6 +74,7 @@ class Builder:
         self.used = set(used)
         self.opset = opset
         self._consts: dict[tuple, str] = {}
+        self._dims: dict[tuple[str, int], SymInt] = {}
         self._count = 0
 
     # -- names and nodes ----------------------------------------------------------------
@@ -117,9 +118,12 @@ class Builder:
     # -- integers -----------------------------------------------------------------------
 
     def dim(self, x: str, axis: int) -> SymInt:
-        """The size of ``x``'s dim ``axis`` when the graph runs."""
-        shape = self.op1("Shape", [x])
-        return SymInt(self, self.op1("Gather", [shape, self.const([axis])]))
+        """The size of ``x``'s dim ``axis`` when the graph runs (emitted once per value and
+        axis: names are assigned once, so the size cannot change)."""
+        if (x, axis) not in self._dims:
+            shape = self.op1("Shape", [x])
+            self._dims[x, axis] = SymInt(self, self.op1("Gather", [shape, self.const([axis])]))
+        return self._dims[x, axis]
 
     def int_tensor(self, v: Int) -> str:
         return v.name if isinstance(v, SymInt) else self.const([int(v)])
