@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -111,3 +114,18 @@ def assert_onnx_equivalent(model: onnx.ModelProto, sizes: Sequence[Sequence[int]
             torch.testing.assert_close(view, torch.from_numpy(e), rtol=1e-4, atol=1e-5,
                                        msg=lambda m, s=spatial: f"input {s}: {m}")
     return dense, meta
+
+
+def export(model: torch.nn.Module, shape, *, dynamo: bool = False, dynamic: bool = False):
+    """``model`` as an ONNX graph, from the TorchScript exporter or torch.export (dynamo)."""
+    x = torch.randn(shape)
+    axes = {i: f"d{i}" for i in range(len(shape)) if i != 1}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dims = ({i: torch.export.Dim.DYNAMIC for i in axes},) if dynamic else None
+            return torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dims).model_proto
+        buf = io.BytesIO()
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": axes} if dynamic else None)
+        return onnx.load_from_string(buf.getvalue())

@@ -3,7 +3,6 @@ metadata and the inverse transfer, and the command line on .onnx files."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import warnings
@@ -20,26 +19,11 @@ from econv_convert import densify, onnx_api
 from econv_convert.cli import app
 from econv_convert.errors import InvalidInputError, UnsupportedLayerError
 from families import FAMILIES
-from onnx_graphs import Graph, assert_onnx_equivalent, run
+from onnx_graphs import Graph, assert_onnx_equivalent, export, run
 
 runner = CliRunner()
 RESNET = FIXTURES / "tiny_resnet.onnx"
 PATCH = FIXTURES / "patch_classifier.onnx"
-
-
-def export(model: torch.nn.Module, shape, *, dynamo: bool = False, dynamic: bool = False):
-    """``model`` as an ONNX graph, from the TorchScript exporter or torch.export (dynamo)."""
-    x = torch.randn(shape)
-    axes = {i: f"d{i}" for i in range(len(shape)) if i != 1}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if dynamo:
-            dims = ({i: torch.export.Dim.DYNAMIC for i in axes},) if dynamic else None
-            return torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=dims).model_proto
-        buf = io.BytesIO()
-        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"],
-                          dynamic_axes={"x": axes} if dynamic else None)
-        return onnx.load_from_string(buf.getvalue())
 
 
 # -- exported families: exact in onnxruntime, and the same dense outputs as the PyTorch path ----
