@@ -280,7 +280,8 @@ def _some(items: Sequence[str], n: int = 3) -> str:
 def save_dense(dense: nn.Module, path: str | os.PathLike) -> Path:
     """Write a dense checkpoint (``.pt``) that :func:`load_dense` reads without unpickling code.
 
-    The file is written beside its target and renamed into place when complete.
+    The file is written beside its target, read back with :func:`load_dense`, and renamed into
+    place only then: a checkpoint that would not load is never written.
     """
     meta = info(dense)
     path = Path(path)
@@ -291,7 +292,16 @@ def save_dense(dense: nn.Module, path: str | os.PathLike) -> Path:
         "info": meta.to_json(),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in dense.state_dict().items()},
     }
-    atomic_write(path, lambda f: torch.save(payload, f))
+
+    def reads_back(tmp: Path) -> None:
+        try:
+            load_dense(tmp)
+        except InvalidInputError as e:
+            reason = str(e).removeprefix(f"{tmp}: ")
+            raise InvalidInputError(f"{path}: not written, the dense checkpoint would not load "
+                                    f"back ({reason})") from None
+
+    atomic_write(path, lambda f: torch.save(payload, f), check=reads_back)
     return path
 
 
@@ -319,8 +329,10 @@ def load_dense(path: str | os.PathLike) -> fx.GraphModule:
     return dense.eval()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the target folder, renamed into place on success."""
+def atomic_write(path: Path, write, check=None) -> None:
+    """Write through a temporary file in the target folder, renamed into place on success.
+    ``check(tmp)``, if given, runs on the complete temporary file before the rename; if it
+    raises, nothing is left behind."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise InvalidInputError(f"{path}: the folder {folder} does not exist")
@@ -328,6 +340,8 @@ def atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

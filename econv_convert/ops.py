@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from econv_convert import targets
 from econv_convert.lattice import (
     Window,
     avg_divisor_bounds,
@@ -310,9 +311,7 @@ def unfold_extras(y: torch.Tensor, extra: Sequence[int]) -> torch.Tensor:
 
 
 def _function(name: str):
-    from econv_convert.serialize import resolve  # the allow-list that checkpoints use
-
-    return resolve(name)
+    return targets.resolve(name)  # the names a rule passes here are registered targets
 
 
 def per_position(fn: str, x: torch.Tensor, n_extra: int, *args, **kwargs) -> torch.Tensor:
@@ -377,3 +376,9 @@ def lattice_view(y: torch.Tensor, dims: Sequence[Sequence], base_ndim: int) -> t
             return y  # a larger input than the baseline accepts: a map of predictions
         y = y.reshape(y.shape[:base_ndim])
     return y
+
+
+# every public function above may be called by a dense graph
+targets.register(*(fn for name, fn in list(globals().items())
+                   if callable(fn) and getattr(fn, "__module__", None) == __name__
+                   and not name.startswith("_")))

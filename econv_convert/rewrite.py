@@ -19,9 +19,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from econv_convert import ops
+from econv_convert import ops, targets
 from econv_convert.errors import UnsupportedLayerError
-from econv_convert.serialize import qualified_name as _qualified_name
 from econv_convert.fxgraph import node_name
 from econv_convert.lattice import Field, Window, keeps_stride, same_padding, window_geometry
 from econv_convert.layout import PLAIN, Dim, Layout, LayoutError
@@ -76,6 +75,12 @@ class Plan:
     def total_step(self) -> tuple[int, ...]:
         steps = [tuple(d[1] for d in o["dims"] if d[0] == "space") for o in self.outputs]
         return max(steps, key=lambda s: math.prod(s)) if steps else ()
+
+
+# helpers the rules emit besides their own targets and the run-time ops
+_EMITTED = (torch.mean, torch.sum, torch.amax, torch.unsqueeze, torch.squeeze, torch.permute,
+            F.pad, operator.getitem, torch.chunk, torch.tensor_split, torch.unbind)
+targets.register(*_EMITTED)
 
 
 class _Refuse(Exception):
@@ -195,6 +200,9 @@ class Rewriter:
         return self.values[node]
 
     def call(self, fn: Callable, *args, **kwargs) -> fx.Node:
+        """Emit a call of ``fn``, which must be a registered target (:mod:`targets`): what a
+        rule emits is what a dense checkpoint can store."""
+        assert fn in _EMITTED or targets.admits(fn), f"{fn} is not a registered target"
         return self.graph.call_function(fn, args, kwargs)
 
     def same(self, node: fx.Node) -> fx.Node:
@@ -295,13 +303,16 @@ FUNCTIONS: dict[Any, Callable[[Rewriter, fx.Node], Val]] = {}
 METHODS: dict[str, Callable[[Rewriter, fx.Node], Val]] = {}
 
 
-def rule(*targets):
+def rule(*handled):
+    """Register a rule for call targets (functions, or tensor method names). A rule may emit
+    its target as it is, so each function is also admitted in dense graphs."""
     def register(fn):
-        for t in targets:
+        for t in handled:
             if isinstance(t, str):
                 METHODS[t] = fn
             else:
                 FUNCTIONS[t] = fn
+                targets.register(t)
         return fn
 
     return register
@@ -347,7 +358,7 @@ def _window_out(axes, steps, strides) -> list[Dim]:
 def _per_extra(rw: Rewriter, node: fx.Node, x: Val) -> Val:
     """Apply the baseline op unchanged at each extra position (phase dims, head positions)."""
     args = list(rw.dense_args(node.args))
-    n = rw.call(ops.per_position, _qualified_name(node.target), args[0], x.layout.n_extra, *args[1:],
+    n = rw.call(ops.per_position, targets.qualified_name(node.target), args[0], x.layout.n_extra, *args[1:],
                 **rw.dense_args(node.kwargs))
     base = rw.base(node)
     return Val(n, Layout(tuple(base.shape), tuple(PLAIN for _ in base.shape) + x.layout.extras,
@@ -839,7 +850,7 @@ def _layer_norm(rw: Rewriter, node: fx.Node) -> Val:
                 "is translation-equivariant)")
     if lay.n_extra:
         args = rw.dense_args(node.args)
-        return Val(rw.call(ops.last_dims, _qualified_name(F.layer_norm), args[0], lay.n_extra, *args[1:],
+        return Val(rw.call(ops.last_dims, targets.qualified_name(F.layer_norm), args[0], lay.n_extra, *args[1:],
                            **rw.dense_args(node.kwargs)), lay)
     return Val(rw.same(node), lay)
 
@@ -867,7 +878,7 @@ def _linear(rw: Rewriter, node: fx.Node) -> Val:
     if lay.base_dims[-1].spatial:
         _refuse("Linear over a spatial dim mixes positions")
     if lay.n_extra:
-        n = rw.call(ops.last_dims, _qualified_name(F.linear), x.node, lay.n_extra, w, b)
+        n = rw.call(ops.last_dims, targets.qualified_name(F.linear), x.node, lay.n_extra, w, b)
         return Val(n, lay.with_base(rw.base(node).shape, lay.base_dims))
     return Val(rw.same(node), lay.with_base(rw.base(node).shape, lay.base_dims))
 

@@ -1,70 +1,32 @@
 """Graphs as data: a torch.fx graph written as JSON and read back without running code.
 
-Call targets are stored by qualified name and resolved on load through an allow-list
-(namespaces of tensor functions, ``operator``, ``math`` and :mod:`econv_convert.ops`), with
-names that touch files, the network or global state denied. A dense checkpoint therefore loads
-with ``torch.load(weights_only=True)`` and builds its module from that data alone.
+Call targets are stored by qualified name and resolved on load through
+:func:`econv_convert.targets.resolve`: the functions the rewrite can emit, and PyTorch's own
+tensor namespaces minus names that touch files, the network or global state. A dense
+checkpoint therefore loads with ``torch.load(weights_only=True)`` and builds its module from
+that data alone. Writing does not check names; whoever writes a file reads it back first
+(:func:`econv_convert.api.save_dense`).
 """
 
 from __future__ import annotations
 
-import builtins
 import json
-import math
-import operator
 import re
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.node import _get_qualified_name
 
 from econv_convert.errors import InvalidInputError, describe
+from econv_convert.targets import qualified_name, resolve
 
-_NAMESPACES = {
-    "torch": torch,
-    "torch.nn.functional": torch.nn.functional,
-    "torch._C._nn": torch._C._nn,
-    "torch.special": torch.special,
-    "_operator": operator,
-    "operator": operator,
-    "math": math,
-}
-_DENIED = re.compile(
-    r"load|save|file|hub|set_|seed|compile|export|jit|library|cuda|mps|distributed|"
-    r"backends|use_|_dynamo|storage|from_numpy|frombuffer|^_"
-)
-_BUILTINS = {"getattr": builtins.getattr, "torch._assert": torch._assert}
 _METHOD = re.compile(r"[a-z][a-z0-9_]*")
 _METHOD_DENIED = {"numpy", "register_hook", "backward", "share_memory_", "apply_", "map_",
                   "map2_", "storage", "untyped_storage", "tolist", "data_ptr", "pin_memory"}
-
-
-def resolve(name: str) -> Any:
-    """The function called ``name``, if the allow-list admits it."""
-    if name in _BUILTINS:
-        return _BUILTINS[name]
-    if name.startswith("econv_convert.ops."):
-        from econv_convert import ops
-
-        short = name.rsplit(".", 1)[1]
-        fn = getattr(ops, short, None)
-        if callable(fn) and not short.startswith("_"):
-            return fn
-    module, _, short = name.rpartition(".")
-    ns = _NAMESPACES.get(module)
-    if ns is not None and not _DENIED.search(short):
-        fn = getattr(ns, short, None)
-        if callable(fn) and not isinstance(fn, type):
-            return fn
-    raise InvalidInputError(f"the graph calls '{name}', which a dense checkpoint may not call")
-
-
-def qualified_name(fn: Any) -> str:
-    """The name a graph stores for ``fn``; refuses what the loader would not resolve."""
-    name = _get_qualified_name(fn)
-    resolve(name)  # never write what could not be read back
-    return name
+# an attribute path: names PyTorch accepts for modules (anything but "." and empty), minus the
+# characters that could break out of the string in the code fx generates for the path
+_ATTR_PART = r"[^.\"'\\\x00-\x1f]+"
+_ATTR = re.compile(rf"{_ATTR_PART}(\.{_ATTR_PART})*")
 
 
 def _enc(a: Any) -> Any:
@@ -172,7 +134,7 @@ def _graph_from_json(text: str) -> fx.Graph:
             if not _METHOD.fullmatch(target) or target in _METHOD_DENIED:
                 raise InvalidInputError(f"the graph calls method '{target}', which is not allowed")
         elif op == "get_attr":
-            if not re.fullmatch(r"\w+(\.\w+)*", target):
+            if not _ATTR.fullmatch(target):
                 raise InvalidInputError(f"bad attribute path '{target}' in graph")
         elif op == "output":
             graph.output(args[0])

@@ -1,0 +1,91 @@
+"""Small models written the way public model libraries write theirs (not the way that is easiest
+to trace): control flow in ``forward``, ``torch.split`` in a block, modules named with ``-``,
+functions registered as fx leaves, TensorFlow-style padding computed from ``x.shape``,
+space-to-depth stems, keyword inputs and dict outputs, versioned state dicts.
+
+Each reproduces one pattern seen in real library code, at a size that checks in a fraction
+of a second. None is copied from a library; the patterns are described in the docstrings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def conv_bn(cin, cout, k=3, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+# -- a multi-scale bottleneck: the channels are split with torch.split and processed in a loop
+
+
+class MultiScaleBottleneck(nn.Module):
+    """Res2Net-style: ``torch.split`` into ``scale`` groups, each convolved and added to the
+    next, concatenated back; the first block of a stage pools the last group."""
+
+    def __init__(self, cin, width, scale=3, stride=1, stage=False):
+        super().__init__()
+        self.conv1 = conv_bn(cin, width * scale, 1)
+        self.width, self.nums, self.stage = width, scale - 1, stage
+        self.convs = nn.ModuleList(
+            [conv_bn(width, width, 3, stride) for _ in range(self.nums)])
+        self.pool = nn.AvgPool2d(3, stride, 1) if stage else None
+        self.conv3 = nn.Sequential(nn.Conv2d(width * scale, cin * 2 if stage else cin, 1,
+                                             bias=False), nn.BatchNorm2d(cin * 2 if stage else cin))
+        self.down = (nn.Sequential(nn.Conv2d(cin, cin * 2, 1, stride, bias=False),
+                                   nn.BatchNorm2d(cin * 2)) if stage else None)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        spx = torch.split(out, self.width, 1)
+        for i in range(self.nums):
+            sp = spx[i] if i == 0 or self.stage else sp + spx[i]
+            sp = self.convs[i](sp)
+            out = sp if i == 0 else torch.cat((out, sp), 1)
+        last = self.pool(spx[self.nums]) if self.stage else spx[self.nums]
+        out = self.conv3(torch.cat((out, last), 1))
+        short = x if self.down is None else self.down(x)
+        return F.relu(out + short)
+
+
+class MultiScaleNet(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3, 2)
+        self.layer1 = nn.Sequential(MultiScaleBottleneck(8, 4, stride=2, stage=True),
+                                    MultiScaleBottleneck(16, 4))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.layer1(self.stem(x)), 1), 1))
+
+
+# -- stages that name their blocks with a dash (add_module(f"block{i}-{j}", ...)) -----------
+
+
+class AnyStage(nn.Sequential):
+    def __init__(self, cin, cout, stride, depth, stage_index):
+        super().__init__()
+        for i in range(depth):
+            block = conv_bn(cin if i == 0 else cout, cout, 3, stride if i == 0 else 1)
+            self.add_module(f"block{stage_index}-{i}", block)
+
+
+class DashNamedNet(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3, 2)
+        self.trunk_output = nn.Sequential(OrderedDict(
+            [("block1", AnyStage(8, 8, 2, 2, 1)), ("block2", AnyStage(8, 16, 2, 1, 2))]))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(self.trunk_output(self.stem(x)).mean((2, 3)))
