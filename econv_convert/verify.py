@@ -285,8 +285,10 @@ def _run_baseline(baseline: nn.Module, x: torch.Tensor, until: str | None) -> tu
     captured: list[Any] = []
     handle = None
     if until is not None:
+        # a copy: the model may change the tensor in place after the cut point (an in-place
+        # ReLU right after a "features" module), which must not change the reference
         handle = baseline.get_submodule(until).register_forward_hook(
-            lambda m, args, out: captured.append(out))
+            lambda m, args, out: captured.append(_copied(out)))
     try:
         out = baseline(x)
         return (captured[0] if captured else out), ""
@@ -297,6 +299,11 @@ def _run_baseline(baseline: nn.Module, x: torch.Tensor, until: str | None) -> tu
     finally:
         if handle is not None:
             handle.remove()
+
+
+def _copied(out: Any) -> Any:
+    return fx.node.map_aggregate(
+        out, lambda t: t.clone() if isinstance(t, torch.Tensor) else t)
 
 
 def _run_dense(dense: nn.Module, x: torch.Tensor) -> Any:

@@ -89,3 +89,23 @@ class DashNamedNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.trunk_output(self.stem(x)).mean((2, 3)))
+
+
+# -- an in-place activation right after the module a feature extractor is cut at -------------
+
+
+class FeaturesThenInplace(nn.Module):
+    """DenseNet-style: ``features = self.features(x)`` followed by ``F.relu(features,
+    inplace=True)``: cutting at ``features`` must not see the in-place change."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 8, 3, 2), nn.Conv2d(8, 8, 3, 2, 1),
+                                      nn.BatchNorm2d(8))
+        self.classifier = nn.Linear(8, classes)
+
+    def forward(self, x):
+        features = self.features(x)
+        out = F.relu(features, inplace=True)
+        out = F.adaptive_avg_pool2d(out, (1, 1))
+        return self.classifier(torch.flatten(out, 1))
