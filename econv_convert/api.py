@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +24,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from econv_convert import ops
-from econv_convert.errors import InvalidInputError, TransferError, describe
-from econv_convert.fxgraph import shape_prop, trace
+from econv_convert.errors import InvalidInputError, InvalidModelError, TransferError, describe
+from econv_convert.fxgraph import module_of_error, shape_prop, trace
 from econv_convert.rewrite import GLOBAL_POOL_MODES, LayerRecord, Rewriter
 from econv_convert.serialize import graph_from_json, graph_to_json
 
@@ -52,6 +53,9 @@ class DenseInfo:
     output_stride: int | None = None
     peak_elements: int = 0  # the largest dense activation at the example input
     peak_node: str = ""
+    # the baseline state dict's per-module metadata (``state_dict()._metadata``: versions that
+    # some modules' ``_load_from_state_dict`` reads), kept for inverse transfer
+    state_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def total_step(self) -> tuple[int, ...]:
@@ -152,7 +156,9 @@ def densify(
         output_stride=output_stride,
         peak_elements=plan.peak_elements,
         peak_node=plan.peak_node,
+        state_metadata=state_metadata(baseline),
     )
+    set_versions(dense, dense.econv.state_metadata)
     dense.eval()
     return dense
 
@@ -183,6 +189,37 @@ def _restore_keys(dense: nn.Module, baseline: nn.Module) -> None:
     for name, b in baseline.named_buffers():
         if name not in have and name in persistent:
             _set(dense, name, b, parameter=False)
+
+
+def state_metadata(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The JSON-safe part of ``model.state_dict()._metadata`` (module versions)."""
+    meta = getattr(model.state_dict(), "_metadata", None) or {}
+    return {prefix: {k: v for k, v in entry.items() if isinstance(v, (int, str, bool))}
+            for prefix, entry in meta.items()}
+
+
+def set_versions(root: nn.Module, metadata: dict[str, dict[str, Any]]) -> None:
+    """Give the modules of a rebuilt model (plain containers) the baseline's state-dict
+    versions, so that its ``state_dict()`` loads into the baseline's own classes."""
+    for prefix, entry in metadata.items():
+        if "version" not in entry:
+            continue
+        try:
+            module = root.get_submodule(prefix) if prefix else root
+        except AttributeError:
+            continue  # a module without parameters or buffers: nothing of it is stored
+        module._version = entry["version"]
+
+
+def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as a file should hold it: detached, contiguous CPU copies, with
+    the per-module metadata (versions) kept."""
+    state = model.state_dict()
+    out = OrderedDict((k, v.detach().cpu().clone().contiguous()) for k, v in state.items())
+    meta = getattr(state, "_metadata", None)
+    if meta is not None:
+        out._metadata = copy.deepcopy(meta)  # type: ignore[attr-defined]
+    return out
 
 
 def _set(root: nn.Module, name: str, value: torch.Tensor, parameter: bool) -> None:
@@ -219,7 +256,8 @@ def lattice_view(dense: nn.Module, outputs: Any) -> Any:
     return fx.node.map_aggregate(outputs, view)
 
 
-def _build(graph_json: str, state: dict[str, torch.Tensor], params: Sequence[str]) -> fx.GraphModule:
+def _build(graph_json: str, state: dict[str, torch.Tensor], params: Sequence[str],
+           metadata: dict[str, dict[str, Any]] | None = None) -> fx.GraphModule:
     root = nn.Module()
     params = set(params)
     for name, t in state.items():
@@ -231,6 +269,7 @@ def _build(graph_json: str, state: dict[str, torch.Tensor], params: Sequence[str
             raise InvalidInputError(f"the stored graph reads '{n.target}', which the weights lack")
     gm = fx.GraphModule(root, graph)
     _restore_keys(gm, root)  # GraphModule copies only what its graph reads
+    set_versions(gm, metadata or {})
     return gm
 
 
@@ -242,7 +281,7 @@ def inverse(dense: nn.Module) -> fx.GraphModule:
     meta = info(dense)
     state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
     try:
-        baseline = _build(meta.baseline_graph, state, meta.params)
+        baseline = _build(meta.baseline_graph, state, meta.params, meta.state_metadata)
     except InvalidInputError as e:
         raise TransferError(f"cannot rebuild the baseline: {e}") from None
     baseline.econv_example_shape = list(meta.example_shape)
@@ -250,7 +289,8 @@ def inverse(dense: nn.Module) -> fx.GraphModule:
 
 
 def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``load_state_dict`` with a one-line error naming missing, unexpected and mismatched keys."""
+    """``load_state_dict`` with a one-line error naming missing, unexpected and mismatched keys,
+    and naming the module when the model's own loading code raises."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -265,7 +305,11 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], what: st
             parts.append("shape mismatch " + _some(
                 [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]))
         raise TransferError(f"{what} do not fit the model: " + "; ".join(parts))
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except Exception as e:  # the model's own _load_from_state_dict, or a hook
+        raise InvalidModelError(f"loading {what} fails in the model's own code"
+                                f"{module_of_error(e, model)} ({describe(e)})") from e
 
 
 def _some(items: Sequence[str], n: int = 3) -> str:
@@ -320,7 +364,8 @@ def load_dense(path: str | os.PathLike) -> fx.GraphModule:
                                 f"is not supported (expected {FORMAT_VERSION})")
     try:
         meta = DenseInfo.from_json(payload["info"])
-        dense = _build(payload["graph"], payload["state_dict"], meta.params)
+        dense = _build(payload["graph"], payload["state_dict"], meta.params,
+                       meta.state_metadata)
     except InvalidInputError as e:
         raise InvalidInputError(f"{path}: {e}") from None
     except Exception as e:  # damaged or edited by hand: one line, never a traceback

@@ -464,11 +464,14 @@ def inverse(
     result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
                      quiet=json_out)
     if result.ok:
-        state = {k: v.detach().clone().contiguous() for k, v in baseline.state_dict().items()}
+        state = api.portable_state_dict(baseline)  # with module versions (_metadata)
         if suffix == ".safetensors":
             from safetensors.torch import save
 
-            data = save(state)
+            from econv_convert.loading import SAFETENSORS_METADATA
+
+            versions = json.dumps(getattr(state, "_metadata", {}))
+            data = save(dict(state), metadata={SAFETENSORS_METADATA: versions})
             api.atomic_write(output, lambda f: f.write(data))
         else:
             import torch

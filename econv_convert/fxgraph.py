@@ -50,8 +50,9 @@ def trace(model: nn.Module, until: str | None = None) -> fx.GraphModule:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises TraceError, TypeError, AttributeError, ...
         raise InvalidModelError(
-            f"cannot trace the model with torch.fx ({describe(e, None)}); "
-            "data-dependent control flow in a forward() must be made static to densify"
+            f"cannot trace the model with torch.fx{module_of_error(e, model)} "
+            f"({describe(e, None)}); data-dependent control flow in a forward() must be made "
+            "static to densify"
         ) from e
     gm = fx.GraphModule(model, graph)
     if until is not None:
@@ -246,10 +247,25 @@ def shape_prop(gm: fx.GraphModule, *inputs: torch.Tensor) -> dict[fx.Node, Any]:
             _Recorder(gm).run(*inputs)
     except Exception as e:
         raise InvalidModelError(
-            f"the model fails on an input of shape {tuple(inputs[0].shape)} "
-            f"({describe(e, None)})"
+            f"the model fails on an input of shape {tuple(inputs[0].shape)}"
+            f"{module_of_error(e, gm)} ({describe(e, None)})"
         ) from e
     return values
+
+
+def module_of_error(e: BaseException, model: nn.Module) -> str:
+    """`` in module 'NAME' (Class)`` for the innermost module of ``model`` whose code was
+    running when ``e`` was raised, or "" if none was."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = ""
+    tb = e.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            name = names[id(owner)] or "(the model itself)"
+            found = f" in module '{name}' ({type(owner).__name__})"
+        tb = tb.tb_next
+    return found
 
 
 def node_name(node: fx.Node) -> str:

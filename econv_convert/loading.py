@@ -19,6 +19,7 @@ import os
 import pickle
 import sys
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,9 @@ def _shape_of(obj: dict, path: Path) -> list[int] | None:
 
 
 def _from_state(path, state, arch, arch_kwargs, input_shape) -> Loaded:
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    tensors = OrderedDict((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
+    if getattr(state, "_metadata", None) is not None:
+        tensors._metadata = state._metadata  # module versions: some models' loading reads them
     if not tensors or len(tensors) != len(state):
         raise InvalidInputError(f"{path}: not a state dict (expected a mapping of names to "
                                 "tensors)")
@@ -222,14 +225,25 @@ def _global_of(e: Exception) -> str:
     return "it is not a plain weights file"
 
 
+SAFETENSORS_METADATA = "econv.state_dict_metadata"  # module versions, as JSON
+
+
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        state = OrderedDict(load_file(str(path)))
+        with safe_open(str(path), "pt") as f:
+            header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise InvalidInputError(f"{path}: not a valid safetensors file ({describe(e)})") from None
+    if SAFETENSORS_METADATA in header:  # written by econv-convert inverse
+        try:
+            state._metadata = OrderedDict(json.loads(header[SAFETENSORS_METADATA]))
+        except ValueError:
+            raise InvalidInputError(f"{path}: damaged '{SAFETENSORS_METADATA}' entry") from None
+    return state
 
 
 def _load_pt2(path: Path) -> nn.Module:

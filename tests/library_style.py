@@ -109,3 +109,29 @@ class FeaturesThenInplace(nn.Module):
         out = F.relu(features, inplace=True)
         out = F.adaptive_avg_pool2d(out, (1, 1))
         return self.classifier(torch.flatten(out, 1))
+
+
+# -- a model that versions its state dict and checks the version when loading ---------------
+
+
+class VersionedNet(nn.Module):
+    """MNASNet-style: ``_version = 2``, and ``_load_from_state_dict`` reads the version PyTorch
+    stores in the state dict's ``_metadata`` (and refuses a state dict without it)."""
+
+    _version = 2
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.layers = nn.Sequential(conv_bn(3, 8, 3, 2), conv_bn(8, 8, 3, 2))
+        self.classifier = nn.Linear(8, classes)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        if version not in [1, 2]:
+            raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, x):
+        return self.classifier(self.layers(x).mean([2, 3]))
