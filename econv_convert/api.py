@@ -75,6 +75,13 @@ class DenseInfo:
         steps = tuple(self.total_step[:nd])
         return steps + (1,) * (nd - len(steps))
 
+    @property
+    def size_steps(self) -> tuple[int, ...]:
+        """The lattice step per axis to choose input sizes by (checks, exports): the total step,
+        but never more than the example's size, since a step beyond the input adds no
+        position to check (a layer whose window exceeds its input)."""
+        return tuple(min(s, h) for s, h in zip(self.axis_steps, self.example_shape[2:]))
+
     def layer_records(self) -> list[LayerRecord]:
         return [LayerRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
                 for r in self.records]

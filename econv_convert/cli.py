@@ -183,19 +183,27 @@ def _check_output(output: Path, inputs: list[Path]) -> None:
             raise InvalidInputError(f"{output}: the output would overwrite the input")
 
 
-def _guard_memory(dense, force: bool, *, exporting: bool = False, near: bool = False) -> None:
-    """Refuse before running the dense model at sizes that would not fit in memory."""
+def _guard_memory(dense, force: bool, *, verifying: bool = True, exporting: bool = False,
+                  near: bool = False) -> None:
+    """Refuse before running the dense model at sizes that would not fit in memory: the
+    sizes this command will run it at (verification, an export's trace and check)."""
     from econv_convert.resources import check_memory
     from econv_convert.verify import default_shapes
 
     meta = getattr(dense, "econv", dense)
-    shapes, _ = default_shapes(meta, near)
+    runs: list[tuple[tuple[int, ...], str]] = []
+    if verifying:
+        runs += [(tuple(s), "the largest input the equivalence check runs")
+                 for s in default_shapes(meta, near)[0]]
     if exporting:
         from econv_convert.exports import export_shapes
 
-        shapes += list(export_shapes(dense))
-    largest = max(shapes, key=lambda s: math.prod(s[:1]) * math.prod(s[2:]))
-    check_memory(meta, largest, force=force)
+        runs += [(tuple(s), "the input the export is traced and re-checked at")
+                 for s in export_shapes(dense)]
+    if not runs:
+        return
+    shape, why = max(runs, key=lambda r: math.prod(r[0][:1]) * math.prod(r[0][2:]))
+    check_memory(meta, shape, force=force, why=why)
 
 
 def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool, near: bool = False):
@@ -355,7 +363,8 @@ def densify(
         _check_output(output, [_model_path(model)])
     path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, input_shape,
                                      global_pool, until, output_stride)
-    _guard_memory(dense, force, exporting=output is not None and output.suffix != ".pt",
+    _guard_memory(dense, force, verifying=not no_verify,
+                  exporting=output is not None and output.suffix != ".pt",
                   near=at_example_size)
     result = None
     if not no_verify:
@@ -558,7 +567,7 @@ def bench(
         shape = [1, example[1]] + [512] * (len(example) - 2)
     else:
         shape = example
-    check_memory(dense.econv, shape, force=force)
+    check_memory(dense.econv, shape, force=force, why="the input to time at")
     with err.status("timing", spinner="dots") as status:
         result = timing.bench(loaded.model, dense, shape, device=device, runs=runs,
                               warmup=warmup, channels_last=channels_last, progress=lambda name: status.update(
@@ -733,7 +742,7 @@ def _densify_onnx(model, output, input_shape, global_pool, output_stride, no_ver
                                     "output must end in .onnx")
         _check_output(output, [model])
     baseline, dense, meta = _onnx_densified(model, input_shape, global_pool, output_stride)
-    _guard_memory(meta, force, near=near)
+    _guard_memory(meta, force, verifying=not no_verify, near=near)
     result = None
     if not no_verify:
         result = _verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,

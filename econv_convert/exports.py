@@ -44,8 +44,8 @@ def export_shapes(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     which exporters pin); check at a batch and size that are neither."""
     meta = info(dense)
     n, c, *sp = meta.example_shape
-    trace = (2, c, *(h + 2 * s for h, s in zip(sp, meta.axis_steps)))
-    check = (3, c, *(h + 3 * s + 3 for h, s in zip(sp, meta.axis_steps)))
+    trace = (2, c, *(h + 2 * s for h, s in zip(sp, meta.size_steps)))
+    check = (3, c, *(h + 3 * s + 3 for h, s in zip(sp, meta.size_steps)))
     return trace, check
 
 

@@ -63,6 +63,20 @@ def out_size(h: int, w: Window, minimum: Minimum = min) -> int:
     return minimum(ceil_out, (h + w.pad_lo - 1) // w.stride + 1)
 
 
+def covers_input(h: int, w: Window) -> bool:
+    """Whether ``w`` reads its whole input of size ``h`` in one window that reaches past the
+    input's end (a kernel larger than its input, which ceil mode or padding admits, as in a
+    pool whose kernel is a model's hidden width). At such sizes the layer is a global pool;
+    it stays one for inputs up to :func:`covered_limit` positions. A window that fits the
+    input exactly is not such a layer: it slides on larger inputs and is densified as it is."""
+    return w.dilation == 1 and w.extent > h + w.pad_lo and out_size(h, w) == 1
+
+
+def covered_limit(w: Window) -> int:
+    """The largest input size one window of ``w`` still covers whole."""
+    return w.extent - w.pad_lo
+
+
 @dataclass(frozen=True)
 class DenseWindow:
     """What a window layer becomes on an input lattice of step ``step``.

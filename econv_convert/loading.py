@@ -155,7 +155,7 @@ def load_model(
                 return Loaded(inner, _shape_of(obj, path), None)
             state = inner
             arch = arch or obj.get("arch")
-            if arch_kwargs is None and isinstance(obj.get("arch_kwargs"), dict):
+            if not arch_kwargs and isinstance(obj.get("arch_kwargs"), dict):
                 arch_kwargs = obj["arch_kwargs"]
             input_shape = _shape_of(obj, path)
             break

@@ -25,6 +25,8 @@ from econv_convert.errors import UnsupportedLayerError
 from econv_convert.lattice import (
     Field,
     Window,
+    covered_limit,
+    covers_input,
     dense_out,
     dense_window,
     keeps_stride,
@@ -390,10 +392,12 @@ def _fields(rw: OnnxRewriter, x: str, ws: Sequence[Window]) -> tuple[Field, ...]
     return tuple(f.through(Window(w.kernel, w.stride, 0, 0, w.dilation)) for f, w in zip(rf, ws))
 
 
-def _dense_windows(rw: OnnxRewriter, node, x: str, kernel, kind: str, cost: int):
+def _dense_windows(rw: OnnxRewriter, node, x: str, kernel, kind: str, cost: int,
+                   covering: str | None = None):
     """Shared start of every window rule: geometry, the plain and kept-stride cases, the
     record. Returns (steps, windows, dense windows, record arguments), or None when the node
-    was emitted as it is (nothing spatial, extra dims only, or a kept stride)."""
+    was emitted otherwise (nothing spatial, extra dims only, a kept stride, or, for a pool
+    that reduces by ``covering``, a window that covers its whole input: a global pool)."""
     lay = rw.lay(x)
     nd = len(kernel)
     form, steps, axes = _map_geometry(rw, lay, nd)
@@ -423,12 +427,48 @@ def _dense_windows(rw: OnnxRewriter, node, x: str, kernel, kind: str, cost: int)
         rw.record(kind, window_geometry(ws), {"stride": tuple(w.stride for w in ws)}, steps,
                   steps, rf, f"stride kept (output stride {rw.output_stride})", cost)
         return None
+    h = lay.base[2:]
+    counted_pads = attrs(node).get("count_include_pad", 0) and any(
+        not _static(w.pad_lo) or w.pad_lo or w.pad_hi for w in ws)
+    if covering and not counted_pads and all(
+            _static(w.pad_lo) and covers_input(n, w) for n, w in zip(h, ws)):
+        _covering_pool(rw, node, x, steps, ws, covering)
+        return None
     dws = [dense_window(w, s) for w, s in zip(ws, steps)]
     out_dims = (PLAIN, PLAIN) + tuple(Dim("space", a, t) for a, t in zip(axes, out_steps))
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), out_dims))
     record = (kind, window_geometry(ws), window_geometry(ws, steps), steps, out_steps, rf, "",
               cost)
     return steps, ws, dws, record
+
+
+def _covering_pool(rw: OnnxRewriter, node: onnx.NodeProto, x: str, steps, ws, reduce: str):
+    """A pool whose one window covers its whole input (a kernel larger than the map) is a
+    global pool while the map fits in the kernel; past that the output is NaN (ONNX has no
+    assertion to stop the run with)."""
+    b = rw.b
+    limits = tuple(covered_limit(w) for w in ws)
+    h = rw.lay(x).base[2:]
+    pooled = b.fresh("pooled")
+    rw.shapes[pooled] = rw.base_shape(node.output[0])
+    inner = onnx.NodeProto()
+    inner.CopyFrom(node)
+    inner.output[0] = pooled
+    _global(rw, inner, x, range(2, 2 + len(ws)), reduce, True)
+    fits = None
+    for i, (s, limit) in enumerate(zip(steps, limits)):
+        n = _lattice_size(rw, x, i, s)
+        ok = b.op1("LessOrEqual", [b.int_tensor(n), b.const([limit])])
+        fits = ok if fits is None else b.op1("And", [fits, ok])
+    dtype = rw.types.get(x, TensorProto.FLOAT)
+    out = node.output[0]
+    b.op1("Where", [fits, pooled, b.scalar(math.nan, dtype)], out)
+    rw.env[out] = rw.env[pooled]
+    rw.fields[out] = rw.field_of(x)
+    rw.result.notes.append(
+        f"{node_label(node)}: a pool of kernel {tuple(w.kernel for w in ws)} reads all of its "
+        f"{tuple(h)} input: a global pool while that map stays within {limits} positions "
+        "(NaN past that)")
 
 
 def _per_extra(rw: OnnxRewriter, node: onnx.NodeProto, x: str, lay: Layout) -> None:
@@ -510,7 +550,8 @@ def _max_pool(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         _refuse("max pooling with indices (the indices are positions, not features)")
     a = attrs(node)
     kernel = tuple(int(k) for k in a["kernel_shape"])
-    plan = _dense_windows(rw, node, node.input[0], kernel, "max_pool", math.prod(kernel))
+    plan = _dense_windows(rw, node, node.input[0], kernel, "max_pool", math.prod(kernel),
+                          covering="max")
     if plan is None:
         return
     steps, ws, dws, record = plan
@@ -549,7 +590,7 @@ def _avg_pool(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     lp = node.op_type == "LpPool"
     kernel = tuple(int(k) for k in a["kernel_shape"])
     plan = _dense_windows(rw, node, node.input[0], kernel, "lp_pool" if lp else "avg_pool",
-                          math.prod(kernel))
+                          math.prod(kernel), covering=None if lp else "mean")
     if plan is None:
         return
     steps, ws, dws, record = plan

@@ -208,6 +208,18 @@ def avg_pool(
     return (y / divisor).reshape(*lead, channels, *y.shape[2:])
 
 
+def within(x: torch.Tensor, steps: Sequence[int], limits: Sequence[int], what: str):
+    """``x`` itself, after checking that its baseline sizes are within ``limits``: a pool whose
+    kernel covers the whole map is a global pool only while the map fits in the kernel."""
+    nd = len(steps)
+    for i, (s, limit) in enumerate(zip(steps, limits, strict=True)):
+        n = lattice_count(x.shape[x.dim() - nd + i], s)
+        torch._check(n <= limit, lambda n=n, limit=limit: (
+            f"{what}: the input is too large for this dense model (the pool there reads a map "
+            f"of {n} positions, more than its kernel of {limit} covers)"))
+    return x
+
+
 def global_pool(
     x: torch.Tensor,
     dims: Sequence[int],

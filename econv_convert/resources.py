@@ -41,13 +41,16 @@ def estimate_bytes(meta: DenseInfo, shape: Sequence[int], element_size: int = 4)
     return int(meta.peak_elements * scale * element_size * LIVE_FACTOR)
 
 
-def check_memory(meta: DenseInfo, shape: Sequence[int], *, force: bool = False) -> int:
-    """Refuse (ResourceError) a run at ``shape`` that would not fit; returns the estimate."""
+def check_memory(meta: DenseInfo, shape: Sequence[int], *, force: bool = False,
+                 why: str = "") -> int:
+    """Refuse (ResourceError) a run at ``shape`` that would not fit; returns the estimate.
+    ``why`` says where that input size comes from, for the message."""
     need = estimate_bytes(meta, shape)
     have = available_bytes()
     if not force and have is not None and need > have:
+        reason = f" ({why})" if why else ""
         raise ResourceError(
-            f"a dense forward pass at input {'x'.join(map(str, shape))} needs about "
+            f"a dense forward pass at input {'x'.join(map(str, shape))}{reason} needs about "
             f"{_gib(need)} (largest map: {meta.peak_node}), but only {_gib(have)} is available; "
             "use a smaller --input-shape, or --force to try anyway")
     return need

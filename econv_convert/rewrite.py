@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from econv_convert import ops, targets
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.fxgraph import node_name
-from econv_convert.lattice import Field, Window, keeps_stride, same_padding, window_geometry
+from econv_convert.lattice import (
+    Field,
+    Window,
+    covered_limit,
+    covers_input,
+    keeps_stride,
+    same_padding,
+    window_geometry,
+)
 from econv_convert.layout import PLAIN, Dim, Layout, LayoutError
 
 GLOBAL_POOL_MODES = ("phase", "lattice", "dense")
@@ -438,6 +446,10 @@ def _max_pool(rw: Rewriter, node: fx.Node) -> Val:
     kept = _keep_stride(rw, node, axes, steps, stride, k, dilation, math.prod(k))
     if kept is not None:
         return kept
+    ws = [Window(kk, t, p, p, d, ceil) for kk, t, p, d in zip(k, stride, padding, dilation)]
+    whole = _covering_pool(rw, node, x, steps, ws, "amax")
+    if whole is not None:
+        return whole
     n = rw.call(ops.max_pool, x.node, steps, k, stride, padding, padding, dilation, ceil)
     rf = _fields_through(rw, node.args[0], k, stride, dilation)
     rw.fields[node] = rf
@@ -469,6 +481,11 @@ def _emit_avg(rw, node, x, steps, axes, k, stride, padding, ceil, include, divis
     kept = _keep_stride(rw, node, axes, steps, stride, k, (1,) * nd, math.prod(k))
     if kept is not None:
         return kept
+    if not divisor and (not include or not any(padding)):  # a mean of the real positions
+        ws = [Window(kk, t, p, p, 1, ceil) for kk, t, p in zip(k, stride, padding)]
+        whole = _covering_pool(rw, node, x, steps, ws, "mean")
+        if whole is not None:
+            return whole
     n = rw.call(ops.avg_pool, x.node, steps, k, stride, padding, ceil, include, divisor)
     rf = _fields_through(rw, node.args[0], k, stride, (1,) * nd)
     rw.fields[node] = rf
@@ -477,6 +494,20 @@ def _emit_avg(rw, node, x, steps, axes, k, stride, padding, ceil, include, divis
               window_geometry(ws, steps, count_include_pad=include), steps,
               [s * t for s, t in zip(steps, stride)], rf, note, cost=math.prod(k))
     return rw.result(node, n, _window_out(axes, steps, stride))
+
+
+def _covering_pool(rw: Rewriter, node: fx.Node, x: Val, steps, windows, reduce: str) -> Val | None:
+    """A pool whose one window covers its whole input (a kernel larger than the map) is a
+    global pool, while the map fits in the kernel: checked when the dense model runs."""
+    h = x.layout.base[2:]
+    if not all(covers_input(n, w) for n, w in zip(h, windows)):
+        return None
+    limits = tuple(covered_limit(w) for w in windows)
+    checked = rw.call(ops.within, x.node, steps, limits, node_name(node))
+    rw.plan.notes.append(
+        f"{node_name(node)}: a pool of kernel {tuple(w.kernel for w in windows)} reads all of its "
+        f"{tuple(h)} input: a global pool while that map stays within {limits} positions")
+    return _global(rw, node, Val(checked, x.layout), range(2, 2 + len(h)), reduce, keepdim=True)
 
 
 _ADAPTIVE_AVG = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
@@ -1108,7 +1139,9 @@ def _shape_args(rw: Rewriter, node: fx.Node) -> list:
     if "shape" in node.kwargs or "size" in node.kwargs:
         shape = list(node.kwargs.get("shape", node.kwargs.get("size")))
     if len(shape) == 1 and isinstance(shape[0], fx.Node) and rw.v(shape[0]).sizes is not None:
-        _refuse("reshape to a shape taken from another tensor")
+        # a shape taken from a tensor (x.reshape(y.shape[:2])): its spatial entries, if any,
+        # are replaced by the dense sizes like those of a shape written out
+        return rw.v(shape[0]).node
     vals = [rw.v(s) for s in shape]
     return [v.node for v in vals]
 

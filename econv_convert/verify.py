@@ -136,7 +136,7 @@ def default_shapes(meta, near_example: bool = False) -> tuple[list[tuple[int, ..
     size (a dense ResNet-50 at 224 x 224 takes about 900 G multiply-adds). Other models, and
     ``near_example``, are checked around the example size."""
     example = list(meta.example_shape)
-    st = meta.axis_steps
+    st = meta.size_steps
     small = [min(h, s + 1) for h, s in zip(example[2:], st)]
     if near_example or not any_size(meta) or small == example[2:]:
         return candidate_shapes(example, st), ""
@@ -244,7 +244,7 @@ def check(
         example = meta.example_shape
         res = meta.output_stride or 1  # dense positions are this many input pixels apart
         n = batch if batch is not None else max(example[0], 2)
-        big = [n, example[1]] + [h + 2 * s * res for h, s in zip(example[2:], meta.axis_steps)]
+        big = [n, example[1]] + [h + 2 * s * res for h, s in zip(example[2:], meta.size_steps)]
         for _ in range(trials):
             x = torch.randn(big, generator=gen).to(device, dtype)
             y = run_dense(x)

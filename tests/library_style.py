@@ -135,3 +135,54 @@ class VersionedNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.layers(x).mean([2, 3]))
+
+
+# -- TF-ported mobile nets: computed asymmetric ZeroPad2d, "valid"/"same" strings, a pool whose
+# kernel is the hidden width (far larger than its input) used as a global pool ----------------
+
+
+def correct_pad(kernel_size, adjust=True):
+    """The padding a TF-ported EfficientNet puts before a strided depthwise convolution."""
+    correct = (kernel_size // 2, kernel_size // 2)
+    if adjust:
+        return (correct[1] - 1, correct[1], correct[0] - 1, correct[0])
+    return (correct[1], correct[1], correct[0], correct[0])
+
+
+class TFPortDepthwise(nn.Module):
+    def __init__(self, dim, stride, kernel_size, adjust_padding):
+        super().__init__()
+        self.stride = stride
+        conv_pad = "valid" if self.stride == 2 else "same"
+        self.depthwise_conv_pad = nn.ZeroPad2d(padding=correct_pad(kernel_size, adjust_padding))
+        self.depthwise_conv = nn.Conv2d(dim, dim, kernel_size, stride, padding=conv_pad,
+                                        groups=dim, bias=False)
+        self.depthwise_norm = nn.BatchNorm2d(dim, eps=1e-3)
+        self.depthwise_act = nn.SiLU()
+
+    def forward(self, hidden_states):
+        if self.stride == 2:
+            hidden_states = self.depthwise_conv_pad(hidden_states)
+        hidden_states = self.depthwise_conv(hidden_states)
+        return self.depthwise_act(self.depthwise_norm(hidden_states))
+
+
+class TFPortNet(nn.Module):
+    def __init__(self, classes=3, hidden_dim=64):
+        super().__init__()
+        self.padding = nn.ZeroPad2d(padding=(0, 1, 0, 1))
+        self.convolution = nn.Conv2d(3, 8, 3, 2, padding="valid", bias=False)
+        self.blocks = nn.ModuleList([
+            TFPortDepthwise(8, 2, 3, True), TFPortDepthwise(8, 1, 5, False),
+            TFPortDepthwise(8, 2, 5, False), TFPortDepthwise(8, 2, 3, True)])
+        self.top_conv = nn.Conv2d(8, hidden_dim, 1, padding="same", bias=False)
+        # the pooler: a kernel of the hidden width, far larger than the map, in ceil mode
+        self.pooler = nn.AvgPool2d(hidden_dim, ceil_mode=True)
+        self.classifier = nn.Linear(hidden_dim, classes)
+
+    def forward(self, pixel_values):
+        x = self.convolution(self.padding(pixel_values))
+        for block in self.blocks:
+            x = block(x)
+        pooled = self.pooler(self.top_conv(x))
+        return self.classifier(pooled.reshape(pooled.shape[:2]))

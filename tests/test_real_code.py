@@ -11,7 +11,7 @@ from conftest import rand_bn
 from econv_convert import densify, verify
 from econv_convert.cli import app
 from econv_convert.loading import load_model
-from library_style import FeaturesThenInplace, VersionedNet
+from library_style import FeaturesThenInplace, TFPortNet, VersionedNet
 
 
 def test_verify_with_until_is_not_fooled_by_an_in_place_op_after_the_cut():
@@ -69,3 +69,54 @@ def test_an_exception_in_the_models_own_loading_code_is_a_model_error(versioned,
     assert "internal error" not in result.output
     assert "module '(the model itself)' (VersionedNet)" in result.output
     assert "version should be set to 1 or 2 instead of None" in result.output
+
+
+# -- a TF-ported net: computed asymmetric ZeroPad2d before strided depthwise convolutions, and
+# a pooler whose kernel is the hidden width (2560), far larger than its input -------------------
+
+
+@pytest.mark.parametrize("mode", ["phase", "lattice"])
+def test_a_pool_larger_than_its_input_is_a_global_pool(mode):
+    torch.manual_seed(0)
+    model = rand_bn(TFPortNet(hidden_dim=2560))
+    dense = densify(model, (1, 3, 96, 96), global_pool=mode)
+    assert dense.econv.total_step == (16, 16)  # not 16 x 2560: the pool is global
+    assert any("reads all of its" in n for n in dense.econv.notes)
+    report = verify(model, dense)
+    assert report.ok, report.failures()
+
+
+def test_past_the_pools_kernel_the_dense_model_stops():
+    torch.manual_seed(0)
+    model = rand_bn(TFPortNet(hidden_dim=8))  # the pool covers a map of up to 8 positions
+    dense = densify(model, (1, 3, 64, 64))
+    with torch.no_grad():
+        dense(torch.randn(1, 3, 120, 120))  # 8 positions on the pool's lattice
+        with pytest.raises(RuntimeError, match="pooler.*more than its kernel of 8 covers"):
+            dense(torch.randn(1, 3, 140, 140))
+
+
+def test_the_memory_guard_names_the_size_it_checked(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    path = tmp_path / "tf.pt"
+    torch.save({"state_dict": rand_bn(TFPortNet(hidden_dim=2560)).state_dict(),
+                "arch": "library_style:TFPortNet", "arch_kwargs": {"hidden_dim": 2560}}, path)
+    result = _run("densify", path, "--input-shape", "1,3,96,96", "--no-verify")
+    assert result.exit_code == 0, result.output  # nothing is run, nothing to refuse
+    monkeypatch.setattr("econv_convert.resources.available_bytes", lambda: 2**20)
+    result = _run("densify", path, "--input-shape", "1,3,96,96")
+    assert result.exit_code == 2
+    assert "input 2x3x" in result.output and "the largest input the equivalence check runs" \
+        in result.output
+
+
+def test_onnx_a_pool_larger_than_its_input_is_a_global_pool():
+    from econv_convert import onnx_api
+    from onnx_graphs import export
+
+    torch.manual_seed(0)
+    graph = export(rand_bn(TFPortNet(hidden_dim=2560)), (1, 3, 96, 96))
+    dense, meta = onnx_api.densify(graph)
+    assert meta.total_step == (16, 16)
+    report = onnx_api.verify(graph, dense)
+    assert report.ok, report.failures()
