@@ -23,9 +23,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from econv_convert import ops
+from econv_convert import ops, outputs
 from econv_convert.errors import InvalidInputError, InvalidModelError, TransferError, describe
-from econv_convert.fxgraph import module_of_error, shape_prop, trace
+from econv_convert.fxgraph import capture, module_of_error, shape_prop
 from econv_convert.rewrite import GLOBAL_POOL_MODES, LayerRecord, Rewriter
 from econv_convert.serialize import graph_from_json, graph_to_json
 
@@ -56,6 +56,9 @@ class DenseInfo:
     # the baseline state dict's per-module metadata (``state_dict()._metadata``: versions that
     # some modules' ``_load_from_state_dict`` reads), kept for inverse transfer
     state_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    capture: str = "torch.fx"  # how the baseline was captured: torch.fx or torch.export
+    input_name: str | None = None  # the baseline takes its image as this keyword argument
+    output_spec: dict[str, Any] | None = None  # the baseline's output structure (outputs.py)
 
     @property
     def total_step(self) -> tuple[int, ...]:
@@ -114,6 +117,7 @@ def densify(
     global_pool: str = "phase",
     until: str | None = None,
     output_stride: int | None = None,
+    input_name: str | None = None,
 ) -> fx.GraphModule:
     """The dense model of ``model``.
 
@@ -124,6 +128,10 @@ def densify(
     ``until`` (a name from ``named_modules()``). ``output_stride`` K keeps the baseline's
     strides until the cumulative stride reaches K and turns the rest into dilation (DeepLab
     style); the output lattice step is then total stride / K. K must be reachable that way.
+    ``input_name`` calls the model with its image as that keyword argument
+    (``model(pixel_values=x)``); the dense model takes it positionally or by that name.
+    The dense model returns what the model returns: a tensor, a tuple, a dict or an output
+    class (see :mod:`econv_convert.outputs`), with every map over the input made dense.
 
     Raises :class:`UnsupportedLayerError` naming the node when a layer is not
     translation-equivariant on the lattice. The model is not modified; a model in training mode
@@ -140,7 +148,8 @@ def densify(
                      "running statistics, dropout is off)")
     baseline = copy.deepcopy(model).eval()
     x = _example(baseline, example_input)
-    gm = trace(baseline, until)
+    captured = capture(baseline, x, until=until, input_name=input_name)
+    gm = captured.gm
     values = shape_prop(gm, x)
     rewriter = Rewriter(gm, values, global_pool, output_stride)
     graph, plan = rewriter.run()
@@ -152,9 +161,10 @@ def densify(
         example_shape=list(x.shape),
         global_pool=global_pool,
         until=until,
-        outputs=_as_json(plan.outputs),
+        outputs=_as_json([o | {"name": n} for o, n in
+                          zip(plan.outputs, outputs.names(captured.output_spec))]),
         records=_as_json([asdict(r) for r in plan.records]),
-        notes=notes + plan.notes,
+        notes=notes + captured.notes + plan.notes,
         has_padding=plan.has_padding,
         global_pools=plan.global_pools,
         specialized=plan.specialized,
@@ -164,6 +174,9 @@ def densify(
         peak_elements=plan.peak_elements,
         peak_node=plan.peak_node,
         state_metadata=state_metadata(baseline),
+        capture=captured.method,
+        input_name=input_name,
+        output_spec=_as_json(captured.output_spec),
     )
     set_versions(dense, dense.econv.state_metadata)
     dense.eval()
@@ -250,17 +263,12 @@ def info(dense: nn.Module) -> DenseInfo:
     return meta
 
 
-def lattice_view(dense: nn.Module, outputs: Any) -> Any:
-    """The baseline's outputs read off the dense model's outputs (lattice points, phase 0)."""
-    specs = iter(info(dense).outputs)
-
-    def view(t):
-        if isinstance(t, torch.Tensor):
-            spec = next(specs)
-            return ops.lattice_view(t, spec["dims"], spec["base_ndim"])
-        return t
-
-    return fx.node.map_aggregate(outputs, view)
+def lattice_view(dense: nn.Module, out: Any) -> Any:
+    """The baseline's outputs read off the dense model's outputs (lattice points, phase 0),
+    in the same structure."""
+    specs = info(dense).outputs
+    return outputs.map_tensors(
+        out, lambda i, t: ops.lattice_view(t, specs[i]["dims"], specs[i]["base_ndim"]))
 
 
 def _build(graph_json: str, state: dict[str, torch.Tensor], params: Sequence[str],

@@ -8,62 +8,312 @@ a ``call_module`` node, and the rules refuse it by name.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx._symbolic_trace as _symbolic_trace
 import torch.nn as nn
 import torch.nn.functional as F
 
+from econv_convert import outputs
 from econv_convert.errors import InvalidModelError, describe
 
 NAME = "econv_name"  # node.meta key: the module path a node came from, for messages
 
 
-class _Tracer(fx.Tracer):
-    """Default fx tracing that also remembers the output of module ``until``."""
+PREFIX = "model."  # the captured model's attributes, inside the capturing wrapper
 
-    def __init__(self, until: str | None) -> None:
+
+@dataclass
+class Captured:
+    """A model as a lowered, functional graph, and how it was captured."""
+
+    gm: fx.GraphModule  # attribute paths are the model's own
+    method: str  # "torch.fx" or "torch.export"
+    output_spec: outputs.Spec  # the model's output structure (the graph returns its tensors)
+    notes: list[str] = field(default_factory=list)
+
+
+class _Capture(nn.Module):
+    """The model called the way it takes its image (positionally, or by keyword
+    ``input_name``), cut after module ``until``, its output flattened to a tuple of tensors
+    (the structure is kept in ``spec``)."""
+
+    def __init__(self, model: nn.Module, input_name: str | None, until: str | None,
+                 hooks: bool) -> None:
         super().__init__()
+        self.model = model
+        self.input_name = input_name
         self.until = until
-        self.until_value: Any = None
+        self.hooks = hooks  # torch.export runs forward hooks; fx tracing reports to captured
+        self.captured: list[Any] = []
+        self.spec: outputs.Spec | None = None
+
+    def forward(self, x):
+        handle = None
+        if self.until is not None and self.hooks:
+            handle = self.model.get_submodule(self.until).register_forward_hook(
+                lambda m, args, out: self.captured.append(out))
+        try:
+            out = self.model(**{self.input_name: x}) if self.input_name else self.model(x)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if self.until is not None:
+            if not self.captured:
+                raise InvalidModelError(f"--until: module '{self.until}' is never called")
+            out = self.captured[0]
+        leaves, self.spec = outputs.flatten(out)
+        return tuple(leaves)
+
+
+class _Tracer(fx.Tracer):
+    """fx tracing that reports the output of module ``until`` to the capturing wrapper."""
+
+    def __init__(self, wrapper: _Capture) -> None:
+        super().__init__()
+        self.wrapper = wrapper
+        self.until = None if wrapper.until is None else PREFIX + wrapper.until
 
     def call_module(self, m, forward, args, kwargs):
         out = super().call_module(m, forward, args, kwargs)
         if self.until is not None and self.path_of_module(m) == self.until:
-            self.until_value = out
+            self.wrapper.captured.append(out)
         return out
 
 
-def trace(model: nn.Module, until: str | None = None) -> fx.GraphModule:
-    """Trace ``model`` (in eval mode) into a lowered, functional GraphModule.
+@contextlib.contextmanager
+def _through_wrapped_functions():
+    """Trace through functions a library registered as fx leaves (``torch.fx.wrap``): as a
+    leaf, a stochastic-depth function or a padding helper is a call the rules do not know;
+    traced through, it is the tensor operations it is made of. torch's own stay leaves."""
+    table = _symbolic_trace._wrapped_fns_to_patch
+    saved = dict(table)
+    for key, frame in saved.items():
+        if not str(frame.get("__name__", "")).startswith("torch."):
+            del table[key]
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
+
+
+def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None,
+            input_name: str | None = None) -> Captured:
+    """``model`` (in eval mode) as a lowered, functional graph of its computation on
+    ``example``-like inputs.
+
+    torch.fx first: it traces every input size symbolically and keeps module calls. A model
+    whose ``forward()`` branches on sizes or values cannot be traced so; then
+    ``torch.export`` (non-strict, spatial and batch sizes dynamic), which runs the Python
+    code at the example input: where a branch depends on the input size, the size condition
+    it took is kept in the graph and checked whenever the dense model runs. Only when both
+    fail is the model refused, with torch.fx's reason first.
 
     With ``until``, the graph returns the output of module ``until`` (a name from
-    ``named_modules()``) instead of the model's output.
+    ``named_modules()``). With ``input_name``, the model is called as
+    ``model(**{input_name: x})``.
     """
     if until is not None and until not in dict(model.named_modules()):
         raise InvalidModelError(f"--until: the model has no module named '{until}'")
-    tracer = _Tracer(until)
     try:
-        graph = tracer.trace(model)
+        return _capture_fx(model, until, input_name)
+    except InvalidModelError as e:
+        if e.__cause__ is None:
+            raise  # ours (--until, outputs): the same with any capture
+        fx_error = e
+    try:
+        captured = _capture_export(model, example, until, input_name)
+    except InvalidModelError as e:
+        raise InvalidModelError(
+            f"{fx_error}; torch.export fails too ({e}). Make the forward() of that module "
+            "depend on attributes rather than on tensor values, or stop before it with "
+            "--until") from fx_error
+    captured.notes.append(
+        f"torch.fx could not trace the model ({_short(fx_error)}); captured with "
+        "torch.export: Python control flow is fixed at the example input, and where it "
+        "depends on the input size the dense model checks that the size takes the same "
+        "branch")
+    return captured
+
+
+def _short(e: BaseException) -> str:
+    return str(e).removeprefix("cannot trace the model with torch.fx")
+
+
+def _capture_fx(model: nn.Module, until: str | None, input_name: str | None) -> Captured:
+    wrapper = _Capture(model, input_name, until, hooks=False)
+    tracer = _Tracer(wrapper)
+    try:
+        with _through_wrapped_functions():
+            graph = tracer.trace(wrapper)
+    except InvalidModelError:
+        raise
     except Exception as e:  # fx raises TraceError, TypeError, AttributeError, ...
         raise InvalidModelError(
             f"cannot trace the model with torch.fx{module_of_error(e, model)} "
-            f"({describe(e, None)}); data-dependent control flow in a forward() must be made "
-            "static to densify"
-        ) from e
+            f"({describe(e, None)})") from e
+    spec = wrapper.spec or {"t": "tuple", "items": []}
+    _strip_prefix(graph, input_name)
+    _structure_output(graph, spec)
     gm = fx.GraphModule(model, graph)
-    if until is not None:
-        if not isinstance(tracer.until_value, fx.Proxy):
-            raise InvalidModelError(f"--until: module '{until}' is never called on a tensor")
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        out.args = (tracer.until_value.node,)
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
     _lower(gm)
-    return gm
+    return Captured(gm, "torch.fx", spec)
+
+
+def _capture_export(model: nn.Module, example: torch.Tensor, until: str | None,
+                    input_name: str | None) -> Captured:
+    from torch.export import Dim
+
+    batched = example.expand(max(2, example.shape[0]), *example.shape[1:]).contiguous()
+    dynamic = ({i: Dim.AUTO for i in range(example.dim()) if i != 1},)
+    notes = []
+    first: Exception | None = None
+    for args, dims in (((batched,), dynamic), ((example,), None)):
+        wrapper = _Capture(model, input_name, until, hooks=True)
+        try:
+            with _quiet():
+                program = torch.export.export(
+                    wrapper, args, strict=False, dynamic_shapes=dims,
+                    prefer_deferred_runtime_asserts_over_guards=True)
+            break
+        except InvalidModelError:
+            raise
+        except Exception as e:
+            first = first or e
+    else:
+        raise InvalidModelError(f"torch.export{module_of_error(first, model)}: "
+                                f"{_export_reason(first)}") from first
+    if dims is None:
+        notes.append("torch.export could only capture the model at the example size: sizes "
+                     "computed in forward() are fixed to it")
+    # the output structure, from one eager call (torch.export does not keep what forward()
+    # records on the module)
+    with torch.no_grad():
+        wrapper.captured.clear()
+        wrapper(example)
+    spec = wrapper.spec or {"t": "tuple", "items": []}
+    gm = from_exported(program)
+    _strip_prefix(gm.graph, input_name)
+    _structure_output(gm.graph, spec)
+    return Captured(_rebuild_on(model, gm), "torch.export", spec, notes)
+
+
+def _export_reason(e: BaseException) -> str:
+    """One line on why torch.export failed (its messages are pages of graph code)."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    text = str(e)
+    code = next((line.split("code:", 1)[1].strip() for line in text.splitlines()
+                 if "code:" in line), "")
+    where = f" at `{code[:100]}`" if code else ""
+    if isinstance(e, GuardOnDataDependentSymNode):
+        return f"Python control flow depends on the values of a tensor{where}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()
+             and not line.startswith((" ", "def ", "#"))]
+    return f"{type(e).__name__}: {(lines[0] if lines else '')[:160]}{where}"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.export logs its symbolic reasoning at warning level; none of it is for users."""
+    import logging
+    import warnings
+
+    names = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export",
+             "torch._export", "torch._subclasses")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _structure_output(graph: fx.Graph, spec: outputs.Spec) -> None:
+    """Make the graph return what the model returns: its lone tensor, its tuple, or its
+    output structure rebuilt by :func:`outputs.restore` (the wrapper returned the tensors)."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    leaves = out.args[0]
+    if spec["t"] == "tensor":
+        out.args = (leaves[0],)
+    elif not outputs.is_plain(spec):
+        with graph.inserting_before(out):
+            out.args = (graph.call_function(outputs.restore, (tuple(leaves), spec)),)
+
+
+def _strip_prefix(graph: fx.Graph, input_name: str | None) -> None:
+    """Attribute paths relative to the model (not the capturing wrapper), and the image input
+    named as the model names it."""
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target.startswith(PREFIX):
+            node.target = node.target[len(PREFIX):]
+        if node.op == "placeholder" and input_name:
+            node.target = input_name
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                k: (_relative(v[0]), *v[1:]) for k, v in stack.items()}
+
+
+def _relative(path: Any) -> Any:
+    """A module path inside the capturing wrapper as a path inside the model."""
+    if not isinstance(path, str):
+        return path
+    if path == PREFIX[:-1]:
+        return ""
+    return path[len(PREFIX):] if path.startswith(PREFIX) else path
+
+
+def _rebuild_on(model: nn.Module, gm: fx.GraphModule) -> fx.GraphModule:
+    """The exported graph on the model's own parameters and buffers (so the state dict keeps
+    its keys); constants that torch.export lifted out of forward() come along as
+    non-persistent buffers."""
+    lifted = {n.target: _get_attr(gm, n.target) for n in gm.graph.nodes
+              if n.op == "get_attr" and not _has_attr(model, n.target)}
+    root: nn.Module = model
+    if lifted:
+        root = copy.copy(model)  # shares every parameter; only the copy gets the constants
+        root._buffers = dict(model._buffers)
+        for name, value in lifted.items():
+            if "." in name:
+                raise InvalidModelError(f"torch.export lifted a constant at '{name}'")
+            root.register_buffer(name, value, persistent=False)
+    out = fx.GraphModule(root, gm.graph)
+    out.graph.lint()
+    return out
+
+
+def _has_attr(model: nn.Module, target: str) -> bool:
+    obj: Any = model
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _get_attr(model: nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +524,9 @@ def node_name(node: fx.Node) -> str:
         return node.meta[NAME]
     stack = node.meta.get("nn_module_stack")
     if stack:
-        return f"{node.name}' in module '{next(reversed(stack))}"
+        path = list(stack.values())[-1][0]
+        if isinstance(path, str) and path:
+            return f"{node.name}' in module '{path}"
     return node.name
 
 
@@ -283,33 +535,92 @@ def is_getitem(node: Any) -> bool:
 
 
 def from_exported(program: Any) -> fx.GraphModule:
-    """A ``torch.export`` program as a module the tracer can read.
+    """A ``torch.export`` program as a module the rewrite can read.
 
     Its ``aten`` operators are replaced by the ``torch`` bindings of the same operators (same
-    positional signatures), which the rules know; the shape guards of the export, which pin
-    the example size, are dropped (verification checks other sizes instead). An operator with
-    no binding stays as it is and is refused by name if it touches a spatial map.
+    positional signatures), which the rules know. Its input guards (checks of the sizes it
+    was exported at) are dropped: the dense model runs at other sizes by design, and
+    verification checks them. The size conditions recorded in the graph itself (which branch
+    of the Python code a size takes) stay. An operator with no binding stays as it is and is
+    refused by name if it touches a spatial map.
     """
     gm = program.module()
     graph = gm.graph
+    graph._codegen = fx.graph.CodeGen()  # plain arguments and outputs, no pytree specs
+    _check_input_ranges(graph, program.range_constraints)
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target.startswith("_guards"):
             graph.erase_node(node)
         elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            fn = _binding(node.target)
-            if fn is not None:
-                node.target = fn
+            name = node.target._schema.name
+            if name in _DROPPED and not node.users:
+                graph.erase_node(node)
+            elif name in _AS_METHOD:
+                node.op, node.target = "call_method", _AS_METHOD[name]
+            else:
+                fn = _binding(node.target)
+                if fn is not None:
+                    node.target = fn
     graph.eliminate_dead_code()
     graph.lint()
     # a plain GraphModule: the exported module's own class refuses .eval()
     return fx.GraphModule(gm, graph).eval()
 
 
+def _check_input_ranges(graph: fx.Graph, ranges: dict) -> None:
+    """Turn the export's ranges of input sizes into checks in the graph, where they come from
+    the model's code (``if x.shape[-1] < 16``: the example took the branch for sizes of at
+    least 16). The lower bound 2 that export assumes for every dynamic size is not such a
+    range and is not checked."""
+    for node in list(graph.nodes):
+        if node.op != "placeholder" or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        for d, size in enumerate(node.meta["val"].shape):
+            expr = size.node.expr if isinstance(size, torch.SymInt) else None
+            bounds = ranges.get(expr) if expr is not None else None
+            if bounds is None:
+                continue
+            lo, hi = _finite(bounds.lower), _finite(bounds.upper)
+            checks = []
+            if lo is not None and lo > 2:
+                checks.append((operator.ge, lo, f"input dim {d} is at least {lo}"))
+            if hi is not None:
+                checks.append((operator.le, hi, f"input dim {d} is at most {hi}"))
+            if not checks:
+                continue
+            with graph.inserting_after(node):
+                n = graph.call_function(torch.ops.aten.sym_size.int, (node, d))
+            after = n
+            for op, bound, what in checks:
+                with graph.inserting_after(after):
+                    cond = graph.call_function(op, (n, bound))
+                with graph.inserting_after(cond):
+                    after = graph.call_function(torch.ops.aten._assert_scalar.default,
+                                                (cond, f"expression {what} on node 'input'"))
+
+
+def _finite(bound: Any) -> int | None:
+    try:
+        return int(bound)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None  # an infinite bound
+
+
+# range constraints of unbacked sizes: bookkeeping of the export, nothing to compute
+_DROPPED = {"aten::sym_constrain_range_for_size", "aten::sym_constrain_range"}
+_AS_METHOD = {"aten::contiguous": "contiguous", "aten::view": "reshape"}
+_SPECIAL_OVERLOADS = {("aten::pow", "Tensor_Scalar"), ("aten::pow", "Tensor_Tensor")}
+
+
 def _binding(op: torch._ops.OpOverload) -> Callable | None:
     name = op._schema.name.split("::", 1)[1]
-    if op._schema.name.split("::", 1)[0] != "aten" or op._overloadname not in (
-            "default", "Tensor", "Scalar", "dim", "using_ints", "int", "self"):
+    if op._schema.name.split("::", 1)[0] != "aten" or (
+            op._overloadname not in ("default", "Tensor", "Scalar", "dim", "using_ints", "int",
+                                     "self")
+            and (op._schema.name, op._overloadname) not in _SPECIAL_OVERLOADS):
         return None
+    if name.startswith("sym_") or name.startswith("_assert"):
+        return None  # size queries and checks keep their aten form (the rules know them)
     for ns in (torch._C._nn, torch):
         fn = getattr(ns, name, None)
         if callable(fn):

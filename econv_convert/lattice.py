@@ -64,12 +64,14 @@ def out_size(h: int, w: Window, minimum: Minimum = min) -> int:
 
 
 def covers_input(h: int, w: Window) -> bool:
-    """Whether ``w`` reads its whole input of size ``h`` in one window that reaches past the
-    input's end (a kernel larger than its input, which ceil mode or padding admits, as in a
-    pool whose kernel is a model's hidden width). At such sizes the layer is a global pool;
-    it stays one for inputs up to :func:`covered_limit` positions. A window that fits the
-    input exactly is not such a layer: it slides on larger inputs and is densified as it is."""
-    return w.dilation == 1 and w.extent > h + w.pad_lo and out_size(h, w) == 1
+    """Whether ``w`` pools its whole input of size ``h`` in one window that reaches past the
+    input's end, its windows not overlapping (a kernel larger than the input, which ceil mode
+    or padding admits: a pool whose kernel is a model's hidden width). Such a layer is a
+    global pool for inputs up to :func:`covered_limit` positions. A window that fits its input
+    exactly, or windows that overlap (stride below the kernel), slide on larger inputs: those
+    layers are densified as they are."""
+    return (w.dilation == 1 and w.stride >= w.extent and w.extent > h + w.pad_lo
+            and out_size(h, w) == 1)
 
 
 def covered_limit(w: Window) -> int:

@@ -297,15 +297,40 @@ def phase_to_map_like(p, like, targets, like_dims):
     return phase_to_map(p, targets, [like.shape[d] for d in like_dims])
 
 
-def base_size(x: torch.Tensor, base_ndim: int, fold: bool):
-    """``x.size()`` as the baseline model reads it: without trailing extra dims."""
-    return torch.Size(dim_size(x, d, base_ndim, fold) for d in range(base_ndim))
+def base_size(x: torch.Tensor, base_ndim: int, fold: bool, steps: Sequence[int] = ()):
+    """``x.size()`` as the baseline model reads it: its own sizes (the lattice count of each
+    spatial dim), without trailing extra dims."""
+    steps = tuple(steps) + (1,) * (base_ndim - len(steps))
+    return torch.Size(dim_size(x, d, base_ndim, fold, steps[d]) for d in range(base_ndim))
 
 
-def dim_size(x: torch.Tensor, d: int, base_ndim: int, fold: bool):
+def dim_size(x: torch.Tensor, d: int, base_ndim: int, fold: bool, step: int = 1):
+    """Size of dim ``d`` as the baseline has it (a dense size counts lattice points)."""
     if fold and d == base_ndim - 1:
         return -1  # a flatten over space has no dense size; -1 keeps reshapes consistent
-    return x.shape[d]
+    return lattice_count(x.shape[d], step) if step > 1 else x.shape[d]
+
+
+class SizeNotCovered(RuntimeError):
+    """The input size makes the model's Python code take another branch than at the example
+    input, where the graph was captured: the dense model does not cover it."""
+
+
+def size_check(cond, message: str) -> None:
+    """A size condition torch.export recorded (a branch the model's code took on a size)."""
+    torch._check_with(SizeNotCovered, cond, lambda: (
+        "this input size takes another branch of the model's Python code than the example "
+        f"input did, which the dense model does not cover ({message})"))
+
+
+def pad(x: torch.Tensor, amounts: Sequence[int], scales: Sequence[int], mode: str,
+        value: float | None) -> torch.Tensor:
+    """``F.pad`` with amounts computed when the graph runs (from the baseline's sizes), each
+    multiplied by the lattice step of its axis."""
+    dense = [a * s for a, s in zip(amounts, scales, strict=True)]
+    if mode == "constant" and value is not None:
+        return F.pad(x, dense, mode=mode, value=value)
+    return F.pad(x, dense, mode=mode)
 
 
 def fold_extras(x: torch.Tensor, n_extra: int) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from econv_convert import ops, targets
+from econv_convert import ops, outputs, targets
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.fxgraph import node_name
 from econv_convert.lattice import (
@@ -262,6 +262,14 @@ class Rewriter:
 
         def visit(a):
             val = self.v(a)
+            if val.items is not None and isinstance(a, fx.Node):  # a model's output class
+                for item in val.items:
+                    visit_val(item)
+                return val.node
+            visit_val(val)
+            return val.node
+
+        def visit_val(val):
             if val.layout is not None:
                 lay = val.layout
                 if lay.fold:
@@ -274,7 +282,6 @@ class Rewriter:
                     "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
                     "base_ndim": lay.base_ndim,
                 })
-            return val.node
 
         args = fx.node.map_aggregate(node.args[0], visit)
         self.plan.outputs = outputs
@@ -284,24 +291,26 @@ class Rewriter:
     # -- the default: nothing spatial reaches the node ------------------------------------
 
     def _unknown(self, node: fx.Node) -> Val:
+        """Nothing spatial reaches the node: it computes what it computes in the baseline.
+        (Sizes read off a map are the baseline's sizes, so a value computed from them is the
+        baseline's value too; a tensor made from them is refused where it meets a map.)"""
         ins = self.tensor_inputs(node)
         what = _describe(node)
         if any(i.layout is not None and not i.layout.is_plain for i in ins):
             _refuse(f"no rule for {what} on a spatial map; it may mix positions, which would "
                     "break equivalence on the lattice")
-        if any(i.spatial or i.sizes is not None for i in ins):
-            _refuse(f"{what} uses a spatial size, which differs in the dense model")
-        return self.wrap(node, self.same(node))
+        return self.wrap(node, self.same(node), spatial=any(i.spatial for i in ins))
 
-    def wrap(self, node: fx.Node, dense: fx.Node) -> Val:
-        """A value that is the same in the baseline and the dense model."""
+    def wrap(self, node: fx.Node, dense: fx.Node, spatial: bool = False) -> Val:
+        """A value that is the same in the baseline and the dense model (``spatial``: a
+        number computed from a spatial size)."""
         base = self.base(node)
         if isinstance(base, torch.Tensor):
             return Val(dense, Layout.plain(base.shape))
         if isinstance(base, (tuple, list)) and all(isinstance(b, torch.Tensor) for b in base):
             items = tuple(Val(None, Layout.plain(b.shape)) for b in base)
             return Val(dense, items=items)
-        return Val(dense)
+        return Val(dense, spatial=spatial)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,8 +740,6 @@ def _binary(rw: Rewriter, node: fx.Node) -> Val:
     if not tensors:
         spatial = any(v.spatial for v in vals + list(kw.values()))
         return Val(rw.same(node), spatial=spatial)
-    if any(v.spatial for v in vals + list(kw.values()) if v.layout is None):
-        _refuse(f"{_describe(node)} combines a map with a spatial size")
     base = rw.base(node)
     out_nd = base.dim()
     out_dims: list[Dim] = [PLAIN] * out_nd
@@ -833,6 +840,24 @@ def _expand_as(rw: Rewriter, node: fx.Node) -> Val:
     return Val(y.node, y.layout)
 
 
+@rule(outputs.restore)
+def _restore(rw: Rewriter, node: fx.Node) -> Val:
+    """The model's output class, rebuilt from the tensors the graph computes."""
+    leaves = rw.v(node.args[0])
+    return Val(rw.call(outputs.restore, leaves.node, node.args[1]), items=leaves.items)
+
+
+@rule(torch.ops.aten._assert_scalar.default)
+def _size_check(rw: Rewriter, node: fx.Node) -> Val:
+    """A condition on the input size that torch.export recorded where the model's Python
+    code branched on a size: the dense model covers only sizes that take the same branch,
+    and checks it (on the baseline's sizes) whenever it runs."""
+    cond = rw.v(node.args[0])
+    message = node.args[1] if len(node.args) > 1 else ""
+    rw.call(ops.size_check, cond.node, message)
+    return Val(None)
+
+
 @rule(torch._assert)
 def _assert(rw: Rewriter, node: fx.Node) -> Val:
     """A shape assertion of the baseline: on dense sizes it would fail for no reason (the
@@ -842,10 +867,11 @@ def _assert(rw: Rewriter, node: fx.Node) -> Val:
 
 @rule(operator.mod, operator.lshift, operator.rshift, math.ceil, math.floor, math.sqrt,
       operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-      operator.and_, operator.or_, operator.not_)
+      operator.and_, operator.or_, operator.not_, torch.sym_max, torch.sym_min, torch.sym_not,
+      torch.sym_float, torch.sym_int, torch.sym_ite, math.trunc)
 def _scalar_math(rw: Rewriter, node: fx.Node) -> Val:
-    """Integer arithmetic; a result computed from a spatial size stays marked as such, so the
-    op that uses it is the one refused, with its own reason."""
+    """Arithmetic on numbers, sizes among them: sizes are the baseline's, so the result is
+    the baseline's value (marked as computed from a spatial size)."""
     vals = [rw.v(a) for a in node.args]
     if any(v.layout is not None for v in vals):
         return rw._unknown(node)
@@ -941,18 +967,29 @@ def _linear_head(rw: Rewriter, node: fx.Node, x: Val, w, b) -> Val:
 
 @rule("size")
 def _size(rw: Rewriter, node: fx.Node) -> Val:
+    """``x.size()`` reads the baseline's sizes (lattice counts of the dense sizes), so that
+    any arithmetic the model does on them computes what the baseline computes."""
     x = rw.v(node.args[0])
+    return _size_of(rw, x, _arg(node, 1, "dim"))
+
+
+@rule(torch.ops.aten.sym_size.int)
+def _sym_size(rw: Rewriter, node: fx.Node) -> Val:
+    """An exported program's size query (``x.shape[d]``)."""
+    return _size_of(rw, rw.v(node.args[0]), node.args[1])
+
+
+def _size_of(rw: Rewriter, x: Val, dim) -> Val:
     lay = x.layout
-    dim = _arg(node, 1, "dim")
+    steps = tuple(d.step if d.kind == "space" else 1 for d in lay.base_dims)
     if dim is None:
-        if lay.n_extra or lay.fold:
-            n = rw.call(ops.base_size, x.node, lay.base_ndim, bool(lay.fold))
-        else:
-            n = rw.same(node)
+        n = rw.call(ops.base_size, x.node, lay.base_ndim, bool(lay.fold), steps)
         return Val(n, sizes=_size_dims(lay))
     d = lay.norm_dim(dim)
     spatial = _size_dims(lay)[d].spatial
-    return Val(rw.call(ops.dim_size, x.node, d, lay.base_ndim, bool(lay.fold)), spatial=spatial)
+    step = steps[d] if d < len(steps) else 1
+    return Val(rw.call(ops.dim_size, x.node, d, lay.base_ndim, bool(lay.fold), step),
+               spatial=spatial)
 
 
 def _size_dims(lay: Layout) -> tuple[Dim, ...]:
@@ -966,9 +1003,7 @@ def _getattr(rw: Rewriter, node: fx.Node) -> Val:
     if x.layout is None:
         return Val(rw.same(node), spatial=x.spatial)
     if attr == "shape":
-        lay = x.layout
-        n = rw.call(ops.base_size, x.node, lay.base_ndim, bool(lay.fold))
-        return Val(n, sizes=_size_dims(lay))
+        return _size_of(rw, x, None)
     if attr in ("dtype", "device", "is_cuda", "requires_grad"):
         return Val(rw.same(node))
     if attr == "ndim":
@@ -1009,9 +1044,12 @@ def _slice(rw: Rewriter, node: fx.Node, x: Val, idx) -> Val:
         _refuse("indexing a flatten of spatial positions")
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(i, fx.Node) for i in items) or any(
-            isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
-            for i in items):
-        _refuse("indexing with computed indices")
+            isinstance(i, slice) and isinstance(i.step, fx.Node) for i in items):
+        _refuse("indexing with a computed index or step")
+    # computed slice bounds (from sizes, which read as the baseline's) are used as they are
+    items = [slice(*(rw.v(v).node if isinstance(v, fx.Node) else v
+                     for v in (i.start, i.stop, i.step))) if isinstance(i, slice) else i
+             for i in items]
     if sum(i is Ellipsis for i in items) > 1:
         _refuse("indexing with two ellipses")
     if Ellipsis in items:
@@ -1287,14 +1325,13 @@ def _split(rw: Rewriter, node: fx.Node) -> Val:
     return Val(n, items=items)
 
 
-@rule(F.pad)
+@rule(F.pad, torch._C._nn.pad)
 def _pad(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
     lay = x.layout
     pad = list(_arg(node, 1, "pad"))
     if any(isinstance(p, fx.Node) for p in pad):
-        _refuse("padding computed from the input size (TF-style 'same' padding) depends on the "
-                "size modulo the stride; use static padding")
+        return _computed_pad(rw, node, x, pad)
     mode = _arg(node, 2, "mode", "constant")
     value = _arg(node, 3, "value", None)
     if lay.is_plain:
@@ -1319,6 +1356,35 @@ def _pad(rw: Rewriter, node: fx.Node) -> Val:
     rw.plan.has_padding |= any(p > 0 for p in pad)
     rw.record(n, "pad", {"pad": tuple(pad), "mode": mode}, {"pad": tuple(dense)},
               steps or [1], steps or [1], tuple(rw.field_of(node.args[0])))
+    rw.fields[node] = rw.field_of(node.args[0])
+    return rw.result(node, n, lay.base_dims)
+
+
+def _computed_pad(rw: Rewriter, node: fx.Node, x: Val, pad: list) -> Val:
+    """Padding computed from sizes in ``forward()`` (TensorFlow's "same" done by hand): the
+    amounts are computed when the dense model runs, from the baseline's sizes, as the
+    baseline computes them, and scaled by the lattice step of each axis."""
+    lay = x.layout
+    mode = _arg(node, 2, "mode", "constant")
+    value = _arg(node, 3, "value", None)
+    if lay.is_plain:
+        return rw.wrap(node, rw.same(node))
+    if lay.fold or lay.n_extra:
+        _refuse("padding a map with extra dims")
+    nb = lay.base_ndim
+    scales = []
+    for j in range(len(pad) // 2):
+        dim = lay.base_dims[nb - 1 - j]
+        scales += [dim.step if dim.spatial else 1] * 2
+    if mode == "circular" and any(s > 1 for s in scales):
+        _refuse("circular padding of a map on a lattice wraps to the wrong phase")
+    amounts = [rw.v(p).node for p in pad]
+    n = rw.call(ops.pad, x.node, amounts, scales, mode, value)
+    rw.plan.has_padding = True
+    steps = sorted({s for s in scales if s > 1}) or [1]
+    rw.record(n, "pad", {"pad": "computed from sizes", "mode": mode},
+              {"pad": "computed when run, times the step"}, steps, steps,
+              tuple(rw.field_of(node.args[0])))
     rw.fields[node] = rw.field_of(node.args[0])
     return rw.result(node, n, lay.base_dims)
 

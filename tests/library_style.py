@@ -186,3 +186,161 @@ class TFPortNet(nn.Module):
             x = block(x)
         pooled = self.pooler(self.top_conv(x))
         return self.classifier(pooled.reshape(pooled.shape[:2]))
+
+
+# -- functions a library registers as fx leaves (torch.fx.wrap) -----------------------------
+
+
+def stochastic_depth(input, p: float, mode: str, training: bool = True):
+    """Stochastic depth as a library writes it: the identity in eval mode."""
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return input
+    survival_rate = 1.0 - p
+    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    noise = torch.empty(size, dtype=input.dtype, device=input.device).bernoulli_(survival_rate)
+    return input * noise.div_(survival_rate)
+
+
+torch.fx.wrap("stochastic_depth")
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, p: float, mode: str = "row") -> None:
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, input):
+        return stochastic_depth(input, self.p, self.mode, self.training)
+
+
+class MBConvWithDrop(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.block = nn.Sequential(conv_bn(c, 2 * c, 1), conv_bn(2 * c, 2 * c, 3, groups=2 * c),
+                                   nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.stochastic_depth = StochasticDepth(0.2)
+
+    def forward(self, x):
+        return x + self.stochastic_depth(self.block(x))
+
+
+class WrappedLeafNet(nn.Module):
+    def __init__(self, classes=3):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn(3, 8, 3, 2), MBConvWithDrop(8), conv_bn(8, 8, 3, 2),
+                                      MBConvWithDrop(8))
+        self.classifier = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+# -- TensorFlow "same" padding computed from x.shape in forward(), three ways ------------------
+
+
+def get_same_padding(x: int, kernel_size: int, stride: int, dilation: int) -> int:
+    return max((math.ceil(x / stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - x, 0)
+
+
+def pad_same(x, kernel_size, stride, dilation=(1, 1), value=0.0):
+    ih, iw = x.size()[-2:]
+    pad_h = get_same_padding(ih, kernel_size[0], stride[0], dilation[0])
+    pad_w = get_same_padding(iw, kernel_size[1], stride[1], dilation[1])
+    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
+
+
+class Conv2dSame(nn.Conv2d):
+    """A helper function computes the padding (``max`` and ``math.ceil`` of sizes)."""
+
+    def forward(self, x):
+        x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, self.weight, self.bias, self.stride, (0, 0), self.dilation,
+                        self.groups)
+
+
+class Conv2dDynamicSamePadding(nn.Conv2d):
+    """The padding computed inline, and applied only if there is any (a branch on sizes)."""
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        kh, kw = self.weight.size()[-2:]
+        sh, sw = self.stride
+        oh, ow = math.ceil(ih / sh), math.ceil(iw / sw)
+        pad_h = max((oh - 1) * self.stride[0] + (kh - 1) * self.dilation[0] + 1 - ih, 0)
+        pad_w = max((ow - 1) * self.stride[1] + (kw - 1) * self.dilation[1] + 1 - iw, 0)
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+def apply_tf_padding(features: torch.Tensor, conv_layer: nn.Conv2d) -> torch.Tensor:
+    """The padding chosen by branches on the size modulo the stride."""
+    in_height, in_width = features.shape[-2:]
+    stride_height, stride_width = conv_layer.stride
+    kernel_height, kernel_width = conv_layer.kernel_size
+    if in_height % stride_height == 0:
+        pad_along_height = max(kernel_height - stride_height, 0)
+    else:
+        pad_along_height = max(kernel_height - (in_height % stride_height), 0)
+    if in_width % stride_width == 0:
+        pad_along_width = max(kernel_width - stride_width, 0)
+    else:
+        pad_along_width = max(kernel_width - (in_width % stride_width), 0)
+    pad_left = pad_along_width // 2
+    pad_top = pad_along_height // 2
+    padding = (pad_left, pad_along_width - pad_left, pad_top, pad_along_height - pad_top)
+    return nn.functional.pad(features, padding, "constant", 0.0)
+
+
+class TFPaddedConv(nn.Module):
+    def __init__(self, cin, cout, k, stride):
+        super().__init__()
+        self.convolution = nn.Conv2d(cin, cout, k, stride, bias=False)
+        self.normalization = nn.BatchNorm2d(cout)
+
+    def forward(self, features):
+        return F.relu6(self.normalization(self.convolution(apply_tf_padding(features,
+                                                                           self.convolution))))
+
+
+class SamePaddingNet(nn.Module):
+    """``style``: ``helper`` (Conv2dSame), ``inline`` (Conv2dDynamicSamePadding) or
+    ``branches`` (apply_tf_padding)."""
+
+    def __init__(self, style="helper", classes=3):
+        super().__init__()
+        if style == "branches":
+            convs = [TFPaddedConv(3, 8, 3, 2), TFPaddedConv(8, 8, 3, 1), TFPaddedConv(8, 12, 5, 2)]
+        else:
+            cls = Conv2dSame if style == "helper" else Conv2dDynamicSamePadding
+            convs = [cls(3, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(), cls(8, 8, 3, 1),
+                     cls(8, 12, 5, 2), nn.BatchNorm2d(12), nn.ReLU()]
+        self.features = nn.Sequential(*convs)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class SizeBranchNet(nn.Module):
+    """Python control flow on sizes, as real forward() code has it: a guard on a minimum
+    size, a loop over a list computed from the config, an assert and a max() of sizes."""
+
+    def __init__(self, classes=3, min_size=16):
+        super().__init__()
+        self.min_size = min_size
+        self.stages = nn.ModuleList([conv_bn(3, 8, 3, 2), conv_bn(8, 8, 3, 2),
+                                     conv_bn(8, 16, 3, 2)])
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        assert x.dim() == 4, f"expected NCHW, got {x.shape}"
+        if x.shape[-1] < self.min_size:
+            x = F.pad(x, (0, self.min_size - x.shape[-1]))
+        for i, stage in enumerate(self.stages):
+            if max(x.shape[-2:]) >= 2:
+                x = stage(x)
+        return self.fc(x.mean((2, 3)))

@@ -11,7 +11,15 @@ from conftest import rand_bn
 from econv_convert import densify, verify
 from econv_convert.cli import app
 from econv_convert.loading import load_model
-from library_style import FeaturesThenInplace, TFPortNet, VersionedNet
+from library_style import (
+    FeaturesThenInplace,
+    SamePaddingNet,
+    SizeBranchNet,
+    TFPortNet,
+    VersionedNet,
+    WrappedLeafNet,
+    conv_bn,
+)
 
 
 def test_verify_with_until_is_not_fooled_by_an_in_place_op_after_the_cut():
@@ -120,3 +128,70 @@ def test_onnx_a_pool_larger_than_its_input_is_a_global_pool():
     assert meta.total_step == (16, 16)
     report = onnx_api.verify(graph, dense)
     assert report.ok, report.failures()
+
+
+# -- capture: fx leaves traced through; torch.export when fx cannot trace ---------------------
+
+
+def test_functions_registered_as_fx_leaves_are_traced_through():
+    torch.manual_seed(0)
+    model = rand_bn(WrappedLeafNet())
+    dense = densify(model, (1, 3, 32, 32))
+    assert dense.econv.capture == "torch.fx"
+    assert verify(model, dense).ok
+
+
+@pytest.mark.parametrize("style", ["helper", "inline"])
+def test_tf_same_padding_computed_in_forward_is_computed_when_the_dense_model_runs(style):
+    """The padding is a function of the baseline's size at that layer, which the dense graph
+    knows from its own size and step: exact at every size, odd and even."""
+    torch.manual_seed(0)
+    model = rand_bn(SamePaddingNet(style))
+    dense = densify(model, (1, 3, 32, 32))
+    assert dense.econv.capture == "torch.export"
+    report = verify(model, dense, shapes=[(2, 3, h, w) for h, w in
+                                          [(32, 32), (33, 31), (35, 40), (17, 18), (64, 61)]])
+    assert report.ok and len(report.checked) == 5, report.failures()
+
+
+def test_padding_chosen_by_branches_on_sizes_covers_the_examples_branch_and_says_so():
+    """Branches on the size modulo a stride: the captured graph holds for sizes that take the
+    example's branches; others are refused when run, never computed wrongly."""
+    from econv_convert.ops import SizeNotCovered
+
+    torch.manual_seed(0)
+    model = rand_bn(SamePaddingNet("branches"))
+    dense = densify(model, (1, 3, 32, 32))
+    report = verify(model, dense, shapes=[(2, 3, 32, 32), (2, 3, 36, 40), (2, 3, 33, 32)])
+    assert report.ok and len(report.checked) == 2, report.failures()
+    (skipped,) = [c for c in report.cases if c.skipped]
+    assert skipped.shape == (2, 3, 33, 32) and "another branch at this size" in skipped.detail
+    with pytest.raises(SizeNotCovered):
+        dense(torch.randn(1, 3, 33, 32))
+
+
+def test_python_control_flow_on_sizes_falls_back_to_torch_export():
+    torch.manual_seed(0)
+    model = rand_bn(SizeBranchNet())
+    dense = densify(model, (1, 3, 32, 32))
+    assert dense.econv.capture == "torch.export"
+    assert any("torch.fx could not trace the model" in n and "'(the model itself)'" in n
+               for n in dense.econv.notes)
+    report = verify(model, dense)
+    assert report.ok, report.failures()
+
+
+def test_a_dynamic_same_pad_that_fx_traces_is_computed_at_run_time():
+    class DynamicSamePad(torch.nn.Module):
+        def forward(self, x):
+            h = x.shape[-2]
+            pad = (3 - 1) - (h - 1) % 2
+            return torch.nn.functional.pad(x, (0, pad, 0, pad))
+
+    torch.manual_seed(0)
+    model = rand_bn(torch.nn.Sequential(conv_bn(3, 8, 3, 2), DynamicSamePad(),
+                                        torch.nn.Conv2d(8, 4, 3, 2)))
+    dense = densify(model, (1, 3, 30, 30))
+    assert dense.econv.capture == "torch.fx"
+    report = verify(model, dense, shapes=[(2, 3, h, h) for h in (30, 31, 33, 36, 41)])
+    assert report.ok and len(report.checked) == 5, report.failures()

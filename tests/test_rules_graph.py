@@ -211,17 +211,7 @@ class CircularPad(nn.Module):
         return F.pad(x, (1, 1, 1, 1), mode="circular")
 
 
-class DynamicSamePad(nn.Module):
-    """TF-style 'same': the padding depends on the input size."""
-
-    def forward(self, x):
-        h = x.shape[-2]
-        pad = (3 - 1) - (h - 1) % 2
-        return F.pad(x, (0, pad, 0, pad))
-
-
 REFUSED = {
-    "dynamic-same-padding": (DynamicSamePad(), r"node 'pad' in module '4'.*TF-style"),
     "interpolate": (Upsample(), r"node 'interpolate'.*upsampling"),
     "upsample-module": (nn.Upsample(scale_factor=2), r"node '4'.*Upsample"),
     "conv-transpose": (nn.ConvTranspose2d(8, 8, 2, 2), r"node '4'.*transposed"),
