@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,6 +45,49 @@ class GlobalPool(str, Enum):
     phase = "phase"
     lattice = "lattice"
     dense = "dense"
+
+
+class Precision(str, Enum):
+    float64 = "float64"
+    model = "model"
+
+
+@dataclass(frozen=True)
+class Load:
+    """How MODEL is loaded and densified (the options densify, verify, inspect and bench
+    share)."""
+
+    arch: str | None = None
+    arch_kwargs: str | None = None
+    trust_pickle: bool = False
+    input_shape: str | None = None
+    global_pool: GlobalPool = GlobalPool.phase
+    until: str | None = None
+    output_stride: int | None = None
+    input_name: str | None = None
+
+    def torch_only(self) -> None:
+        """Refuse the options an ONNX graph has no use for."""
+        given = {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "until": self.until,
+                 "trust_pickle": self.trust_pickle, "input_name": self.input_name}
+        used = [k for k, v in given.items() if v]
+        if used:
+            opt = "--" + used[0].replace("_", "-")
+            raise InvalidInputError(f"{opt} is for PyTorch models; an ONNX graph carries its "
+                                    "own structure and weights")
+
+
+@dataclass(frozen=True)
+class Check:
+    """How a dense model is checked (the verification options)."""
+
+    trials: int = 1
+    seed: int = 0
+    atol: float | None = None
+    rtol: float | None = None
+    near: bool = False
+    precision: Precision = Precision.float64
+    outputs: tuple[str, ...] = ()
 
 
 def _version(value: bool) -> None:
@@ -119,11 +163,19 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable 
 TrialsOpt = Annotated[int, typer.Option("--trials", min=1, help="Random inputs per size.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
 AtolOpt = Annotated[float | None, typer.Option(
-    "--atol", min=0.0, help="Absolute tolerance, times the output's scale (default 1e-5; 1e-2 "
-                            "for fp16/bf16 models).", show_default=False)]
+    "--atol", min=0.0, help="Absolute tolerance, times the output's scale (default 1e-9 in "
+                            "float64; 1e-5 in float32, more for deep models; 1e-2 in "
+                            "fp16/bf16).", show_default=False)]
 RtolOpt = Annotated[float | None, typer.Option(
-    "--rtol", min=0.0, help="Relative tolerance (default 1e-4; 1e-2 for fp16/bf16 models).",
-    show_default=False)]
+    "--rtol", min=0.0, help="Relative tolerance (default 1e-9 in float64; 1e-4 in float32, "
+                            "more for deep models; 1e-2 in fp16/bf16).", show_default=False)]
+PrecisionOpt = Annotated[Precision, typer.Option(
+    "--precision", help="float64: check CPU copies of both models in float64, where a pass is "
+                        "a proof; model: check them in the model's own dtype and device.")]
+InputNameOpt = Annotated[str | None, typer.Option(
+    "--input-name", help="Call the model with its image as this keyword argument "
+                         "(model(NAME=x)), for a forward() that does not take the image "
+                         "first.")]
 NearOpt = Annotated[bool, typer.Option(
     "--at-example-size", help="Check around the example input size. By default a model that "
                               "takes any input size is checked at small sizes (one lattice "
@@ -141,24 +193,23 @@ def _model_path(model: Path | None) -> Path:
     return DEFAULT_MODEL
 
 
-def _load(model: Path | None, arch, arch_kwargs, trust_pickle):
+def _load(model: Path | None, how: Load):
     from econv_convert.loading import load_model, parse_kwargs
 
     path = _model_path(model)
-    return path, load_model(path, arch=arch, arch_kwargs=parse_kwargs(arch_kwargs),
-                            trust_pickle=trust_pickle)
+    return path, load_model(path, arch=how.arch, arch_kwargs=parse_kwargs(how.arch_kwargs),
+                            trust_pickle=how.trust_pickle)
 
 
-def _densified(model, arch, arch_kwargs, trust_pickle, input_shape, global_pool, until,
-               output_stride):
+def _densified(model: Path | None, how: Load):
     """Load MODEL and densify it at the example input: what densify, verify, inspect and
     bench all start with."""
     from econv_convert import api
 
-    path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
-    shape = _shape(input_shape, loaded.input_shape)
-    dense = api.densify(loaded.model, shape, global_pool=global_pool.value, until=until,
-                        output_stride=output_stride)
+    path, loaded = _load(model, how)
+    shape = _shape(how.input_shape, loaded.input_shape)
+    dense = api.densify(loaded.model, shape, global_pool=how.global_pool.value, until=how.until,
+                        output_stride=how.output_stride, input_name=how.input_name)
     dense.econv.arch = loaded.arch
     dense.econv.arch_kwargs = dict(loaded.arch_kwargs or {})
     return path, loaded, dense
@@ -206,16 +257,18 @@ def _guard_memory(dense, force: bool, *, verifying: bool = True, exporting: bool
     check_memory(meta, shape, force=force, why=why)
 
 
-def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool, near: bool = False):
+def _verify(baseline, dense, how: Check, *, quiet: bool):
     """Run the checks (PyTorch models, or ONNX graphs in onnxruntime) with a progress bar."""
     if isinstance(dense, _onnx_model_type()):
         from econv_convert.onnx_api import verify
     else:
         from econv_convert.verify import verify
 
+    kwargs = dict(trials=how.trials, seed=how.seed, atol=how.atol, rtol=how.rtol,
+                  near_example=how.near, precision=how.precision.value,
+                  outputs=list(how.outputs) or None)
     if quiet:
-        return verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                      near_example=near)
+        return verify(baseline, dense, **kwargs)
     columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -224,8 +277,7 @@ def _verify(baseline, dense, *, trials, seed, atol, rtol, quiet: bool, near: boo
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=what)
 
-        return verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                      progress=progress, near_example=near)
+        return verify(baseline, dense, progress=progress, **kwargs)
 
 
 def _emit_json(payload: dict[str, Any]) -> None:
@@ -334,6 +386,7 @@ def densify(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     input_shape: ShapeOpt = None,
+    input_name: InputNameOpt = None,
     global_pool: PoolOpt = GlobalPool.phase,
     until: UntilOpt = None,
     output_stride: OutputStrideOpt = None,
@@ -346,6 +399,7 @@ def densify(
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
+    precision: PrecisionOpt = Precision.float64,
     at_example_size: NearOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -353,23 +407,22 @@ def densify(
     """Rewrite MODEL into its dense equivalent, verify it and write it to OUTPUT."""
     from econv_convert import exports
 
+    how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
+               input_name)
+    checking = None if no_verify else Check(trials, seed, atol, rtol, at_example_size, precision)
     if _is_onnx(model):
-        _not_for_onnx(arch=arch, arch_kwargs=arch_kwargs, until=until, trust_pickle=trust_pickle)
-        return _densify_onnx(model, output, input_shape, global_pool, output_stride, no_verify,
-                             allow_mismatch, trials, seed, atol, rtol, force, json_out,
-                             at_example_size)
+        how.torch_only()
+        return _densify_onnx(model, output, how, checking, allow_mismatch, force, json_out)
     if output is not None:
         exports.check_suffix(output)
         _check_output(output, [_model_path(model)])
-    path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, input_shape,
-                                     global_pool, until, output_stride)
-    _guard_memory(dense, force, verifying=not no_verify,
+    path, loaded, dense = _densified(model, how)
+    _guard_memory(dense, force, verifying=checking is not None,
                   exporting=output is not None and output.suffix != ".pt",
                   near=at_example_size)
     result = None
-    if not no_verify:
-        result = _verify(loaded.model, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                         quiet=json_out, near=at_example_size)
+    if checking is not None:
+        result = _verify(loaded.model, dense, checking, quiet=json_out)
     failed = result is not None and not result.ok
     check = None
     written = output is not None and (not failed or allow_mismatch)
@@ -393,6 +446,7 @@ def verify(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     input_shape: ShapeOpt = None,
+    input_name: InputNameOpt = None,
     global_pool: PoolOpt = GlobalPool.phase,
     until: UntilOpt = None,
     output_stride: OutputStrideOpt = None,
@@ -401,6 +455,10 @@ def verify(
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
+    precision: PrecisionOpt = Precision.float64,
+    compared: Annotated[list[str] | None, typer.Option(
+        "--output", help="Compare only this output of the model, by the name the report gives "
+                         "it (logits, hidden_states.2, ...); repeat for several.")] = None,
     at_example_size: NearOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -408,10 +466,12 @@ def verify(
     """Check that a dense model reproduces MODEL on random inputs (exit 0 equal, 1 not)."""
     from econv_convert import api
 
+    how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
+               input_name)
+    checking = Check(trials, seed, atol, rtol, at_example_size, precision, tuple(compared or ()))
     if _is_onnx(model) or (model is None and _is_onnx(dense)):
-        _not_for_onnx(arch=arch, arch_kwargs=arch_kwargs, until=until, trust_pickle=trust_pickle)
-        return _verify_onnx(model, dense, input_shape, global_pool, output_stride, trials, seed,
-                            atol, rtol, force, json_out, at_example_size)
+        how.torch_only()
+        return _verify_onnx(model, dense, how, checking, force, json_out)
     notes = []
     if dense is not None:
         from econv_convert.loading import check_file
@@ -424,15 +484,13 @@ def verify(
                          "dense checkpoint")
             path = dense
         else:
-            path, loaded = _load(model, arch, arch_kwargs, trust_pickle)
+            path, loaded = _load(model, how)
             baseline = loaded.model
     else:
-        path, loaded, dense_model = _densified(model, arch, arch_kwargs, trust_pickle,
-                                               input_shape, global_pool, until, output_stride)
+        path, loaded, dense_model = _densified(model, how)
         baseline = loaded.model
     _guard_memory(dense_model, force, near=at_example_size)
-    result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                     quiet=json_out, near=at_example_size)
+    result = _verify(baseline, dense_model, checking, quiet=json_out)
     result.notes[:0] = notes
     _verify_report(path, dense, dense_model.econv, result, json_out)
 
@@ -449,6 +507,7 @@ def inverse(
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
+    precision: PrecisionOpt = Precision.float64,
     json_out: JsonOpt = False,
 ) -> None:
     """Inverse transfer: write the baseline's weights taken from a dense model, after checking
@@ -456,9 +515,10 @@ def inverse(
     from econv_convert import api
     from econv_convert.loading import build_arch, check_file
 
+    checking = Check(trials, seed, atol, rtol, precision=precision)
     check_file(dense)
     if _is_onnx(dense):
-        return _inverse_onnx(dense, output, trials, seed, atol, rtol, json_out)
+        return _inverse_onnx(dense, output, checking, json_out)
     suffix = output.suffix.lower()
     if suffix not in (".pt", ".pth", ".safetensors"):
         raise InvalidInputError(f"{output}: the output must end in .pt, .pth or .safetensors")
@@ -470,8 +530,7 @@ def inverse(
         # prove that the weights load into the user's own class, strictly
         api.load_weights_into(build_arch(meta.arch, meta.arch_kwargs), baseline.state_dict(),
                               f"the dense weights of {dense.name}")
-    result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                     quiet=json_out)
+    result = _verify(baseline, dense_model, checking, quiet=json_out)
     if result.ok:
         state = api.portable_state_dict(baseline)  # with module versions (_metadata)
         if suffix == ".safetensors":
@@ -497,6 +556,7 @@ def inspect(
     arch: ArchOpt = None,
     arch_kwargs: ArchKwargsOpt = None,
     input_shape: ShapeOpt = None,
+    input_name: InputNameOpt = None,
     global_pool: PoolOpt = GlobalPool.phase,
     until: UntilOpt = None,
     output_stride: OutputStrideOpt = None,
@@ -508,13 +568,14 @@ def inspect(
     memory guard is needed), so this is quick for any model size."""
     from econv_convert import costs, report
 
+    how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
+               input_name)
     if _is_onnx(model):
-        _not_for_onnx(arch=arch, arch_kwargs=arch_kwargs, until=until, trust_pickle=trust_pickle)
+        how.torch_only()
         path = model
-        _, _, meta = _onnx_densified(model, input_shape, global_pool, output_stride)
+        _, _, meta = _onnx_densified(model, how)
     else:
-        path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, input_shape,
-                                         global_pool, until, output_stride)
+        path, loaded, dense = _densified(model, how)
         meta = dense.econv
     plan = costs.plan(meta)
     if json_out:
@@ -535,6 +596,7 @@ def bench(
                               "classifiers 1,C,512,512).")] = None,
     global_pool: PoolOpt = GlobalPool.phase,
     output_stride: OutputStrideOpt = None,
+    input_name: InputNameOpt = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per case (the median "
                                                             "is reported).")] = 5,
@@ -558,8 +620,10 @@ def bench(
 
         if not torch.cuda.is_available():
             raise InvalidInputError("--device cuda: no CUDA device is available here")
-    path, loaded, dense = _densified(model, arch, arch_kwargs, trust_pickle, None, global_pool,
-                                     None, output_stride)
+    path, loaded, dense = _densified(model, Load(arch, arch_kwargs, trust_pickle,
+                                                 global_pool=global_pool,
+                                                 output_stride=output_stride,
+                                                 input_name=input_name))
     example = dense.econv.example_shape
     if input_shape:
         shape = _shape(input_shape, None)
@@ -704,14 +768,6 @@ def _onnx_model_type():
     return onnx.ModelProto
 
 
-def _not_for_onnx(**given) -> None:
-    used = [k for k, v in given.items() if v]
-    if used:
-        opt = "--" + used[0].replace("_", "-")
-        raise InvalidInputError(f"{opt} is for PyTorch models; an ONNX graph carries its own "
-                                "structure and weights")
-
-
 def _load_onnx(path: Path):
     from econv_convert import onnx_api
     from econv_convert.loading import check_file
@@ -720,20 +776,21 @@ def _load_onnx(path: Path):
     return onnx_api.load(path)
 
 
-def _onnx_densified(model: Path, input_shape, global_pool, output_stride):
+def _onnx_densified(model: Path, how: Load):
     from econv_convert import onnx_api
     from econv_convert.loading import parse_shape
 
     baseline = _load_onnx(model)
     if onnx_api.is_dense(baseline):
         raise InvalidInputError(f"{model}: is already a dense model made by econv-convert")
-    dense, meta = onnx_api.densify(baseline, parse_shape(input_shape) if input_shape else None,
-                                   global_pool=global_pool.value, output_stride=output_stride)
+    shape = parse_shape(how.input_shape) if how.input_shape else None
+    dense, meta = onnx_api.densify(baseline, shape, global_pool=how.global_pool.value,
+                                   output_stride=how.output_stride)
     return baseline, dense, meta
 
 
-def _densify_onnx(model, output, input_shape, global_pool, output_stride, no_verify,
-                  allow_mismatch, trials, seed, atol, rtol, force, json_out, near) -> None:
+def _densify_onnx(model: Path, output: Path | None, how: Load, checking: Check | None,
+                  allow_mismatch: bool, force: bool, json_out: bool) -> None:
     from econv_convert import onnx_api
 
     if output is not None:
@@ -741,12 +798,12 @@ def _densify_onnx(model, output, input_shape, global_pool, output_stride, no_ver
             raise InvalidInputError(f"{output}: an ONNX model densifies to an ONNX model: the "
                                     "output must end in .onnx")
         _check_output(output, [model])
-    baseline, dense, meta = _onnx_densified(model, input_shape, global_pool, output_stride)
-    _guard_memory(meta, force, verifying=not no_verify, near=near)
+    baseline, dense, meta = _onnx_densified(model, how)
+    _guard_memory(meta, force, verifying=checking is not None,
+                  near=checking is not None and checking.near)
     result = None
-    if not no_verify:
-        result = _verify(baseline, dense, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                         quiet=json_out, near=near)
+    if checking is not None:
+        result = _verify(baseline, dense, checking, quiet=json_out)
     failed = result is not None and not result.ok
     written = output is not None and (not failed or allow_mismatch)
     if written:
@@ -756,8 +813,8 @@ def _densify_onnx(model, output, input_shape, global_pool, output_stride, no_ver
                     "shape inference)")
 
 
-def _verify_onnx(model, dense, input_shape, global_pool, output_stride, trials, seed, atol,
-                 rtol, force, json_out, near) -> None:
+def _verify_onnx(model: Path | None, dense: Path | None, how: Load, checking: Check,
+                 force: bool, json_out: bool) -> None:
     from econv_convert import onnx_api
 
     notes = []
@@ -775,17 +832,15 @@ def _verify_onnx(model, dense, input_shape, global_pool, output_stride, trials, 
             baseline = _load_onnx(model)
         path = model or dense
     else:
-        baseline, dense_model, meta = _onnx_densified(model, input_shape, global_pool,
-                                                           output_stride)
+        baseline, dense_model, meta = _onnx_densified(model, how)
         path = model
-    _guard_memory(meta, force, near=near)
-    result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                     quiet=json_out, near=near)
+    _guard_memory(meta, force, near=checking.near)
+    result = _verify(baseline, dense_model, checking, quiet=json_out)
     result.notes[:0] = notes
     _verify_report(path, dense, meta, result, json_out)
 
 
-def _inverse_onnx(dense: Path, output: Path, trials, seed, atol, rtol, json_out) -> None:
+def _inverse_onnx(dense: Path, output: Path, checking: Check, json_out: bool) -> None:
     from econv_convert import onnx_api
 
     if output.suffix.lower() != ".onnx":
@@ -794,8 +849,7 @@ def _inverse_onnx(dense: Path, output: Path, trials, seed, atol, rtol, json_out)
     _check_output(output, [dense])
     dense_model = _load_onnx(dense)
     baseline = onnx_api.inverse(dense_model)
-    result = _verify(baseline, dense_model, trials=trials, seed=seed, atol=atol, rtol=rtol,
-                     quiet=json_out)
+    result = _verify(baseline, dense_model, checking, quiet=json_out)
     if result.ok:
         onnx_api.save(baseline, output)
     _inverse_report(dense, output, result, json_out, "the baseline graph with the dense "

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from econv_convert.api import DenseInfo, atomic_write
 from econv_convert.lattice import Window, out_size
@@ -417,9 +417,21 @@ def verify(
     shift: bool = True,
     progress: Progress | None = None,
     near_example: bool = False,
+    precision: str = "float64",
+    outputs: Sequence[str] | None = None,
 ) -> VerifyReport:
     """Both graphs in onnxruntime (CPU provider, graph optimizations off), on random inputs
-    of several sizes; the same checks and report as :func:`econv_convert.verify.verify`."""
+    of several sizes; the same checks and report as :func:`econv_convert.verify.verify`.
+
+    With ``precision`` ``float64`` (default) both graphs are converted to double where
+    onnxruntime has a double kernel for every op; it has none for Conv, so most CNN graphs
+    are checked in their own dtype, with a tolerance that grows with the number of layers
+    (the report says which)."""
+    from econv_convert.verify import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"precision '{precision}' is not one of "
+                                f"{', '.join(PRECISIONS)}")
     meta = info(dense)
     x = _image_input(baseline)
     dims = x.type.tensor_type.shape.dim
@@ -428,39 +440,103 @@ def verify(
     # only works at its own size then reports those sizes as skipped)
     free = [batch if batch is not None else "N", meta.example_shape[1]] + [
         f"d{i}" for i in range(2, len(meta.example_shape))]
-    base_sess = _session_or_raise(_with_input_shape(baseline, free), "baseline")
-    dense_sess = _session_or_raise(dense, "dense model")
-    in_base = _image_input(baseline).name
-    in_dense = _image_input(dense).name
-    np_dtype = _input_dtype(baseline)
+    base_free = _with_input_shape(baseline, free)
+    notes = []
+    wide = None
+    if precision == "float64" and _input_dtype(baseline) != np.float64:
+        wide, why = _double_pair(base_free, dense)
+        if wide is None:
+            notes.append(f"checked in {np.dtype(_input_dtype(baseline)).name} with a tolerance "
+                         f"for {len(meta.records)} layers: {why}")
+    runs = _OrtRuns(baseline, *(wide or (_session_or_raise(base_free, "baseline"),
+                                         _session_or_raise(dense, "dense model"))),
+                    _image_input(dense).name)
+    np_dtype = np.float64 if wide else _input_dtype(baseline)
     dtype = torch.from_numpy(np.zeros(1, np_dtype)).dtype
+    report = check(meta, runs.baseline, runs.dense, shapes=shapes, trials=trials, seed=seed,
+                   atol=atol, rtol=rtol, shift=shift, progress=progress, dtype=dtype,
+                   batch=batch, near_example=near_example, select=outputs,
+                   depth=len(meta.records))
+    report.notes[:0] = notes
+    return report
 
-    invalid: dict[tuple[int, ...], str] = {}  # per shape: shape inference, once
 
-    def run_baseline(t: torch.Tensor):
+class _OrtRuns:
+    """The baseline and dense runs ``check`` calls, in onnxruntime sessions."""
+
+    def __init__(self, baseline: onnx.ModelProto, base_sess, dense_sess, dense_input: str):
+        self.baseline_model = baseline
+        self.base_sess, self.dense_sess = base_sess, dense_sess
+        self.in_base = _image_input(baseline).name
+        self.in_dense = dense_input
+        self.invalid: dict[tuple[int, ...], str] = {}  # per shape: shape inference, once
+
+    def baseline(self, t: torch.Tensor):
         shape = tuple(t.shape)
-        if shape not in invalid:
-            invalid[shape] = _invalid_size(baseline, shape)
-        why = invalid[shape]
+        if shape not in self.invalid:
+            self.invalid[shape] = _invalid_size(self.baseline_model, shape)
+        why = self.invalid[shape]
         if why:
             return None, why
         try:
-            outs = base_sess.run(None, {in_base: t.numpy()})
+            outs = self.base_sess.run(None, {self.in_base: t.numpy()})
         except Exception as e:
             return None, f"the baseline rejects this size ({describe(e, 70)})"
         return [torch.from_numpy(np.asarray(o)) for o in outs], ""
 
-    def run_dense(t: torch.Tensor):
+    def dense(self, t: torch.Tensor):
         try:
-            outs = dense_sess.run(None, {in_dense: t.numpy()})
+            outs = self.dense_sess.run(None, {self.in_dense: t.numpy()})
         except Exception as e:
             raise InvalidModelError(f"the dense model fails on an input of shape "
                                     f"{tuple(t.shape)} ({describe(e, 160)})") from e
         return [torch.from_numpy(np.asarray(o)) for o in outs]
 
-    return check(meta, run_baseline, run_dense, shapes=shapes, trials=trials, seed=seed,
-                 atol=atol, rtol=rtol, shift=shift, progress=progress, dtype=dtype, batch=batch,
-                 near_example=near_example)
+
+def _double_pair(baseline: onnx.ModelProto, dense: onnx.ModelProto):
+    """onnxruntime sessions of both graphs converted to double, or (None, why not)."""
+    sessions = []
+    for model in (baseline, dense):
+        try:
+            sessions.append(_session(as_double(model)))
+        except Exception as e:
+            text = str(e)
+            op = text.split("Could not find an implementation for ", 1)[-1].split("(", 1)[0]
+            why = (f"onnxruntime has no float64 kernel for {op.strip()}"
+                   if "NOT_IMPLEMENTED" in text else describe(e, 100))
+            return None, why
+    return tuple(sessions), ""
+
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def as_double(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` computing in float64: floating-point inputs, outputs,
+    initializers, constants and casts become double."""
+    m = copy.deepcopy(model)
+    g = m.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if vi.type.tensor_type.elem_type in _FLOATS:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for i, init in enumerate(g.initializer):
+        if init.data_type in _FLOATS:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(
+                numpy_helper.to_array(init).astype(np.float64), init.name))
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _FLOATS:
+                a.t.CopyFrom(numpy_helper.from_array(
+                    numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+            elif node.op_type == "Constant" and a.name in ("value_float", "value_floats"):
+                value = np.asarray(helper.get_attribute_value(a), np.float64)
+                node.attribute.remove(a)
+                node.attribute.append(helper.make_attribute(
+                    "value", numpy_helper.from_array(value)))
+                break
+            elif a.name == "to" and a.i in _FLOATS and node.op_type == "Cast":
+                a.i = TensorProto.DOUBLE
+    return m
 
 
 def _invalid_size(model: onnx.ModelProto, shape: tuple[int, ...]) -> str:

@@ -46,22 +46,32 @@ def layers_table(meta: DenseInfo, title: str = "Rewritten layers") -> Table:
 
 
 def verify_table(report: VerifyReport) -> Table:
-    table = Table(title="Equivalence", title_justify="left", header_style="bold")
-    for col in ("check", "input", "offset", "max |error|", "error / scale", "result"):
+    many = len(report.outputs) > 1
+    table = Table(title=f"Equivalence ({report.precision})", title_justify="left",
+                  header_style="bold")
+    for col in ("check", "input", "offset") + (("output",) if many else ()) + (
+            "max |error|", "error / scale", "result"):
         table.add_column(col, overflow="fold")
     skipped: dict[str, list[str]] = {}
     for c in report.cases:
         shape = "x".join(map(str, c.shape))
         offset = _t(c.offset) if c.offset else ""
         if c.skipped:
-            skipped.setdefault(c.detail, []).append(shape)
+            skipped.setdefault(_short_reason(c.detail), []).append(shape)
             continue
         rel = c.max_abs / c.scale if c.scale else 0.0
         result = "[green]equal[/]" if c.ok else f"[red]DIFFERENT[/]: {c.detail}"
-        table.add_row(c.check, shape, offset, f"{c.max_abs:.2e}", f"{rel:.2e}", result)
+        table.add_row(c.check, shape, offset, *((c.output,) if many else ()),
+                      f"{c.max_abs:.2e}", f"{rel:.2e}", result)
     for why, shapes in skipped.items():
-        table.add_row("lattice", ", ".join(shapes), "", "", "", f"[yellow]skipped[/]: {why}")
+        table.add_row("skipped", ", ".join(shapes), "", *(("",) if many else ()), "", "",
+                      f"[yellow]{why}[/]")
     return table
+
+
+def _short_reason(detail: str) -> str:
+    """A skip's reason without the exception text it quotes (one row for many sizes)."""
+    return detail.split(" (", 1)[0]
 
 
 def plan_table(p: Plan) -> Table:
@@ -102,14 +112,21 @@ def verify_summary(console: Console, report: VerifyReport) -> None:
     for note in report.notes:
         console.print(f"[yellow]note[/]: {note}")
     n = len(report.checked)
+    if len(report.outputs) > 1:
+        console.print(f"outputs compared: {', '.join(report.outputs)}")
     if report.ok:
-        console.print(f"[bold green]equivalent[/]: {n} checks, largest error "
-                      f"{report.max_abs:.2e} ({report.max_rel:.2e} of the output scale; "
+        console.print(f"[bold green]equivalent[/] in {report.precision}: {n} checks, largest "
+                      f"error {report.max_abs:.2e} ({report.max_rel:.2e} of the output scale; "
                       f"tolerance atol {report.atol:g} x scale + rtol {report.rtol:g})")
     elif not n:
         console.print("[bold red]nothing checked[/]: the baseline accepted none of the input "
                       "sizes; give --input-shape")
     else:
         bad = report.failures()
-        console.print(f"[bold red]NOT equivalent[/]: {len(bad)} of {n} checks fail; worst: "
-                      f"{bad[0].detail}")
+        console.print(f"[bold red]NOT equivalent[/] in {report.precision}: {len(bad)} of {n} "
+                      f"checks fail; worst: {bad[0].detail}")
+    native = report.native
+    if native and "max_error_over_scale" in native:
+        console.print(f"at the model's own {native['dtype']}: "
+                      f"{native['max_error_over_scale']:.2e} of the output scale "
+                      f"(input {'x'.join(map(str, native['shape'][2:]))}; for information)")

@@ -8,29 +8,36 @@ the lattice step):
   window is a genuine crop of the input): the dense output at offset ``r`` equals the baseline
   run on the input cropped at ``r`` (for a patch classifier: the prediction at every pixel).
 
-A case passes when ``|dense - baseline| <= atol * scale + rtol * |baseline|`` everywhere, with
-``scale`` the largest ``|baseline|`` of that output (fp32 tolerances relative to the output's
-scale).
+Both models run in **float64** by default, on CPU copies (the models given are not changed):
+the dense graph adds the baseline's terms in another order, and over many layers float32
+rounding grows past any tolerance tight enough to catch a real error, while in float64 a
+correct dense model agrees to about 1e-13 of the output scale. A case passes when
+``|dense - baseline| <= atol * scale + rtol * |baseline|`` everywhere, ``scale`` being the
+largest ``|baseline|`` of that output: 1e-9 and 1e-9 in float64. A model that cannot run in
+float64 is checked in its own dtype with that dtype's tolerances, and the report says so. The
+error at the model's own dtype is measured too, on one input, for information.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from econv_convert import ops, outputs
 from econv_convert.api import info, inverse
-from econv_convert.errors import InvalidModelError, describe
+from econv_convert.errors import InvalidInputError, InvalidModelError, describe
 from econv_convert.fxgraph import shape_prop
 from econv_convert.rewrite import HEAD_KIND
 
 Progress = Callable[[int, int, str], None]
+PRECISIONS = ("float64", "model")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class Case:
     detail: str = ""  # where the worst error is, or why the case was skipped
     skipped: bool = False
     offset: tuple[int, ...] = ()
+    output: str = ""  # the compared output with the largest error (relative to its scale)
 
 
 @dataclass
@@ -51,6 +59,11 @@ class VerifyReport:
     atol: float = 1e-5
     rtol: float = 1e-4
     notes: list[str] = field(default_factory=list)
+    precision: str = "float32"  # the dtype both models ran in
+    outputs: list[str] = field(default_factory=list)  # the outputs compared
+    # the error at the model's own dtype, on one input, for information: dtype, shape,
+    # max_abs, max_error_over_scale (None when the check already ran in that dtype)
+    native: dict[str, Any] | None = None
 
     @property
     def checked(self) -> list[Case]:
@@ -74,10 +87,13 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "precision": self.precision,
             "atol": self.atol,
             "rtol": self.rtol,
             "max_abs_error": self.max_abs,
             "max_error_over_scale": self.max_rel,
+            "native": self.native,
+            "outputs": list(self.outputs),
             "cases": [c.__dict__ | {"shape": list(c.shape), "offset": list(c.offset)}
                       for c in self.cases],
             "notes": list(self.notes),
@@ -112,12 +128,19 @@ RunDense = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 def default_tolerance(dtype: torch.dtype, atol: float | None = None,
-                      rtol: float | None = None) -> tuple[float, float]:
-    """``(atol, rtol)``: those given, else 1e-5 and 1e-4 for fp32/fp64 models and 1e-2 for
-    fp16/bf16 ones (a dense model sums in another order; half precision rounds at ~1e-3)."""
-    half = dtype in (torch.float16, torch.bfloat16)
-    return (atol if atol is not None else (1e-2 if half else 1e-5),
-            rtol if rtol is not None else (1e-2 if half else 1e-4))
+                      rtol: float | None = None, depth: int = 0) -> tuple[float, float]:
+    """``(atol, rtol)``: those given, else by the dtype the check runs in: 1e-9 and 1e-9 in
+    float64 (a correct dense model agrees to ~1e-13, so a real error of 1e-6 is caught);
+    1e-5 and 1e-4 in float32, widened with the number of layers ``depth`` (rounding grows
+    with depth: a correct 50-layer mobile net differs by ~3e-4 of its output scale); 1e-2 in
+    fp16/bf16 (half precision rounds at ~1e-3)."""
+    if dtype == torch.float64:
+        a, r = 1e-9, 1e-9
+    elif dtype in (torch.float16, torch.bfloat16):
+        a, r = 1e-2, 1e-2
+    else:
+        a, r = 1e-5 * max(1.0, depth / 5), 1e-4 * max(1.0, depth / 5)
+    return (atol if atol is not None else a, rtol if rtol is not None else r)
 
 
 def any_size(meta) -> bool:
@@ -147,6 +170,21 @@ def default_shapes(meta, near_example: bool = False) -> tuple[list[tuple[int, ..
                     "--at-example-size checks around the example instead")
 
 
+def spare_shapes(meta, used: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """More sizes near the example, tried in place of sizes the baseline rejects (a fully
+    connected head takes only the sizes that give its map size): the report then shows checks,
+    not a list of rejected sizes."""
+    n, c, *sp = meta.example_shape
+    st = meta.size_steps
+    out = []
+    for t in range(1, max(st) + 1):
+        for sign in (1, -1):
+            shape = (max(n, 2), c, *(max(1, h + sign * min(t, s)) for h, s in zip(sp, st)))
+            if shape not in out and shape not in [tuple(u) for u in used]:
+                out.append(shape)
+    return out
+
+
 def verify(
     baseline: nn.Module,
     dense: nn.Module,
@@ -159,32 +197,119 @@ def verify(
     shift: bool = True,
     progress: Progress | None = None,
     near_example: bool = False,
+    precision: str = "float64",
+    outputs: Sequence[str] | None = None,
 ) -> VerifyReport:
     """Check ``dense`` against ``baseline`` on random inputs; never raises on a mismatch.
 
     ``shapes`` defaults to :func:`default_shapes` (small sizes for models that take any size,
     else around the example input; ``near_example`` forces the latter); sizes the baseline
-    does not accept (a fixed-size head) are reported as skipped.
+    does not accept (a fixed-size head) are replaced by others or reported as skipped.
+    ``precision`` ``float64`` (default) runs CPU copies of both models in float64; ``model``
+    runs them as they are. ``outputs`` names the outputs to compare (default: all).
     """
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"precision '{precision}' is not one of "
+                                f"{', '.join(PRECISIONS)}")
     meta = info(dense)
-    baseline = baseline.eval()
-    dense = dense.eval()
-    specialized = _specialized_checker(dense, meta)
+    baseline, dense = baseline.eval(), dense.eval()
     ref = next(iter(dense.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    runs = _Runs(meta, baseline, dense)
+    kw = dict(shapes=shapes, trials=trials, seed=seed, atol=atol, rtol=rtol, shift=shift,
+              progress=progress, near_example=near_example, select=outputs,
+              depth=len(meta.records))
+    notes = []
+    with torch.no_grad():
+        if precision == "float64" and dtype != torch.float64:
+            try:
+                wide = _Runs(meta, _float64_copy(baseline), _float64_copy(dense))
+                wide.probe(meta, torch.float64)
+            except _NoFloat64 as e:
+                notes.append(f"the model cannot run in float64 ({e}): checked in {dtype} "
+                             "with its tolerances instead")
+            else:
+                report = check(meta, wide.baseline, wide.dense, device="cpu",
+                               dtype=torch.float64, **kw)
+                report.native = _native_error(meta, runs, report, device, dtype, seed)
+                return report
+        report = check(meta, runs.baseline, runs.dense, device=device, dtype=dtype, **kw)
+    report.notes[:0] = notes
+    return report
 
-    def run_baseline(x: torch.Tensor):
-        why = specialized(x)
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy in float64 (a GraphModule's copy keeps its DenseInfo)."""
+    wide = copy.deepcopy(model).to("cpu", torch.float64)
+    if hasattr(model, "econv"):
+        wide.econv = model.econv
+    return wide
+
+
+class _NoFloat64(Exception):
+    """A model that cannot run in float64 (an op without a double kernel)."""
+
+
+class _Runs:
+    """The baseline and dense runs ``check`` calls, for one pair of models."""
+
+    def __init__(self, meta, baseline: nn.Module, dense: nn.Module) -> None:
+        self.meta, self.base_model, self.dense_model = meta, baseline, dense
+        self.specialized = _specialized_checker(dense, meta)
+
+    def baseline(self, x: torch.Tensor):
+        why = self.specialized(x)
         if why:
             return None, why
-        out, why = _run_baseline(baseline, x, meta.until, getattr(meta, "input_name", None))
+        out, why = _run_baseline(self.base_model, x, self.meta.until,
+                                 getattr(self.meta, "input_name", None))
         return (_flat(out) if out is not None else None), why
 
-    with torch.no_grad():
-        return check(meta, run_baseline, lambda x: _flat(_run_dense(dense, x)), shapes=shapes,
-                     trials=trials, seed=seed, atol=atol, rtol=rtol, shift=shift,
-                     progress=progress, device=device, dtype=dtype, near_example=near_example)
+    def dense(self, x: torch.Tensor):
+        return _flat(_run_dense(self.dense_model, x))
+
+    def probe(self, meta, dtype: torch.dtype) -> None:
+        """Run both once at the example size in ``dtype``; _NoFloat64 if a kernel is
+        missing (the error names the dtype)."""
+        x = torch.randn(meta.example_shape, generator=torch.Generator().manual_seed(0),
+                        dtype=dtype)
+        try:
+            _run_baseline(self.base_model, x, meta.until, getattr(meta, "input_name", None),
+                          raise_errors=True)
+            self.dense_model(x)
+        except ops.SizeNotCovered:
+            pass
+        except Exception as e:
+            text = str(e)
+            if "Double" in text or "double" in text or "dtype" in text or "Float" in text:
+                raise _NoFloat64(describe(e, 100)) from e
+            # any other failure (a size the baseline rejects): the check will say
+
+
+def _native_error(meta, runs: _Runs, report: VerifyReport, device, dtype,
+                  seed: int) -> dict[str, Any] | None:
+    """The error at the model's own dtype on the largest checked input, for information."""
+    first = max((c for c in report.checked if c.check == "lattice"),
+                key=lambda c: c.shape[0] * math.prod(c.shape[2:]), default=None)
+    if first is None:
+        return None
+    x = torch.randn(first.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    try:
+        case = _lattice_case(meta, runs.baseline, runs.dense, x, (1.0, 1.0),
+                             _names(meta, report.outputs))
+    except Exception as e:  # e.g. half precision kernels missing on the CPU
+        return {"dtype": str(dtype).removeprefix("torch."), "shape": list(first.shape),
+                "error": describe(e, 100)}
+    return {"dtype": str(dtype).removeprefix("torch."), "shape": list(first.shape),
+            "max_abs": case.max_abs,
+            "max_error_over_scale": case.max_abs / case.scale if case.scale else 0.0}
+
+
+def _names(meta, selected: Sequence[str]) -> list[tuple[int, str]]:
+    """(index, name) of the outputs to compare."""
+    names = [o.get("name") or f"output {k}" for k, o in enumerate(meta.outputs)]
+    return [(k, n) for k, n in enumerate(names) if not selected or n in selected]
 
 
 def check(
@@ -203,22 +328,35 @@ def check(
     dtype: torch.dtype = torch.float32,
     batch: int | None = None,
     near_example: bool = False,
+    select: Sequence[str] | None = None,
+    depth: int = 0,
 ) -> VerifyReport:
     """The lattice and shift checks for any runtime: ``run_baseline(x)`` gives the baseline's
     output tensors (or None and why the size is not accepted), ``run_dense(x)`` the dense
-    model's; ``meta`` is the :class:`~econv_convert.api.DenseInfo` of the dense model.
-    ``batch`` fixes the batch size (a graph with a static batch dim). Tolerances left as None
-    follow the dtype (:func:`default_tolerance`)."""
-    atol, rtol = default_tolerance(dtype, atol, rtol)
+    model's; ``meta`` is the :class:`~econv_convert.api.DenseInfo` of the dense model. Inputs
+    are made in ``dtype`` on ``device``. ``batch`` fixes the batch size (a graph with a static
+    batch dim); ``select`` names the outputs to compare. Tolerances left as None follow the
+    dtype and the number of layers ``depth`` (:func:`default_tolerance`)."""
+    atol, rtol = default_tolerance(dtype, atol, rtol, depth)
+    all_names = [o.get("name") or f"output {k}" for k, o in enumerate(meta.outputs)]
+    unknown = [n for n in select or () if n not in all_names]
+    if unknown:
+        raise InvalidInputError(f"--output {unknown[0]}: the model's outputs are "
+                                f"{', '.join(all_names)}")
+    names = _names(meta, select or ())
     note = ""
+    spares: list[tuple[int, ...]] = []
     if shapes:
         shapes = [tuple(s) for s in shapes]
     else:
         shapes, note = default_shapes(meta, near_example)
+        spares = spare_shapes(meta, shapes) if not note else []
         if batch is not None:
             shapes = [(batch, *s[1:]) for s in shapes]
+            spares = [(batch, *s[1:]) for s in spares]
     do_shift = shift and not meta.has_padding and meta.global_pools == 0
-    report = VerifyReport(atol=atol, rtol=rtol)
+    report = VerifyReport(atol=atol, rtol=rtol, precision=str(dtype).removeprefix("torch."),
+                          outputs=[n for _, n in names])
     if note:
         report.notes.append(note)
     if shift and not do_shift:
@@ -228,17 +366,29 @@ def check(
     done = 0
     gen = torch.Generator().manual_seed(seed)
     tol = (atol, rtol)
+    rejected: list[Case] = []
     for shape in shapes:
         for _ in range(trials):
-            x = torch.randn(shape, generator=gen).to(device, dtype)
-            report.cases.append(_lattice_case(meta, run_baseline, run_dense, x, tol))
+            case = _lattice_case(meta, run_baseline, run_dense, _input(shape, gen, device, dtype),
+                                 tol, names)
+            # a size the baseline rejects: try a spare size instead (fixed-size heads)
+            while case.skipped and "rejects" in case.detail and spares:
+                rejected.append(case)
+                case = _lattice_case(meta, run_baseline, run_dense,
+                                     _input(spares.pop(0), gen, device, dtype), tol, names)
+            report.cases.append(case)
             done += 1
             if progress:
                 progress(done, total, f"lattice {'x'.join(map(str, shape[2:]))}")
+    if rejected:
+        sizes = ", ".join("x".join(map(str, c.shape[2:])) for c in rejected)
+        why = rejected[0].detail.removeprefix("the baseline rejects this size (")[:-1]
+        report.notes.append(f"the baseline rejects {len(rejected)} other sizes tried ({sizes}; "
+                            f"{why}): checked at sizes it takes")
     if note and not report.checked:  # the baseline takes none of the small sizes after all
         return check(meta, run_baseline, run_dense, trials=trials, seed=seed, atol=atol,
                      rtol=rtol, shift=shift, progress=progress, device=device, dtype=dtype,
-                     batch=batch, near_example=True)
+                     batch=batch, near_example=True, select=select, depth=depth)
     if do_shift:
         rng = random.Random(seed)
         example = meta.example_shape
@@ -246,7 +396,7 @@ def check(
         n = batch if batch is not None else max(example[0], 2)
         big = [n, example[1]] + [h + 2 * s * res for h, s in zip(example[2:], meta.size_steps)]
         for _ in range(trials):
-            x = torch.randn(big, generator=gen).to(device, dtype)
+            x = _input(big, gen, device, dtype)
             try:
                 y = run_dense(x)
             except ops.SizeNotCovered as e:
@@ -256,11 +406,15 @@ def check(
             for k in range(3):
                 room = [(b - e) // res for b, e in zip(big[2:], example[2:])]
                 offset = tuple(res * (rng.randint(0, r) if k else r) for r in room)
-                report.cases.append(_shift_case(meta, run_baseline, x, y, offset, tol))
+                report.cases.append(_shift_case(meta, run_baseline, x, y, offset, tol, names))
                 done += 1
                 if progress:
                     progress(done, total, f"shift {offset}")
     return report
+
+
+def _input(shape, gen: torch.Generator, device, dtype) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(device, dtype)
 
 
 def _specialized_checker(dense: nn.Module, meta) -> Callable[[torch.Tensor], str]:
@@ -285,7 +439,8 @@ def _specialized_checker(dense: nn.Module, meta) -> Callable[[torch.Tensor], str
 
 
 def _run_baseline(baseline: nn.Module, x: torch.Tensor, until: str | None,
-                  input_name: str | None = None) -> tuple[Any, str]:
+                  input_name: str | None = None, raise_errors: bool = False
+                  ) -> tuple[Any, str]:
     """The baseline's output, or that of its module ``until``, captured by a hook (the layers
     after it may reject the size; that does not matter then)."""
     captured: list[Any] = []
@@ -301,6 +456,8 @@ def _run_baseline(baseline: nn.Module, x: torch.Tensor, until: str | None,
     except Exception as e:  # a fixed-size head rejects other sizes: not a failure
         if captured:
             return captured[0], ""
+        if raise_errors:
+            raise
         return None, f"the baseline rejects this size ({describe(e, 70)})"
     finally:
         if handle is not None:
@@ -308,8 +465,7 @@ def _run_baseline(baseline: nn.Module, x: torch.Tensor, until: str | None,
 
 
 def _copied(out: Any) -> Any:
-    return fx.node.map_aggregate(
-        out, lambda t: t.clone() if isinstance(t, torch.Tensor) else t)
+    return outputs.map_tensors(out, lambda i, t: t.clone())
 
 
 def _run_dense(dense: nn.Module, x: torch.Tensor) -> Any:
@@ -322,7 +478,8 @@ def _run_dense(dense: nn.Module, x: torch.Tensor) -> Any:
                                 f"({describe(e, 160)})") from e
 
 
-def _lattice_case(meta, run_baseline: RunBaseline, run_dense: RunDense, x, tol) -> Case:
+def _lattice_case(meta, run_baseline: RunBaseline, run_dense: RunDense, x, tol,
+                  names: list[tuple[int, str]]) -> Case:
     shape = tuple(x.shape)
     b, why = run_baseline(x)
     if b is None:
@@ -334,9 +491,12 @@ def _lattice_case(meta, run_baseline: RunBaseline, run_dense: RunDense, x, tol) 
         dense = run_dense(x)
     except ops.SizeNotCovered as e:  # a size-specialized capture: honest, not a failure
         return Case("lattice", shape, skipped=True, detail=_not_covered(e))
+    if len(b) != len(dense) or len(dense) != len(meta.outputs):
+        return Case("lattice", shape, ok=False, detail=f"{len(dense)} dense outputs vs "
+                    f"{len(b)} baseline outputs")
     d = [ops.lattice_view(y, spec["dims"], spec["base_ndim"])
          for y, spec in zip(dense, meta.outputs)]
-    return _compare("lattice", shape, b, d, tol)
+    return _compare("lattice", shape, b, d, tol, names)
 
 
 def _not_covered(e: Exception) -> str:
@@ -345,7 +505,8 @@ def _not_covered(e: Exception) -> str:
             f"(where {condition or 'its condition'} held); the dense model does not cover it")
 
 
-def _shift_case(meta, run_baseline: RunBaseline, x, y, offset, tol) -> Case:
+def _shift_case(meta, run_baseline: RunBaseline, x, y, offset, tol,
+                names: list[tuple[int, str]]) -> Case:
     crop = x
     for i, (r, e) in enumerate(zip(offset, meta.example_shape[2:])):
         crop = crop.narrow(2 + i, r, e)
@@ -368,7 +529,7 @@ def _shift_case(meta, run_baseline: RunBaseline, x, y, offset, tol) -> Case:
         if extra:
             v = v.reshape(v.shape[: v.dim() - extra])
         picked.append(v)
-    return _compare("shift", tuple(x.shape), b, picked, tol, offset)
+    return _compare("shift", tuple(x.shape), b, picked, tol, names, offset)
 
 
 def _flat(out: Any) -> list[torch.Tensor]:
@@ -376,35 +537,36 @@ def _flat(out: Any) -> list[torch.Tensor]:
 
 
 def _compare(check, shape, base: list[torch.Tensor], dense: list[torch.Tensor], tol,
-             offset: tuple[int, ...] = ()) -> Case:
+             names: list[tuple[int, str]], offset: tuple[int, ...] = ()) -> Case:
+    """The worst of the selected outputs (the first failing one, else the largest error
+    relative to its scale). Compared in float64 whatever the dtype."""
     atol, rtol = tol
-    if len(base) != len(dense):
-        return Case(check, shape, ok=False, offset=offset,
-                    detail=f"{len(dense)} dense outputs vs {len(base)} baseline outputs")
     worst = Case(check, shape, offset=offset)
-    for k, (b, d) in enumerate(zip(base, dense)):
+    for k, name in names:
+        b, d = base[k], dense[k]
         if b.shape != d.shape:
-            return Case(check, shape, ok=False, offset=offset,
-                        detail=f"output {k}: dense gives {tuple(d.shape)} on the lattice, "
+            return Case(check, shape, ok=False, offset=offset, output=name,
+                        detail=f"{name}: dense gives {tuple(d.shape)} on the lattice, "
                                f"baseline {tuple(b.shape)}")
-        b = b.float()
-        d = d.float()
+        b = b.double()
+        d = d.double()
         scale = float(b.abs().max()) if b.numel() else 0.0
         diff = (d - b).abs()
         diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
         max_abs = float(diff.max()) if diff.numel() else 0.0
-        bad = diff > atol * max(scale, 1e-12) + rtol * b.abs()
+        bad = diff > atol * max(scale, 1e-300) + rtol * b.abs()
         ok = not bool(bad.any())
         detail = ""
         if not ok:
             flat = int(torch.argmax(diff).item())
             where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), b.shape))
-            detail = (f"output {k} at {where}: dense {float(d.flatten()[flat]):.6g} vs "
-                      f"baseline {float(b.flatten()[flat]):.6g}")
-        if not ok or max_abs / max(scale, 1e-12) > worst.max_abs / max(worst.scale, 1e-12):
+            detail = (f"{name} at {where}: dense {float(d.flatten()[flat]):.9g} vs "
+                      f"baseline {float(b.flatten()[flat]):.9g}")
+        rel = max_abs / scale if scale else max_abs
+        worst_rel = worst.max_abs / worst.scale if worst.scale else worst.max_abs
+        if not ok or rel > worst_rel or not worst.output:
             worst = Case(check, shape, max_abs, scale, ok and worst.ok, detail or worst.detail,
-                         offset=offset)
+                         offset=offset, output=name)
         if not ok:
             return worst
     return worst
-

@@ -46,6 +46,7 @@ class MultiScaleBottleneck(nn.Module):
     def forward(self, x):
         out = self.conv1(x)
         spx = torch.split(out, self.width, 1)
+        sp = spx[0]
         for i in range(self.nums):
             sp = spx[i] if i == 0 or self.stage else sp + spx[i]
             sp = self.convs[i](sp)
@@ -344,3 +345,102 @@ class SizeBranchNet(nn.Module):
             if max(x.shape[-2:]) >= 2:
                 x = stage(x)
         return self.fc(x.mean((2, 3)))
+
+
+# -- models that take keywords and return output classes (model-definition libraries) --------
+
+
+class ModelOutput(OrderedDict):
+    """An output class as model-definition libraries write theirs: a dataclass that is also an
+    ordered dict of its fields that are not None, registered as a pytree node."""
+
+    def __init_subclass__(cls) -> None:
+        import torch.utils._pytree as pytree
+
+        pytree.register_pytree_node(
+            cls, lambda o: (list(o.values()), list(o.keys())),
+            lambda values, keys: cls(**dict(zip(keys, values))),
+            serialized_type_name=f"{cls.__module__}.{cls.__name__}")
+
+    def __post_init__(self):
+        for f in self.__dataclass_fields__:
+            v = getattr(self, f)
+            if v is not None:
+                self[f] = v
+
+    def __getitem__(self, k):
+        return dict(self.items())[k] if isinstance(k, str) else tuple(self.values())[k]
+
+
+@dataclass
+class BackboneOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    hidden_states: tuple | None = None
+
+
+@dataclass
+class ClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple | None = None
+
+
+class _Config:
+    use_return_dict = True
+    output_hidden_states = True
+
+
+class KeywordBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = _Config()
+        self.embedder = conv_bn(3, 8, 3, 2)
+        self.stages = nn.ModuleList([conv_bn(8, 8, 3, 2), conv_bn(8, 16, 3, 2)])
+        self.pooler = nn.AdaptiveAvgPool2d((1, 1))
+
+    def forward(self, pixel_values=None, output_hidden_states=None, return_dict=None):
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        hidden_state = self.embedder(pixel_values)
+        hidden_states = (hidden_state,) if output_hidden_states else None
+        for stage in self.stages:
+            hidden_state = stage(hidden_state)
+            if output_hidden_states:
+                hidden_states = hidden_states + (hidden_state,)
+        pooled_output = self.pooler(hidden_state)
+        if not return_dict:
+            return (hidden_state, pooled_output) + (hidden_states or ())
+        return BackboneOutput(last_hidden_state=hidden_state, pooler_output=pooled_output,
+                              hidden_states=hidden_states)
+
+
+class KeywordClassifier(nn.Module):
+    """``model(pixel_values=x)`` -> ``ClassifierOutput(logits=...)``."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.backbone = KeywordBackbone()
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16, classes))
+
+    def forward(self, pixel_values=None, labels=None, output_hidden_states=False):
+        out = self.backbone(pixel_values, output_hidden_states=output_hidden_states)
+        logits = self.classifier(out.pooler_output)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return ClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class TextAndImageModel(nn.Module):
+    """The image is not the first parameter: it must be passed by keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.vision = KeywordBackbone()
+
+    def forward(self, input_ids=None, pixel_values=None):
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        return {"image_embeds": self.vision(pixel_values).pooler_output, "input_ids": input_ids}

@@ -84,7 +84,7 @@ def test_verify_fails_with_exit_1_and_says_where(tmp_path):
     torch.save(payload, tmp_path / "other.pt")
     result = run("verify", tmp_path / "other.pt", "--dense", tmp_path / "d.pt")
     assert result.exit_code == 1
-    assert "NOT equivalent" in result.stdout and "output 0 at" in result.stdout
+    assert "NOT equivalent" in result.stdout and "output at" in result.stdout
 
 
 def test_inverse_writes_baseline_weights(tmp_path):

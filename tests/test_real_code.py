@@ -3,18 +3,25 @@ showed: each densifies and verifies, or is refused for a true reason."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from conftest import rand_bn
-from econv_convert import densify, verify
+from econv_convert import EConvError, densify, load_dense, save_dense, verify
 from econv_convert.cli import app
 from econv_convert.loading import load_model
 from library_style import (
+    BackboneOutput,
+    ClassifierOutput,
     FeaturesThenInplace,
+    KeywordBackbone,
+    KeywordClassifier,
     SamePaddingNet,
     SizeBranchNet,
+    TextAndImageModel,
     TFPortNet,
     VersionedNet,
     WrappedLeafNet,
@@ -195,3 +202,64 @@ def test_a_dynamic_same_pad_that_fx_traces_is_computed_at_run_time():
     assert dense.econv.capture == "torch.fx"
     report = verify(model, dense, shapes=[(2, 3, h, h) for h in (30, 31, 33, 36, 41)])
     assert report.ok and len(report.checked) == 5, report.failures()
+
+
+# -- keyword inputs and output classes ---------------------------------------------------------
+
+
+def test_a_backbone_returning_an_output_class_keeps_its_structure():
+    torch.manual_seed(0)
+    model = rand_bn(KeywordBackbone())
+    dense = densify(model, (1, 3, 32, 32))
+    names = [o["name"] for o in dense.econv.outputs]
+    assert names == ["last_hidden_state", "pooler_output", "hidden_states.0",
+                     "hidden_states.1", "hidden_states.2"]
+    out = dense(torch.randn(1, 3, 37, 41))
+    assert type(out) is BackboneOutput and out.last_hidden_state.shape == (1, 16, 33, 41)
+    report = verify(model, dense)
+    assert report.ok, report.failures()
+    assert report.outputs == names and {c.output for c in report.checked} <= set(names)
+
+
+def test_the_structure_survives_a_dense_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    dense = densify(rand_bn(KeywordClassifier()), (1, 3, 32, 32))
+    loaded = load_dense(save_dense(dense, tmp_path / "d.pt"))
+    x = torch.randn(2, 3, 35, 33)
+    out, back = dense(x), loaded(x)
+    assert type(back) is ClassifierOutput  # the class is imported here: rebuilt
+    torch.testing.assert_close(back.logits, out.logits)
+
+
+def test_an_output_class_that_is_not_imported_comes_back_as_a_dict_with_attributes():
+    from econv_convert.outputs import DenseOutput, flatten, unflatten
+
+    leaves, spec = flatten(ClassifierOutput(logits=torch.ones(2)))
+    spec["cls"] = "nowhere_imported:Output"
+    out = unflatten(leaves, spec)
+    assert type(out) is DenseOutput and out.logits is leaves[0] and list(out) == ["logits"]
+
+
+def test_a_model_that_takes_its_image_by_keyword():
+    torch.manual_seed(0)
+    model = rand_bn(TextAndImageModel())
+    with pytest.raises(EConvError, match="input-name|pixel_values"):
+        densify(model, (1, 3, 32, 32))  # positionally the image would be input_ids
+    dense = densify(model, (1, 3, 32, 32), input_name="pixel_values")
+    out = dense(pixel_values=torch.randn(2, 3, 40, 40))
+    assert set(out) == {"image_embeds", "input_ids"} and out["input_ids"] is None
+    report = verify(model, dense)
+    assert report.ok and report.checked[0].output == "image_embeds", report.failures()
+
+
+def test_cli_input_name_and_output_selection(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "kw.pt"
+    torch.save({"state_dict": rand_bn(KeywordBackbone()).state_dict(),
+                "arch": "library_style:KeywordBackbone", "input_shape": [1, 3, 32, 32]}, path)
+    result = _run("verify", path, "--output", "pooler_output", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)["verification"]
+    assert {c["output"] for c in data["cases"]} == {"pooler_output"}
+    result = _run("verify", path, "--output", "nope")
+    assert result.exit_code == 2 and "last_hidden_state" in result.output
