@@ -164,7 +164,9 @@ class OnnxRewriter:
         dims = (PLAIN, PLAIN) + tuple(Dim("space", i, 1) for i in range(len(shape) - 2))
         self.env[x.name] = Val(Layout(shape, dims))
         self.fields[x.name] = tuple(Field() for _ in shape[2:])
+        consumed = {i for n in self.g.node for i in n.input} | {o.name for o in self.g.output}
         for node in self.g.node:
+            node = _without_unused_outputs(node, consumed, self.b.opset)
             self.node = node
             try:
                 self._rewrite(node)
@@ -321,6 +323,35 @@ class OnnxRewriter:
                 "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
                 "base_ndim": lay.base_ndim,
             })
+
+
+def _without_unused_outputs(node: onnx.NodeProto, consumed: set[str],
+                            opset: int) -> onnx.NodeProto:
+    """The node without the optional outputs that nothing consumes: old exporters name them
+    (a Dropout's mask, a MaxPool's indices, BatchNormalization's training statistics) though
+    nothing reads them, and a rule need not refuse what is never used."""
+    if len(node.output) < 2 or node.domain not in ("", "ai.onnx"):
+        return node
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset)
+    except Exception:  # an op the installed onnx does not know: leave it to the rules
+        return node
+    formal = schema.outputs
+    outs = list(node.output)
+    for i in range(1, len(outs)):
+        param = formal[min(i, len(formal) - 1)]
+        optional = param.option == onnx.defs.OpSchema.FormalParameterOption.Optional
+        if outs[i] and outs[i] not in consumed and optional:
+            outs[i] = ""
+    while len(outs) > 1 and not outs[-1]:
+        outs.pop()
+    if outs == list(node.output):
+        return node
+    trimmed = onnx.NodeProto()
+    trimmed.CopyFrom(node)
+    del trimmed.output[:]
+    trimmed.output.extend(outs)
+    return trimmed
 
 
 RULES: dict[str, Callable[[OnnxRewriter, onnx.NodeProto], None]] = {}

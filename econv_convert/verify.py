@@ -149,7 +149,8 @@ def any_size(meta) -> bool:
     return not meta.specialized and not any(r["kind"] == HEAD_KIND for r in meta.records)
 
 
-def default_shapes(meta, near_example: bool = False) -> tuple[list[tuple[int, ...]], str]:
+def default_shapes(meta, near_example: bool = False,
+                   lattice_points: int = 2) -> tuple[list[tuple[int, ...]], str]:
     """The input shapes checked by default, and a note on the choice.
 
     A model that takes any input size is checked at small sizes, from one lattice step plus
@@ -157,16 +158,18 @@ def default_shapes(meta, near_example: bool = False) -> tuple[list[tuple[int, ..
     not multiples of the step are among them): the dense graph and its run-time corrections
     are the same at every size, and the check costs a fraction of one pass at the example
     size (a dense ResNet-50 at 224 x 224 takes about 900 G multiply-adds). Other models, and
-    ``near_example``, are checked around the example size."""
+    ``near_example``, are checked around the example size. ``lattice_points`` is how many
+    lattice points the smallest size gives the last map (more for models whose unpadded
+    windows need more input)."""
     example = list(meta.example_shape)
     st = meta.size_steps
-    small = [min(h, s + 1) for h, s in zip(example[2:], st)]
+    small = [min(h, s * (lattice_points - 1) + 1) for h, s in zip(example[2:], st)]
     if near_example or not any_size(meta) or small == example[2:]:
         return candidate_shapes(example, st), ""
     shapes = candidate_shapes(example[:2] + small, st, compact=True)
     sizes = "x".join(map(str, small))
-    return shapes, (f"checked at small sizes from {sizes} (one lattice step plus one): the model "
-                    "takes any size and its dense graph is the same at every size; "
+    return shapes, (f"checked at small sizes from {sizes} ({lattice_points} lattice points): "
+                    "the model takes any size and its dense graph is the same at every size; "
                     "--at-example-size checks around the example instead")
 
 
@@ -330,6 +333,7 @@ def check(
     near_example: bool = False,
     select: Sequence[str] | None = None,
     depth: int = 0,
+    lattice_points: int = 2,
 ) -> VerifyReport:
     """The lattice and shift checks for any runtime: ``run_baseline(x)`` gives the baseline's
     output tensors (or None and why the size is not accepted), ``run_dense(x)`` the dense
@@ -349,7 +353,7 @@ def check(
     if shapes:
         shapes = [tuple(s) for s in shapes]
     else:
-        shapes, note = default_shapes(meta, near_example)
+        shapes, note = default_shapes(meta, near_example, lattice_points)
         spares = spare_shapes(meta, shapes) if not note else []
         if batch is not None:
             shapes = [(batch, *s[1:]) for s in shapes]
@@ -385,10 +389,14 @@ def check(
         why = rejected[0].detail.removeprefix("the baseline rejects this size (")[:-1]
         report.notes.append(f"the baseline rejects {len(rejected)} other sizes tried ({sizes}; "
                             f"{why}): checked at sizes it takes")
-    if note and not report.checked:  # the baseline takes none of the small sizes after all
+    if note and not report.checked:
+        # the baseline takes none of the small sizes (unpadded windows need more input): try
+        # twice as many lattice points, and the example's own sizes last
+        more = lattice_points * 2
         return check(meta, run_baseline, run_dense, trials=trials, seed=seed, atol=atol,
                      rtol=rtol, shift=shift, progress=progress, device=device, dtype=dtype,
-                     batch=batch, near_example=True, select=select, depth=depth)
+                     batch=batch, near_example=default_shapes(meta, False, more)[1] == "",
+                     select=select, depth=depth, lattice_points=more)
     if do_shift:
         rng = random.Random(seed)
         example = meta.example_shape

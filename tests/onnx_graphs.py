@@ -129,3 +129,61 @@ def export(model: torch.nn.Module, shape, *, dynamo: bool = False, dynamic: bool
         torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"],
                           dynamic_axes={"x": axes} if dynamic else None)
         return onnx.load_from_string(buf.getvalue())
+
+
+def zoo_graphs() -> dict[str, str]:
+    """The classic ONNX model-zoo CNNs that the onnx package ships as backend test data (their
+    structure as the old exporters wrote it, opset 9, IR 3; the weights replaced by
+    ConstantOfShape nodes to keep the files small)."""
+    import glob
+    import os
+
+    folder = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+    return {os.path.basename(p)[len("light_"):-len(".onnx")]: p
+            for p in sorted(glob.glob(os.path.join(folder, "light_*.onnx")))}
+
+
+def with_random_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """The zoo graph with its ConstantOfShape weights replaced by random initializers (scaled
+    by fan-in, positive where a BatchNormalization reads a variance), so that a check can
+    tell a right dense model from a wrong one."""
+    rng = np.random.default_rng(seed)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    shapes = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    role = {}  # what a BatchNormalization reads: scale, bias, mean, variance
+    for n in g.node:
+        if n.op_type == "BatchNormalization":
+            role.update({n.input[1]: "scale", n.input[2]: "shift", n.input[3]: "shift",
+                         n.input[4]: "scale"})
+    keep = []
+    for node in g.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in shapes:
+            shape = tuple(int(v) for v in shapes[node.input[0]])
+            name = node.output[0]
+            if role.get(name) == "scale":
+                values = rng.uniform(0.5, 1.5, shape)
+            elif role.get(name) == "shift" or len(shape) == 1:
+                values = rng.standard_normal(shape) * 0.1
+            else:
+                fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+                values = rng.standard_normal(shape) * np.sqrt(1.0 / max(fan_in, 1))
+            g.initializer.append(numpy_helper.from_array(values.astype(np.float32), name))
+            if m.ir_version < 4:  # IR 3: every initializer is also a graph input
+                g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        else:
+            keep.append(node)
+    if keep and keep[-1].op_type == "Softmax":  # compare logits: a saturated softmax hides
+        logits = keep.pop().input[0]          # differences
+        g.output[0].name = logits  # a softmax keeps its input's shape
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in keep for i in n.input}
+    for init in list(g.initializer):
+        if init.name not in used and init.name.endswith("__SHAPE"):
+            g.initializer.remove(init)
+            for i in list(g.input):
+                if i.name == init.name:
+                    g.input.remove(i)
+    return m

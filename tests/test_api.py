@@ -110,8 +110,10 @@ def test_verify_checks_any_size_models_at_small_sizes(resnet):
     assert not any("small sizes" in n for n in near.notes)
 
 
-def test_verify_falls_back_to_the_example_when_small_sizes_are_rejected():
-    """Unpadded 7 x 7 convolutions need more than one lattice step plus one pixel."""
+def test_verify_takes_more_lattice_points_when_the_smallest_sizes_are_rejected():
+    """Unpadded 7 x 7 convolutions need more than one lattice step plus one pixel: the check
+    doubles the lattice points until the baseline takes the size, and only then falls back to
+    the example."""
     torch.manual_seed(0)
     model = rand_bn(nn.Sequential(
         nn.Conv2d(3, 4, 7), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
@@ -119,7 +121,11 @@ def test_verify_falls_back_to_the_example_when_small_sizes_are_rejected():
     dense = densify(model, (1, 3, 40, 40))
     report = verify(model, dense)
     assert report.ok, report.failures()
-    assert [c.shape for c in report.checked][0] == (2, 3, 40, 40)
+    assert [c.shape for c in report.checked][0] == (2, 3, 31, 31)
+    assert any("(16 lattice points)" in n for n in report.notes)
+    tight = densify(model, (1, 3, 20, 20))  # no smaller size works: the example itself
+    report = verify(model, tight)
+    assert report.ok and [c.shape for c in report.checked][0] == (2, 3, 20, 20)
 
 
 def test_verify_keeps_fixed_head_models_near_the_example():
