@@ -325,12 +325,18 @@ class OnnxRewriter:
             })
 
 
+# ops whose number of outputs is their mode, read or not: a BatchNormalization with its
+# statistics outputs runs in training mode (the spec before opset 14; onnxruntime does so too)
+_OUTPUTS_SET_THE_MODE = {"BatchNormalization"}
+
+
 def _without_unused_outputs(node: onnx.NodeProto, consumed: set[str],
                             opset: int) -> onnx.NodeProto:
     """The node without the optional outputs that nothing consumes: old exporters name them
     (a Dropout's mask, a MaxPool's indices, BatchNormalization's training statistics) though
     nothing reads them, and a rule need not refuse what is never used."""
-    if len(node.output) < 2 or node.domain not in ("", "ai.onnx"):
+    if len(node.output) < 2 or node.domain not in ("", "ai.onnx") or \
+            node.op_type in _OUTPUTS_SET_THE_MODE:
         return node
     try:
         schema = onnx.defs.get_schema(node.op_type, opset)
@@ -831,7 +837,9 @@ def _dropout(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
 @rule("BatchNormalization")
 def _batch_norm(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if len([o for o in node.output if o]) > 1 or attrs(node).get("training_mode", 0):
-        _refuse("batch normalization in training mode (export the model in eval mode)")
+        _refuse("batch normalization in training mode (its statistics outputs make onnxruntime "
+                "normalize with the batch's statistics, which differ between the lattice and "
+                "the dense map); export the model in eval mode, with one output")
     lay = rw.lay(node.input[0])
     if lay.fold or (lay.base_ndim > 1 and lay.base_dims[1].spatial):
         _refuse("batch normalization over a dim that is not channels")

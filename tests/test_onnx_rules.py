@@ -380,3 +380,54 @@ def test_refuses_instance_norm_and_circular_pad():
     _refused(lambda g: setattr(g, "x", g.node(
         "Pad", [g.x, g.const([0, 0, 1, 1, 0, 0, 1, 1])], name="wrap", mode="wrap")),
         r"'wrap \(Pad\)'.*circular")
+
+
+# -- graphs as old exporters wrote them -----------------------------------------------------
+
+
+@pytest.mark.parametrize("opset", [7, 9, 11, 13])
+def test_old_opsets_with_outputs_nothing_reads(opset):
+    """A Dropout's mask and a MaxPool's indices, named by the exporter but read by nothing:
+    not a reason to refuse (opsets before 13 are converted first)."""
+    g = Graph((1, 3, 17, 19), opset=opset)
+    x, _mask = g.node("Dropout", [g.x], outputs=2)
+    x = g.node("MaxPool", [x], outputs=2 if opset >= 8 else 1, kernel_shape=[3, 3],
+               strides=[2, 2], pads=[1, 1, 1, 1])  # indices exist from opset 8
+    x = x[0] if isinstance(x, list) else x
+    r = g.rng
+    stats = [g.const(v.astype(np.float32), np.float32) for v in (
+        r.uniform(0.5, 1.5, 4), r.normal(0, 0.5, 4), r.normal(0, 0.5, 4), r.uniform(0.5, 2, 4))]
+    g.x = g.node("BatchNormalization", [x, *stats], epsilon=1e-5)
+    g.x = g.node("Conv", [g.x, g.weight((2, 4, 3, 3))], kernel_shape=[3, 3], strides=[2, 2])
+    assert_onnx_equivalent(g.model(), SIZES)
+
+
+def test_a_used_mask_is_still_refused():
+    g = Graph((1, 3, 17, 19))
+    x, mask = g.node("Dropout", [g.x], outputs=2)
+    g.x = g.node("Mul", [x, g.node("Cast", [mask], to=1)])
+    with pytest.raises(UnsupportedLayerError, match="mask output is used"):
+        onnx_api.densify(g.model())
+
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+def test_asymmetric_pads_from_caffe_ceil_mode(op):
+    """Caffe's ceil mode, as converters write it: extra padding at the end only."""
+    g = Graph((1, 3, 17, 19))
+    extra = {"count_include_pad": 0} if op == "AveragePool" else {}
+    g.x = g.node(op, [g.x], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1], **extra)
+    g.x = g.node(op, [g.x], kernel_shape=[2, 2], strides=[2, 2], pads=[0, 1, 1, 0], **extra)
+    assert_onnx_equivalent(g.model(), SIZES)
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_batch_norm_with_statistics_outputs_is_training_mode_and_refused(opset):
+    """Before opset 14 a BatchNormalization with its statistics outputs is in training mode,
+    whether they are read or not, and onnxruntime normalizes with the batch's statistics:
+    refused, not silently turned into inference."""
+    g = Graph((1, 3, 17, 19), opset=opset, stem_stride=0)
+    stats = [g.const(np.full(3, v, np.float32), np.float32) for v in (1.0, 0.0, 0.0, 4.0)]
+    g.x = g.node("BatchNormalization", [g.x, *stats], outputs=5, epsilon=1e-5)[0]
+    g.x = g.node("Conv", [g.x, g.weight((2, 3, 3, 3))], kernel_shape=[3, 3], strides=[2, 2])
+    with pytest.raises(UnsupportedLayerError, match="training mode.*batch's statistics"):
+        onnx_api.densify(g.model())
