@@ -30,10 +30,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from econv_convert import densify, verify  # noqa: E402
-from econv_convert.bench import bench  # noqa: E402
-from econv_convert.costs import plan  # noqa: E402
+from econv_convert.core.costs import plan  # noqa: E402
 from econv_convert.examples import randomize_batchnorm  # noqa: E402
-from econv_convert.loading import load_model  # noqa: E402
+from econv_convert.run.bench import bench  # noqa: E402
+from econv_convert.torch.loading import load_model  # noqa: E402
 
 RUNS = 5
 
@@ -56,7 +56,7 @@ PREDICT = """
 import resource, sys, time, torch
 sys.path.insert(0, {root!r})
 from econv_convert import load_dense
-from econv_convert.predict import predict
+from econv_convert.run.predict import predict
 torch.manual_seed(0)
 dense = load_dense({dense!r})
 x = torch.randn(1, 3, {size}, {size})

@@ -5,14 +5,8 @@
 >>> baseline = inverse(dense)                     # doctest: +SKIP
 """
 
-from econv_convert.api import (
-    DenseInfo,
-    densify,
-    inverse,
-    lattice_view,
-    load_dense,
-    save_dense,
-)
+from econv_convert.check import VerifyReport
+from econv_convert.core.records import DenseInfo
 from econv_convert.errors import (
     EConvError,
     EquivalenceError,
@@ -22,7 +16,9 @@ from econv_convert.errors import (
     UnsafeCheckpointError,
     UnsupportedLayerError,
 )
-from econv_convert.verify import VerifyReport, verify
+from econv_convert.torch.api import densify, inverse, lattice_view
+from econv_convert.torch.storage import load_dense, save_dense
+from econv_convert.torch.verify import verify
 
 __version__ = "0.1.0"
 

@@ -194,7 +194,7 @@ def _model_path(model: Path | None) -> Path:
 
 
 def _load(model: Path | None, how: Load):
-    from econv_convert.loading import load_model, parse_kwargs
+    from econv_convert.torch.loading import load_model, parse_kwargs
 
     path = _model_path(model)
     return path, load_model(path, arch=how.arch, arch_kwargs=parse_kwargs(how.arch_kwargs),
@@ -204,7 +204,7 @@ def _load(model: Path | None, how: Load):
 def _densified(model: Path | None, how: Load):
     """Load MODEL and densify it at the example input: what densify, verify, inspect and
     bench all start with."""
-    from econv_convert import api
+    from econv_convert.torch import api
 
     path, loaded = _load(model, how)
     shape = _shape(how.input_shape, loaded.input_shape)
@@ -216,7 +216,7 @@ def _densified(model: Path | None, how: Load):
 
 
 def _shape(text: str | None, recorded: list[int] | None) -> list[int]:
-    from econv_convert.loading import parse_shape
+    from econv_convert.torch.loading import parse_shape
 
     if text:
         return parse_shape(text)
@@ -238,8 +238,8 @@ def _guard_memory(dense, force: bool, *, verifying: bool = True, exporting: bool
                   near: bool = False) -> None:
     """Refuse before running the dense model at sizes that would not fit in memory: the
     sizes this command will run it at (verification, an export's trace and check)."""
-    from econv_convert.resources import check_memory
-    from econv_convert.verify import default_shapes
+    from econv_convert.check import default_shapes
+    from econv_convert.run.resources import check_memory
 
     meta = getattr(dense, "econv", dense)
     runs: list[tuple[tuple[int, ...], str]] = []
@@ -247,7 +247,7 @@ def _guard_memory(dense, force: bool, *, verifying: bool = True, exporting: bool
         runs += [(tuple(s), "the largest input the equivalence check runs")
                  for s in default_shapes(meta, near)[0]]
     if exporting:
-        from econv_convert.exports import export_shapes
+        from econv_convert.torch.exports import export_shapes
 
         runs += [(tuple(s), "the input the export is traced and re-checked at")
                  for s in export_shapes(dense)]
@@ -260,9 +260,9 @@ def _guard_memory(dense, force: bool, *, verifying: bool = True, exporting: bool
 def _verify(baseline, dense, how: Check, *, quiet: bool):
     """Run the checks (PyTorch models, or ONNX graphs in onnxruntime) with a progress bar."""
     if isinstance(dense, _onnx_model_type()):
-        from econv_convert.onnx_api import verify
+        from econv_convert.onnx.api import verify
     else:
-        from econv_convert.verify import verify
+        from econv_convert.torch.verify import verify
 
     kwargs = dict(trials=how.trials, seed=how.seed, atol=how.atol, rtol=how.rtol,
                   near_example=how.near, precision=how.precision.value,
@@ -405,7 +405,7 @@ def densify(
     json_out: JsonOpt = False,
 ) -> None:
     """Rewrite MODEL into its dense equivalent, verify it and write it to OUTPUT."""
-    from econv_convert import exports
+    from econv_convert.torch import exports
 
     how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
                input_name)
@@ -464,7 +464,7 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Check that a dense model reproduces MODEL on random inputs (exit 0 equal, 1 not)."""
-    from econv_convert import api
+    from econv_convert.torch import api, storage
 
     how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
                input_name)
@@ -474,10 +474,10 @@ def verify(
         return _verify_onnx(model, dense, how, checking, force, json_out)
     notes = []
     if dense is not None:
-        from econv_convert.loading import check_file
+        from econv_convert.torch.loading import check_file
 
         check_file(dense)
-        dense_model = api.load_dense(dense)
+        dense_model = storage.load_dense(dense)
         if model is None:
             baseline = api.inverse(dense_model)
             notes.append("no MODEL given: checked against the baseline graph recorded in the "
@@ -512,8 +512,11 @@ def inverse(
 ) -> None:
     """Inverse transfer: write the baseline's weights taken from a dense model, after checking
     that the baseline with them equals the dense model on the lattice."""
-    from econv_convert import api
-    from econv_convert.loading import build_arch, check_file
+    from econv_convert.files import atomic_write
+    from econv_convert.torch.api import inverse as invert
+    from econv_convert.torch.loading import build_arch, check_file
+    from econv_convert.torch.state import load_weights_into, portable_state_dict
+    from econv_convert.torch.storage import load_dense
 
     checking = Check(trials, seed, atol, rtol, precision=precision)
     check_file(dense)
@@ -523,28 +526,28 @@ def inverse(
     if suffix not in (".pt", ".pth", ".safetensors"):
         raise InvalidInputError(f"{output}: the output must end in .pt, .pth or .safetensors")
     _check_output(output, [dense])
-    dense_model = api.load_dense(dense)
-    baseline = api.inverse(dense_model)
+    dense_model = load_dense(dense)
+    baseline = invert(dense_model)
     meta = dense_model.econv
     if getattr(meta, "arch", None):
         # prove that the weights load into the user's own class, strictly
-        api.load_weights_into(build_arch(meta.arch, meta.arch_kwargs), baseline.state_dict(),
-                              f"the dense weights of {dense.name}")
+        load_weights_into(build_arch(meta.arch, meta.arch_kwargs), baseline.state_dict(),
+                          f"the dense weights of {dense.name}")
     result = _verify(baseline, dense_model, checking, quiet=json_out)
     if result.ok:
-        state = api.portable_state_dict(baseline)  # with module versions (_metadata)
+        weights = portable_state_dict(baseline)  # with module versions (_metadata)
         if suffix == ".safetensors":
             from safetensors.torch import save
 
-            from econv_convert.loading import SAFETENSORS_METADATA
+            from econv_convert.torch.loading import SAFETENSORS_METADATA
 
-            versions = json.dumps(getattr(state, "_metadata", {}))
-            data = save(dict(state), metadata={SAFETENSORS_METADATA: versions})
-            api.atomic_write(output, lambda f: f.write(data))
+            versions = json.dumps(getattr(weights, "_metadata", {}))
+            data = save(dict(weights), metadata={SAFETENSORS_METADATA: versions})
+            atomic_write(output, lambda f: f.write(data))
         else:
             import torch
 
-            api.atomic_write(output, lambda f: torch.save(state, f))
+            atomic_write(output, lambda f: torch.save(weights, f))
     _inverse_report(dense, output, result, json_out,
                     f"{len(baseline.state_dict())} tensors, the baseline's keys and shapes")
 
@@ -566,7 +569,8 @@ def inspect(
     """Show the plan without writing anything: per layer its lattice step, receptive field,
     output sizes and multiply-adds, baseline vs dense. The dense model is never run (no
     memory guard is needed), so this is quick for any model size."""
-    from econv_convert import costs, report
+    from econv_convert import report
+    from econv_convert.core import costs
 
     how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
                input_name)
@@ -610,8 +614,8 @@ def bench(
 ) -> None:
     """Time the baseline, the dense model, shift-and-stitch and (patch classifiers) the sliding
     window, in one run, with multiply-adds and ratios."""
-    from econv_convert import bench as timing
-    from econv_convert.resources import check_memory
+    from econv_convert.run import bench as timing
+    from econv_convert.run.resources import check_memory
 
     if device not in ("cpu", "cuda"):
         raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
@@ -715,16 +719,17 @@ def predict(
     bounded memory."""
     import numpy as np
 
-    from econv_convert import api
-    from econv_convert import predict as tiled
-    from econv_convert.loading import check_file
+    from econv_convert.files import atomic_write
+    from econv_convert.run import predict as tiled
+    from econv_convert.torch import storage
+    from econv_convert.torch.loading import check_file
 
     check_file(dense)
     check_file(input)
     if output.suffix.lower() != ".npy":
         raise InvalidInputError(f"{output}: the output must end in .npy")
     _check_output(output, [dense, input])
-    model = api.load_dense(dense)
+    model = storage.load_dense(dense)
     x, image = tiled.load_input(input, _floats(mean, "--mean"), _floats(std, "--std"),
                                 model.econv.example_shape[1])
     plan = tiled.plan_tiles(model, tuple(x.shape), tile=tile, max_memory=_bytes(max_memory))
@@ -736,14 +741,14 @@ def predict(
     if channel is not None and not 0 <= channel < y.shape[1]:
         raise InvalidInputError(f"--channel {channel}: the output has {y.shape[1]} channels")
     data = y.numpy()
-    api.atomic_write(output, lambda f: np.save(f, data))
+    atomic_write(output, lambda f: np.save(f, data))
     picture = None
     if image and y.dim() == 4:
         from PIL import Image
 
         picture = output.with_suffix(".png")
         rgb = tiled.heat_map(y, channel).numpy()
-        api.atomic_write(picture, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
+        atomic_write(picture, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
     if json_out:
         _emit_json({"output": str(output), "heat_map": str(picture) if picture else None,
                     "shape": list(y.shape), "tiles": plan.count, "tile": list(plan.tile),
@@ -770,7 +775,7 @@ def _onnx_model_type():
 
 def _load_onnx(path: Path):
     from econv_convert import onnx_api
-    from econv_convert.loading import check_file
+    from econv_convert.torch.loading import check_file
 
     check_file(path)
     return onnx_api.load(path)
@@ -778,7 +783,7 @@ def _load_onnx(path: Path):
 
 def _onnx_densified(model: Path, how: Load):
     from econv_convert import onnx_api
-    from econv_convert.loading import parse_shape
+    from econv_convert.torch.loading import parse_shape
 
     baseline = _load_onnx(model)
     if onnx_api.is_dense(baseline):

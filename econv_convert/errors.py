@@ -54,3 +54,9 @@ class TransferError(EConvError):
 
 class UnsafeCheckpointError(InvalidInputError):
     """A checkpoint needs arbitrary code to load and ``trust_pickle`` was not given."""
+
+
+class SizeNotCovered(RuntimeError):
+    """Raised by a dense model captured with torch.export when the input size makes the
+    model's Python code take another branch than at the example input: the dense model does
+    not cover that size (a RuntimeError, as PyTorch's own checks at run time are)."""

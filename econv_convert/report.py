@@ -7,9 +7,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from econv_convert.api import DenseInfo
-from econv_convert.costs import Plan
-from econv_convert.verify import VerifyReport
+from econv_convert.check import VerifyReport
+from econv_convert.core.costs import Plan
+from econv_convert.core.records import DenseInfo
 
 
 def _t(v: Any) -> str:

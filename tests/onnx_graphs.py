@@ -12,7 +12,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from econv_convert import onnx_api, ops
+from econv_convert.check import lattice_view
+from econv_convert.onnx import api as onnx_api
 
 
 class Graph:
@@ -110,7 +111,7 @@ def assert_onnx_equivalent(model: onnx.ModelProto, sizes: Sequence[Sequence[int]
         expected = run(base, x)
         got = run(dense, x)
         for e, g, spec in zip(expected, got, meta.outputs, strict=True):
-            view = ops.lattice_view(torch.from_numpy(g), spec["dims"], spec["base_ndim"])
+            view = lattice_view(torch.from_numpy(g), spec["dims"], spec["base_ndim"])
             torch.testing.assert_close(view, torch.from_numpy(e), rtol=1e-4, atol=1e-5,
                                        msg=lambda m, s=spatial: f"input {s}: {m}")
     return dense, meta

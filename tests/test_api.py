@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import FIXTURES, rand_bn
+
 from econv_convert import (
     InvalidInputError,
     densify,
@@ -19,7 +19,7 @@ from econv_convert import (
     verify,
 )
 from econv_convert.examples import tiny_resnet
-from econv_convert.loading import load_model
+from econv_convert.torch.loading import load_model
 
 
 @pytest.fixture
@@ -152,7 +152,7 @@ def test_flatten_head_models_are_checked_near_the_example():
 
 
 def test_plan_counts_layers_that_keep_their_stride(resnet):
-    from econv_convert.costs import plan
+    from econv_convert.core.costs import plan
 
     p = plan(densify(resnet, (1, 3, 64, 64), output_stride=8))
     kept = [layer for layer in p.layers if "stride kept" in layer.note]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import FIXTURES, rand_bn
+
 from econv_convert import densify
-from econv_convert.bench import bench, shift_and_stitch, stitch
-from econv_convert.loading import load_model
+from econv_convert.run.bench import bench, shift_and_stitch, stitch
+from econv_convert.torch.loading import load_model
 
 
 def fcn():
@@ -56,7 +56,7 @@ def test_bench_patch_classifier_scales_a_sliding_window_sample():
 
 @pytest.mark.parametrize("dilation,pad", [(4, 4), (8, 0), (6, 12)])
 def test_space_to_batch_form_is_exact(dilation, pad):
-    from econv_convert.bench import space_to_batch_conv
+    from econv_convert.run.bench import space_to_batch_conv
 
     x = torch.nn.functional.pad(torch.randn(2, 4, 37, 30), (pad, pad, pad, pad))
     w = torch.randn(5, 4, 3, 3)

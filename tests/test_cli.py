@@ -7,9 +7,9 @@ import json
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import FIXTURES
 from typer.testing import CliRunner
 
-from conftest import FIXTURES
 from econv_convert import __version__, lattice_view, load_dense
 from econv_convert.cli import app
 from econv_convert.examples import patch_classifier, tiny_resnet

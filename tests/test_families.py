@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import rand_bn
-from econv_convert import InvalidInputError, UnsupportedLayerError, densify, verify
-from econv_convert.exports import export_onnx, export_pt2
 from families import FAMILIES, REFUSED
+
+from econv_convert import InvalidInputError, UnsupportedLayerError, densify, verify
+from econv_convert.torch.exports import export_onnx, export_pt2
 
 NAMES = list(FAMILIES)
 

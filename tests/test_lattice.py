@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from econv_convert.lattice import (
+from econv_convert.core.lattice import (
     Field,
     Window,
     dense_window,

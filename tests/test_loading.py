@@ -6,10 +6,10 @@ import builtins
 
 import pytest
 import torch
-
 from conftest import FIXTURES
+
 from econv_convert import InvalidInputError, InvalidModelError, UnsafeCheckpointError
-from econv_convert.loading import build_arch, load_model, parse_kwargs, parse_shape
+from econv_convert.torch.loading import build_arch, load_model, parse_kwargs, parse_shape
 
 
 class _Payload:
@@ -70,9 +70,9 @@ def test_safetensors_with_arch():
     ("nomodule_xyz:f", "cannot import module"),
     ("econv_convert.examples", "MODULE:CALLABLE"),
     ("econv_convert.examples:nothing", "has no 'nothing'"),
-    ("econv_convert.lattice:PLAIN", "has no"),
-    ("econv_convert.layout:PLAIN", "not callable"),
-    ("econv_convert.lattice:tight", "failed"),
+    ("econv_convert.core.lattice:PLAIN", "has no"),
+    ("econv_convert.core.layout:PLAIN", "not callable"),
+    ("econv_convert.core.lattice:tight", "failed"),
 ], ids=["not-importable", "no-colon", "missing-attr", "missing-attr-2", "not-callable",
         "call-fails"])
 def test_arch_errors(arch, match):
@@ -82,7 +82,7 @@ def test_arch_errors(arch, match):
 
 def test_arch_that_returns_no_module():
     with pytest.raises(InvalidInputError, match="not a torch.nn.Module"):
-        build_arch("econv_convert.lattice:Field")
+        build_arch("econv_convert.core.lattice:Field")
 
 
 def test_weights_that_do_not_fit_the_arch(tmp_path):

@@ -11,15 +11,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import FIXTURES, rand_bn
+from families import FAMILIES
 from onnx import numpy_helper
+from onnx_graphs import Graph, assert_onnx_equivalent, export, run
 from typer.testing import CliRunner
 
-from conftest import FIXTURES, rand_bn
 from econv_convert import densify, onnx_api
 from econv_convert.cli import app
 from econv_convert.errors import InvalidInputError, UnsupportedLayerError
-from families import FAMILIES
-from onnx_graphs import Graph, assert_onnx_equivalent, export, run
 
 runner = CliRunner()
 RESNET = FIXTURES / "tiny_resnet.onnx"
@@ -240,7 +240,7 @@ def test_half_precision_graph_verifies_with_half_tolerances():
 @pytest.mark.parametrize("name", ["tiny_resnet", "patch_classifier"])
 def test_fixture_onnx_export_matches_the_pytorch_fixture(name):
     """fixtures/NAME.onnx is fixtures/NAME.pt exported: both paths, same dense outputs."""
-    from econv_convert.loading import load_model
+    from econv_convert.torch.loading import load_model
 
     loaded = load_model(FIXTURES / f"{name}.pt")
     graph = onnx_api.load(FIXTURES / f"{name}.onnx")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from onnx_graphs import Graph, assert_onnx_equivalent, free, run
 
 from econv_convert import onnx_api
 from econv_convert.errors import UnsupportedLayerError
-from onnx_graphs import Graph, assert_onnx_equivalent, free, run
 
 SIZES = [(20, 23), (29, 26)]
 

@@ -10,9 +10,9 @@ seconds each: those are ``extended`` tests (``pytest -m extended``)."""
 from __future__ import annotations
 
 import pytest
+from onnx_graphs import with_random_weights, zoo_graphs
 
 from econv_convert import onnx_api
-from onnx_graphs import with_random_weights, zoo_graphs
 
 FAST = {"squeezenet", "densenet121"}  # heads after a global pool: checked at small sizes
 

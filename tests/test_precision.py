@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import rand_bn
-from econv_convert import densify, onnx_api, ops, targets, verify
-from econv_convert.examples import tiny_resnet
 from onnx_graphs import Graph
+
+from econv_convert import densify, onnx_api, verify
+from econv_convert.examples import tiny_resnet
+from econv_convert.torch import ops, targets
 
 
 def deep_mobile_net(blocks: int = 8, c: int = 16, var: float = 0.02) -> nn.Module:
@@ -126,9 +127,9 @@ def test_onnx_graphs_whose_ops_all_run_in_double_are_checked_in_float64():
 def test_cli_reports_the_precision(precision, tmp_path):
     import json
 
+    from conftest import FIXTURES
     from typer.testing import CliRunner
 
-    from conftest import FIXTURES
     from econv_convert.cli import app
 
     result = CliRunner().invoke(app, ["verify", str(FIXTURES / "tiny_resnet.pt"), "--json",

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import FIXTURES
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import FIXTURES
 from econv_convert import InvalidInputError, densify, save_dense
 from econv_convert.cli import app
-from econv_convert.loading import load_model
-from econv_convert.predict import plan_tiles, predict
+from econv_convert.run.predict import plan_tiles, predict
+from econv_convert.torch.loading import load_model
 
 CASES = {
     "patch-classifier": ("patch_classifier", None, (203, 171), 8),

@@ -7,10 +7,10 @@ import os
 
 import torch
 import torch.nn as nn
+from conftest import rand_bn
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import rand_bn
 from econv_convert import densify, verify
 
 C = 6  # channels everywhere, so blocks compose freely
@@ -135,8 +135,9 @@ def test_random_architectures_densify_exactly(arch, mode, seed):
 def test_random_architectures_exported_to_onnx_densify_exactly(arch, mode, seed):
     """The same random networks exported to ONNX: exact in onnxruntime, and the same dense
     outputs as the PyTorch path."""
-    from econv_convert import onnx_api
     from onnx_graphs import export, run
+
+    from econv_convert import onnx_api
 
     size = arch[2]
     model = _baseline(arch, seed)

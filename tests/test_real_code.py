@@ -7,12 +7,7 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from conftest import rand_bn
-from econv_convert import EConvError, densify, load_dense, save_dense, verify
-from econv_convert.cli import app
-from econv_convert.loading import load_model
 from library_style import (
     BackboneOutput,
     ClassifierOutput,
@@ -27,6 +22,11 @@ from library_style import (
     WrappedLeafNet,
     conv_bn,
 )
+from typer.testing import CliRunner
+
+from econv_convert import EConvError, densify, load_dense, save_dense, verify
+from econv_convert.cli import app
+from econv_convert.torch.loading import load_model
 
 
 def test_verify_with_until_is_not_fooled_by_an_in_place_op_after_the_cut():
@@ -118,7 +118,7 @@ def test_the_memory_guard_names_the_size_it_checked(tmp_path, monkeypatch):
                 "arch": "library_style:TFPortNet", "arch_kwargs": {"hidden_dim": 2560}}, path)
     result = _run("densify", path, "--input-shape", "1,3,96,96", "--no-verify")
     assert result.exit_code == 0, result.output  # nothing is run, nothing to refuse
-    monkeypatch.setattr("econv_convert.resources.available_bytes", lambda: 2**20)
+    monkeypatch.setattr("econv_convert.run.resources.available_bytes", lambda: 2**20)
     result = _run("densify", path, "--input-shape", "1,3,96,96")
     assert result.exit_code == 2
     assert "input 2x3x" in result.output and "the largest input the equivalence check runs" \
@@ -126,8 +126,9 @@ def test_the_memory_guard_names_the_size_it_checked(tmp_path, monkeypatch):
 
 
 def test_onnx_a_pool_larger_than_its_input_is_a_global_pool():
-    from econv_convert import onnx_api
     from onnx_graphs import export
+
+    from econv_convert import onnx_api
 
     torch.manual_seed(0)
     graph = export(rand_bn(TFPortNet(hidden_dim=2560)), (1, 3, 96, 96))
@@ -164,7 +165,7 @@ def test_tf_same_padding_computed_in_forward_is_computed_when_the_dense_model_ru
 def test_padding_chosen_by_branches_on_sizes_covers_the_examples_branch_and_says_so():
     """Branches on the size modulo a stride: the captured graph holds for sizes that take the
     example's branches; others are refused when run, never computed wrongly."""
-    from econv_convert.ops import SizeNotCovered
+    from econv_convert.torch.ops import SizeNotCovered
 
     torch.manual_seed(0)
     model = rand_bn(SamePaddingNet("branches"))
@@ -232,7 +233,7 @@ def test_the_structure_survives_a_dense_checkpoint(tmp_path):
 
 
 def test_an_output_class_that_is_not_imported_comes_back_as_a_dict_with_attributes():
-    from econv_convert.outputs import DenseOutput, flatten, unflatten
+    from econv_convert.torch.outputs import DenseOutput, flatten, unflatten
 
     leaves, spec = flatten(ClassifierOutput(logits=torch.ones(2)))
     spec["cls"] = "nowhere_imported:Output"

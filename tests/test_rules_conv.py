@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 import torch.nn as nn
-
 from conftest import assert_lattice_equal, rand_bn
 
 NDCONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -89,7 +88,7 @@ def test_asymmetric_padding_with_stride_in_the_runtime_op():
     import torch
     import torch.nn.functional as F
 
-    from econv_convert import ops
+    from econv_convert.torch import ops
 
     x = torch.randn(1, 2, 29, 31)
     w = torch.randn(3, 2, 3, 3)

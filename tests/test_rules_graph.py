@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import assert_lattice_equal, rand_bn
+
 from econv_convert import UnsupportedLayerError, densify, verify
 
 

@@ -10,14 +10,15 @@ import os
 
 import pytest
 import torch
+from conftest import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import FIXTURES
-from econv_convert import EConvError, api, load_dense, ops, save_dense
+from econv_convert import EConvError, load_dense, save_dense
 from econv_convert.cli import app
-from econv_convert.loading import load_model
+from econv_convert.torch import api, ops
+from econv_convert.torch.loading import load_model
 
 runner = CliRunner()
 FIXTURE_BYTES = (FIXTURES / "patch_classifier.pt").read_bytes()
@@ -91,7 +92,7 @@ def test_inverse_of_weights_that_do_not_fit_the_baseline(tmp_path):
 
 
 def test_memory_guard_refuses_with_the_estimate(monkeypatch):
-    monkeypatch.setattr("econv_convert.resources.available_bytes", lambda: 1024)
+    monkeypatch.setattr("econv_convert.run.resources.available_bytes", lambda: 1024)
     err = one_line_error(run("densify", FIXTURES / "tiny_resnet.pt"))
     assert "GiB" in err and "--force" in err and "largest map" in err
     assert run("densify", FIXTURES / "tiny_resnet.pt", "--force").exit_code == 0

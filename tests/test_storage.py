@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
-
 from conftest import rand_bn
-from econv_convert import InvalidInputError, densify, load_dense, save_dense, verify
-from econv_convert import rewrite  # noqa: F401  (fills the registry of targets)
-from econv_convert import targets
-from econv_convert.serialize import graph_from_json, graph_to_json
 from library_style import DashNamedNet, MultiScaleNet
+
+from econv_convert import InvalidInputError, densify, load_dense, save_dense, verify
+from econv_convert.torch import rewrite, targets
+
+assert rewrite  # importing the rewrite fills the registry of targets
+from econv_convert.torch.storage import graph_from_json, graph_to_json
 
 
 @pytest.mark.parametrize("name", sorted(targets.registered()))
@@ -65,3 +66,16 @@ def test_attribute_paths_pytorch_accepts_load(target):
     g.output(g.get_attr(target))
     (node,) = [n for n in graph_from_json(graph_to_json(g)).nodes if n.op == "get_attr"]
     assert node.target == target
+
+
+def test_checkpoints_written_before_the_subpackages_still_load():
+    """Dense graphs written by 0.1 name their run-time ops econv_convert.ops.NAME."""
+    from econv_convert.torch import ops
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(ops.append_extras, (x, 2)))
+    text = graph_to_json(g).replace("econv_convert.torch.ops.", "econv_convert.ops.")
+    assert "econv_convert.ops.append_extras" in text
+    (node,) = [n for n in graph_from_json(text).nodes if n.op == "call_function"]
+    assert node.target is ops.append_extras

@@ -17,16 +17,19 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from econv_convert import targets
-from econv_convert.lattice import (
+from econv_convert.core.lattice import (
     Window,
     avg_divisor_bounds,
     dense_window,
-    dense_out as dense_out_size,
     lattice_count,
     out_size,
     tight,
 )
+from econv_convert.core.lattice import (
+    dense_out as dense_out_size,
+)
+from econv_convert.errors import SizeNotCovered
+from econv_convert.torch import targets
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _MAXPOOL = {2: F.max_pool2d, 3: F.max_pool3d}
@@ -311,11 +314,6 @@ def dim_size(x: torch.Tensor, d: int, base_ndim: int, fold: bool, step: int = 1)
     return lattice_count(x.shape[d], step) if step > 1 else x.shape[d]
 
 
-class SizeNotCovered(RuntimeError):
-    """The input size makes the model's Python code take another branch than at the example
-    input, where the graph was captured: the dense model does not cover it."""
-
-
 def size_check(cond, message: str) -> None:
     """A size condition torch.export recorded (a branch the model's code took on a size)."""
     torch._check_with(SizeNotCovered, cond, lambda: (
@@ -391,31 +389,10 @@ def spatial_slice(x: torch.Tensor, dim: int, start, stop, base_step: int, step: 
     return x.narrow(dim, start * step, tight(n, step * base_step))
 
 
-def lattice_view(y: torch.Tensor, dims: Sequence[Sequence], base_ndim: int) -> torch.Tensor:
-    """The baseline's output read off a dense output.
-
-    ``dims`` gives each dense dim's ``(kind, step, axis)``: ``plain``, ``space`` (every ``step``-th) or
-    ``phase`` (take phase 0). Dims past ``base_ndim`` are extras the baseline lacks: after the
-    lattice sampling they have size one and are dropped.
-    """
-    index = []
-    for kind, step, *_ in dims:
-        if kind == "space":
-            index.append(slice(None, None, step))
-        elif kind == "phase":
-            index.append(slice(0, 1))
-        else:
-            index.append(slice(None))
-    y = y[tuple(index)]
-    if y.dim() > base_ndim:
-        extra = y.shape[base_ndim:]
-        if any(n != 1 for n in extra):
-            return y  # a larger input than the baseline accepts: a map of predictions
-        y = y.reshape(y.shape[:base_ndim])
-    return y
-
-
-# every public function above may be called by a dense graph
-targets.register(*(fn for name, fn in list(globals().items())
-                   if callable(fn) and getattr(fn, "__module__", None) == __name__
-                   and not name.startswith("_")))
+# every public function above may be called by a dense graph; checkpoints written before the
+# package had subpackages name them econv_convert.ops.NAME
+for _name, _fn in list(globals().items()):
+    if callable(_fn) and getattr(_fn, "__module__", None) == __name__ and \
+            not _name.startswith("_"):
+        targets.register(_fn)
+        targets.register_as(f"econv_convert.ops.{_name}", _fn)

@@ -1,6 +1,6 @@
 """Building ONNX graphs: a node emitter, and integers that compute themselves in the graph.
 
-:class:`SymInt` lets the shared lattice arithmetic (``econv_convert.lattice``) run unchanged on
+:class:`SymInt` lets the shared lattice arithmetic (``econv_convert.core.lattice``) run unchanged on
 sizes known only when the ONNX model runs: ``lattice.dense_out(h, s, w, b.minimum)`` with ``h``
 a :class:`SymInt` emits the ``Shape``/``Div``/``Mul``/``Min`` nodes that compute the tight crop of
 a strided layer for whatever input size comes. Static parts fold to Python ints, so a graph

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from econv_convert.api import info
 from econv_convert.errors import InvalidInputError
-from econv_convert.resources import ResourceError, available_bytes, estimate_bytes
+from econv_convert.run.resources import ResourceError, available_bytes, estimate_bytes
+from econv_convert.torch.api import info
 
 Progress = Callable[[int, int], None]
 
@@ -92,8 +92,8 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
     """``dense(x)`` computed tile by tile; identical (fp32 tolerance) to one whole pass.
 
     Tiles of 2-D and 3-D models run channels-last (faster dense convolutions on CPU; see
-    :func:`econv_convert.bench.memory_format`)."""
-    from econv_convert.bench import memory_format
+    :func:`econv_convert.run.bench.memory_format`)."""
+    from econv_convert.run.bench import memory_format
 
     plan = plan_tiles(dense, tuple(x.shape), tile=tile, max_memory=max_memory)
     fmt = memory_format(x.dim(), True)
@@ -196,7 +196,6 @@ def load_input(path, mean: Sequence[float] | None, std: Sequence[float] | None,
 def heat_map(y: torch.Tensor, channel: int | None) -> torch.Tensor:
     """An ``H x W x 3`` uint8 picture of one output channel, or of the arg-max class."""
     import matplotlib
-
     import numpy as np
 
     y = y[0]

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from econv_convert.api import atomic_write, info, save_dense
 from econv_convert.errors import EquivalenceError, InvalidInputError, InvalidModelError, describe
+from econv_convert.files import atomic_write
+from econv_convert.torch.api import info
+from econv_convert.torch.storage import save_dense
 
 SUFFIXES = (".pt", ".pt2", ".onnx")
 

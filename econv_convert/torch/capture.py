@@ -22,8 +22,8 @@ import torch.fx._symbolic_trace as _symbolic_trace
 import torch.nn as nn
 import torch.nn.functional as F
 
-from econv_convert import outputs
 from econv_convert.errors import InvalidModelError, describe
+from econv_convert.torch import outputs
 
 NAME = "econv_name"  # node.meta key: the module path a node came from, for messages
 

@@ -20,21 +20,15 @@ error at the model's own dtype is measured too, on one input, for information.
 
 from __future__ import annotations
 
-import copy
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn as nn
 
-from econv_convert import ops, outputs
-from econv_convert.api import info, inverse
-from econv_convert.errors import InvalidInputError, InvalidModelError, describe
-from econv_convert.fxgraph import shape_prop
-from econv_convert.rewrite import HEAD_KIND
+from econv_convert.core.records import HEAD_KIND
+from econv_convert.errors import InvalidInputError, SizeNotCovered
 
 Progress = Callable[[int, int, str], None]
 PRECISIONS = ("float64", "model")
@@ -174,10 +168,10 @@ def default_shapes(meta, near_example: bool = False,
 
 
 def spare_shapes(meta, used: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
-    """More sizes near the example, tried in place of sizes the baseline rejects (a fully
-    connected head takes only the sizes that give its map size): the report then shows checks,
-    not a list of rejected sizes."""
-    n, c, *sp = meta.example_shape
+    """More sizes near the first of ``used``, tried in place of sizes the baseline rejects (a
+    fully connected head takes only the sizes that give its map size; unpadded windows need
+    some more input): the report then shows checks, not a list of rejected sizes."""
+    n, c, *sp = used[0]
     st = meta.size_steps
     out = []
     for t in range(1, max(st) + 1):
@@ -186,127 +180,6 @@ def spare_shapes(meta, used: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
             if shape not in out and shape not in [tuple(u) for u in used]:
                 out.append(shape)
     return out
-
-
-def verify(
-    baseline: nn.Module,
-    dense: nn.Module,
-    *,
-    shapes: Sequence[Sequence[int]] | None = None,
-    trials: int = 1,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
-    shift: bool = True,
-    progress: Progress | None = None,
-    near_example: bool = False,
-    precision: str = "float64",
-    outputs: Sequence[str] | None = None,
-) -> VerifyReport:
-    """Check ``dense`` against ``baseline`` on random inputs; never raises on a mismatch.
-
-    ``shapes`` defaults to :func:`default_shapes` (small sizes for models that take any size,
-    else around the example input; ``near_example`` forces the latter); sizes the baseline
-    does not accept (a fixed-size head) are replaced by others or reported as skipped.
-    ``precision`` ``float64`` (default) runs CPU copies of both models in float64; ``model``
-    runs them as they are. ``outputs`` names the outputs to compare (default: all).
-    """
-    if precision not in PRECISIONS:
-        raise InvalidInputError(f"precision '{precision}' is not one of "
-                                f"{', '.join(PRECISIONS)}")
-    meta = info(dense)
-    baseline, dense = baseline.eval(), dense.eval()
-    ref = next(iter(dense.parameters()), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    runs = _Runs(meta, baseline, dense)
-    kw = dict(shapes=shapes, trials=trials, seed=seed, atol=atol, rtol=rtol, shift=shift,
-              progress=progress, near_example=near_example, select=outputs,
-              depth=len(meta.records))
-    notes = []
-    with torch.no_grad():
-        if precision == "float64" and dtype != torch.float64:
-            try:
-                wide = _Runs(meta, _float64_copy(baseline), _float64_copy(dense))
-                wide.probe(meta, torch.float64)
-            except _NoFloat64 as e:
-                notes.append(f"the model cannot run in float64 ({e}): checked in {dtype} "
-                             "with its tolerances instead")
-            else:
-                report = check(meta, wide.baseline, wide.dense, device="cpu",
-                               dtype=torch.float64, **kw)
-                report.native = _native_error(meta, runs, report, device, dtype, seed)
-                return report
-        report = check(meta, runs.baseline, runs.dense, device=device, dtype=dtype, **kw)
-    report.notes[:0] = notes
-    return report
-
-
-def _float64_copy(model: nn.Module) -> nn.Module:
-    """A CPU copy in float64 (a GraphModule's copy keeps its DenseInfo)."""
-    wide = copy.deepcopy(model).to("cpu", torch.float64)
-    if hasattr(model, "econv"):
-        wide.econv = model.econv
-    return wide
-
-
-class _NoFloat64(Exception):
-    """A model that cannot run in float64 (an op without a double kernel)."""
-
-
-class _Runs:
-    """The baseline and dense runs ``check`` calls, for one pair of models."""
-
-    def __init__(self, meta, baseline: nn.Module, dense: nn.Module) -> None:
-        self.meta, self.base_model, self.dense_model = meta, baseline, dense
-        self.specialized = _specialized_checker(dense, meta)
-
-    def baseline(self, x: torch.Tensor):
-        why = self.specialized(x)
-        if why:
-            return None, why
-        out, why = _run_baseline(self.base_model, x, self.meta.until,
-                                 getattr(self.meta, "input_name", None))
-        return (_flat(out) if out is not None else None), why
-
-    def dense(self, x: torch.Tensor):
-        return _flat(_run_dense(self.dense_model, x))
-
-    def probe(self, meta, dtype: torch.dtype) -> None:
-        """Run both once at the example size in ``dtype``; _NoFloat64 if a kernel is
-        missing (the error names the dtype)."""
-        x = torch.randn(meta.example_shape, generator=torch.Generator().manual_seed(0),
-                        dtype=dtype)
-        try:
-            _run_baseline(self.base_model, x, meta.until, getattr(meta, "input_name", None),
-                          raise_errors=True)
-            self.dense_model(x)
-        except ops.SizeNotCovered:
-            pass
-        except Exception as e:
-            text = str(e)
-            if "Double" in text or "double" in text or "dtype" in text or "Float" in text:
-                raise _NoFloat64(describe(e, 100)) from e
-            # any other failure (a size the baseline rejects): the check will say
-
-
-def _native_error(meta, runs: _Runs, report: VerifyReport, device, dtype,
-                  seed: int) -> dict[str, Any] | None:
-    """The error at the model's own dtype on the largest checked input, for information."""
-    first = max((c for c in report.checked if c.check == "lattice"),
-                key=lambda c: c.shape[0] * math.prod(c.shape[2:]), default=None)
-    if first is None:
-        return None
-    x = torch.randn(first.shape, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
-    try:
-        case = _lattice_case(meta, runs.baseline, runs.dense, x, (1.0, 1.0),
-                             _names(meta, report.outputs))
-    except Exception as e:  # e.g. half precision kernels missing on the CPU
-        return {"dtype": str(dtype).removeprefix("torch."), "shape": list(first.shape),
-                "error": describe(e, 100)}
-    return {"dtype": str(dtype).removeprefix("torch."), "shape": list(first.shape),
-            "max_abs": case.max_abs,
-            "max_error_over_scale": case.max_abs / case.scale if case.scale else 0.0}
 
 
 def _names(meta, selected: Sequence[str]) -> list[tuple[int, str]]:
@@ -337,7 +210,7 @@ def check(
 ) -> VerifyReport:
     """The lattice and shift checks for any runtime: ``run_baseline(x)`` gives the baseline's
     output tensors (or None and why the size is not accepted), ``run_dense(x)`` the dense
-    model's; ``meta`` is the :class:`~econv_convert.api.DenseInfo` of the dense model. Inputs
+    model's; ``meta`` is the :class:`~econv_convert.torch.api.DenseInfo` of the dense model. Inputs
     are made in ``dtype`` on ``device``. ``batch`` fixes the batch size (a graph with a static
     batch dim); ``select`` names the outputs to compare. Tolerances left as None follow the
     dtype and the number of layers ``depth`` (:func:`default_tolerance`)."""
@@ -354,7 +227,7 @@ def check(
         shapes = [tuple(s) for s in shapes]
     else:
         shapes, note = default_shapes(meta, near_example, lattice_points)
-        spares = spare_shapes(meta, shapes) if not note else []
+        spares = spare_shapes(meta, shapes)
         if batch is not None:
             shapes = [(batch, *s[1:]) for s in shapes]
             spares = [(batch, *s[1:]) for s in spares]
@@ -389,9 +262,9 @@ def check(
         why = rejected[0].detail.removeprefix("the baseline rejects this size (")[:-1]
         report.notes.append(f"the baseline rejects {len(rejected)} other sizes tried ({sizes}; "
                             f"{why}): checked at sizes it takes")
-    if note and not report.checked:
-        # the baseline takes none of the small sizes (unpadded windows need more input): try
-        # twice as many lattice points, and the example's own sizes last
+    if note and len(report.checked) < min(2, len(shapes) * trials):
+        # the baseline takes (almost) none of the small sizes (unpadded windows need more
+        # input): try twice as many lattice points, and the example's own sizes last
         more = lattice_points * 2
         return check(meta, run_baseline, run_dense, trials=trials, seed=seed, atol=atol,
                      rtol=rtol, shift=shift, progress=progress, device=device, dtype=dtype,
@@ -407,7 +280,7 @@ def check(
             x = _input(big, gen, device, dtype)
             try:
                 y = run_dense(x)
-            except ops.SizeNotCovered as e:
+            except SizeNotCovered as e:
                 report.cases.append(Case("shift", tuple(x.shape), skipped=True,
                                          detail=_not_covered(e)))
                 continue
@@ -425,67 +298,6 @@ def _input(shape, gen: torch.Generator, device, dtype) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(device, dtype)
 
 
-def _specialized_checker(dense: nn.Module, meta) -> Callable[[torch.Tensor], str]:
-    """For models with size-specialized layers (adaptive pools), a function that says why an
-    input is outside the specialization (empty when it is inside)."""
-    if not meta.specialized:
-        return lambda x: ""
-    gm = inverse(dense)
-    names = {n.name: n for n in gm.graph.nodes}
-
-    def check(x: torch.Tensor) -> str:
-        values = shape_prop(gm, x)
-        for name, size in meta.specialized.items():
-            arg = names[name].args[0]
-            got = list(values[arg].shape[2:])
-            if got != list(size):
-                return (f"adaptive pool '{name}' sees {tuple(got)} here, but the dense model is "
-                        f"specialized to {tuple(size)}")
-        return ""
-
-    return check
-
-
-def _run_baseline(baseline: nn.Module, x: torch.Tensor, until: str | None,
-                  input_name: str | None = None, raise_errors: bool = False
-                  ) -> tuple[Any, str]:
-    """The baseline's output, or that of its module ``until``, captured by a hook (the layers
-    after it may reject the size; that does not matter then)."""
-    captured: list[Any] = []
-    handle = None
-    if until is not None:
-        # a copy: the model may change the tensor in place after the cut point (an in-place
-        # ReLU right after a "features" module), which must not change the reference
-        handle = baseline.get_submodule(until).register_forward_hook(
-            lambda m, args, out: captured.append(_copied(out)))
-    try:
-        out = baseline(**{input_name: x}) if input_name else baseline(x)
-        return (captured[0] if captured else out), ""
-    except Exception as e:  # a fixed-size head rejects other sizes: not a failure
-        if captured:
-            return captured[0], ""
-        if raise_errors:
-            raise
-        return None, f"the baseline rejects this size ({describe(e, 70)})"
-    finally:
-        if handle is not None:
-            handle.remove()
-
-
-def _copied(out: Any) -> Any:
-    return outputs.map_tensors(out, lambda i, t: t.clone())
-
-
-def _run_dense(dense: nn.Module, x: torch.Tensor) -> Any:
-    try:
-        return dense(x)
-    except ops.SizeNotCovered:
-        raise
-    except Exception as e:  # a damaged dense file, or a bug: either way say where
-        raise InvalidModelError(f"the dense model fails on an input of shape {tuple(x.shape)} "
-                                f"({describe(e, 160)})") from e
-
-
 def _lattice_case(meta, run_baseline: RunBaseline, run_dense: RunDense, x, tol,
                   names: list[tuple[int, str]]) -> Case:
     shape = tuple(x.shape)
@@ -497,12 +309,12 @@ def _lattice_case(meta, run_baseline: RunBaseline, run_dense: RunDense, x, tol,
                     detail="the baseline's output is empty at this size")
     try:
         dense = run_dense(x)
-    except ops.SizeNotCovered as e:  # a size-specialized capture: honest, not a failure
+    except SizeNotCovered as e:  # a size-specialized capture: honest, not a failure
         return Case("lattice", shape, skipped=True, detail=_not_covered(e))
     if len(b) != len(dense) or len(dense) != len(meta.outputs):
         return Case("lattice", shape, ok=False, detail=f"{len(dense)} dense outputs vs "
                     f"{len(b)} baseline outputs")
-    d = [ops.lattice_view(y, spec["dims"], spec["base_ndim"])
+    d = [lattice_view(y, spec["dims"], spec["base_ndim"])
          for y, spec in zip(dense, meta.outputs)]
     return _compare("lattice", shape, b, d, tol, names)
 
@@ -540,10 +352,6 @@ def _shift_case(meta, run_baseline: RunBaseline, x, y, offset, tol,
     return _compare("shift", tuple(x.shape), b, picked, tol, names, offset)
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
-    return outputs.flatten(out)[0]
-
-
 def _compare(check, shape, base: list[torch.Tensor], dense: list[torch.Tensor], tol,
              names: list[tuple[int, str]], offset: tuple[int, ...] = ()) -> Case:
     """The worst of the selected outputs (the first failing one, else the largest error
@@ -578,3 +386,27 @@ def _compare(check, shape, base: list[torch.Tensor], dense: list[torch.Tensor], 
         if not ok:
             return worst
     return worst
+
+
+def lattice_view(y: torch.Tensor, dims: Sequence[Sequence], base_ndim: int) -> torch.Tensor:
+    """The baseline's output read off a dense output.
+
+    ``dims`` gives each dense dim's ``(kind, step, axis)``: ``plain``, ``space`` (every ``step``-th) or
+    ``phase`` (take phase 0). Dims past ``base_ndim`` are extras the baseline lacks: after the
+    lattice sampling they have size one and are dropped.
+    """
+    index = []
+    for kind, step, *_ in dims:
+        if kind == "space":
+            index.append(slice(None, None, step))
+        elif kind == "phase":
+            index.append(slice(0, 1))
+        else:
+            index.append(slice(None))
+    y = y[tuple(index)]
+    if y.dim() > base_ndim:
+        extra = y.shape[base_ndim:]
+        if any(n != 1 for n in extra):
+            return y  # a larger input than the baseline accepts: a map of predictions
+        y = y.reshape(y.shape[:base_ndim])
+    return y

@@ -1,24 +1,31 @@
 """Graphs as data: a torch.fx graph written as JSON and read back without running code.
 
 Call targets are stored by qualified name and resolved on load through
-:func:`econv_convert.targets.resolve`: the functions the rewrite can emit, and PyTorch's own
+:func:`econv_convert.torch.targets.resolve`: the functions the rewrite can emit, and PyTorch's own
 tensor namespaces minus names that touch files, the network or global state. A dense
 checkpoint therefore loads with ``torch.load(weights_only=True)`` and builds its module from
 that data alone. Writing does not check names; whoever writes a file reads it back first
-(:func:`econv_convert.api.save_dense`).
+(:func:`econv_convert.torch.api.save_dense`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
+from econv_convert.core.records import DenseInfo, info
 from econv_convert.errors import InvalidInputError, describe
-from econv_convert.targets import qualified_name, resolve
+from econv_convert.files import atomic_write
+from econv_convert.torch.state import restore_keys, set_tensor, set_versions
+from econv_convert.torch.targets import qualified_name, resolve
 
 _METHOD = re.compile(r"[a-z][a-z0-9_]*")
 _METHOD_DENIED = {"numpy", "register_hook", "backward", "share_memory_", "apply_", "map_",
@@ -145,3 +152,82 @@ def _graph_from_json(text: str) -> fx.Graph:
         nodes[name] = node
     graph.lint()
     return graph
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense checkpoints
+
+FORMAT = "econv-convert/dense"
+FORMAT_VERSION = 1
+
+
+def build_module(graph_json: str, state: dict[str, torch.Tensor], params: Sequence[str],
+           metadata: dict[str, dict[str, Any]] | None = None) -> fx.GraphModule:
+    root = nn.Module()
+    params = set(params)
+    for name, t in state.items():
+        set_tensor(root, name, nn.Parameter(t, requires_grad=t.is_floating_point()) if name in params
+             else t, parameter=name in params)
+    graph = graph_from_json(graph_json)
+    for n in graph.nodes:
+        if n.op == "get_attr" and n.target not in state:
+            raise InvalidInputError(f"the stored graph reads '{n.target}', which the weights lack")
+    gm = fx.GraphModule(root, graph)
+    restore_keys(gm, root)  # GraphModule copies only what its graph reads
+    set_versions(gm, metadata or {})
+    return gm
+
+
+
+
+def save_dense(dense: nn.Module, path: str | os.PathLike) -> Path:
+    """Write a dense checkpoint (``.pt``) that :func:`load_dense` reads without unpickling code.
+
+    The file is written beside its target, read back with :func:`load_dense`, and renamed into
+    place only then: a checkpoint that would not load is never written.
+    """
+    meta = info(dense)
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "graph": graph_to_json(dense.graph),
+        "info": meta.to_json(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in dense.state_dict().items()},
+    }
+
+    def reads_back(tmp: Path) -> None:
+        try:
+            load_dense(tmp)
+        except InvalidInputError as e:
+            reason = str(e).removeprefix(f"{tmp}: ")
+            raise InvalidInputError(f"{path}: not written, the dense checkpoint would not load "
+                                    f"back ({reason})") from None
+
+    atomic_write(path, lambda f: torch.save(payload, f), check=reads_back)
+    return path
+
+
+def load_dense(path: str | os.PathLike) -> fx.GraphModule:
+    """Load a dense checkpoint written by :func:`save_dense` into a trainable module."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InvalidInputError(
+            f"{path}: not a readable dense checkpoint ({describe(e)})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InvalidInputError(f"{path}: not a dense checkpoint written by econv-convert")
+    if payload.get("version") != FORMAT_VERSION:
+        raise InvalidInputError(f"{path}: dense checkpoint version {payload.get('version')} "
+                                f"is not supported (expected {FORMAT_VERSION})")
+    try:
+        meta = DenseInfo.from_json(payload["info"])
+        dense = build_module(payload["graph"], payload["state_dict"], meta.params,
+                       meta.state_metadata)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"{path}: {e}") from None
+    except Exception as e:  # damaged or edited by hand: one line, never a traceback
+        raise InvalidInputError(f"{path}: damaged dense checkpoint ({describe(e)})") from None
+    dense.econv = meta
+    return dense.eval()

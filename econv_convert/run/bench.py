@@ -30,11 +30,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from econv_convert import ops
-from econv_convert.api import info
+from econv_convert.core.lattice import Window, dense_window
 from econv_convert.errors import InvalidInputError
-from econv_convert.lattice import Window, dense_window
-from econv_convert.resources import estimate_bytes
+from econv_convert.run.resources import estimate_bytes
+from econv_convert.torch import ops
+from econv_convert.torch.api import info
 
 
 @dataclass

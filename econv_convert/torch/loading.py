@@ -27,7 +27,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from econv_convert.api import FORMAT, load_weights_into
 from econv_convert.errors import (
     InvalidInputError,
     InvalidModelError,
@@ -35,6 +34,8 @@ from econv_convert.errors import (
     UnsafeCheckpointError,
     describe,
 )
+from econv_convert.torch.state import load_weights_into
+from econv_convert.torch.storage import FORMAT
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".tar"}
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -252,6 +253,6 @@ def _load_pt2(path: Path) -> nn.Module:
     except Exception as e:
         raise InvalidInputError(f"{path}: not a readable torch.export program ({describe(e)})") \
             from None
-    from econv_convert.fxgraph import from_exported
+    from econv_convert.torch.capture import from_exported
 
     return from_exported(program)

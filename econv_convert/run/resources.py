@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from econv_convert.api import DenseInfo
+from econv_convert.core.records import DenseInfo
 from econv_convert.errors import InvalidInputError
 
 # a forward pass holds the largest map, its padded copy and the next layer's output at once

@@ -22,8 +22,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from econv_convert import targets
 from econv_convert.errors import InvalidModelError
+from econv_convert.torch import targets
 
 Spec = dict[str, Any]
 _CONSTANTS = (type(None), bool, int, float, str)
@@ -44,7 +44,7 @@ pytree.register_pytree_node(
     DenseOutput,
     lambda d: (list(d.values()), list(d.keys())),
     lambda values, keys: DenseOutput(zip(keys, values)),
-    serialized_type_name="econv_convert.outputs.DenseOutput",
+    serialized_type_name="econv_convert.torch.outputs.DenseOutput",
 )
 
 

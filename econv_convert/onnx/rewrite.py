@@ -1,10 +1,10 @@
 """The ONNX rewrite: a baseline ONNX graph in, its dense equivalent out, on the ONNX IR itself.
 
-The same one pass as the PyTorch rewrite (:mod:`econv_convert.rewrite`): every node in order is
-mapped to dense nodes and a :class:`~econv_convert.layout.Layout` per output saying what the
-dense tensor's dims mean. The geometry comes from :mod:`econv_convert.lattice`; the run-time
+The same one pass as the PyTorch rewrite (:mod:`econv_convert.torch.rewrite`): every node in order is
+mapped to dense nodes and a :class:`~econv_convert.core.layout.Layout` per output saying what the
+dense tensor's dims mean. The geometry comes from :mod:`econv_convert.core.lattice`; the run-time
 corrections (tight crops, ceil-mode ends, average-pool divisors, phase counts) are emitted as
-ONNX arithmetic on the input's actual size through :class:`~econv_convert.onnx_graph.SymInt`,
+ONNX arithmetic on the input's actual size through :class:`~econv_convert.onnx.graph.SymInt`,
 so the dense graph is exact for any input size, with dynamic spatial axes.
 
 Every node keeps its output names, and the model's initializers are not touched (new
@@ -21,8 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from econv_convert.errors import UnsupportedLayerError
-from econv_convert.lattice import (
+from econv_convert.core.lattice import (
     Field,
     Window,
     covered_limit,
@@ -32,9 +31,10 @@ from econv_convert.lattice import (
     keeps_stride,
     window_geometry,
 )
-from econv_convert.layout import PLAIN, Dim, Layout, LayoutError
-from econv_convert.onnx_graph import Builder, SymInt
-from econv_convert.rewrite import GLOBAL_POOL_MODES, HEAD_KIND, LayerRecord
+from econv_convert.core.layout import PLAIN, Dim, Layout, LayoutError
+from econv_convert.core.records import GLOBAL_POOL_MODES, HEAD_KIND, LayerRecord
+from econv_convert.errors import UnsupportedLayerError
+from econv_convert.onnx.graph import Builder, SymInt
 
 # ONNX ops that are the same function at every position (the first input carries the map;
 # further inputs, if any, are broadcast like the binary ops)

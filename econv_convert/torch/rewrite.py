@@ -1,9 +1,9 @@
 """The PyTorch rewrite: a lowered baseline graph in, a dense graph out.
 
 One pass over the nodes in order. Each baseline node is mapped to a dense node and a
-:class:`~econv_convert.layout.Layout` saying what the dense tensor's dims mean. Rules are keyed
+:class:`~econv_convert.core.layout.Layout` saying what the dense tensor's dims mean. Rules are keyed
 by the function (or tensor method) a node calls; the geometry they apply comes from
-:mod:`econv_convert.lattice` and the work at run time is done by :mod:`econv_convert.ops`.
+:mod:`econv_convert.core.lattice` and the work at run time is done by :mod:`econv_convert.torch.ops`.
 A node with no rule is refused by name unless nothing spatial reaches it.
 """
 
@@ -19,10 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from econv_convert import ops, outputs, targets
-from econv_convert.errors import UnsupportedLayerError
-from econv_convert.fxgraph import node_name
-from econv_convert.lattice import (
+from econv_convert.core.lattice import (
     Field,
     Window,
     covered_limit,
@@ -31,10 +28,11 @@ from econv_convert.lattice import (
     same_padding,
     window_geometry,
 )
-from econv_convert.layout import PLAIN, Dim, Layout, LayoutError
-
-GLOBAL_POOL_MODES = ("phase", "lattice", "dense")
-HEAD_KIND = "fc_to_conv"  # the record kind of a Flatten + fully connected head (fixed input size)
+from econv_convert.core.layout import PLAIN, Dim, Layout, LayoutError
+from econv_convert.core.records import GLOBAL_POOL_MODES, HEAD_KIND, LayerRecord
+from econv_convert.errors import UnsupportedLayerError
+from econv_convert.torch import ops, outputs, targets
+from econv_convert.torch.capture import node_name
 
 
 @dataclass
@@ -46,25 +44,6 @@ class Val:
     items: tuple[Val, ...] | None = None  # tuples and lists (chunk, split, ...)
     sizes: tuple[Dim, ...] | None = None  # torch.Size: what each entry measures
     spatial: bool = False  # a number that depends on a spatial size
-
-
-@dataclass
-class LayerRecord:
-    """One rewritten layer, for reports and ``inspect``."""
-
-    node: str
-    kind: str
-    before: dict[str, Any]
-    after: dict[str, Any]
-    step_in: tuple[int, ...]
-    step_out: tuple[int, ...]
-    field: tuple[int, ...]
-    fx_name: str = ""  # the baseline graph's node
-    dense_name: str = ""  # the dense graph's node
-    note: str = ""
-    cost: int = 0  # multiply-adds (or comparisons) per output element
-    base_shape: tuple[int, ...] = ()  # the layer's output at the example input
-    dense_shape: tuple[int, ...] = ()
 
 
 @dataclass

@@ -57,6 +57,12 @@ def register(*fns: Callable[..., Any]) -> None:
         _REGISTRY[qualified_name(fn)] = fn
 
 
+def register_as(name: str, fn: Callable[..., Any]) -> None:
+    """Admit ``fn`` under another name too: the name it had when older versions of this
+    package wrote their dense checkpoints (so those still load)."""
+    _REGISTRY[name] = fn
+
+
 def registered() -> dict[str, Callable[..., Any]]:
     """Every registered target by name (for tests: each must round-trip through storage)."""
     return dict(_REGISTRY)

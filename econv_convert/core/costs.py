@@ -10,9 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch.nn as nn
-
-from econv_convert.api import DenseInfo, info
+from econv_convert.core.records import info
 
 
 @dataclass(frozen=True)
@@ -45,11 +43,11 @@ class Plan:
         }
 
 
-def plan(dense: nn.Module | DenseInfo) -> Plan:
+def plan(dense: Any) -> Plan:
     """The per-layer plan at the example input, from the shapes the rewrite recorded (nothing
     is run, so it is as fast for a large model as for a small one). Takes a dense model or
-    its :class:`~econv_convert.api.DenseInfo` (what an ONNX densification returns)."""
-    meta = dense if isinstance(dense, DenseInfo) else info(dense)
+    its :class:`~econv_convert.torch.api.DenseInfo` (what an ONNX densification returns)."""
+    meta = info(dense)
     layers = []
     for r in meta.layer_records():
         bs, ds = tuple(r.base_shape), tuple(r.dense_shape)

@@ -1,0 +1,109 @@
+"""What a densification produces besides the dense model: one record per rewritten layer, and
+the :class:`DenseInfo` that says how a dense model was made. Plain data (JSON in dense
+checkpoints and in dense ONNX models' metadata), shared by both backends, the reports and the
+checks."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from econv_convert.errors import InvalidInputError
+
+GLOBAL_POOL_MODES = ("phase", "lattice", "dense")
+HEAD_KIND = "fc_to_conv"  # the record kind of a Flatten + fully connected head (fixed input size)
+
+
+@dataclass
+class LayerRecord:
+    """One rewritten layer, for reports and ``inspect``."""
+
+    node: str
+    kind: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    step_in: tuple[int, ...]
+    step_out: tuple[int, ...]
+    field: tuple[int, ...]
+    fx_name: str = ""  # the baseline graph's node
+    dense_name: str = ""  # the dense graph's node
+    note: str = ""
+    cost: int = 0  # multiply-adds (or comparisons) per output element
+    base_shape: tuple[int, ...] = ()  # the layer's output at the example input
+    dense_shape: tuple[int, ...] = ()
+
+
+@dataclass
+class DenseInfo:
+    """How a dense model was made. Plain data: stored as JSON in dense checkpoints."""
+
+    example_shape: list[int]
+    global_pool: str
+    until: str | None
+    outputs: list[dict[str, Any]]  # per output tensor: dense dims (kind, step, axis), name
+    records: list[dict[str, Any]]
+    notes: list[str]
+    has_padding: bool
+    global_pools: int
+    specialized: dict[str, list[int]] = field(default_factory=dict)
+    baseline_graph: str = ""  # JSON: the lowered baseline graph, for inverse
+    params: list[str] = field(default_factory=list)  # state-dict keys that are Parameters
+    arch: str | None = None  # MODULE:CALLABLE of the baseline, when known (for inverse)
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    output_stride: int | None = None
+    peak_elements: int = 0  # the largest dense activation at the example input
+    peak_node: str = ""
+    # the baseline state dict's per-module metadata (``state_dict()._metadata``: versions that
+    # some modules' ``_load_from_state_dict`` reads), kept for inverse transfer
+    state_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    capture: str = "torch.fx"  # how the baseline was captured: torch.fx or torch.export
+    input_name: str | None = None  # the baseline takes its image as this keyword argument
+    output_spec: dict[str, Any] | None = None  # the baseline's output structure
+
+    @property
+    def total_step(self) -> tuple[int, ...]:
+        """The largest lattice step the model reaches (per spatial axis)."""
+        best: tuple[int, ...] = ()
+        for r in self.records:
+            for steps in (tuple(r["step_in"]), tuple(r["step_out"])):
+                if math.prod(steps) > math.prod(best) or len(steps) > len(best):
+                    best = steps
+        return best
+
+    @property
+    def axis_steps(self) -> tuple[int, ...]:
+        """The total lattice step for each spatial axis of the input (1 for an axis that is
+        never strided)."""
+        nd = len(self.example_shape) - 2
+        steps = tuple(self.total_step[:nd])
+        return steps + (1,) * (nd - len(steps))
+
+    @property
+    def size_steps(self) -> tuple[int, ...]:
+        """The lattice step per axis to choose input sizes by (checks, exports): the total step,
+        but never more than the example's size, since a step beyond the input adds no
+        position to check (a layer whose window exceeds its input)."""
+        return tuple(min(s, h) for s, h in zip(self.axis_steps, self.example_shape[2:]))
+
+    def layer_records(self) -> list[LayerRecord]:
+        return [LayerRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
+                for r in self.records]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> DenseInfo:
+        data = json.loads(text)
+        return DenseInfo(**data)
+
+
+def info(dense: Any) -> DenseInfo:
+    """The :class:`DenseInfo` of a dense model (its ``econv`` attribute), or the record
+    itself."""
+    meta = dense if isinstance(dense, DenseInfo) else getattr(dense, "econv", None)
+    if not isinstance(meta, DenseInfo):
+        raise InvalidInputError("not a dense model made by econv-convert (no .econv record)")
+    return meta

@@ -1,0 +1,579 @@
+"""Densify, verify and invert ONNX graphs, on the ONNX IR (no round trip through PyTorch).
+
+* :func:`densify` rewrites a baseline ``onnx.ModelProto`` (:mod:`econv_convert.onnx.rewrite`),
+  checks the result with ``onnx.checker`` and strict shape inference, makes the input's and
+  outputs' spatial axes dynamic, and records how it was made in the model's metadata: the
+  :class:`~econv_convert.torch.api.DenseInfo` and the baseline graph without its weights, so that
+  :func:`inverse` needs only the dense file.
+* :func:`verify` runs both graphs in onnxruntime (CPU, graph optimizations off) with the same
+  lattice and shift checks as PyTorch models (:func:`econv_convert.verify.check`).
+* :func:`inverse` puts the dense model's initializers (same names and shapes, possibly
+  fine-tuned) back into the recorded baseline graph.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from econv_convert.check import PRECISIONS, Progress, VerifyReport, check
+from econv_convert.core.lattice import Window, out_size
+from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo
+from econv_convert.errors import (
+    InvalidInputError,
+    InvalidModelError,
+    TransferError,
+    UnsupportedLayerError,
+    describe,
+)
+from econv_convert.files import atomic_write
+from econv_convert.onnx.rewrite import OnnxRewriter
+
+INFO_KEY = "econv_convert.dense"
+BASELINE_KEY = "econv_convert.baseline_graph"
+MIN_OPSET = 13
+DEFAULT_SPATIAL = 224
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX file (external data beside it is loaded too)."""
+    path = Path(path)
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise InvalidInputError(f"{path}: not a readable ONNX model ({describe(e, 120)})") from e
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write through a temporary file in the target folder (an interrupted write leaves
+    nothing behind)."""
+    path = Path(path)
+    data = model.SerializeToString()
+    atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    raise InvalidInputError("the model imports no default ONNX opset")
+
+
+def _prepared(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise InvalidInputError(f"the ONNX model is not valid ({describe(e, 160)})") from e
+    opset = _opset(model)
+    if opset < MIN_OPSET:
+        from onnx import version_converter
+
+        try:
+            model = version_converter.convert_version(model, MIN_OPSET)
+        except Exception as e:
+            raise InvalidInputError(f"opset {opset} could not be converted to {MIN_OPSET} "
+                                    f"({describe(e, 120)})") from e
+        notes.append(f"the model's opset {opset} was converted to {MIN_OPSET}")
+    return model
+
+
+def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise UnsupportedLayerError("graph inputs", "expected one image input, found "
+                                    f"{len(inputs)}: " + ", ".join(i.name for i in inputs))
+    return inputs[0]
+
+
+def example_shape(model: onnx.ModelProto, given: Sequence[int] | None = None) -> list[int]:
+    """The input shape to densify at: ``given``, else the graph's static dims (symbolic
+    batch 1, symbolic spatial dims 224)."""
+    x = _image_input(model)
+    dims = x.type.tensor_type.shape.dim
+    if given:
+        shape = [int(v) for v in given]
+        if dims and len(shape) != len(dims):
+            raise InvalidInputError(f"--input-shape has {len(shape)} dims; the graph's input "
+                                    f"'{x.name}' has {len(dims)}")
+        return shape
+    if len(dims) < 3:
+        raise InvalidInputError(f"the graph's input '{x.name}' has rank {len(dims)}; expected "
+                                "N, C, spatial...")
+    shape = []
+    for i, d in enumerate(dims):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            shape.append(int(d.dim_value))
+        elif i == 1:
+            raise InvalidInputError(f"the graph's input '{x.name}' has no static channel "
+                                    "count; give --input-shape")
+        else:
+            shape.append(1 if i == 0 else DEFAULT_SPATIAL)
+    return shape
+
+
+def _with_input_shape(model: onnx.ModelProto, shape: Sequence[int | str]) -> onnx.ModelProto:
+    m = copy.deepcopy(model)
+    x = _image_input(m)
+    dims = x.type.tensor_type.shape.dim
+    del dims[:]
+    for v in shape:
+        d = dims.add()
+        if isinstance(v, str):
+            d.dim_param = v
+        else:
+            d.dim_value = int(v)
+    return m
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            a = node.attribute[0]
+            if a.name == "value":
+                consts[node.output[0]] = numpy_helper.to_array(a.t)
+            elif a.name in ("value_float", "value_int"):
+                consts[node.output[0]] = np.asarray(helper.get_attribute_value(a))
+            elif a.name in ("value_floats", "value_ints"):
+                consts[node.output[0]] = np.asarray(helper.get_attribute_value(a))
+    return consts
+
+
+FOLD_LIMIT = 4096  # elements: constant subgraphs of this size are evaluated (pads, shapes)
+
+
+def _fold_constants(model: onnx.ModelProto, consts: dict[str, np.ndarray]) -> None:
+    """Evaluate small nodes whose inputs are all constants (exporters build pads and shapes
+    from chains of Constant, Concat, Reshape, Slice, Cast...), so that rules can read them.
+    The graph itself is not changed."""
+    from onnx.reference import ReferenceEvaluator
+
+    opsets = list(model.opset_import)
+    for node in model.graph.node:
+        if node.op_type == "Constant" or node.domain not in ("", "ai.onnx") or not node.input:
+            continue
+        ins = [i for i in node.input if i]
+        if not all(i in consts for i in ins) or any(o in consts for o in node.output):
+            continue
+        if sum(consts[i].size for i in ins) > FOLD_LIMIT:
+            continue
+        graph = helper.make_graph(
+            [node], "fold",
+            [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(consts[i].dtype),
+                                           consts[i].shape) for i in dict.fromkeys(ins)],
+            [helper.make_tensor_value_info(o, 0, None) for o in node.output if o])
+        try:
+            outs = ReferenceEvaluator(helper.make_model(graph, opset_imports=opsets)).run(
+                None, {i: consts[i] for i in ins})
+        except Exception:  # an op the reference cannot run: the rules will say what they need
+            continue
+        for o, v in zip([o for o in node.output if o], outs):
+            if isinstance(v, np.ndarray) and v.size <= FOLD_LIMIT:
+                consts[o] = v
+
+
+def _shapes(model: onnx.ModelProto, example: Sequence[int]):
+    """Every value's shape and element type at the example input. Types come from ONNX shape
+    inference; shapes are measured in one onnxruntime run that exposes every value, since the
+    runtime is what the dense graph is checked against (the spec's shape inference and
+    onnxruntime disagree on ceil-mode pools whose last window would start in the padding)."""
+    m = _with_input_shape(model, example)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=False, data_prop=True)
+    except Exception as e:
+        raise InvalidModelError(f"ONNX shape inference fails at input {tuple(example)} "
+                                f"({describe(e, 160)})") from e
+    g = inferred.graph
+    shapes: dict[str, tuple[int, ...]] = {}
+    types: dict[str, int] = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        t = vi.type.tensor_type
+        types[vi.name] = t.elem_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in t.shape.dim)
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+        types[init.name] = init.data_type
+    outputs = [o for n in g.node for o in n.output if o]
+    shapes.update(_run_shapes(model, example, outputs, types, symbolic=not static_input(model)))
+    return shapes, types
+
+
+def _run_shapes(model: onnx.ModelProto, example, names: list[str], types: dict[str, int],
+                symbolic: bool):
+    """Shapes of ``names`` measured by running the model once at the example input. The input
+    is declared with free sizes: onnxruntime's own shape inference at load time follows the
+    spec, and would reject a graph whose ceil-mode pools it sizes differently from its run."""
+    m = _with_input_shape(model, [example[0], example[1]] + [f"d{i}" for i in
+                                                             range(2, len(example))])
+    outputs = {o.name for o in m.graph.output}
+    known = [n for n in names if types.get(n)]
+    for n in known:
+        if n not in outputs:
+            m.graph.output.append(helper.make_tensor_value_info(n, types[n], None))
+    try:
+        sess = _session(m)
+        x = np.random.default_rng(0).standard_normal(example).astype(_input_dtype(m))
+        outs = sess.run(known, {_image_input(m).name: x})
+    except Exception as e:
+        hint = "; its input has symbolic sizes: give --input-shape" if symbolic else ""
+        raise InvalidModelError(f"the baseline does not run in onnxruntime at input "
+                                f"{tuple(example)} ({describe(e, 120)}){hint}") from e
+    return {n: tuple(o.shape) for n, o in zip(known, outs)}
+
+
+def static_input(model: onnx.ModelProto) -> bool:
+    dims = _image_input(model).type.tensor_type.shape.dim
+    return bool(dims) and all(d.HasField("dim_value") for d in dims[1:])
+
+
+def _input_dtype(model: onnx.ModelProto):
+    return helper.tensor_dtype_to_np_dtype(_image_input(model).type.tensor_type.elem_type)
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4  # a baseline rejecting a size is reported, not logged
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def densify(
+    model: onnx.ModelProto,
+    input_shape: Sequence[int] | None = None,
+    *,
+    global_pool: str = "phase",
+    output_stride: int | None = None,
+) -> tuple[onnx.ModelProto, DenseInfo]:
+    """The dense equivalent of a baseline ONNX graph, and how it was made.
+
+    Raises :class:`UnsupportedLayerError` naming the first node that is not translation-
+    equivariant on the lattice (or has no rule)."""
+    if global_pool not in GLOBAL_POOL_MODES:
+        raise InvalidInputError(f"global pool mode '{global_pool}' is not one of "
+                                f"{', '.join(GLOBAL_POOL_MODES)}")
+    notes: list[str] = []
+    model = _prepared(model, notes)
+    example = example_shape(model, input_shape)
+    shapes, types = _shapes(model, example)
+    consts = _constants(model)
+    _fold_constants(model, consts)
+    rw = OnnxRewriter(model, shapes, types, consts, global_pool, output_stride)
+    result = rw.run()
+    if output_stride is not None:
+        got = result.kept_stride or (1,)
+        if max(got) != output_stride:
+            raise InvalidInputError(f"--output-stride {output_stride} is not reachable: the "
+                                    f"strides kept give output stride {max(got)}")
+    dense = _assemble(model, result, example)
+    meta = DenseInfo(
+        example_shape=list(example), global_pool=global_pool, until=None,
+        outputs=result.outputs,
+        records=[_record_dict(r) for r in result.records],
+        notes=notes + result.notes, has_padding=result.has_padding,
+        global_pools=result.global_pools, output_stride=output_stride,
+        peak_elements=result.peak_elements, peak_node=result.peak_node)
+    _store(dense, meta, model)
+    _check_dense(dense)
+    return dense, meta
+
+
+def _record_dict(r) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(r)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _assemble(model: onnx.ModelProto, result, example) -> onnx.ModelProto:
+    g = model.graph
+    x = _image_input(model)
+    names = ["N"] + [""] + [f"{x.name}_dim{i}" for i in range(2, len(example))]
+    dims = [d for d in x.type.tensor_type.shape.dim]
+    new_in = [names[i] if i != 1 else example[1] for i in range(len(example))]
+    if dims and dims[0].HasField("dim_value"):
+        new_in[0] = int(dims[0].dim_value)
+    elif dims and dims[0].dim_param:
+        new_in[0] = dims[0].dim_param
+    inputs = []
+    for i in g.input:
+        if i.name == x.name:
+            inputs.append(helper.make_tensor_value_info(i.name, i.type.tensor_type.elem_type,
+                                                        new_in))
+        else:
+            inputs.append(i)
+    outputs = []
+    for o, spec in zip(g.output, result.outputs):
+        base = [d for d in o.type.tensor_type.shape.dim]
+        shape: list = []
+        for i, (kind, _, _) in enumerate(spec["dims"]):
+            if kind == "plain" and i < len(base) and base[i].HasField("dim_value"):
+                shape.append(int(base[i].dim_value))  # plain dims keep the baseline's size
+            else:
+                shape.append(f"{o.name}_dim{i}")
+        outputs.append(helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type,
+                                                     shape))
+    graph = helper.make_graph(list(result.graph.node), g.name or "dense", inputs, outputs,
+                              initializer=list(g.initializer), doc_string=g.doc_string)
+    dense = helper.make_model(graph, opset_imports=list(model.opset_import),
+                              producer_name="econv-convert", ir_version=model.ir_version,
+                              functions=list(model.functions))
+    for p in model.metadata_props:
+        if p.key not in (INFO_KEY, BASELINE_KEY):
+            dense.metadata_props.add(key=p.key, value=p.value)
+    return dense
+
+
+def _store(dense: onnx.ModelProto, meta: DenseInfo, baseline: onnx.ModelProto) -> None:
+    graph = copy.deepcopy(baseline.graph)
+    names = [i.name for i in graph.initializer]
+    del graph.initializer[:]
+    del graph.value_info[:]
+    record = {"graph": base64.b64encode(graph.SerializeToString()).decode(),
+              "initializers": names, "ir_version": baseline.ir_version,
+              "opset_import": [[o.domain, o.version] for o in baseline.opset_import]}
+    for key, value in ((INFO_KEY, meta.to_json()), (BASELINE_KEY, json.dumps(record))):
+        dense.metadata_props.add(key=key, value=value)
+
+
+def _check_dense(dense: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(dense)
+        onnx.shape_inference.infer_shapes(dense, check_type=True, strict_mode=True)
+    except Exception as e:  # a bug of ours: say so rather than write a broken file
+        raise InvalidModelError(f"the dense ONNX graph fails its own checks "
+                                f"({describe(e, 200)})") from e
+
+
+def info(dense: onnx.ModelProto) -> DenseInfo:
+    for p in dense.metadata_props:
+        if p.key == INFO_KEY:
+            try:
+                return DenseInfo.from_json(p.value)
+            except Exception as e:
+                raise InvalidInputError(f"the dense model's record is damaged "
+                                        f"({describe(e, 120)})") from e
+    raise InvalidInputError("not a dense ONNX model made by econv-convert (no "
+                            f"'{INFO_KEY}' metadata)")
+
+
+def is_dense(model: onnx.ModelProto) -> bool:
+    return any(p.key == INFO_KEY for p in model.metadata_props)
+
+
+def inverse(dense: onnx.ModelProto) -> onnx.ModelProto:
+    """The baseline graph recorded in ``dense``, with ``dense``'s initializers (and
+    ``Constant`` values of the same names): the inverse weight transfer."""
+    info(dense)
+    record = next((p.value for p in dense.metadata_props if p.key == BASELINE_KEY), None)
+    if record is None:
+        raise InvalidInputError(f"the dense model has no '{BASELINE_KEY}' metadata")
+    try:
+        data = json.loads(record)
+        graph = onnx.GraphProto()
+        graph.ParseFromString(base64.b64decode(data["graph"]))
+    except Exception as e:
+        raise InvalidInputError(f"the recorded baseline graph is damaged ({describe(e, 120)})") \
+            from e
+    inits = {i.name: i for i in dense.graph.initializer}
+    missing = [n for n in data["initializers"] if n not in inits]
+    if missing:
+        raise TransferError(f"the dense model lacks {len(missing)} of the baseline's "
+                            f"initializers (first: {missing[0]})")
+    graph.initializer.extend(copy.deepcopy(inits[n]) for n in data["initializers"])
+    constants = {n.output[0]: n for n in dense.graph.node if n.op_type == "Constant"}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] in constants:
+            node.CopyFrom(constants[node.output[0]])
+    baseline = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid(d, v) for d, v in data["opset_import"]],
+        producer_name="econv-convert", ir_version=int(data["ir_version"]))
+    return baseline
+
+
+def verify(
+    baseline: onnx.ModelProto,
+    dense: onnx.ModelProto,
+    *,
+    shapes: Sequence[Sequence[int]] | None = None,
+    trials: int = 1,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    shift: bool = True,
+    progress: Progress | None = None,
+    near_example: bool = False,
+    precision: str = "float64",
+    outputs: Sequence[str] | None = None,
+) -> VerifyReport:
+    """Both graphs in onnxruntime (CPU provider, graph optimizations off), on random inputs
+    of several sizes; the same checks and report as :func:`econv_convert.verify.verify`.
+
+    With ``precision`` ``float64`` (default) both graphs are converted to double where
+    onnxruntime has a double kernel for every op; it has none for Conv, so most CNN graphs
+    are checked in their own dtype, with a tolerance that grows with the number of layers
+    (the report says which)."""
+    if precision not in PRECISIONS:
+        raise InvalidInputError(f"precision '{precision}' is not one of "
+                                f"{', '.join(PRECISIONS)}")
+    meta = info(dense)
+    x = _image_input(baseline)
+    dims = x.type.tensor_type.shape.dim
+    batch = int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else None
+    # the baseline with free spatial dims, so that other sizes can be tried (a graph that
+    # only works at its own size then reports those sizes as skipped)
+    free = [batch if batch is not None else "N", meta.example_shape[1]] + [
+        f"d{i}" for i in range(2, len(meta.example_shape))]
+    base_free = _with_input_shape(baseline, free)
+    notes = []
+    wide = None
+    if precision == "float64" and _input_dtype(baseline) != np.float64:
+        wide, why = _double_pair(base_free, dense)
+        if wide is None:
+            notes.append(f"checked in {np.dtype(_input_dtype(baseline)).name} with a tolerance "
+                         f"for {len(meta.records)} layers: {why}")
+    runs = _OrtRuns(baseline, *(wide or (_session_or_raise(base_free, "baseline"),
+                                         _session_or_raise(dense, "dense model"))),
+                    _image_input(dense).name)
+    np_dtype = np.float64 if wide else _input_dtype(baseline)
+    dtype = torch.from_numpy(np.zeros(1, np_dtype)).dtype
+    report = check(meta, runs.baseline, runs.dense, shapes=shapes, trials=trials, seed=seed,
+                   atol=atol, rtol=rtol, shift=shift, progress=progress, dtype=dtype,
+                   batch=batch, near_example=near_example, select=outputs,
+                   depth=len(meta.records))
+    report.notes[:0] = notes
+    return report
+
+
+class _OrtRuns:
+    """The baseline and dense runs ``check`` calls, in onnxruntime sessions."""
+
+    def __init__(self, baseline: onnx.ModelProto, base_sess, dense_sess, dense_input: str):
+        self.baseline_model = baseline
+        self.base_sess, self.dense_sess = base_sess, dense_sess
+        self.in_base = _image_input(baseline).name
+        self.in_dense = dense_input
+        self.invalid: dict[tuple[int, ...], str] = {}  # per shape: shape inference, once
+
+    def baseline(self, t: torch.Tensor):
+        shape = tuple(t.shape)
+        if shape not in self.invalid:
+            self.invalid[shape] = _invalid_size(self.baseline_model, shape)
+        why = self.invalid[shape]
+        if why:
+            return None, why
+        try:
+            outs = self.base_sess.run(None, {self.in_base: t.numpy()})
+        except Exception as e:
+            return None, f"the baseline rejects this size ({describe(e, 70)})"
+        return [torch.from_numpy(np.asarray(o)) for o in outs], ""
+
+    def dense(self, t: torch.Tensor):
+        try:
+            outs = self.dense_sess.run(None, {self.in_dense: t.numpy()})
+        except Exception as e:
+            raise InvalidModelError(f"the dense model fails on an input of shape "
+                                    f"{tuple(t.shape)} ({describe(e, 160)})") from e
+        return [torch.from_numpy(np.asarray(o)) for o in outs]
+
+
+def _double_pair(baseline: onnx.ModelProto, dense: onnx.ModelProto):
+    """onnxruntime sessions of both graphs converted to double, or (None, why not)."""
+    sessions = []
+    for model in (baseline, dense):
+        try:
+            sessions.append(_session(as_double(model)))
+        except Exception as e:
+            text = str(e)
+            op = text.split("Could not find an implementation for ", 1)[-1].split("(", 1)[0]
+            why = (f"onnxruntime has no float64 kernel for {op.strip()}"
+                   if "NOT_IMPLEMENTED" in text else describe(e, 100))
+            return None, why
+    return tuple(sessions), ""
+
+
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def as_double(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` computing in float64: floating-point inputs, outputs,
+    initializers, constants and casts become double."""
+    m = copy.deepcopy(model)
+    g = m.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if vi.type.tensor_type.elem_type in _FLOATS:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for i, init in enumerate(g.initializer):
+        if init.data_type in _FLOATS:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(
+                numpy_helper.to_array(init).astype(np.float64), init.name))
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _FLOATS:
+                a.t.CopyFrom(numpy_helper.from_array(
+                    numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+            elif node.op_type == "Constant" and a.name in ("value_float", "value_floats"):
+                value = np.asarray(helper.get_attribute_value(a), np.float64)
+                node.attribute.remove(a)
+                node.attribute.append(helper.make_attribute(
+                    "value", numpy_helper.from_array(value)))
+                break
+            elif a.name == "to" and a.i in _FLOATS and node.op_type == "Cast":
+                a.i = TensorProto.DOUBLE
+    return m
+
+
+def _invalid_size(model: onnx.ModelProto, shape: tuple[int, ...]) -> str:
+    """Why ``model`` cannot take ``shape`` (a window larger than its padded input), or "".
+    onnxruntime runs some such graphs anyway (its sizes truncate toward zero: a 3-wide pool
+    over 2 values gives one), where PyTorch raises; such sizes are not checked."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_with_input_shape(model, shape))
+    except Exception as e:
+        return f"the baseline's shapes are invalid at this size ({describe(e, 70)})"
+    g = inferred.graph
+    known = {vi.name: vi for vi in [*g.input, *g.value_info, *g.output]}
+    weights = {i.name: tuple(i.dims) for i in g.initializer}
+    for node in g.node:
+        if node.op_type not in ("Conv", "MaxPool", "AveragePool", "LpPool") or \
+                node.input[0] not in known:
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
+            continue
+        dims = known[node.input[0]].type.tensor_type.shape.dim[2:]
+        kernel = a.get("kernel_shape") or weights.get(node.input[1], (0, 0))[2:]
+        nd = len(kernel)
+        pads = a.get("pads") or [0] * 2 * nd
+        dil = a.get("dilations") or [1] * nd
+        strides = a.get("strides") or [1] * nd
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and i < nd:
+                w = Window(kernel[i], strides[i], pads[i], pads[i + nd], dil[i],
+                           bool(a.get("ceil_mode", 0)))
+                if out_size(d.dim_value, w) < 1:
+                    return (f"node '{node.name or node.output[0]}' has a window larger than its "
+                            "input at this size")
+    return ""
+
+
+def _session_or_raise(model: onnx.ModelProto, what: str):
+    try:
+        return _session(model)
+    except Exception as e:
+        raise InvalidModelError(f"onnxruntime cannot load the {what} ({describe(e, 160)})") \
+            from e

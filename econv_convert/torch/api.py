@@ -1,0 +1,151 @@
+"""The PyTorch API: densify, inverse, lattice_view (dense checkpoints: :mod:`.storage`).
+
+A dense model is a ``torch.fx.GraphModule`` whose ``state_dict()`` has exactly the baseline's
+keys and shapes (fully connected heads keep their Parameter; it is reshaped at run time), and
+whose ``econv`` attribute (:class:`DenseInfo`) records how it was made: enough to rebuild the
+baseline (``inverse``) and to read the baseline's outputs off the dense ones (``lattice_view``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from econv_convert.check import lattice_view as read_lattice
+from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo, info
+from econv_convert.errors import InvalidInputError, TransferError
+from econv_convert.torch import outputs
+from econv_convert.torch.capture import capture, shape_prop
+from econv_convert.torch.rewrite import Rewriter
+from econv_convert.torch.state import restore_keys, set_versions, state_metadata
+from econv_convert.torch.storage import build_module, graph_to_json
+
+
+def _example(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    if isinstance(example_input, torch.Tensor):
+        return example_input
+    shape = tuple(int(v) for v in example_input)
+    if len(shape) < 3 or any(v < 1 for v in shape):
+        raise InvalidInputError(f"input shape {shape} must be N,C,spatial... with positive sizes")
+    ref = next(iter(model.parameters()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device = ref.device if ref is not None else "cpu"
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+
+
+def densify(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[int],
+    *,
+    global_pool: str = "phase",
+    until: str | None = None,
+    output_stride: int | None = None,
+    input_name: str | None = None,
+) -> fx.GraphModule:
+    """The dense model of ``model``.
+
+    ``example_input`` (a tensor or a shape ``N, C, spatial...``) is used to trace shapes; the
+    result is exact for any input size the baseline accepts. ``global_pool`` is ``phase`` (one
+    output per lattice phase; phase 0 is the baseline), ``lattice`` (the baseline's pool) or
+    ``dense`` (every position: a different function). ``until`` cuts the model after module
+    ``until`` (a name from ``named_modules()``). ``output_stride`` K keeps the baseline's
+    strides until the cumulative stride reaches K and turns the rest into dilation (DeepLab
+    style); the output lattice step is then total stride / K. K must be reachable that way.
+    ``input_name`` calls the model with its image as that keyword argument
+    (``model(pixel_values=x)``); the dense model takes it positionally or by that name.
+    The dense model returns what the model returns: a tensor, a tuple, a dict or an output
+    class (see :mod:`econv_convert.torch.outputs`), with every map over the input made dense.
+
+    Raises :class:`UnsupportedLayerError` naming the node when a layer is not
+    translation-equivariant on the lattice. The model is not modified; a model in training mode
+    is densified in eval mode (a note in ``dense.econv.notes`` says so).
+    """
+    if global_pool not in GLOBAL_POOL_MODES:
+        raise InvalidInputError(
+            f"global pool mode '{global_pool}' is not one of {', '.join(GLOBAL_POOL_MODES)}")
+    if output_stride is not None and output_stride < 1:
+        raise InvalidInputError(f"--output-stride must be a positive integer, not {output_stride}")
+    notes = []
+    if model.training:
+        notes.append("the model was in training mode: densified in eval mode (BatchNorm uses "
+                     "running statistics, dropout is off)")
+    baseline = copy.deepcopy(model).eval()
+    x = _example(baseline, example_input)
+    captured = capture(baseline, x, until=until, input_name=input_name)
+    gm = captured.gm
+    values = shape_prop(gm, x)
+    rewriter = Rewriter(gm, values, global_pool, output_stride)
+    graph, plan = rewriter.run()
+    if output_stride is not None:
+        _check_output_stride(output_stride, plan, rewriter)
+    dense = fx.GraphModule(gm, graph)
+    restore_keys(dense, baseline)
+    dense.econv = DenseInfo(
+        example_shape=list(x.shape),
+        global_pool=global_pool,
+        until=until,
+        outputs=_as_json([o | {"name": n} for o, n in
+                          zip(plan.outputs, outputs.names(captured.output_spec))]),
+        records=_as_json([asdict(r) for r in plan.records]),
+        notes=notes + captured.notes + plan.notes,
+        has_padding=plan.has_padding,
+        global_pools=plan.global_pools,
+        specialized=plan.specialized,
+        baseline_graph=graph_to_json(gm.graph),
+        params=[k for k, _ in baseline.named_parameters()],
+        output_stride=output_stride,
+        peak_elements=plan.peak_elements,
+        peak_node=plan.peak_node,
+        state_metadata=state_metadata(baseline),
+        capture=captured.method,
+        input_name=input_name,
+        output_spec=_as_json(captured.output_spec),
+    )
+    set_versions(dense, dense.econv.state_metadata)
+    dense.eval()
+    return dense
+
+
+def _check_output_stride(k: int, plan, rewriter: Rewriter) -> None:
+    cumulative = {max(f.step for f in fs) for fs in rewriter.fields.values() if fs} | {1}
+    total = max(cumulative)
+    kept = max(plan.kept_stride, default=1)
+    if total % k or kept != min(k, total) or k > total:
+        raise InvalidInputError(
+            f"--output-stride {k} cannot be reached: the model's total stride is {total}; "
+            f"reachable output strides: {', '.join(map(str, sorted(cumulative)))}")
+
+
+def _as_json(value: Any) -> Any:
+    """The value as it reads back from a checkpoint (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def lattice_view(dense: nn.Module, out: Any) -> Any:
+    """The baseline's outputs read off the dense model's outputs (lattice points, phase 0),
+    in the same structure."""
+    specs = info(dense).outputs
+    return outputs.map_tensors(
+        out, lambda i, t: read_lattice(t, specs[i]["dims"], specs[i]["base_ndim"]))
+
+
+def inverse(dense: nn.Module) -> fx.GraphModule:
+    """The baseline model carrying the dense model's (possibly fine-tuned) weights.
+
+    Its ``state_dict()`` loads into the original baseline class as it is.
+    """
+    meta = info(dense)
+    state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
+    try:
+        baseline = build_module(meta.baseline_graph, state, meta.params, meta.state_metadata)
+    except InvalidInputError as e:
+        raise TransferError(f"cannot rebuild the baseline: {e}") from None
+    baseline.econv_example_shape = list(meta.example_shape)
+    return baseline.eval()
