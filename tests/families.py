@@ -547,7 +547,8 @@ class SizeDependentPool(nn.Module):
 # name -> (builder, example shape, what the refusal must say)
 REFUSED: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], str]] = {
     "vit": (ViTLike, (1, 3, 32, 32), r"'transpose'.*on merged spatial positions"),
-    "swin": (SwinLike, (1, 3, 32, 32), r"'view'.*splits a spatial dim \(a window partition\)"),
+    "swin": (SwinLike, (1, 3, 32, 32), r"'reshape'.*spatial positions into the batch \(a window "
+                                       r"partition\)"),
     "unet-transposed": (lambda: UNetLike(True), (1, 3, 32, 32), r"node 'up'.*transposed"),
     "unet-upsample": (lambda: UNetLike(False), (1, 3, 32, 32), r"node 'up'.*upsampling"),
     "adaptive-pool-size-dependent": (SizeDependentPool, (1, 3, 32, 32),

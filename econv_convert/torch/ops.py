@@ -11,6 +11,7 @@ says otherwise.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -378,6 +379,36 @@ def reshape(x: torch.Tensor, shape: Sequence, from_dims: Sequence[int | None], n
     out = [x.shape[d] if d is not None else v for v, d in zip(shape, from_dims, strict=True)]
     out += list(x.shape[x.dim() - n_extra :])
     return x.reshape(out)
+
+
+def space_to_depth(x: torch.Tensor, block: int, steps: Sequence[int], order: str):
+    """Space to depth on a dense map (``pixel_unshuffle``, ONNX ``SpaceToDepth``): each dense
+    position reads the ``block`` taps of its window along each spatial axis, ``step`` apart,
+    and they become channels (``channels_first``: c * r * r + i * r + j; ``blocks_first``:
+    (i * r + j) * C + c). The output is tight on a lattice ``block`` times coarser."""
+    nd = len(steps)
+    sizes = [tight(lattice_count(x.shape[x.dim() - nd + i], s) // block, s * block)
+             for i, s in enumerate(steps)]
+    taps = []
+    for offsets in itertools.product(range(block), repeat=nd):
+        t = x
+        for i, (o, s, n) in enumerate(zip(offsets, steps, sizes)):
+            t = t.narrow(x.dim() - nd + i, o * s, n)
+        taps.append(t)
+    y = torch.stack(taps, dim=x.dim() - nd)  # (..., C, taps, spatial...)
+    if order == "blocks_first":
+        y = y.transpose(x.dim() - nd - 1, x.dim() - nd)
+    return y.flatten(x.dim() - nd - 1, x.dim() - nd)
+
+
+def unfold_blocks(x: torch.Tensor, blocks: Sequence[Sequence[int]], steps: Sequence[int]):
+    """A spatial dim ``d`` viewed as (blocks, block) (``x.view(..., h // r, r, ...)``: a
+    stride-r window): densely, each position of the coarser lattice and its ``r`` taps
+    ``step`` apart, the taps in a new dim after ``d``. ``blocks``: (dim, r) pairs."""
+    for (d, r), s in sorted(zip(blocks, steps), key=lambda item: -item[0][0]):
+        n = tight(lattice_count(x.shape[d], s) // r, s * r)
+        x = torch.stack([x.narrow(d, o * s, n) for o in range(r)], dim=d + 1)
+    return x
 
 
 def spatial_slice(x: torch.Tensor, dim: int, start, stop, base_step: int, step: int):
