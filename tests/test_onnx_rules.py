@@ -336,7 +336,7 @@ def _refused(build, match):
 def test_refuses_resize():
     _refused(lambda g: setattr(g, "x", g.node(
         "Resize", [g.x, "", g.const([1, 1, 2, 2], np.float32)], name="up", mode="nearest")),
-        r"'up \(Resize\)'.*resizing")
+        r"'up \(Resize\)'.*upsampling")
 
 
 def test_refuses_conv_transpose():
@@ -361,22 +361,25 @@ def test_refuses_attention_over_positions():
     _refused(build, r"'to_seq \(Transpose\)'.*merged spatial positions")
 
 
-def test_refuses_reshape_that_splits_space():
+def test_refuses_windows_moved_into_the_batch():
+    """A window partition (Swin-style): blocks of positions moved into the batch."""
     def build(g):
-        g.x = g.node("Reshape", [g.x, g.const([1, 4, 2, 4, 8])], name="windows")
+        blocks = g.node("Reshape", [g.x, g.const([1, 4, 2, 4, 2, 4])], name="blocks")
+        blocks = g.node("Transpose", [blocks], perm=[0, 2, 4, 1, 3, 5])
+        g.x = g.node("Reshape", [blocks, g.const([4, 4, 4, 4])], name="windows")
 
-    _refused(build, r"'windows \(Reshape\)'.*mixes spatial positions")
+    _refused(build, r"'windows \(Reshape\)'.*spatial positions into the batch")
 
 
 def test_refuses_positional_embedding():
     _refused(lambda g: setattr(g, "x", g.node("Add", [g.x, g.weight((1, 4, 8, 8))], name="pos")),
-             r"'pos \(Add\)'.*position-dependent")
+             r"'pos \(Add\)'.*varies over space")
 
 
 def test_refuses_instance_norm_and_circular_pad():
     _refused(lambda g: setattr(g, "x", g.node(
         "InstanceNormalization", [g.x, g.weight((4,)), g.weight((4,))], name="inorm")),
-        r"'inorm \(InstanceNormalization\)'.*over space")
+        r"'inorm \(InstanceNormalization\)'.*statistics over spatial positions")
     _refused(lambda g: setattr(g, "x", g.node(
         "Pad", [g.x, g.const([0, 0, 1, 1, 0, 0, 1, 1])], name="wrap", mode="wrap")),
         r"'wrap \(Pad\)'.*circular")

@@ -51,6 +51,32 @@ def refuse(reason: str) -> NoReturn:
     raise Refusal(reason)
 
 
+# layer kinds that are not translation-equivariant on the lattice, whatever their geometry;
+# each backend maps its own ops to these
+REFUSED = {
+    "upsampling": "upsampling is not translation-equivariant on the lattice",
+    "transposed_convolution": "a transposed convolution upsamples, which is not "
+                              "translation-equivariant on the lattice",
+    "depth_to_space": "depth to space (pixel shuffle) moves channels into positions: it "
+                      "upsamples",
+    "attention": "attention over positions mixes the whole map",
+    "sampling": "sampling at computed positions (grid sampling) is not "
+                "translation-equivariant",
+    "region_pooling": "region pooling reads absolute positions",
+    "unpooling": "unpooling writes absolute positions",
+    "detection": "detection post-processing reads absolute positions",
+    "subgraph": "a subgraph (If/Loop/Scan) is not supported",
+    "im2col": "unfolding windows into channels (im2col) has no rule",
+    "col2im": "folding channels into positions (col2im) is not translation-equivariant",
+    "random_pooling": "fractional pooling is random and not equivariant",
+    "lp_pool": "LpPool has no rule on the PyTorch path yet",
+}
+
+
+def refuse_kind(kind: str) -> NoReturn:
+    refuse(REFUSED[kind])
+
+
 @dataclass(frozen=True)
 class Record:
     """A rewritten layer as reports show it (the backend adds node names and shapes)."""
@@ -324,8 +350,8 @@ def broadcast(layouts: Sequence[Layout], out_rank: int) -> BroadcastPlan:
 @dataclass(frozen=True)
 class ReshapePlan:
     """``kind``: ``same`` (nothing to do), ``plain`` (the baseline op as it is), ``dims`` (a
-    reshape to ``target``, where an entry of ``from_dims`` names the input dim whose dense
-    size goes there, None the baseline's size; the extras follow), ``merge``/``fold`` (a
+    reshape where an entry of ``from_dims`` names the input dim whose dense size goes there
+    (a dim the reshape leaves alone), None the baseline's size; the extras follow), ``merge``/``fold`` (a
     flatten of spatial positions kept as the unflattened map: ``layout``), ``unfold`` (a
     spatial dim split into blocks: space to depth, ``blocks`` per split dim)."""
 
@@ -381,11 +407,8 @@ def reshape(x: Layout, base_in: Sequence[int], base_out: Sequence[int]) -> Resha
         if base_in == base_out:
             return ReshapePlan("same", x)
         refuse("reshaping a flatten of spatial positions")
-    if not x.has_space:
-        if not x.n_extra:
-            return ReshapePlan("plain")
-        return ReshapePlan("dims", Layout(base_out, tuple(PLAIN for _ in base_out) + x.extras,
-                                          x.n_extra), (None,) * len(base_out))
+    if not x.has_space and not x.n_extra:
+        return ReshapePlan("plain")
     matched = groups(base_in, base_out)
     if matched is None:
         refuse(f"reshape {base_in} -> {base_out} cannot be matched dim by dim")
@@ -398,7 +421,10 @@ def reshape(x: Layout, base_in: Sequence[int], base_out: Sequence[int]) -> Resha
         if in_space and 0 in ins and len(ins) > 1:
             refuse("moves spatial positions into the batch (a window partition), which is not "
                    "translation-equivariant on the lattice")
-        if not in_space:
+        if not in_space and len(ins) == 1 and len(outs) == 1:
+            out_dims.append(PLAIN)  # an unchanged dim (the batch): its dense size, as it is
+            from_dims.append(ins[0])
+        elif not in_space:
             out_dims += [PLAIN] * len(outs)
             from_dims += [None] * len(outs)
         elif len(ins) == 1 and len(outs) == 1:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
 from econv_convert.core import rules
@@ -1111,40 +1112,35 @@ def _pairs(scales: Sequence[int]) -> list[int]:
 # -- refusals with reasons -------------------------------------------------------------------
 
 _REFUSED = {
-    F.interpolate: "upsampling is not translation-equivariant on the lattice",
-    F.upsample: "upsampling is not translation-equivariant on the lattice",
-    F.grid_sample: "sampling at computed positions is not translation-equivariant",
-    F.pixel_shuffle: "pixel shuffle (depth to space) moves channels into space: it upsamples",
-    F.conv_transpose1d: "transposed convolution upsamples",
-    F.conv_transpose2d: "transposed convolution upsamples",
-    F.conv_transpose3d: "transposed convolution upsamples",
-    F.scaled_dot_product_attention: "attention over positions mixes the whole map",
-    F.multi_head_attention_forward: "attention over positions mixes the whole map",
-    F.unfold: "unfold moves space into channels",
-    F.fold: "fold moves channels into space",
-    F.lp_pool1d: "LpPool has no rule yet",
-    F.lp_pool2d: "LpPool has no rule yet",
-    F.fractional_max_pool2d: "fractional pooling is random and not equivariant",
+    F.interpolate: "upsampling", F.upsample: "upsampling", F.grid_sample: "sampling",
+    F.pixel_shuffle: "depth_to_space", F.conv_transpose1d: "transposed_convolution",
+    F.conv_transpose2d: "transposed_convolution", F.conv_transpose3d: "transposed_convolution",
+    F.scaled_dot_product_attention: "attention", F.multi_head_attention_forward: "attention",
+    F.unfold: "im2col", F.fold: "col2im", F.lp_pool1d: "lp_pool", F.lp_pool2d: "lp_pool",
+    F.fractional_max_pool2d: "random_pooling",
 }
 
 
-def _refused(reason):
-    return lambda rw, node: refuse(reason)
+def _refused(kind):
+    return lambda rw, node: rules.refuse_kind(kind)
 
 
-for _fn, _reason in _REFUSED.items():
-    FUNCTIONS[_fn] = _refused(_reason)
+for _fn, _kind in _REFUSED.items():
+    FUNCTIONS[_fn] = _refused(_kind)
 
 
 def _module_reason(m) -> str:
+    """Why a module left as a module (no lowering) is refused."""
     name = type(m).__name__
-    if "Transpose" in name:
-        return f"{name}: transposed convolution upsamples"
-    if "Upsample" in name:
-        return f"{name}: upsampling is not translation-equivariant on the lattice"
-    if "Attention" in name:
-        return f"{name}: attention over positions mixes the whole map"
-    if "BatchNorm" in name:
+    kinds = {nn.ConvTranspose1d: "transposed_convolution", nn.ConvTranspose2d:
+             "transposed_convolution", nn.ConvTranspose3d: "transposed_convolution",
+             nn.Upsample: "upsampling", nn.UpsamplingNearest2d: "upsampling",
+             nn.UpsamplingBilinear2d: "upsampling", nn.MultiheadAttention: "attention",
+             nn.PixelShuffle: "depth_to_space", nn.Fold: "col2im", nn.Unfold: "im2col"}
+    kind = next((k for cls, k in kinds.items() if isinstance(m, cls)), None)
+    if kind is not None:
+        return f"{name}: {rules.REFUSED[kind]}"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return f"{name} without running statistics normalizes over positions"
     return f"no rule for module type {name}"
 
