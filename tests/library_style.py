@@ -444,3 +444,51 @@ class TextAndImageModel(nn.Module):
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
         return {"image_embeds": self.vision(pixel_values).pooler_output, "input_ids": input_ids}
+
+
+# -- space-to-depth stems: a stride-r window whose taps become channels -----------------------
+
+
+class SpaceToDepthStem(nn.Module):
+    """TResNet-style: ``view`` into blocks, ``permute`` the offsets in front of the channels,
+    ``view`` them into channels."""
+
+    def __init__(self, block_size=4):
+        super().__init__()
+        self.bs = block_size
+
+    def forward(self, x):
+        N, C, H, W = x.size()
+        x = x.view(N, C, H // self.bs, self.bs, W // self.bs, self.bs)
+        x = x.permute(0, 3, 5, 1, 2, 4).contiguous()
+        return x.view(N, C * (self.bs ** 2), H // self.bs, W // self.bs)
+
+
+class Focus(nn.Module):
+    """YOLOv5-style: four strided slices concatenated on channels, then a convolution."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = conv_bn(cin * 4, cout, 3)
+
+    def forward(self, x):
+        return self.conv(torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2],
+                                    x[..., 1::2, 1::2]], 1))
+
+
+class SpaceToDepthNet(nn.Module):
+    """``stem``: ``unshuffle`` (nn.PixelUnshuffle), ``view`` (SpaceToDepthStem) or ``focus``."""
+
+    def __init__(self, stem="unshuffle", classes=3):
+        super().__init__()
+        if stem == "unshuffle":
+            self.stem, c = nn.Sequential(nn.PixelUnshuffle(2), conv_bn(12, 8, 3)), 8
+        elif stem == "view":
+            self.stem, c = nn.Sequential(SpaceToDepthStem(4), conv_bn(48, 8, 1)), 8
+        else:
+            self.stem, c = Focus(3, 8), 8
+        self.body = nn.Sequential(conv_bn(c, 16, 3, 2), conv_bn(16, 16, 3))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(self.body(self.stem(x)).mean((2, 3)))

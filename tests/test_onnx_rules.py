@@ -434,3 +434,19 @@ def test_batch_norm_with_statistics_outputs_is_training_mode_and_refused(opset):
     g.x = g.node("Conv", [g.x, g.weight((2, 3, 3, 3))], kernel_shape=[3, 3], strides=[2, 2])
     with pytest.raises(UnsupportedLayerError, match="training mode.*batch's statistics"):
         onnx_api.densify(g.model())
+
+
+@pytest.mark.parametrize("block", [2, 3])
+@pytest.mark.parametrize("stem", [0, 2])
+def test_space_to_depth(block, stem):
+    """A stride-r window whose r x r taps become channels, blocks first."""
+    def size(m):  # an input whose map before the SpaceToDepth has m rows, odd after a stem
+        return 2 * m - 1 if stem else m
+
+    m = 4 * block
+    g = Graph((1, 3, size(m), size(m)), stem_stride=stem)
+    g.x = g.node("SpaceToDepth", [g.x], blocksize=block)
+    c = (4 if stem else 3) * block * block
+    g.x = g.node("Conv", [g.x, g.weight((4, c, 3, 3))], kernel_shape=[3, 3], pads=[1] * 4)
+    assert_onnx_equivalent(g.model(), [(size(m + block), size(m)),
+                                       (size(m), size(m + 2 * block))])

@@ -16,6 +16,7 @@ from library_style import (
     KeywordClassifier,
     SamePaddingNet,
     SizeBranchNet,
+    SpaceToDepthNet,
     TextAndImageModel,
     TFPortNet,
     VersionedNet,
@@ -264,3 +265,44 @@ def test_cli_input_name_and_output_selection(tmp_path):
     assert {c["output"] for c in data["cases"]} == {"pooler_output"}
     result = _run("verify", path, "--output", "nope")
     assert result.exit_code == 2 and "last_hidden_state" in result.output
+
+
+# -- space to depth ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stem", ["unshuffle", "view", "focus"])
+@pytest.mark.parametrize("mode", ["phase", "lattice"])
+def test_space_to_depth_stems_are_strided_windows(stem, mode):
+    """pixel_unshuffle, a view/permute space-to-depth and the strided-slice 'focus' stem: each
+    is a stride-r window whose taps become channels; exact at every size the baseline takes,
+    after a strided layer too (so the taps are a lattice step apart)."""
+    torch.manual_seed(0)
+    model = rand_bn(torch.nn.Sequential(conv_bn(3, 3, 3, 2), SpaceToDepthNet(stem)))
+    dense = densify(model, (1, 3, 64, 64), global_pool=mode)
+    block = 4 if stem == "view" else 2
+    assert dense.econv.total_step == (2 * block * 2, 2 * block * 2)
+    sizes = [(64, 64), (72, 80), (96, 72)] if stem == "view" else [(64, 64), (72, 68), (68, 76)]
+    report = verify(model, dense, shapes=[(2, 3, *s) for s in sizes])
+    assert report.ok and len(report.checked) == 3, report.failures()
+
+
+@pytest.mark.parametrize("stem", ["unshuffle", "view", "focus"])
+def test_space_to_depth_stems_in_onnx(stem):
+    from econv_convert import onnx_api
+    from onnx_graphs import export
+
+    torch.manual_seed(0)
+    model = rand_bn(torch.nn.Sequential(conv_bn(3, 3, 3, 2), SpaceToDepthNet(stem)))
+    graph = export(model, (1, 3, 64, 64))
+    ops = {n.op_type for n in graph.graph.node}
+    assert "SpaceToDepth" in ops or stem != "unshuffle" or "Reshape" in ops
+    dense, meta = onnx_api.densify(graph)
+    report = onnx_api.verify(graph, dense)
+    assert report.ok, (report.notes, report.failures())
+    # the same dense predictions as the PyTorch path
+    x = torch.randn(1, 3, 64, 64)
+    from onnx_graphs import run
+
+    want = densify(model, (1, 3, 64, 64))(x).detach().numpy()
+    got = run(dense, x.numpy())[0]
+    assert abs(want - got).max() < 1e-4

@@ -228,3 +228,24 @@ def test_refusals_name_the_node_and_the_reason(layer, match):
     with pytest.raises(UnsupportedLayerError, match=match) as info:
         densify(model, (1, 3, 32, 32))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("block", [2, 3])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_pixel_unshuffle_is_a_strided_window(block, stride):
+    """Space to depth after a stride-``stride`` prefix: its taps are a lattice step apart."""
+    model = rand_bn(nn.Sequential(nn.Conv2d(3, 4, 3, stride, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.PixelUnshuffle(block),
+                                  nn.Conv2d(4 * block * block, 5, 3, 2, 1)))
+    m = 4 * block  # rows before the unshuffle
+
+    def size(rows):
+        return (rows - 1) * stride + 1
+
+    assert_lattice_equal(model, (1, 3, size(m), size(m)),
+                         [(size(m + block), size(m)), (size(m) + stride - 1, size(m + 2 * block))])
+
+
+def test_depth_to_space_stays_refused():
+    with pytest.raises(UnsupportedLayerError, match="depth to space"):
+        densify(trunk(nn.PixelShuffle(2)), (1, 3, 32, 32))

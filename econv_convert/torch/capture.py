@@ -430,6 +430,8 @@ _LOWER: dict[type, Callable] = {
     nn.LocalResponseNorm: lambda m, x, attr: (
         F.local_response_norm, (x, m.size, m.alpha, m.beta, m.k), {}),
     nn.ChannelShuffle: lambda m, x, attr: (F.channel_shuffle, (x, m.groups), {}),
+    nn.PixelUnshuffle: lambda m, x, attr: (F.pixel_unshuffle, (x, m.downscale_factor), {}),
+    nn.PixelShuffle: lambda m, x, attr: (F.pixel_shuffle, (x, m.upscale_factor), {}),
     nn.ZeroPad1d: _pad, nn.ZeroPad2d: _pad, nn.ZeroPad3d: _pad,
     nn.ConstantPad1d: _pad, nn.ConstantPad2d: _pad, nn.ConstantPad3d: _pad,
     nn.ReflectionPad1d: _pad, nn.ReflectionPad2d: _pad, nn.ReflectionPad3d: _pad,
