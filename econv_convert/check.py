@@ -155,7 +155,7 @@ def default_shapes(meta, near_example: bool = False,
     ``near_example``, are checked around the example size. ``lattice_points`` is how many
     lattice points the smallest size gives the last map (more for models whose unpadded
     windows need more input)."""
-    example = list(meta.example_shape)
+    example = list(meta.canonical(meta.example_shape))
     st = meta.size_steps
     small = [min(h, s * (lattice_points - 1) + 1) for h, s in zip(example[2:], st)]
     if near_example or not any_size(meta) or small == example[2:]:
@@ -224,7 +224,7 @@ def check(
     note = ""
     spares: list[tuple[int, ...]] = []
     if shapes:
-        shapes = [tuple(s) for s in shapes]
+        shapes = [meta.canonical(s) for s in shapes]  # given in the input's own order
     else:
         shapes, note = default_shapes(meta, near_example, lattice_points)
         spares = spare_shapes(meta, shapes)
@@ -246,19 +246,19 @@ def check(
     rejected: list[Case] = []
     for shape in shapes:
         for _ in range(trials):
-            case = _lattice_case(meta, run_baseline, run_dense, _input(shape, gen, device, dtype),
-                                 tol, names)
+            case = _lattice_case(meta, run_baseline, run_dense,
+                                 _input(meta, shape, gen, device, dtype), tol, names)
             # a size the baseline rejects: try a spare size instead (fixed-size heads)
             while case.skipped and "rejects" in case.detail and spares:
                 rejected.append(case)
                 case = _lattice_case(meta, run_baseline, run_dense,
-                                     _input(spares.pop(0), gen, device, dtype), tol, names)
+                                     _input(meta, spares.pop(0), gen, device, dtype), tol, names)
             report.cases.append(case)
             done += 1
             if progress:
                 progress(done, total, f"lattice {'x'.join(map(str, shape[2:]))}")
     if rejected:
-        sizes = ", ".join("x".join(map(str, c.shape[2:])) for c in rejected)
+        sizes = ", ".join("x".join(map(str, meta.canonical(c.shape)[2:])) for c in rejected)
         why = rejected[0].detail.removeprefix("the baseline rejects this size (")[:-1]
         report.notes.append(f"the baseline rejects {len(rejected)} other sizes tried ({sizes}; "
                             f"{why}): checked at sizes it takes")
@@ -272,12 +272,12 @@ def check(
                      select=select, depth=depth, lattice_points=more)
     if do_shift:
         rng = random.Random(seed)
-        example = meta.example_shape
+        example = meta.canonical(meta.example_shape)
         res = meta.output_stride or 1  # dense positions are this many input pixels apart
         n = batch if batch is not None else max(example[0], 2)
         big = [n, example[1]] + [h + 2 * s * res for h, s in zip(example[2:], meta.size_steps)]
         for _ in range(trials):
-            x = _input(big, gen, device, dtype)
+            x = _input(meta, big, gen, device, dtype)
             try:
                 y = run_dense(x)
             except SizeNotCovered as e:
@@ -294,8 +294,10 @@ def check(
     return report
 
 
-def _input(shape, gen: torch.Generator, device, dtype) -> torch.Tensor:
-    return torch.randn(tuple(shape), generator=gen, dtype=torch.float64).to(device, dtype)
+def _input(meta, shape, gen: torch.Generator, device, dtype) -> torch.Tensor:
+    """A random input of (N, C, spatial...) ``shape``, in the input's own order."""
+    return torch.randn(meta.input_shape(shape), generator=gen,
+                       dtype=torch.float64).to(device, dtype)
 
 
 def _lattice_case(meta, run_baseline: RunBaseline, run_dense: RunDense, x, tol,
@@ -328,8 +330,8 @@ def _not_covered(e: Exception) -> str:
 def _shift_case(meta, run_baseline: RunBaseline, x, y, offset, tol,
                 names: list[tuple[int, str]]) -> Case:
     crop = x
-    for i, (r, e) in enumerate(zip(offset, meta.example_shape[2:])):
-        crop = crop.narrow(2 + i, r, e)
+    for i, (r, e) in enumerate(zip(offset, meta.canonical(meta.example_shape)[2:])):
+        crop = crop.narrow(meta.spatial_dim(i), r, e)
     b, why = run_baseline(crop)
     if b is None:
         return Case("shift", tuple(x.shape), skipped=True, detail=why, offset=offset)

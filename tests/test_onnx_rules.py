@@ -450,3 +450,23 @@ def test_space_to_depth(block, stem):
     g.x = g.node("Conv", [g.x, g.weight((4, c, 3, 3))], kernel_shape=[3, 3], pads=[1] * 4)
     assert_onnx_equivalent(g.model(), [(size(m + block), size(m)),
                                        (size(m), size(m + 2 * block))])
+
+
+def test_channels_last_input_as_tf2onnx_writes_it():
+    """An NHWC graph input followed by a Transpose to NCHW (TensorFlow conversions): a plain
+    layout change, densified and checked with shapes in the input's own order."""
+    g = Graph((1, 17, 19, 3), stem_stride=0)
+    x = g.node("Transpose", [g.x], perm=[0, 3, 1, 2])
+    x = g.node("Conv", [x, g.weight((4, 3, 3, 3))], kernel_shape=[3, 3], strides=[2, 2],
+               pads=[1, 1, 1, 1])
+    x = g.batch_norm(x, 4)
+    x = g.node("MaxPool", [g.node("Relu", [x])], kernel_shape=[3, 3], strides=[2, 2])
+    x = g.node("Transpose", [x], perm=[0, 2, 3, 1])  # back to channels-last, as TF models end
+    g.x = g.node("ReduceMean", [x], axes=[1, 2], keepdims=0)
+    model = g.model()
+    for mode in ("phase", "lattice"):
+        dense, meta = onnx_api.densify(model, global_pool=mode)
+        assert meta.input_layout == "channels_last" and meta.total_step == (4, 4)
+        report = onnx_api.verify(model, dense)
+        assert report.ok and len(report.checked) >= 3, (report.notes, report.failures())
+        assert all(c.shape[-1] == 3 for c in report.cases)

@@ -61,6 +61,28 @@ class DenseInfo:
     capture: str = "torch.fx"  # how the baseline was captured: torch.fx or torch.export
     input_name: str | None = None  # the baseline takes its image as this keyword argument
     output_spec: dict[str, Any] | None = None  # the baseline's output structure
+    # the image input's dims: channels_first (N, C, spatial...) or channels_last
+    # (N, spatial..., C, as TensorFlow conversions have it); shapes given to the checks and
+    # reports are in the input's own order, canonical() reorders them as N, C, spatial...
+    input_layout: str = "channels_first"
+
+    @property
+    def channels_last(self) -> bool:
+        return self.input_layout == "channels_last"
+
+    def canonical(self, shape) -> tuple[int, ...]:
+        """An input shape as (N, C, spatial...)."""
+        shape = tuple(shape)
+        return (shape[0], shape[-1], *shape[1:-1]) if self.channels_last else shape
+
+    def input_shape(self, canonical) -> tuple[int, ...]:
+        """A (N, C, spatial...) shape in the input's own order."""
+        c = tuple(canonical)
+        return (c[0], *c[2:], c[1]) if self.channels_last else c
+
+    def spatial_dim(self, i: int) -> int:
+        """The input dim of spatial axis ``i``."""
+        return 1 + i if self.channels_last else 2 + i
 
     @property
     def total_step(self) -> tuple[int, ...]:
@@ -85,7 +107,8 @@ class DenseInfo:
         """The lattice step per axis to choose input sizes by (checks, exports): the total step,
         but never more than the example's size, since a step beyond the input adds no
         position to check (a layer whose window exceeds its input)."""
-        return tuple(min(s, h) for s, h in zip(self.axis_steps, self.example_shape[2:]))
+        example = self.canonical(self.example_shape)
+        return tuple(min(s, h) for s, h in zip(self.axis_steps, example[2:]))
 
     def layer_records(self) -> list[LayerRecord]:
         return [LayerRecord(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})

@@ -96,11 +96,28 @@ def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     return inputs[0]
 
 
+def channels_last(model: onnx.ModelProto) -> bool:
+    """Whether the image input is channels-last (N, spatial..., C), as TensorFlow conversions
+    write it: everything that reads it is a Transpose to channels first."""
+    x = _image_input(model).name
+    readers = [n for n in model.graph.node if x in n.input]
+    r = len(_image_input(model).type.tensor_type.shape.dim)
+    to_first = [0, r - 1, *range(1, r - 1)]
+    return r >= 3 and bool(readers) and all(
+        n.op_type == "Transpose" and [int(p) for p in attrs_of(n).get("perm", [])] == to_first
+        for n in readers)
+
+
+def attrs_of(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def example_shape(model: onnx.ModelProto, given: Sequence[int] | None = None) -> list[int]:
     """The input shape to densify at: ``given``, else the graph's static dims (symbolic
     batch 1, symbolic spatial dims 224)."""
     x = _image_input(model)
     dims = x.type.tensor_type.shape.dim
+    channel = len(dims) - 1 if channels_last(model) else 1
     if given:
         shape = [int(v) for v in given]
         if dims and len(shape) != len(dims):
@@ -114,7 +131,7 @@ def example_shape(model: onnx.ModelProto, given: Sequence[int] | None = None) ->
     for i, d in enumerate(dims):
         if d.HasField("dim_value") and d.dim_value > 0:
             shape.append(int(d.dim_value))
-        elif i == 1:
+        elif i == channel:
             raise InvalidInputError(f"the graph's input '{x.name}' has no static channel "
                                     "count; give --input-shape")
         else:
@@ -215,8 +232,9 @@ def _run_shapes(model: onnx.ModelProto, example, names: list[str], types: dict[s
     """Shapes of ``names`` measured by running the model once at the example input. The input
     is declared with free sizes: onnxruntime's own shape inference at load time follows the
     spec, and would reject a graph whose ceil-mode pools it sizes differently from its run."""
-    m = _with_input_shape(model, [example[0], example[1]] + [f"d{i}" for i in
-                                                             range(2, len(example))])
+    channel = len(example) - 1 if channels_last(model) else 1
+    m = _with_input_shape(model, [v if i in (0, channel) else f"d{i}"
+                                  for i, v in enumerate(example)])
     outputs = {o.name for o in m.graph.output}
     known = [n for n in names if types.get(n)]
     for n in known:
@@ -272,21 +290,26 @@ def densify(
     shapes, types = _shapes(model, example)
     consts = _constants(model)
     _fold_constants(model, consts)
-    rw = OnnxRewriter(model, shapes, types, consts, global_pool, output_stride)
+    last = channels_last(model)
+    if last:
+        notes.append("the graph's input is channels-last (N, spatial..., C): shapes are given "
+                     "and checked in that order")
+    rw = OnnxRewriter(model, shapes, types, consts, global_pool, output_stride, last)
     result = rw.run()
     if output_stride is not None:
         got = result.kept_stride or (1,)
         if max(got) != output_stride:
             raise InvalidInputError(f"--output-stride {output_stride} is not reachable: the "
                                     f"strides kept give output stride {max(got)}")
-    dense = _assemble(model, result, example)
+    dense = _assemble(model, result, example, last)
     meta = DenseInfo(
         example_shape=list(example), global_pool=global_pool, until=None,
         outputs=result.outputs,
         records=[_record_dict(r) for r in result.records],
         notes=notes + result.notes, has_padding=result.has_padding,
         global_pools=result.global_pools, output_stride=output_stride,
-        peak_elements=result.peak_elements, peak_node=result.peak_node)
+        peak_elements=result.peak_elements, peak_node=result.peak_node,
+        input_layout="channels_last" if last else "channels_first")
     _store(dense, meta, model)
     _check_dense(dense)
     return dense, meta
@@ -299,12 +322,13 @@ def _record_dict(r) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def _assemble(model: onnx.ModelProto, result, example) -> onnx.ModelProto:
+def _assemble(model: onnx.ModelProto, result, example, last: bool = False) -> onnx.ModelProto:
     g = model.graph
     x = _image_input(model)
-    names = ["N"] + [""] + [f"{x.name}_dim{i}" for i in range(2, len(example))]
+    channel = len(example) - 1 if last else 1
     dims = [d for d in x.type.tensor_type.shape.dim]
-    new_in = [names[i] if i != 1 else example[1] for i in range(len(example))]
+    new_in = [example[i] if i == channel else "N" if i == 0 else f"{x.name}_dim{i}"
+              for i in range(len(example))]
     if dims and dims[0].HasField("dim_value"):
         new_in[0] = int(dims[0].dim_value)
     elif dims and dims[0].dim_param:
@@ -436,8 +460,9 @@ def verify(
     batch = int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else None
     # the baseline with free spatial dims, so that other sizes can be tried (a graph that
     # only works at its own size then reports those sizes as skipped)
-    free = [batch if batch is not None else "N", meta.example_shape[1]] + [
-        f"d{i}" for i in range(2, len(meta.example_shape))]
+    free = meta.input_shape([batch if batch is not None else "N",
+                             meta.canonical(meta.example_shape)[1]]
+                            + [f"d{i}" for i in range(2, len(meta.example_shape))])
     base_free = _with_input_shape(baseline, free)
     notes = []
     wide = None

@@ -34,7 +34,7 @@ def available_bytes() -> int | None:
 def estimate_bytes(meta: DenseInfo, shape: Sequence[int], element_size: int = 4) -> int:
     """Activation memory of one dense forward pass at input ``shape`` (an estimate: the largest
     dense map at the example input, scaled by the input's area and batch)."""
-    example = meta.example_shape
+    example, shape = meta.canonical(meta.example_shape), meta.canonical(shape)
     scale = shape[0] / max(example[0], 1)
     for new, old in zip(shape[2:], example[2:]):
         scale *= new / max(old, 1)
