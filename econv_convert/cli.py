@@ -68,7 +68,7 @@ class Load:
 
     def torch_only(self) -> None:
         """Refuse the options an ONNX graph has no use for."""
-        given = {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "until": self.until,
+        given = {"arch": self.arch, "arch_kwargs": self.arch_kwargs,
                  "trust_pickle": self.trust_pickle, "input_name": self.input_name}
         used = [k for k, v in given.items() if v]
         if used:
@@ -154,7 +154,8 @@ OutputStrideOpt = Annotated[int | None, typer.Option(
                                    "and densify the rest (DeepLab style); must divide the total "
                                    "stride.")]
 UntilOpt = Annotated[str | None, typer.Option(
-    "--until", help="Stop at this module (a name from named_modules()) and return its output.")]
+    "--until", help="Stop at this module (a name from named_modules()) and return its output; "
+                    "for an ONNX graph, at this value (a node's output name).")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow checkpoints that run code when loaded (a whole pickled "
                            "model). Only for files you trust.")]
@@ -788,9 +789,11 @@ def _onnx_densified(model: Path, how: Load):
     baseline = _load_onnx(model)
     if onnx_api.is_dense(baseline):
         raise InvalidInputError(f"{model}: is already a dense model made by econv-convert")
+    if how.until is not None:  # the baseline to check against is the part before the cut
+        baseline = onnx_api.cut(baseline, how.until)
     shape = parse_shape(how.input_shape) if how.input_shape else None
     dense, meta = onnx_api.densify(baseline, shape, global_pool=how.global_pool.value,
-                                   output_stride=how.output_stride)
+                                   output_stride=how.output_stride, until=how.until)
     return baseline, dense, meta
 
 

@@ -33,13 +33,16 @@ class InvalidModelError(EConvError):
 class UnsupportedLayerError(EConvError):
     """A layer is not translation-equivariant on the lattice, or has no rule yet.
 
-    ``node`` names the graph node (and module path where there is one); ``reason`` says why.
+    ``node`` names the graph node (and module path where there is one); ``reason`` says why;
+    ``hint`` what the user can do (an option, or ``--until`` to densify the part before it).
     """
 
-    def __init__(self, node: str, reason: str) -> None:
+    def __init__(self, node: str, reason: str, hint: str = "") -> None:
         self.node = node
         self.reason = reason
-        super().__init__(f"cannot densify node '{node}': {reason}")
+        self.hint = hint
+        super().__init__(f"cannot densify node '{node}': {reason}"
+                         + (f"; to go on: {hint}" if hint else ""))
 
 
 class EquivalenceError(EConvError):

@@ -176,7 +176,8 @@ def test_cli_densify_verify_inverse_inspect(tmp_path):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["densify", str(RESNET), "--until", "layer1"], "--until is for PyTorch models"),
+    (["densify", str(RESNET), "--arch", "m:f"], "--arch is for PyTorch models"),
+    (["densify", str(RESNET), "--until", "layer1"], "no node of the graph makes a value"),
     (["densify", str(RESNET), "-o", "x.pt"], "must end in .onnx"),
     (["inverse", str(RESNET), "-o", "y.onnx"], "not a dense ONNX model"),
     (["bench", str(RESNET)], "takes PyTorch models"),
@@ -250,3 +251,17 @@ def test_fixture_onnx_export_matches_the_pytorch_fixture(name):
     with torch.no_grad():
         want = densify(loaded.model, loaded.input_shape)(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_until_cuts_an_onnx_graph_at_a_value(tmp_path):
+    """--until NAME on an ONNX graph: the part that computes that value, densified (a dense
+    feature extractor, as --until a module is for PyTorch models)."""
+    model = onnx_api.load(RESNET)
+    value = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
+    dense, meta = onnx_api.densify(model, until=value)
+    assert [o.name for o in dense.graph.output] == [value] and meta.until == value
+    report = onnx_api.verify(onnx_api.inverse(dense), dense)
+    assert report.ok, report.failures()
+    r = runner.invoke(app, ["densify", str(RESNET), "--until", value, "-o",
+                            str(tmp_path / "f.onnx")])
+    assert r.exit_code == 0, r.output

@@ -40,15 +40,18 @@ GLOBAL_MODES_NOTE = {
 
 
 class Refusal(Exception):
-    """A layer with no dense form; ``reason`` says why (the backend adds the node's name)."""
+    """A layer with no dense form; ``reason`` says why and ``hint`` what the user can do,
+    where an option helps (the backend adds the node's name, and by default suggests
+    densifying the part before it)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, hint: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.hint = hint
 
 
-def refuse(reason: str) -> NoReturn:
-    raise Refusal(reason)
+def refuse(reason: str, hint: str = "") -> NoReturn:
+    raise Refusal(reason, hint)
 
 
 # layer kinds that are not translation-equivariant on the lattice, whatever their geometry;
@@ -200,7 +203,8 @@ def adaptive_pool(x: Layout, output_size: Sequence[int | None]) -> tuple[str, tu
         return "global", ()
     if any(n % o for n, o in zip(h, out)):
         refuse(f"adaptive pooling from {tuple(h)} to {out}: the windows depend on the input "
-               "size and are not translation-equivariant on the lattice")
+               "size and are not translation-equivariant on the lattice",
+               "give an --input-shape at which the map there is a multiple of " f"{out}")
     return "window", tuple(n // o for n, o in zip(h, out))
 
 
@@ -237,7 +241,8 @@ def global_pool(x: Layout, dims: Sequence[int], reduce: str, mode: str,
     baseline), ``lattice`` (lattice points only: the baseline's value), ``dense`` (every
     position: a different function)."""
     if x.n_extra or x.fold:
-        refuse("global pooling of a map that already has extra dims")
+        refuse("global pooling of a map that already has extra dims (a second global pool "
+               "after a phase-pooled one)", "--global-pool lattice pools the lattice only")
     dims = sorted(x.norm_dim(d) for d in dims)
     space = tuple(d for d in dims if x.base_dims[d].kind == "space")
     steps = tuple(x.base_dims[d].step for d in space)

@@ -276,8 +276,11 @@ def densify(
     *,
     global_pool: str = "phase",
     output_stride: int | None = None,
+    until: str | None = None,
 ) -> tuple[onnx.ModelProto, DenseInfo]:
-    """The dense equivalent of a baseline ONNX graph, and how it was made.
+    """The dense equivalent of a baseline ONNX graph, and how it was made. ``until`` names a
+    value of the graph (a node's output): the graph is cut there, and that value is its output
+    (a dense feature extractor).
 
     Raises :class:`UnsupportedLayerError` naming the first node that is not translation-
     equivariant on the lattice (or has no rule)."""
@@ -286,6 +289,8 @@ def densify(
                                 f"{', '.join(GLOBAL_POOL_MODES)}")
     notes: list[str] = []
     model = _prepared(model, notes)
+    if until is not None:
+        model = cut(model, until)
     example = example_shape(model, input_shape)
     shapes, types = _shapes(model, example)
     consts = _constants(model)
@@ -303,7 +308,7 @@ def densify(
                                     f"strides kept give output stride {max(got)}")
     dense = _assemble(model, result, example, last)
     meta = DenseInfo(
-        example_shape=list(example), global_pool=global_pool, until=None,
+        example_shape=list(example), global_pool=global_pool, until=until,
         outputs=result.outputs,
         records=[_record_dict(r) for r in result.records],
         notes=notes + result.notes, has_padding=result.has_padding,
@@ -313,6 +318,41 @@ def densify(
     _store(dense, meta, model)
     _check_dense(dense)
     return dense, meta
+
+
+def cut(model: onnx.ModelProto, value: str) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``value``, with ``value`` as its only output."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    if value not in producer:
+        made = [n.output[0] for n in g.node if n.output][:3]
+        raise InvalidInputError(f"--until {value}: no node of the graph makes a value of that "
+                                f"name (node outputs are named like {', '.join(made)})")
+    needed, todo = set(), [value]
+    while todo:
+        v = todo.pop()
+        n = producer.get(v)
+        if n is not None and id(n) not in needed:
+            needed.add(id(n))
+            todo += [i for i in n.input if i]
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    keep = [n for n in g.node if id(n) in needed]
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    used = {i for n in keep for i in n.input}
+    kept = [i for i in m.graph.initializer if i.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
+    inits = {i.name for i in g.initializer}
+    inputs = [i for i in m.graph.input if i.name not in inits or i.name in used]
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
+    inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    del m.graph.output[:]
+    m.graph.output.append(inferred.get(value) or helper.make_tensor_value_info(
+        value, TensorProto.FLOAT, None))
+    return m
 
 
 def _record_dict(r) -> dict:

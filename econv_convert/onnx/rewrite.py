@@ -149,7 +149,8 @@ class OnnxRewriter:
             try:
                 self._rewrite(node)
             except Refusal as r:
-                raise UnsupportedLayerError(node_label(node), r.reason) from None
+                raise UnsupportedLayerError(node_label(node), r.reason,
+                                            r.hint or self._until_hint(node)) from None
             except UnsupportedLayerError:
                 raise
             except (KeyError, IndexError, TypeError, ValueError) as e:
@@ -165,6 +166,18 @@ class OnnxRewriter:
         self._outputs()
         self.result.graph.node.extend(self.b.nodes)
         return self.result
+
+    def _until_hint(self, refused: onnx.NodeProto) -> str:
+        """``--until`` the map the refused node reads (or the last map before it, for a
+        flatten of positions), where a node makes it."""
+        producer = {o: n for n in self.g.node for o in n.output}
+        x = next((i for i in refused.input if i in self.env and i in producer
+                  and self.env[i].layout is not None and not self.env[i].layout.is_plain),
+                 None)
+        while x is not None and (self.env[x].layout.merged or self.env[x].layout.fold):
+            x = producer[x].input[0] if x in producer else None
+            x = x if x in producer and x in self.env else None
+        return f"densify the part before it with --until {x}" if x else ""
 
     def _rewrite(self, node: onnx.NodeProto) -> None:
         if node.domain not in ("", "ai.onnx"):

@@ -520,6 +520,17 @@ def module_of_error(e: BaseException, model: nn.Module) -> str:
     return found
 
 
+def module_path(node: fx.Node) -> str:
+    """The path of the module whose code made ``node`` ("" for the model's own forward)."""
+    if node.meta.get(NAME):
+        return node.meta[NAME]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return path if isinstance(path, str) else ""
+    return ""
+
+
 def node_name(node: fx.Node) -> str:
     """A node's name for people: the module path where it came from a module."""
     if node.meta.get(NAME):

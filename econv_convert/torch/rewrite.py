@@ -29,7 +29,7 @@ from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord
 from econv_convert.core.rules import Refusal, refuse
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.torch import ops, outputs, targets
-from econv_convert.torch.capture import node_name
+from econv_convert.torch.capture import module_path, node_name
 
 _REDUCE_FNS = {"mean": torch.mean, "sum": torch.sum, "max": torch.amax}
 _REDUCE_NAMES = {"mean": "mean", "sum": "sum", "amax": "max", torch.mean: "mean",
@@ -113,7 +113,8 @@ class Rewriter:
                 if node not in self.fields:
                     self.fields[node] = self._inherited_field(node)
             except Refusal as r:
-                raise UnsupportedLayerError(node_name(node), r.reason) from None
+                raise UnsupportedLayerError(node_name(node), r.reason,
+                                            r.hint or self._until_hint(node)) from None
             except UnsupportedLayerError:
                 raise
             except (IndexError, TypeError, ValueError) as e:
@@ -122,6 +123,21 @@ class Rewriter:
                 ) from e
         self.graph.lint()
         return self.graph, self.plan
+
+    def _until_hint(self, refused: fx.Node) -> str:
+        """``--until`` the last top-level module that ran before the refused node (and does
+        not contain it): its output is a dense feature map the user can have."""
+        inside = module_path(refused).split(".")[0]
+        last = ""
+        for node in self.gm.graph.nodes:
+            if node is refused:
+                break
+            top = module_path(node).split(".")[0]
+            if top and top != inside:
+                last = top
+        if not last:
+            return ""
+        return f"densify the part before it with --until {last}"
 
     def _inherited_field(self, node: fx.Node) -> tuple[Field, ...]:
         """A layer with no window sees what its inputs see (the largest, per axis)."""
