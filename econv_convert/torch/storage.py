@@ -87,13 +87,13 @@ def _dec(a: Any, nodes: dict[str, fx.Node]) -> Any:
     if tag == "$dtype":
         dt = getattr(torch, v, None)
         if not isinstance(dt, torch.dtype):
-            raise InvalidInputError(f"unknown dtype '{v}' in graph")
+            raise InvalidInputError(f"unknown dtype {v!r} in graph")
         return dt
     if tag == "$device":
         return torch.device(v)
     if tag == "$fn":
         return resolve(v)
-    raise InvalidInputError(f"unknown tag '{tag}' in graph")
+    raise InvalidInputError(f"unknown tag {tag!r} in graph")
 
 
 def graph_to_json(graph: fx.Graph) -> str:
@@ -139,15 +139,15 @@ def _graph_from_json(text: str) -> fx.Graph:
             target = resolve(target)
         elif op == "call_method":
             if not _METHOD.fullmatch(target) or target in _METHOD_DENIED:
-                raise InvalidInputError(f"the graph calls method '{target}', which is not allowed")
+                raise InvalidInputError(f"the graph calls method {target!r}, which is not allowed")
         elif op == "get_attr":
             if not _ATTR.fullmatch(target):
-                raise InvalidInputError(f"bad attribute path '{target}' in graph")
+                raise InvalidInputError(f"bad attribute path {target!r} in graph")
         elif op == "output":
             graph.output(args[0])
             continue
         elif op != "placeholder":
-            raise InvalidInputError(f"node kind '{op}' is not allowed in a stored graph")
+            raise InvalidInputError(f"node kind {op!r} is not allowed in a stored graph")
         node = graph.create_node(op, target, tuple(args), dict(kwargs), name)
         nodes[name] = node
     graph.lint()
@@ -171,7 +171,7 @@ def build_module(graph_json: str, state: dict[str, torch.Tensor], params: Sequen
     graph = graph_from_json(graph_json)
     for n in graph.nodes:
         if n.op == "get_attr" and n.target not in state:
-            raise InvalidInputError(f"the stored graph reads '{n.target}', which the weights lack")
+            raise InvalidInputError(f"the stored graph reads {n.target!r}, which the weights lack")
     gm = fx.GraphModule(root, graph)
     restore_keys(gm, root)  # GraphModule copies only what its graph reads
     set_versions(gm, metadata or {})
