@@ -17,12 +17,15 @@ $(BIN)/econv-convert: pyproject.toml
 
 setup: $(BIN)/econv-convert
 
-demo: setup  ## densify + verify the bundled patch classifier, print the report, write out/
+demo: setup  ## densify + verify the bundled patch classifier, then predict over a 2048^2 scene
 	mkdir -p out
 	$(BIN)/econv-convert densify -o out/patch_classifier_dense.pt
+	$(BIN)/python -m econv_convert.examples scene out/scene.tif 2048
+	$(BIN)/econv-convert predict out/patch_classifier_dense.pt out/scene.tif -o out/scene.zarr \
+	    --overwrite
 
-test: setup  ## the test suite
-	$(BIN)/python -m pytest
+test: setup  ## the test suite, on two processes (pytest-xdist)
+	$(BIN)/python -m pytest -n 2
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

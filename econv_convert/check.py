@@ -143,6 +143,11 @@ def any_size(meta) -> bool:
     return not meta.specialized and not any(r["kind"] == HEAD_KIND for r in meta.records)
 
 
+def windowed(meta) -> bool:
+    """Whether the model pools globally in ``window`` mode (a fixed window: one size)."""
+    return meta.global_pool == "window" and meta.global_pools > 0
+
+
 def default_shapes(meta, near_example: bool = False,
                    lattice_points: int = 2) -> tuple[list[tuple[int, ...]], str]:
     """The input shapes checked by default, and a note on the choice.
@@ -157,6 +162,10 @@ def default_shapes(meta, near_example: bool = False,
     windows need more input)."""
     example = list(meta.canonical(meta.example_shape))
     st = meta.size_steps
+    if windowed(meta):
+        return [tuple(example)], (
+            "window pooling: the dense model is the baseline at the example size only (a "
+            "larger input gives one prediction per window position), so it is checked there")
     small = [min(h, s * (lattice_points - 1) + 1) for h, s in zip(example[2:], st)]
     if near_example or not any_size(meta) or small == example[2:]:
         return candidate_shapes(example, st), ""
@@ -227,11 +236,11 @@ def check(
         shapes = [meta.canonical(s) for s in shapes]  # given in the input's own order
     else:
         shapes, note = default_shapes(meta, near_example, lattice_points)
-        spares = spare_shapes(meta, shapes)
+        spares = [] if windowed(meta) else spare_shapes(meta, shapes)
         if batch is not None:
             shapes = [(batch, *s[1:]) for s in shapes]
             spares = [(batch, *s[1:]) for s in spares]
-    do_shift = shift and not meta.has_padding and meta.global_pools == 0
+    do_shift = shift and not meta.has_padding and (meta.global_pools == 0 or windowed(meta))
     report = VerifyReport(atol=atol, rtol=rtol, precision=str(dtype).removeprefix("torch."),
                           outputs=[n for _, n in names])
     if note:

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from econv_convert import __version__
-from econv_convert.errors import EConvError, InvalidInputError, describe
+from econv_convert.errors import EConvError, EquivalenceError, InvalidInputError, describe
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "fixtures" / "patch_classifier.pt"
 DEFAULT_SHAPE = [1, 3, 224, 224]
@@ -45,6 +45,7 @@ class GlobalPool(str, Enum):
     phase = "phase"
     lattice = "lattice"
     dense = "dense"
+    window = "window"
 
 
 class Precision(str, Enum):
@@ -148,7 +149,9 @@ ShapeOpt = Annotated[str | None, typer.Option(
 PoolOpt = Annotated[GlobalPool, typer.Option(
     "--global-pool", help="phase: one output per lattice phase (phase 0 = baseline); lattice: "
                           "the baseline's pool only; dense: pool every position (a different "
-                          "function).")]
+                          "function); window: the pool of the example's map slides over the "
+                          "dense map, one prediction per window position (a patch classifier "
+                          "as a heat map).")]
 OutputStrideOpt = Annotated[int | None, typer.Option(
     "--output-stride", min=1, help="Keep the baseline's strides up to this cumulative stride "
                                    "and densify the rest (DeepLab style); must divide the total "
@@ -695,29 +698,172 @@ def _bytes(text: str | None) -> int | None:
 @app.command()
 @_guarded
 def predict(
-    dense: Annotated[Path, typer.Argument(help="A dense checkpoint (.pt) written by densify.",
-                                          show_default=False)],
-    input: Annotated[Path, typer.Argument(help="A .npy array (C,H,W or N,C,H,W) or an image "
-                                               "(PNG, JPEG).", show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the dense "
-                                         "output (.npy); for images a heat map .png is written "
-                                         "beside it.")],
-    tile: Annotated[int | None, typer.Option("--tile", help="Output block per tile, in input "
-                                             "pixels (a multiple of the lattice step). "
-                                             "Default: chosen from --max-memory.")] = None,
-    max_memory: Annotated[str | None, typer.Option(
-        "--max-memory", help="Memory budget for one tile, like 2G (default: half of the "
-                             "available memory).")] = None,
-    mean: Annotated[str | None, typer.Option("--mean", help="Per-channel mean to subtract, "
-                                             "like 0.485,0.456,0.406.")] = None,
+    model: Annotated[Path, typer.Argument(
+        help="A baseline checkpoint or ONNX graph (densified in memory with the options "
+             "below), a dense checkpoint (.pt from densify) or a dense .onnx.",
+        show_default=False)],
+    input: Annotated[Path, typer.Argument(
+        help="The image, read window by window: TIFF/BigTIFF/OME-TIFF (tiled, any codec; "
+             "--level for pyramids), a .zarr array or OME-Zarr, a slide (.svs, .ndpi, .mrxs, "
+             "...: pip install 'econv-convert[slides]'), a .npy array (memory-mapped; C,H,W "
+             "or H,W,C) or PNG/JPEG (decoded whole).", show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="OUT.zarr: a chunked (C, H', W') float32 array written block "
+                               "by block, with an overview OUT.png beside it. OUT.npy: the "
+                               "whole result in memory, for small inputs.")],
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: ShapeOpt = None,
+    input_name: InputNameOpt = None,
+    global_pool: Annotated[GlobalPool, typer.Option(
+        "--global-pool", help="How a baseline's global pool is densified; the default, "
+                              "window, makes a classifier of patches of the example size a "
+                              "heat map: one prediction per window position.")]
+    = GlobalPool.window,
+    until: UntilOpt = None,
+    output_stride: OutputStrideOpt = None,
+    trust_pickle: TrustOpt = False,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip checking a model densified here.")] = False,
+    level: Annotated[int, typer.Option("--level", min=0, help="Pyramid level of a TIFF, "
+                                       "slide or OME-Zarr (0: full resolution).")] = 0,
+    layout: Annotated[str, typer.Option("--layout", help="Channel axis of 3-D arrays: auto "
+                                        "(from the file, else the model's channels), chw or "
+                                        "hwc.")] = "auto",
+    mean: Annotated[str | None, typer.Option(
+        "--mean", help="Per-channel mean to subtract, like 0.485,0.456,0.406. Integer images "
+                       "are scaled to [0, 1] by their type's maximum first; RGBA loses its "
+                       "alpha.")] = None,
     std: Annotated[str | None, typer.Option("--std", help="Per-channel std to divide by.")]
     = None,
-    channel: Annotated[int | None, typer.Option("--channel", help="Heat map of this output "
-                                                "channel (default: the arg-max class).")] = None,
+    block: Annotated[int | None, typer.Option(
+        "--block", "--tile", help="Output positions per block side (one zarr chunk, one "
+                                  "task). Default: the largest that fits --max-memory.")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget of all workers together, like 8G (default: half "
+                             "of the available memory).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=0, help="Worker processes of the embedded Dask cluster (default: one "
+                                 "per two cores); 0 runs in this process.")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", help="Run on an existing Dask cluster, like tcp://HOST:8786 (its "
+                            "workers need this package and the input and output paths).")]
+    = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda (each worker on its "
+                                        "own GPU).")] = "cpu",
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Finish an interrupted OUT.zarr: only the missing blocks are "
+                         "computed; refused if the model or options differ.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing "
+                                            "output.")] = False,
+    channel: Annotated[int | None, typer.Option(
+        "--channel", help="Overview of this output channel (default: the arg-max "
+                          "class).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Dense inference on a large input, tile by tile: exactly the whole-image result, in
-    bounded memory."""
+    """Dense predictions over an image of any size: exact at every position, block by block
+    in bounded memory, on an embedded Dask cluster or an existing one."""
+    from econv_convert.run import scene
+    from econv_convert.run.sources import SourceSpec
+    from econv_convert.torch.loading import check_file
+
+    check_file(input) if not input.is_dir() else None
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
+    if output.suffix.lower() == ".npy":
+        return _predict_npy(model, input, output, block, max_memory, mean, std, channel,
+                            json_out)
+    if output.suffix.lower() != ".zarr":
+        raise InvalidInputError(f"{output}: the output must end in .zarr (or .npy for a small "
+                                "result in memory)")
+    if not output.parent.is_dir():
+        raise InvalidInputError(f"{output}: the folder {output.parent} does not exist")
+    if resume and overwrite:
+        raise InvalidInputError("--resume and --overwrite: choose one")
+    how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
+               input_name)
+    check_file(model)
+    dense, meta, save = _dense_for_predict(model, how, no_verify, json_out)
+    mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
+    channels = meta.canonical(meta.example_shape)[1]
+    source = SourceSpec(str(input), channels, level, layout)
+    record = {"model": str(model), "model_sha256": scene.checksum(model),
+              "options": {"global_pool": global_pool.value, "until": until,
+                          "output_stride": output_stride, "input_shape": input_shape,
+                          "level": level, "layout": layout, "mean": mean_v, "std": std_v,
+                          "input": str(input)}}
+    # the model the workers load: the given dense file, or the one densified here, saved
+    # inside the output (read back before it is used)
+    where = Path(str(output) + ".model" + (".onnx" if dense is None else ".pt"))
+    model_file = model if save is None else where
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
+        task = bar.add_task("blocks", total=None)
+
+        def started(where_: str, dashboard: str | None) -> None:
+            if not json_out:
+                err.print(f"running on {where_}" + (f"; dashboard {dashboard}" if dashboard
+                                                     else ""))
+
+        if save is not None:
+            scene.claim_output(output, resume=resume, overwrite=overwrite)
+            save(where)
+        report = scene.predict_scene(
+            scene.ModelSpec(str(model_file), device), source, output, record=record,
+            block=block, mean=mean_v, std=std_v, workers=workers, scheduler=scheduler,
+            resume=resume, overwrite=overwrite, max_memory=_bytes(max_memory), meta=meta,
+            progress=lambda d, t: bar.update(task, completed=d, total=t),
+            on_start=started, overview_channel=channel)
+    data = report.to_dict()
+    if json_out:
+        _emit_json({"model": str(model), **data})
+        return
+    g = report.geometry
+    out.print(f"{report.blocks_total} blocks of {g['block']}x{g['block']} outputs "
+              f"({report.blocks_skipped} already done) on {report.scheduler} with "
+              f"{report.workers} worker{'s' if report.workers != 1 else ''} in "
+              f"{report.seconds:.1f} s; output {'x'.join(map(str, report.shape))}, one per "
+              f"{'x'.join(map(str, g['step']))} input pixels, window "
+              f"{'x'.join(map(str, g['window']))}")
+    out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{report.overview}[/]"
+                                            if report.overview else ""))
+
+
+def _dense_for_predict(model: Path, how: Load, no_verify: bool, quiet: bool):
+    """MODEL as a dense model: ``(dense torch module or None for ONNX, its DenseInfo, save)``
+    where ``save(path)`` writes a model densified here (None when MODEL is dense already)."""
+    from econv_convert import onnx_api
+    from econv_convert.torch import storage
+
+    if _is_onnx(model):
+        graph = _load_onnx(model)
+        if onnx_api.is_dense(graph):
+            return None, onnx_api.info(graph), None
+        how.torch_only()
+        baseline, dense, meta = _onnx_densified(model, how)
+        if not no_verify:
+            _require_ok(_verify(baseline, dense, Check(), quiet=quiet))
+        return None, meta, lambda p: onnx_api.save(dense, p)
+    if storage.is_dense_checkpoint(model):
+        dense = storage.load_dense(model)
+        return dense, dense.econv, None
+    _, loaded, dense = _densified(model, how)
+    if not no_verify:
+        _require_ok(_verify(loaded.model, dense, Check(), quiet=quiet))
+    return dense, dense.econv, lambda p: storage.save_dense(dense, p)
+
+
+def _require_ok(result) -> None:
+    if not result.ok:
+        worst = result.failures[0] if result.failures else None
+        raise EquivalenceError("the dense model is NOT equivalent to the baseline"
+                               + (f" ({worst.detail})" if worst and worst.detail else "")
+                               + "; nothing was predicted")
+
+
+def _predict_npy(model, input, output, tile, max_memory, mean, std, channel, json_out):
+    """The whole result in memory (small inputs): a dense checkpoint, tile by tile."""
     import numpy as np
 
     from econv_convert.files import atomic_write
@@ -725,19 +871,19 @@ def predict(
     from econv_convert.torch import storage
     from econv_convert.torch.loading import check_file
 
-    check_file(dense)
-    check_file(input)
-    if output.suffix.lower() != ".npy":
-        raise InvalidInputError(f"{output}: the output must end in .npy")
-    _check_output(output, [dense, input])
-    model = storage.load_dense(dense)
+    check_file(model)
+    _check_output(output, [model, input])
+    if not storage.is_dense_checkpoint(model):
+        raise InvalidInputError(f"{model}: a .npy output takes a dense checkpoint (.pt from "
+                                "densify); for other models write OUT.zarr")
+    dense = storage.load_dense(model)
     x, image = tiled.load_input(input, _floats(mean, "--mean"), _floats(std, "--std"),
-                                model.econv.example_shape[1])
-    plan = tiled.plan_tiles(model, tuple(x.shape), tile=tile, max_memory=_bytes(max_memory))
+                                dense.econv.example_shape[1])
+    plan = tiled.plan_tiles(dense, tuple(x.shape), tile=tile, max_memory=_bytes(max_memory))
     columns = (TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
         task = bar.add_task("", total=plan.count)
-        y = tiled.predict(model, x, tile=plan.tile[0], progress=lambda d, t: bar.update(
+        y = tiled.predict(dense, x, tile=plan.tile[0], progress=lambda d, t: bar.update(
             task, completed=d))
     if channel is not None and not 0 <= channel < y.shape[1]:
         raise InvalidInputError(f"--channel {channel}: the output has {y.shape[1]} channels")

@@ -13,6 +13,10 @@ from econv_convert.examples import randomize_batchnorm
 
 FIXTURES = __import__("pathlib").Path(__file__).resolve().parent.parent / "fixtures"
 
+if __import__("os").environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest-xdist worker per core: each runs torch on one thread, not on all of them
+    torch.set_num_threads(1)
+
 
 def rand_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random BatchNorm statistics (a fresh BatchNorm is the identity and hides bugs), eval."""

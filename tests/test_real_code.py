@@ -288,8 +288,9 @@ def test_space_to_depth_stems_are_strided_windows(stem, mode):
 
 @pytest.mark.parametrize("stem", ["unshuffle", "view", "focus"])
 def test_space_to_depth_stems_in_onnx(stem):
-    from econv_convert import onnx_api
     from onnx_graphs import export
+
+    from econv_convert import onnx_api
 
     torch.manual_seed(0)
     model = rand_bn(torch.nn.Sequential(conv_bn(3, 3, 3, 2), SpaceToDepthNet(stem)))

@@ -12,7 +12,7 @@ from typing import Any
 
 from econv_convert.errors import InvalidInputError
 
-GLOBAL_POOL_MODES = ("phase", "lattice", "dense")
+GLOBAL_POOL_MODES = ("phase", "lattice", "dense", "window")
 HEAD_KIND = "fc_to_conv"  # the record kind of a Flatten + fully connected head (fixed input size)
 
 

@@ -36,6 +36,8 @@ GLOBAL_MODES_NOTE = {
     "phase": "one output per lattice phase (phase 0 = baseline)",
     "lattice": "pools lattice points only (= baseline)",
     "dense": "pools every position: NOT the baseline function",
+    "window": "a window of the example's map slides over the dense map: one prediction per "
+              "window position (the window at 0 = baseline)",
 }
 
 
@@ -232,6 +234,10 @@ class GlobalPlan:
     out_dims: tuple[Dim, ...]
     n_extra: int
     record: Record
+    # window mode: the baseline's map size at the example (the window, in lattice points) and
+    # the receptive fields of the window positions
+    extent: tuple[int, ...] = ()
+    fields: tuple[Field, ...] = ()
 
 
 def global_pool(x: Layout, dims: Sequence[int], reduce: str, mode: str,
@@ -239,10 +245,14 @@ def global_pool(x: Layout, dims: Sequence[int], reduce: str, mode: str,
     """Global pooling (mean, sum, max, min over whole spatial dims ``dims``) in ``mode``:
     ``phase`` (one output per lattice phase, as trailing extra dims: phase 0 is the
     baseline), ``lattice`` (lattice points only: the baseline's value), ``dense`` (every
-    position: a different function)."""
+    position: a different function), ``window`` (a pool of the map's extent at the example,
+    dilated by the step, sliding over the dense map: the window positions become trailing
+    extra ``space`` dims, as the positions of a fully connected head do; position 0 is the
+    baseline at the example size). ``field``: the receptive fields of the input map."""
     if x.n_extra or x.fold:
         refuse("global pooling of a map that already has extra dims (a second global pool "
-               "after a phase-pooled one)", "--global-pool lattice pools the lattice only")
+               "after a phase- or window-pooled one)",
+               "--global-pool lattice pools the lattice only")
     dims = sorted(x.norm_dim(d) for d in dims)
     space = tuple(d for d in dims if x.base_dims[d].kind == "space")
     steps = tuple(x.base_dims[d].step for d in space)
@@ -250,12 +260,24 @@ def global_pool(x: Layout, dims: Sequence[int], reduce: str, mode: str,
     kept = [PLAIN if d.spatial else d
             for i, d in enumerate(x.base_dims) if keepdim or i not in dims]
     extras: tuple[Dim, ...] = ()
+    extent: tuple[int, ...] = ()
+    fields: tuple[Field, ...] = ()
+    after: dict = {"mode": mode}
+    sizes = tuple(field)
     if mode == "phase":
         extras = tuple(Dim("phase", x.base_dims[d].axis, x.base_dims[d].step) for d in space)
-    record = Record(f"global_{reduce}", {"dims": tuple(dims)}, {"mode": mode}, steps,
-                    (1,) * len(steps), tuple(field), GLOBAL_MODES_NOTE[mode])
+    elif mode == "window":
+        extras = tuple(Dim("space", x.base_dims[d].axis, x.base_dims[d].step) for d in space)
+        extent = tuple(x.base[d] for d in space)
+        start = field or (1,) * len(space)
+        fields = tuple(Field(f, s).through(Window(m)) for f, s, m in zip(start, steps, extent))
+        sizes = tuple(f.size for f in fields)
+        after = {"mode": mode, "kernel": extent, "dilation": steps}
+    record = Record(f"global_{reduce}", {"dims": tuple(dims)}, after, steps,
+                    steps if mode == "window" else (1,) * len(steps), sizes,
+                    GLOBAL_MODES_NOTE[mode])
     return GlobalPlan(space, steps, others, keepdim, mode, reduce, tuple(kept) + extras,
-                      len(extras), record)
+                      len(extras), record, extent, fields)
 
 
 def merged_reduction(x: Layout, dims: Sequence[int] | None, rank: int) -> tuple[int, ...]:
@@ -340,6 +362,12 @@ def broadcast(layouts: Sequence[Layout], out_rank: int) -> BroadcastPlan:
             refuse("adds or multiplies a tensor that varies over space (a positional "
                    "embedding is not translation-equivariant)")
         out.append(space.pop() if space else PLAIN)
+    if any(lay.n_extra and any(e.kind == "space" for e in lay.extras) for lay in layouts) \
+            and any(any(d.spatial for d in lay.base_dims) for lay in layouts):
+        refuse("a window-pooled value meets the map it was pooled from (as in "
+               "squeeze-and-excitation): each position would need its own window of the map, "
+               "which has no dense form",
+               "--global-pool phase keeps one value per lattice phase")
     extras = max((lay.extras for lay in views), key=len)
     for k, lay in enumerate(views):
         if lay.extras and lay.extras != extras:

@@ -684,6 +684,28 @@ def _emit_global(rw: OnnxRewriter, x: str, plan: rules.GlobalPlan, out: str,
         if plan.mode == "lattice" and any(s > 1 for s in steps):
             src = b.slice(x, space, [0] * len(space), [_BIG] * len(space), steps)
         b.reduce(op, src, axes, plan.keepdim, out)
+    elif plan.mode == "window":
+        # per pooled axis, the window's m taps (s apart) as m slices of the map, combined
+        # element-wise (a separable reduction); an input smaller than the window gives empty
+        # slices, which the checks report as an empty output
+        y = x
+        combine = {"mean": "Sum", "sum": "Sum", "max": "Max", "min": "Min"}[plan.reduce]
+        for d, s, m in zip(space, steps, plan.extent):
+            taps = [b.slice(y, [d], [k * s], [-(m - 1 - k) * s if k < m - 1 else _BIG])
+                    for k in range(m)]
+            y = b.op1(combine, taps) if m > 1 else taps[0]
+            if plan.reduce == "mean" and m > 1:
+                y = b.op1("Mul", [y, rw.fill(x, 1.0 / m)])
+        # the positions go to the end; the pooled dims stay with size 1, then are reduced
+        # (with the other reduced dims) as the baseline does
+        k = len(space)
+        y = b.unsqueeze(y, list(range(rank, rank + k)))
+        perm = list(range(rank + k))
+        for j, d in enumerate(space):
+            perm[d], perm[rank + j] = perm[rank + j], perm[d]
+        y = b.transpose(y, perm)
+        b.reduce(op, y, axes, plan.keepdim, out)
+        rw.fields[out] = plan.fields
     else:
         fill = {"mean": 0.0, "sum": 0.0, "max": -math.inf, "min": math.inf}[plan.reduce]
         # pad each pooled axis to a multiple of its step, split it into (count, step), and

@@ -35,9 +35,10 @@ class TilePlan:
 def _geometry(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Receptive field and total lattice step per spatial axis; refuses what cannot be tiled."""
     meta = info(dense)
-    if meta.global_pools:
+    if meta.global_pools and meta.global_pool != "window":
         raise InvalidInputError("this model pools over the whole image, so no output depends "
-                                "on a window only; tile a model cut before the pool (--until)")
+                                "on a window only; densify it with --global-pool window (a "
+                                "heat map of the classifier) or cut before the pool (--until)")
     if len(meta.outputs) != 1:
         raise InvalidInputError("tiled prediction needs a model with one output tensor")
     nd = len(meta.example_shape) - 2

@@ -231,6 +231,7 @@ def global_pool(
     mode: str,
     reduce: str,
     keepdim: bool,
+    extent: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Pooling over whole spatial dimensions ``dims`` of a dense map.
 
@@ -238,9 +239,14 @@ def global_pool(
     * ``dense``: every dense position: the average over shifted copies (a different function);
     * ``phase``: each of the ``s`` phases of each axis separately; the pooled dimensions become
       trailing *phase* dimensions of size ``s`` (phase 0 is exactly the baseline). A phase with
-      no position inside the input (possible when the map has a single lattice point) is NaN.
+      no position inside the input (possible when the map has a single lattice point) is NaN;
+    * ``window``: a pool of ``extent`` lattice points (the map's size at the example input),
+      dilated by the step, at every dense position where it fits: the pooled dims keep size
+      1 and the window positions become trailing dims.
     """
     dims = [d % x.dim() for d in dims]
+    if mode == "window":
+        return _window_pool(x, dims, steps, extent, reduce)
     if mode == "lattice":
         index = [slice(None)] * x.dim()
         for d, s in zip(dims, steps, strict=True):
@@ -275,7 +281,30 @@ def _reduce(x: torch.Tensor, dims: Sequence[int], reduce: str, keepdim: bool) ->
         return x.mean(tuple(dims), keepdim=keepdim)
     if reduce == "sum":
         return x.sum(tuple(dims), keepdim=keepdim)
+    if reduce == "amin":
+        return x.amin(tuple(dims), keepdim=keepdim)
     return x.amax(tuple(dims), keepdim=keepdim)
+
+
+def _window_pool(x: torch.Tensor, dims: Sequence[int], steps: Sequence[int],
+                 extent: Sequence[int] | None, reduce: str) -> torch.Tensor:
+    """Separable: each of these reductions over a box is the reduction, axis by axis, of the
+    reductions along one axis. ``unfold`` makes each axis' windows a view (no copy)."""
+    if extent is None or len(extent) != len(dims):
+        raise ValueError("window pooling needs the window's extent per pooled dim")
+    for d, s, m in zip(dims, steps, extent, strict=True):
+        span = (m - 1) * s + 1
+        n = x.shape[d]
+        torch._check(n >= span, lambda n=n, span=span, m=m: (
+            f"the input is smaller than this dense model's window: a pooled map has {n} dense "
+            f"positions, the window of {m} lattice points needs {span}"))
+        x = _reduce(x.unfold(d, span, 1)[..., ::s], [-1], reduce, False)
+    # the window positions go to the end; the pooled dims stay, with size 1
+    k = len(dims)
+    x = x.reshape(*x.shape, *([1] * k))
+    for j, d in enumerate(dims):
+        x = x.transpose(d, x.dim() - k + j)
+    return x
 
 
 def phase_to_map(p: torch.Tensor, targets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:

@@ -528,8 +528,11 @@ def _global(rw: Rewriter, node: fx.Node, x: Val, dims: Sequence[int], reduce: st
 def _emit_global(rw: Rewriter, node: fx.Node, x: Val, plan: rules.GlobalPlan,
                  base: tuple[int, ...] | None = None) -> Val:
     reduce = "amax" if plan.reduce == "max" else plan.reduce
+    extra = {"extent": list(plan.extent)} if plan.extent else {}
     n = rw.call(ops.global_pool, x.node, list(plan.space), list(plan.steps), plan.mode, reduce,
-                True)
+                True, **extra)
+    if plan.fields:
+        rw.fields[node] = plan.fields
     if plan.others or not plan.keepdim:
         # the remaining (non-spatial) dims are reduced as the baseline does; pooled dims
         # have size 1 now, and reducing them again changes nothing

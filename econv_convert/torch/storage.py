@@ -208,6 +208,16 @@ def save_dense(dense: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
+def is_dense_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a dense checkpoint written by :func:`save_dense` (reads no code;
+    any other file, readable or not, is not)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
 def load_dense(path: str | os.PathLike) -> fx.GraphModule:
     """Load a dense checkpoint written by :func:`save_dense` into a trainable module."""
     path = Path(path)

@@ -1,0 +1,519 @@
+"""Dense predictions over images larger than memory, block by block, on Dask.
+
+The output is a chunked zarr array ``(C, H', W')``. Each output block is one chunk and one
+task: it reads its own lattice-aligned input window plus a halo from the source, runs the
+dense model, keeps its block and writes that whole chunk, so no two tasks write the same
+bytes and no array of the whole image exists anywhere. A block is exact (the whole-image
+dense output there) for the reason tiles are (:mod:`econv_convert.run.predict`): the window
+starts on the image's lattice and its halo holds a receptive field.
+
+A finished block leaves a marker file; the zarr attributes under ``econv`` record the model's
+checksum and the options, and ``complete`` becomes true only when every block is written. So a
+killed run loses only the blocks in flight, and ``resume`` computes only the missing ones,
+refusing when the model or the options differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from econv_convert.errors import InvalidInputError, describe
+from econv_convert.run.sources import SourceSpec, cached_source, normalize, open_source
+
+FORMAT = "econv-convert dense prediction"
+MARKERS = ".econv-blocks"  # inside the zarr folder: one empty file per finished block
+
+Progress = Callable[[int, int], None]
+
+
+class OutputExistsError(InvalidInputError):
+    """The output exists and neither resume nor overwrite was asked for, or it differs."""
+
+
+# -- the model, as each worker runs it ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A dense model file (``.pt`` from ``save_dense`` or a dense ``.onnx``) and how to run it."""
+
+    path: str
+    device: str = "cpu"
+    threads: int = 0  # torch / onnxruntime threads per worker; 0: the cores shared out
+
+
+_MODELS: dict[ModelSpec, Any] = {}
+
+
+def runner(spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """``f(x) -> y`` for ``(1, C, h, w)`` float32 arrays; loaded once per process."""
+    if spec not in _MODELS:
+        _MODELS[spec] = _load_runner(spec)
+    return _MODELS[spec]
+
+
+def _load_runner(spec: ModelSpec):
+    if spec.path.lower().endswith(".onnx"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = spec.threads
+        options.inter_op_num_threads = 1
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
+                     if spec.device.startswith("cuda") else ["CPUExecutionProvider"])
+        session = ort.InferenceSession(spec.path, options, providers=providers)
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+    import torch
+
+    from econv_convert.run.bench import memory_format
+    from econv_convert.torch.storage import load_dense
+
+    torch.set_num_threads(spec.threads or torch.get_num_threads())
+    device = _device(spec.device)
+    model = load_dense(spec.path).to(device)
+    fmt = memory_format(len(model.econv.example_shape), True)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            t = torch.from_numpy(x).to(device).contiguous(memory_format=fmt)
+            y = model(t)
+            y = y if isinstance(y, torch.Tensor) else _only_tensor(y)
+            return y.float().cpu().numpy()
+
+    return run
+
+
+def _device(name: str) -> str:
+    """``cuda``: each Dask worker on its own GPU (worker k on GPU k modulo their number)."""
+    if name != "cuda":
+        return name
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InvalidInputError("--device cuda: no CUDA device is available here")
+    try:
+        from distributed import get_worker
+
+        index = int(get_worker().name)
+    except (ImportError, ValueError, TypeError):
+        index = 0
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def _only_tensor(y):
+    from econv_convert.torch.outputs import flatten
+
+    leaves = flatten(y)
+    if len(leaves) != 1:
+        raise InvalidInputError("prediction needs a model with one output map")
+    return leaves[0]
+
+
+# -- geometry --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a dense model's outputs lie on its input, per spatial axis, in input pixels:
+    ``step`` between neighbouring outputs, ``unit`` the lattice (window starts keep to it),
+    ``halo`` the input a block reads beyond its own, ``window`` the input one output reads
+    (the example input with ``--global-pool window``, else the receptive field) and
+    ``offset`` the input pixel of output 0's window corner."""
+
+    step: tuple[int, ...]
+    unit: tuple[int, ...]
+    halo: tuple[int, ...]
+    window: tuple[int, ...]
+    offset: tuple[int, ...] | None
+
+
+def geometry(meta) -> Geometry:
+    """The :class:`Geometry` of a dense model from its :class:`DenseInfo`; refuses a model
+    whose output is not one map over the input (a global pool in phase mode, several
+    outputs)."""
+    if len(meta.outputs) != 1:
+        raise InvalidInputError("prediction needs a model with one output map")
+    if meta.global_pools and meta.global_pool != "window":
+        raise InvalidInputError(
+            "this dense model pools over the whole image (--global-pool "
+            f"{meta.global_pool}), so no output depends on a window only; densify it with "
+            "--global-pool window (a heat map of the classifier) or cut before the pool (--until)")
+    example = meta.canonical(meta.example_shape)
+    nd = len(example) - 2
+    if nd != 2:
+        raise InvalidInputError(f"prediction over images takes 2-D models; this one has {nd} "
+                                "spatial axes")
+    dims = meta.outputs[0]["dims"]
+    if len(dims) < nd or any(kind != "space" for kind, *_ in dims[-nd:]):
+        raise InvalidInputError("the model's output is not a map over the input's spatial axes")
+    res = meta.output_stride or 1  # dense positions are this many input pixels apart
+    field_ = [1] * nd
+    for r in meta.records:
+        for i, f in enumerate(r["field"][:nd]):
+            field_[i] = max(field_[i], f)
+    unit = tuple(res * s for s in meta.axis_steps)
+    halo = tuple(u * (math.ceil(f / u) + 1) for f, u in zip(field_, unit))
+    windowed = meta.global_pool == "window" and meta.global_pools > 0
+    window = tuple(example[2:]) if windowed else tuple(field_)
+    # output q's window starts at input pixel q * step: the example-size window in window
+    # mode, the receptive field of an unpadded network; a padded network's field reaches
+    # before pixel 0 by an amount its graph does not record in one number: left unknown
+    offset = (0,) * nd if windowed or not meta.has_padding else None
+    return Geometry((res,) * nd, unit, halo, window, offset)
+
+
+# -- the job ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a block task needs: plain data, sent once to every worker."""
+
+    model: ModelSpec
+    source: SourceSpec
+    output: str
+    shape: tuple[int, int, int]  # (C, H', W') of the output
+    block: tuple[int, int]  # output positions per block (and chunk)
+    step: tuple[int, int]
+    unit: tuple[int, int]
+    halo: tuple[int, int]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def blocks(self) -> list[tuple[int, int]]:
+        rows, cols = (math.ceil(n / b) for n, b in zip(self.shape[1:], self.block))
+        return [(i, j) for i in range(rows) for j in range(cols)]
+
+    def window(self, block: tuple[int, int], size: Sequence[int]):
+        """The output range of ``block`` and the input window it reads, per axis."""
+        out, inp = [], []
+        for k, n, b, s, h, extent in zip(block, self.shape[1:], self.block, self.step,
+                                         self.halo, size):
+            a, e = k * b, min(n, (k + 1) * b)
+            out.append((a, e))
+            inp.append((max(0, a * s - h), min(extent, e * s + h)))
+        return out, inp
+
+
+def compute_block(job: Job, block: tuple[int, int]) -> tuple[int, int]:
+    """Read, run, write one block (a Dask task). Returns the block."""
+    source = cached_source(job.source)
+    run = runner(job.model)
+    (a0, e0), (a1, e1) = job.window(block, source.shape[1:])[0]
+    (y0, y1), (x0, x1) = job.window(block, source.shape[1:])[1]
+    x = normalize(source.read(y0, y1, x0, x1), job.mean, job.std)[None]
+    y = _as_map(run(np.ascontiguousarray(x)), job.shape[0])
+    # the window's output index q is the image's index lo / step + q
+    r0, r1 = a0 - y0 // job.step[0], a1 - x0 // job.step[1]
+    if r0 + (e0 - a0) > y.shape[1] or r1 + (e1 - a1) > y.shape[2]:
+        raise RuntimeError(f"block {block}: the window's output {y.shape[1:]} does not reach "
+                           f"the block's end; the halo {job.halo} is too small")
+    part = y[:, r0:r0 + e0 - a0, r1:r1 + e1 - a1]
+    import zarr
+
+    array = zarr.open_array(job.output, mode="r+")
+    array[:, a0:e0, a1:e1] = part
+    marker = Path(job.output) / MARKERS / f"{block[0]}_{block[1]}"
+    marker.touch()
+    return block
+
+
+def _as_map(y: np.ndarray, channels: int) -> np.ndarray:
+    """A model output ``(1, ..., H', W')`` as ``(C, H', W')``."""
+    if y.shape[0] != 1 or math.prod(y.shape[1:-2]) != channels:
+        raise InvalidInputError(f"the model's output {tuple(y.shape)} is not a map of "
+                                f"{channels} channels")
+    return y.reshape(channels, *y.shape[-2:])
+
+
+def output_size(model: ModelSpec, source, geo: Geometry, mean, std) -> tuple[int, ...]:
+    """The whole image's output shape ``(C, H', W')``, from one run at the far corner: a
+    window that starts on the lattice loses exactly ``start / step`` outputs (every layer's
+    size shrinks by the shift over its stride), so the image's size is the corner's plus
+    that."""
+    _, h, w = source.shape
+    need = [2 * hal + max(win, u) for hal, win, u in zip(geo.halo, geo.window, geo.unit)]
+    starts = [max(0, (n - m) // u * u) for n, m, u in zip((h, w), need, geo.unit)]
+    x = normalize(source.read(starts[0], h, starts[1], w), mean, std)[None]
+    try:
+        y = runner(model)(np.ascontiguousarray(x))
+    except Exception as e:
+        raise InvalidInputError(f"the model does not run on a {h - starts[0]}x{w - starts[1]} "
+                                f"window of the input ({describe(e)}); is the input smaller "
+                                "than the model's window?") from None
+    if y.ndim < 3:
+        raise InvalidInputError(f"the model's output {tuple(y.shape)} is not a map")
+    channels = math.prod(y.shape[1:-2])
+    size = [n + s // st for n, s, st in zip(y.shape[-2:], starts, geo.step)]
+    if any(n <= 0 for n in size):
+        raise InvalidInputError(f"the input {h}x{w} is smaller than the model's window")
+    return (channels, *size)
+
+
+# -- the output ------------------------------------------------------------------------------
+
+
+def checksum(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+        return meta.get("attributes", {}).get("econv", {}).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def claim_output(output: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse early what :func:`prepare_output` would refuse about an existing output."""
+    path = Path(output)
+    if path.exists():
+        if not _is_ours(path):
+            raise OutputExistsError(f"{path}: exists and is not an output of econv-convert "
+                                    "predict; choose another -o")
+        if not resume and not overwrite:
+            raise OutputExistsError(f"{path}: exists; --resume to finish it, --overwrite to "
+                                    "replace it")
+    elif resume:
+        raise InvalidInputError(f"{path}: nothing to resume (no such output)")
+
+
+def prepare_output(job: Job, record: dict[str, Any], *, resume: bool,
+                   overwrite: bool) -> set[tuple[int, int]]:
+    """Create the zarr array (or open it to resume); returns the blocks already done."""
+    import zarr
+
+    path = Path(job.output)
+    claim_output(path, resume=resume, overwrite=overwrite)
+    if path.exists():
+        if resume:
+            old = zarr.open_array(str(path), mode="r").attrs["econv"]
+            for key in ("model_sha256", "options", "shape", "block"):
+                if old.get(key) != record[key]:
+                    raise OutputExistsError(
+                        f"{path}: was started with another {key.replace('_', ' ')} "
+                        f"({old.get(key)} vs {record[key]}); --overwrite to start again")
+            if old.get("complete"):
+                return set(job.blocks())
+            done = set()
+            for m in (path / MARKERS).iterdir():
+                i, _, j = m.name.partition("_")
+                done.add((int(i), int(j)))
+            return done
+        shutil.rmtree(path)
+    array = zarr.create_array(str(path), shape=job.shape, chunks=(job.shape[0], *job.block),
+                              dtype="float32", fill_value=float("nan"), zarr_format=3)
+    array.attrs["econv"] = {**record, "complete": False}
+    (path / MARKERS).mkdir()
+    return set()
+
+
+def finish_output(job: Job, seconds: float) -> None:
+    import zarr
+
+    array = zarr.open_array(job.output, mode="r+")
+    record = dict(array.attrs["econv"])
+    record.update(complete=True, seconds=round(seconds, 3))
+    array.attrs["econv"] = record
+
+
+# -- running the blocks ----------------------------------------------------------------------
+
+
+@dataclass
+class RunReport:
+    output: str
+    shape: tuple[int, ...]
+    blocks_total: int
+    blocks_skipped: int
+    seconds: float
+    workers: int
+    scheduler: str
+    dashboard: str | None = None
+    overview: str | None = None
+    geometry: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
+               scheduler: str | None = None, progress: Progress | None = None,
+               on_start: Callable[[str, str | None], None] | None = None) -> tuple[str, int]:
+    """Compute ``blocks``: in this process when ``workers`` is 0 and no scheduler is given,
+    else on Dask (an embedded ``LocalCluster`` of ``workers`` processes, or the cluster at
+    ``scheduler``). ``on_start(scheduler, dashboard)`` is called once the cluster is up.
+    Returns the scheduler's description and the number of workers."""
+    total = len(blocks)
+    if not blocks:
+        return "none", 0
+    if workers == 0 and scheduler is None:
+        if on_start:
+            on_start("this process", None)
+        for k, b in enumerate(blocks, 1):
+            compute_block(job, b)
+            if progress:
+                progress(k, total)
+        return "this process", 1
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    try:
+        if scheduler is None:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   host="127.0.0.1", dashboard_address=_dashboard(),
+                                   silence_logs=40)
+            client = Client(cluster)
+        else:
+            client = Client(scheduler, timeout="20s")
+    except OSError as e:
+        if cluster is not None:
+            cluster.close()
+        raise InvalidInputError(f"--scheduler {scheduler}: cannot connect ({describe(e)})") \
+            from None
+    try:
+        where = scheduler or "embedded LocalCluster"
+        n = len(client.scheduler_info(n_workers=-1)["workers"])
+        if on_start:
+            on_start(where, client.dashboard_link if _has_dashboard() else None)
+        futures = client.map(compute_block, [job] * total, blocks, pure=False)
+        for k, future in enumerate(as_completed(futures), 1):
+            future.result()  # an error in a task is raised here, as it was raised there
+            if progress:
+                progress(k, total)
+        return where, n
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _has_dashboard() -> bool:
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _dashboard():
+    return "127.0.0.1:0" if _has_dashboard() else None
+
+
+def default_workers() -> int:
+    """Worker processes for the embedded cluster: one per two cores (each runs its torch
+    threads on the other), at least one."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
+                  record: dict[str, Any], block: int | None = None, mean=None, std=None,
+                  workers: int | None = None, scheduler: str | None = None,
+                  resume: bool = False, overwrite: bool = False,
+                  max_memory: int | None = None, meta=None, progress: Progress | None = None,
+                  on_start=None, overview_channel: int | None = None,
+                  overview: bool = True) -> RunReport:
+    """The dense output of ``model`` over the image at ``source``, written to the zarr array
+    ``output`` block by block. ``record`` (the options, the model's checksum) goes into the
+    array's attributes; ``meta`` is the model's :class:`DenseInfo`."""
+    start = time.perf_counter()
+    geo = geometry(meta)
+    claim_output(output, resume=resume, overwrite=overwrite)
+    src = open_source(source)  # errors about the input come before anything is written
+    try:
+        shape = output_size(model, src, geo, mean, std)
+        size = block or _default_block(meta, geo, src.shape, max_memory, workers)
+        if size < 1 or any((size * s) % u for s, u in zip(geo.step, geo.unit)):
+            unit = math.lcm(*(u // math.gcd(u, s) for u, s in zip(geo.unit, geo.step)))
+            raise InvalidInputError(f"--block {size}: must be a positive multiple of {unit} "
+                                    "(output positions per lattice step)")
+    finally:
+        if hasattr(src, "close"):
+            src.close()
+    job = Job(model, source, str(output), shape, (size, size), geo.step, geo.unit, geo.halo,
+              tuple(mean) if mean is not None else None,
+              tuple(std) if std is not None else None)
+    where_ = {"step": list(geo.step), "offset": list(geo.offset) if geo.offset else None,
+              "window": list(geo.window)}
+    full = {**record, "format": FORMAT, "shape": list(shape), "block": [size, size], **where_,
+            "layout": "C,H,W"}
+    done = prepare_output(job, full, resume=resume, overwrite=overwrite)
+    todo = [b for b in job.blocks() if b not in done]
+    n_workers = default_workers() if workers is None else workers
+    if scheduler is None and n_workers > len(todo):
+        n_workers = len(todo) if len(todo) > 1 else 0  # one block: no cluster to start
+    threads = model.threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    job = replace(job, model=replace(model, threads=threads))
+    where, used = run_blocks(job, todo, workers=n_workers, scheduler=scheduler,
+                             progress=progress, on_start=on_start)
+    finish_output(job, time.perf_counter() - start)
+    picture = None
+    if overview:
+        picture = str(Path(output).with_suffix(".png"))
+        write_overview(job.output, picture, overview_channel)
+    return RunReport(str(output), shape, len(job.blocks()), len(done),
+                     round(time.perf_counter() - start, 3), used, where, overview=picture,
+                     geometry={**where_, "halo": list(geo.halo), "block": size})
+
+
+def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
+    """Output positions per block side: as large as fits the memory budget shared by the
+    workers, at most 1024, a whole number of lattice steps."""
+    from econv_convert.run.resources import available_bytes, estimate_bytes
+
+    n = max(1, workers if workers is not None else default_workers())
+    budget = max_memory if max_memory is not None else (available_bytes() or 8 * 2**30) // 2
+    budget //= n
+    unit = math.lcm(*(u // math.gcd(u, s) for u, s in zip(geo.unit, geo.step)))
+    size = max(unit, 1024 // unit * unit)
+    largest = max(image[1:])
+
+    def cost(b: int) -> int:
+        sides = [min(full, b * s + 2 * h) for full, s, h in zip(image[1:], geo.step, geo.halo)]
+        return estimate_bytes(meta, [1, image[0], *sides])
+
+    while size > unit and (cost(size) > budget or size * geo.step[0] > 2 * largest):
+        size = max(unit, size // 2 // unit * unit)
+    if cost(size) > budget:
+        from econv_convert.run.resources import ResourceError
+
+        raise ResourceError(f"even the smallest block ({unit} outputs plus a halo of "
+                            f"{max(geo.halo)} pixels) needs about {cost(size) / 2**20:.0f} MiB, "
+                            f"over the budget of {budget / 2**20:.0f} MiB per worker; raise "
+                            "--max-memory or use fewer --workers")
+    return size
+
+
+def write_overview(output: str, picture: str, channel: int | None, longest: int = 1024):
+    """A downsampled PNG of the output: one channel as a heat map, or the arg-max class."""
+    import torch
+    import zarr
+    from PIL import Image
+
+    from econv_convert.files import atomic_write
+    from econv_convert.run.predict import heat_map
+
+    array = zarr.open_array(output, mode="r")
+    if channel is not None and not 0 <= channel < array.shape[0]:
+        raise InvalidInputError(f"--channel {channel}: the output has {array.shape[0]} channels")
+    f = max(1, math.ceil(max(array.shape[1:]) / longest))
+    small = np.asarray(array[:, ::f, ::f])
+    rgb = heat_map(torch.from_numpy(np.nan_to_num(small))[None], channel).numpy()
+    atomic_write(Path(picture), lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))

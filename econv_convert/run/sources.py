@@ -1,0 +1,327 @@
+"""Images read window by window, never whole: TIFF/BigTIFF/OME-TIFF (pyramid levels, tiles
+in any codec imagecodecs reads), zarr arrays, OpenSlide formats, memory-mapped ``.npy``, and
+PNG/JPEG (which have no windowed reader: decoded whole, so keep them small).
+
+A :class:`SourceSpec` is plain, picklable data: each Dask worker opens its own reader from it
+(:func:`open_source`, cached per process). A reader returns ``(C, h, w)`` windows in the
+file's own dtype; :func:`normalize` turns them into the model's float input.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from econv_convert.errors import InvalidInputError, describe
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".ome.tif", ".ome.tiff")
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".svslide", ".bif")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+LAYOUTS = ("auto", "chw", "hwc")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where to read: ``path``, the pyramid ``level`` (0 = full resolution), the channel
+    ``layout`` (``auto``: from the file's own axes, else from the model's channel count) and
+    the channels the model takes."""
+
+    path: str
+    channels: int
+    level: int = 0
+    layout: str = "auto"
+
+
+class Source:
+    """A 2-D image of ``channels`` channels and ``height`` x ``width`` pixels."""
+
+    shape: tuple[int, int, int]  # (C, H, W) as the model takes it
+    dtype: np.dtype
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[y0, y1) x [x0, x1)`` as a ``(C, h, w)`` array of the file's dtype."""
+        raise NotImplementedError
+
+
+def kind_of(path: str | Path) -> str:
+    name = str(path).lower().rstrip("/")
+    if name.endswith(TIFF_SUFFIXES):
+        return "tiff"
+    if name.endswith(SLIDE_SUFFIXES):
+        return "slide"
+    if name.endswith(".zarr") or Path(path).is_dir():
+        return "zarr"
+    if name.endswith(".npy"):
+        return "npy"
+    if name.endswith(PICTURE_SUFFIXES):
+        return "picture"
+    raise InvalidInputError(
+        f"{path}: unknown input kind; expected a TIFF (.tif, .tiff, .ome.tif), a slide "
+        f"({', '.join(SLIDE_SUFFIXES)}), a .zarr array, a .npy array or a PNG/JPEG")
+
+
+class ArraySource(Source):
+    """Any array with numpy slicing (zarr, memory-mapped numpy, tifffile's zarr view) whose
+    dims are ``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``."""
+
+    def __init__(self, array, layout: str, channels: int, where: str, closer=None):
+        self.array, self.layout, self.where, self._closer = array, layout, where, closer
+        shape = tuple(array.shape)
+        if len(shape) == 2:
+            self.layout, c, h, w = "hw", 1, *shape
+        elif len(shape) == 3:
+            c, h, w = (shape[2], *shape[:2]) if layout == "hwc" else shape
+        else:
+            raise InvalidInputError(f"{where}: expected a 2-D image (H,W, H,W,C or C,H,W), "
+                                    f"got shape {shape}")
+        self.file_channels = c
+        self.keep = _channels_kept(c, channels, where)
+        self.shape = (channels, h, w)
+        self.dtype = np.dtype(array.dtype)
+
+    def read(self, y0, y1, x0, x1):
+        try:
+            if self.layout == "hw":
+                a = np.asarray(self.array[y0:y1, x0:x1])[None]
+            elif self.layout == "hwc":
+                a = np.moveaxis(np.asarray(self.array[y0:y1, x0:x1, : self.keep]), -1, 0)
+            else:
+                a = np.asarray(self.array[: self.keep, y0:y1, x0:x1])
+        except Exception as e:  # a damaged tile or chunk: one line, never a traceback
+            raise InvalidInputError(f"{self.where}: cannot read pixels [{y0}:{y1}, {x0}:{x1}] "
+                                    f"({describe(e)})") from None
+        return a
+
+    def close(self):
+        if self._closer is not None:
+            self._closer()
+
+
+def _channels_kept(have: int, want: int, where: str) -> int:
+    """How many of the file's leading channels the model reads: all of them, or RGB of RGBA."""
+    if have == want:
+        return have
+    if have == 4 and want == 3:  # RGBA: the alpha channel is dropped
+        return 3
+    raise InvalidInputError(f"{where}: the image has {have} channels, the model takes {want} "
+                            "(give --layout if the channel axis was guessed wrong)")
+
+
+def _guess_layout(shape, channels: int, layout: str, axes: str | None, where: str) -> str:
+    if layout != "auto" or len(shape) != 3:
+        return layout
+    if axes:  # the file says: tifffile's series axes, OME-Zarr's axis names
+        axes = axes.upper()
+        if axes[-1] in "SC":
+            return "hwc"
+        if axes[0] in "SC":
+            return "chw"
+    fits = {channels, 4} if channels == 3 else {channels}
+    last, first = shape[-1] in fits, shape[0] in fits
+    if last and not first:
+        return "hwc"
+    if first and not last:
+        return "chw"
+    if last and first:
+        return "hwc" if shape[-1] <= shape[0] else "chw"
+    raise InvalidInputError(f"{where}: cannot tell the channel axis of shape {tuple(shape)} "
+                            f"for a model of {channels} channels; give --layout chw or hwc")
+
+
+def _open_tiff(spec: SourceSpec) -> Source:
+    import logging
+
+    import tifffile
+    import zarr
+
+    # tifffile logs what it skips in a damaged file; the reads below raise what matters
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+
+    where = f"{spec.path}"
+    try:
+        tif = tifffile.TiffFile(spec.path)
+        series = tif.series[0]
+        levels = len(series.levels)
+        if not 0 <= spec.level < levels:
+            tif.close()
+            raise InvalidInputError(f"{where}: --level {spec.level}, but the file has "
+                                    f"{levels} level{'s' if levels > 1 else ''}")
+        axes = series.levels[spec.level].axes
+        store = series.aszarr(level=spec.level)
+        array = zarr.open_array(store, mode="r")
+    except InvalidInputError:
+        raise
+    except Exception as e:
+        raise InvalidInputError(f"{where}: not a readable TIFF ({describe(e)})") from None
+    squeeze = [i for i, (a, n) in enumerate(zip(axes, array.shape)) if a not in "YXSC" and n == 1]
+    if squeeze or len(array.shape) > 3:
+        raise InvalidInputError(f"{where}: a TIFF series of axes {axes} (expected YX, YXS or "
+                                "CYX: one 2-D image)")
+    layout = _guess_layout(array.shape, spec.channels, spec.layout, axes, where)
+
+    def close():
+        store.close()
+        tif.close()
+
+    return ArraySource(array, layout, spec.channels, where, close)
+
+
+def _open_zarr(spec: SourceSpec) -> Source:
+    import zarr
+
+    where = spec.path
+    try:
+        node = zarr.open(spec.path, mode="r")
+    except Exception as e:
+        raise InvalidInputError(f"{where}: not a readable zarr array ({describe(e)})") from None
+    axes = None
+    if isinstance(node, zarr.Group):  # OME-Zarr: the multiscales' dataset of this level
+        try:
+            ms = node.attrs.get("ome", node.attrs).get("multiscales", [{}])[0]
+            path = ms["datasets"][spec.level]["path"]
+            axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", []))
+            node = node[path]
+        except (KeyError, IndexError, TypeError):
+            raise InvalidInputError(f"{where}: a zarr group without an image at level "
+                                    f"{spec.level} (expected an array or OME-Zarr multiscales)") \
+                from None
+        keep = [i for i, a in enumerate(axes.upper()) if a in "CYX"]
+        if len(keep) != len(node.shape) or axes.upper()[-2:] != "YX":
+            if any(n != 1 for i, n in enumerate(node.shape) if i not in keep):
+                raise InvalidInputError(f"{where}: OME-Zarr axes {axes}: expected one 2-D image")
+            index = tuple(slice(None) if i in keep else 0 for i in range(len(node.shape)))
+            node = _Indexed(node, index)
+        axes = "".join(a for a in axes.upper() if a in "CYX")
+    elif spec.level:
+        raise InvalidInputError(f"{where}: --level {spec.level}, but this is a single array")
+    layout = _guess_layout(node.shape, spec.channels, spec.layout, axes, where)
+    return ArraySource(node, layout, spec.channels, where)
+
+
+class _Indexed:
+    """An array with some leading singleton dims (T, Z of OME-Zarr) fixed."""
+
+    def __init__(self, array, index):
+        self.array, self.index = array, index
+        self.shape = tuple(n for n, i in zip(array.shape, index) if isinstance(i, slice))
+        self.dtype = array.dtype
+
+    def __getitem__(self, key):
+        key = list(key) if isinstance(key, tuple) else [key]
+        full = [key.pop(0) if isinstance(i, slice) and key else i for i in self.index]
+        return self.array[tuple(full)]
+
+
+def _open_npy(spec: SourceSpec) -> Source:
+    try:
+        array = np.load(spec.path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise InvalidInputError(f"{spec.path}: not a readable .npy array ({describe(e)})") \
+            from None
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if spec.level:
+        raise InvalidInputError(f"{spec.path}: --level {spec.level}, but this is one array")
+    return ArraySource(array, _guess_layout(array.shape, spec.channels, spec.layout, None,
+                                            spec.path), spec.channels, spec.path)
+
+
+def _open_picture(spec: SourceSpec) -> Source:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(spec.path) as img:
+            if img.mode not in ("L", "RGB", "RGBA", "I;16", "I"):
+                img = img.convert("RGBA" if "A" in img.mode else "RGB")
+            array = np.asarray(img)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InvalidInputError(f"{spec.path}: not a readable image ({describe(e)})") from None
+    if spec.level:
+        raise InvalidInputError(f"{spec.path}: --level {spec.level}, but a picture has one")
+    layout = "hwc" if array.ndim == 3 else "auto"
+    return ArraySource(array, layout, spec.channels, spec.path)
+
+
+class SlideSource(Source):
+    """OpenSlide formats; pixels are RGBA composited on white by OpenSlide, alpha dropped."""
+
+    def __init__(self, spec: SourceSpec):
+        try:
+            import openslide
+        except ImportError:
+            raise InvalidInputError(
+                f"{spec.path}: slide formats need OpenSlide: pip install "
+                "'econv-convert[slides]' (openslide-python with the openslide-bin wheel)") \
+                from None
+        try:
+            self.slide = openslide.OpenSlide(spec.path)
+        except Exception as e:
+            raise InvalidInputError(f"{spec.path}: not a readable slide ({describe(e)})") \
+                from None
+        if not 0 <= spec.level < self.slide.level_count:
+            raise InvalidInputError(f"{spec.path}: --level {spec.level}, but the slide has "
+                                    f"{self.slide.level_count} levels")
+        _channels_kept(4, spec.channels, spec.path)
+        self.level = spec.level
+        self.down = self.slide.level_downsamples[spec.level]
+        w, h = self.slide.level_dimensions[spec.level]
+        self.shape, self.dtype = (spec.channels, h, w), np.dtype(np.uint8)
+        self.where = spec.path
+
+    def read(self, y0, y1, x0, x1):
+        try:
+            region = self.slide.read_region((round(x0 * self.down), round(y0 * self.down)),
+                                            self.level, (x1 - x0, y1 - y0))
+        except Exception as e:
+            raise InvalidInputError(f"{self.where}: cannot read [{y0}:{y1}, {x0}:{x1}] "
+                                    f"({describe(e)})") from None
+        return np.moveaxis(np.asarray(region)[..., :3], -1, 0)
+
+    def close(self):
+        self.slide.close()
+
+
+_OPENERS = {"tiff": _open_tiff, "zarr": _open_zarr, "npy": _open_npy,
+            "picture": _open_picture, "slide": SlideSource}
+
+
+def open_source(spec: SourceSpec) -> Source:
+    """A reader for ``spec`` (a new one; see :func:`cached_source` in workers)."""
+    if spec.layout not in LAYOUTS:
+        raise InvalidInputError(f"--layout {spec.layout}: expected one of {', '.join(LAYOUTS)}")
+    if not Path(spec.path).exists():
+        raise InvalidInputError(f"{spec.path}: no such file")
+    return _OPENERS[kind_of(spec.path)](spec)
+
+
+@functools.lru_cache(maxsize=4)
+def cached_source(spec: SourceSpec) -> Source:
+    """One reader per process and spec: Dask workers reuse it across their blocks."""
+    return open_source(spec)
+
+
+def scale_of(dtype: np.dtype) -> float:
+    """Integer images are scaled to [0, 1] by their dtype's maximum; floats are taken as
+    they are."""
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return 1.0
+    if np.issubdtype(dtype, np.integer):
+        return float(np.iinfo(dtype).max)
+    return 1.0
+
+
+def normalize(a: np.ndarray, mean, std) -> np.ndarray:
+    """``(a / max - mean) / std`` as float32: integers scaled to [0, 1] first."""
+    x = a.astype(np.float32)
+    s = scale_of(a.dtype)
+    if s != 1.0:
+        x /= s
+    if mean is not None:
+        x -= np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+    if std is not None:
+        x /= np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+    return x

@@ -1,0 +1,252 @@
+"""predict over large images: block by block into zarr, on Dask, resumable; the readers.
+
+Every result is compared with one whole-image pass of the same dense model: blocks, workers,
+schedulers and resumed runs must not change a single output beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from conftest import FIXTURES
+from PIL import Image
+from typer.testing import CliRunner
+
+from econv_convert import densify, save_dense
+from econv_convert.cli import app
+from econv_convert.errors import InvalidInputError
+from econv_convert.run import scene
+from econv_convert.run.sources import SourceSpec, normalize, open_source
+from econv_convert.torch.loading import load_model
+
+
+def dense_model(name: str, global_pool: str = "window"):
+    loaded = load_model(FIXTURES / f"{name}.pt")
+    return densify(loaded.model, loaded.input_shape, global_pool=global_pool)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A global-average-pool classifier as a heat map (window mode), saved."""
+    path = tmp_path_factory.mktemp("model") / "dense.pt"
+    dense = dense_model("tiny_resnet")
+    save_dense(dense, path)
+    return dense, path
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """A tiled, compressed RGB TIFF with a second pyramid level."""
+    rng = np.random.default_rng(0)
+    a = (rng.random((181, 203, 3)) * 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("image") / "scene.tif"
+    with tifffile.TiffWriter(path) as w:
+        w.write(a, tile=(32, 32), compression="zlib", photometric="rgb", subifds=1)
+        w.write(a[::2, ::2], tile=(32, 32), compression="zlib", photometric="rgb",
+                subfiletype=1)
+    return a, path
+
+
+def whole(dense, a: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(normalize(np.moveaxis(a, -1, 0), None, None))[None]
+    with torch.no_grad():
+        y = dense(x)
+    return y.reshape(-1, *y.shape[-2:]).numpy()
+
+
+def run(model_path, image_path, out, **kw):
+    meta = (load_dense_meta(model_path))
+    kw.setdefault("workers", 0)
+    return scene.predict_scene(scene.ModelSpec(str(model_path)),
+                               SourceSpec(str(image_path), 3), out,
+                               record={"model_sha256": scene.checksum(model_path),
+                                       "options": kw.pop("options", {})}, meta=meta, **kw)
+
+
+def load_dense_meta(path):
+    from econv_convert.torch.storage import load_dense
+
+    return load_dense(path).econv
+
+
+def test_blocks_write_the_whole_image_result(tmp_path, classifier, image):
+    dense, path = classifier
+    a, tif = image
+    report = run(path, tif, tmp_path / "o.zarr", block=32)
+    out = zarr.open_array(str(tmp_path / "o.zarr"), mode="r")
+    expected = whole(dense, a)
+    assert out.shape == expected.shape and report.blocks_total > 4
+    np.testing.assert_allclose(out[:], expected, rtol=1e-5, atol=1e-5)
+    attrs = out.attrs["econv"]
+    assert attrs["complete"] and attrs["step"] == [1, 1] and attrs["offset"] == [0, 0]
+    assert attrs["window"] == list(dense.econv.example_shape[2:])
+    assert out.chunks == (expected.shape[0], 32, 32)
+    assert Image.open(tmp_path / "o.png").size[0] <= 1024
+
+
+def test_dask_workers_and_a_separate_scheduler_give_identical_bytes(tmp_path, classifier,
+                                                                    image):
+    from distributed import LocalCluster
+
+    _, path = classifier
+    _, tif = image
+    run(path, tif, tmp_path / "one.zarr", block=64)
+    report = run(path, tif, tmp_path / "two.zarr", block=64, workers=2)
+    assert report.workers == 2 and report.scheduler == "embedded LocalCluster"
+    with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=None, scheduler_port=0) as cluster:
+        report = run(path, tif, tmp_path / "far.zarr", block=64,
+                     scheduler=cluster.scheduler_address)
+        assert report.scheduler == cluster.scheduler_address
+    one = zarr.open_array(str(tmp_path / "one.zarr"), mode="r")[:]
+    for name in ("two", "far"):
+        assert np.array_equal(zarr.open_array(str(tmp_path / f"{name}.zarr"), mode="r")[:], one)
+
+
+def test_the_block_size_does_not_change_the_result(tmp_path, classifier, image):
+    _, path = classifier
+    _, tif = image
+    outs = []
+    for block in (16, 48):
+        run(path, tif, tmp_path / f"{block}.zarr", block=block, overview=False)
+        outs.append(zarr.open_array(str(tmp_path / f"{block}.zarr"), mode="r")[:])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_killed_run_resumes_with_only_the_missing_blocks(tmp_path, classifier, image):
+    _, path = classifier
+    _, tif = image
+    out = tmp_path / "o.zarr"
+    full = run(path, tif, tmp_path / "full.zarr", block=32, overview=False)
+    # a run killed after some blocks: its output exists, incomplete
+    meta = load_dense_meta(path)
+    geo = scene.geometry(meta)
+    job = scene.Job(scene.ModelSpec(str(path), threads=1), SourceSpec(str(tif), 3), str(out),
+                    full.shape, (32, 32), geo.step, geo.unit, geo.halo)
+    record = {"model_sha256": scene.checksum(path), "options": {}, "format": scene.FORMAT,
+              "shape": list(full.shape), "block": [32, 32]}
+    assert scene.prepare_output(job, record, resume=False, overwrite=False) == set()
+    for b in job.blocks()[:5]:
+        scene.compute_block(job, b)
+    assert not zarr.open_array(str(out), mode="r").attrs["econv"]["complete"]
+    with pytest.raises(scene.OutputExistsError, match="exists; --resume"):
+        run(path, tif, out, block=32)
+    with pytest.raises(scene.OutputExistsError, match="another options"):
+        run(path, tif, out, block=32, resume=True, options={"mean": [0.5]})
+    report = run(path, tif, out, block=32, resume=True)
+    assert report.blocks_skipped == 5 and report.blocks_total == full.blocks_total
+    assert np.array_equal(zarr.open_array(str(out), mode="r")[:],
+                          zarr.open_array(str(tmp_path / "full.zarr"), mode="r")[:])
+    assert zarr.open_array(str(out), mode="r").attrs["econv"]["complete"]
+
+
+def test_an_existing_folder_that_is_not_ours_is_never_removed(tmp_path, classifier, image):
+    _, path = classifier
+    _, tif = image
+    (tmp_path / "data.zarr").mkdir()
+    (tmp_path / "data.zarr" / "keep.txt").write_text("precious")
+    with pytest.raises(scene.OutputExistsError, match="not an output of econv-convert"):
+        run(path, tif, tmp_path / "data.zarr", overwrite=True)
+    assert (tmp_path / "data.zarr" / "keep.txt").read_text() == "precious"
+
+
+def test_phase_pooled_models_are_refused_with_what_to_do(tmp_path):
+    meta = dense_model("tiny_resnet", "phase").econv
+    with pytest.raises(InvalidInputError, match="--global-pool window"):
+        scene.geometry(meta)
+
+
+# -- readers ---------------------------------------------------------------------------------
+
+
+def test_readers_give_the_same_pixels(tmp_path, image):
+    a, tif = image
+    chw = np.ascontiguousarray(np.moveaxis(a, -1, 0))
+    np.save(tmp_path / "hwc.npy", a)
+    np.save(tmp_path / "chw.npy", chw)
+    rgba = np.concatenate([a, np.full(a.shape[:2] + (1,), 255, np.uint8)], -1)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    zarr.create_array(str(tmp_path / "a.zarr"), data=chw, chunks=(3, 50, 50))
+    group = zarr.open_group(str(tmp_path / "ome.zarr"), mode="w")
+    group.create_array("0", data=chw[None, :, None], chunks=(1, 3, 1, 64, 64))
+    group.attrs["multiscales"] = [{"axes": [{"name": n} for n in "tczyx"],
+                                   "datasets": [{"path": "0"}]}]
+    for name in ("hwc.npy", "chw.npy", "rgba.png", "a.zarr", "ome.zarr", tif.name):
+        where = tif if name == tif.name else tmp_path / name
+        src = open_source(SourceSpec(str(where), 3))
+        assert src.shape == (3, 181, 203), name
+        np.testing.assert_array_equal(src.read(10, 50, 7, 90), chw[:, 10:50, 7:90], name)
+    level = open_source(SourceSpec(str(tif), 3, level=1))
+    np.testing.assert_array_equal(level.read(0, 20, 0, 30), chw[:, ::2, ::2][:, :20, :30])
+
+
+def test_integer_images_are_scaled_to_one_then_normalized():
+    a = np.array([[[0, 65535]]], dtype=np.uint16)
+    np.testing.assert_allclose(normalize(a, [0.5], [0.5]), [[[-1.0, 1.0]]])
+    np.testing.assert_allclose(normalize(a.astype(np.float32), None, None), [[[0, 65535]]])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-an-image", "wrong-channels", "level"])
+def test_bad_inputs_end_in_one_line_and_write_nothing(tmp_path, classifier, image, damage):
+    _, path = classifier
+    a, tif = image
+    bad = tmp_path / "bad.tif"
+    args = []
+    if damage == "truncated":
+        bad.write_bytes(tif.read_bytes()[:3000])
+    elif damage == "not-an-image":
+        bad.write_bytes(b"II*\x00 this is not a tiff")
+    elif damage == "wrong-channels":
+        tifffile.imwrite(bad, a[..., :2])
+    else:
+        bad = tif
+        args = ["--level", "5"]
+    out = tmp_path / "o.zarr"
+    result = CliRunner().invoke(app, ["predict", str(path), str(bad), "-o", str(out),
+                                      "--workers", "0", *args])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert "\n" not in message and str(bad.name) in message
+    assert not out.exists()
+
+
+def test_cli_densifies_a_baseline_and_reports_json(tmp_path, image):
+    a, tif = image
+    out = tmp_path / "heat.zarr"
+    result = CliRunner().invoke(app, ["predict", str(FIXTURES / "tiny_resnet.pt"), str(tif),
+                                      "-o", str(out), "--workers", "0", "--block", "64",
+                                      "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["blocks_total"] == 6 and report["blocks_skipped"] == 0
+    assert report["seconds"] > 0 and report["geometry"]["window"] == [64, 64]
+    np.testing.assert_allclose(zarr.open_array(str(out), mode="r")[:],
+                               whole(dense_model("tiny_resnet"), a), rtol=1e-5, atol=1e-5)
+    again = CliRunner().invoke(app, ["predict", str(FIXTURES / "tiny_resnet.pt"), str(tif),
+                                     "-o", str(out), "--workers", "0", "--block", "64",
+                                     "--resume", "--json"])
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["blocks_skipped"] == 6
+
+
+def test_a_dense_onnx_model_runs_in_onnxruntime(tmp_path, image):
+    from onnx_graphs import export
+
+    from econv_convert import onnx_api
+
+    a, tif = image
+    loaded = load_model(FIXTURES / "tiny_resnet.pt")
+    graph = export(loaded.model.eval(), loaded.input_shape, dynamic=True)
+    dense_graph, _ = onnx_api.densify(graph, loaded.input_shape, global_pool="window")
+    onnx_api.save(dense_graph, tmp_path / "dense.onnx")
+    out = tmp_path / "o.zarr"
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "dense.onnx"), str(tif), "-o",
+                                      str(out), "--workers", "0", "--block", "96"])
+    assert result.exit_code == 0, result.stderr
+    np.testing.assert_allclose(zarr.open_array(str(out), mode="r")[:],
+                               whole(dense_model("tiny_resnet"), a), rtol=1e-4, atol=1e-4)
