@@ -1,5 +1,7 @@
 """Benchmark of ``predict`` over large images: ``python benchmarks/scene.py [SIZE ...]``
-(default sizes 1024 2048 4096; each side of a square RGB image, in pixels).
+(default sizes 1024 2048 4096; each side of a square RGB image, in pixels), and
+``python benchmarks/scene.py --memory BLOCK SIZE ...`` (one worker, fixed block: peak memory
+against image size only).
 
 For each size it writes a synthetic tiled, compressed TIFF (tile by tile: the image is never
 in memory) and runs ``econv-convert predict`` on the bundled GAP classifier (tiny_resnet,
@@ -38,9 +40,9 @@ from econv_convert.torch.loading import load_model  # noqa: E402
 MODEL = ROOT / "fixtures" / "tiny_resnet.pt"
 
 
-def run_predict(model: Path, image: Path, out: Path, workers: int) -> dict:
+def run_predict(model: Path, image: Path, out: Path, workers: int, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "econv_convert.cli", "predict", str(model), str(image), "-o",
-           str(out), "--workers", str(workers), "--json", "--overwrite"]
+           str(out), "--workers", str(workers), "--json", "--overwrite", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
     done = threading.Event()
@@ -86,7 +88,28 @@ def patch_by_patch(model, dense, positions: int, sample: int = 64) -> dict:
     return {"seconds": seconds, "macs": per_patch * positions}
 
 
+def memory_only(block: int, sizes: list[int]) -> None:
+    """``--memory BLOCK SIZE...``: one worker, a fixed block: peak memory against image size."""
+    loaded = load_model(MODEL)
+    dense = densify(loaded.model, loaded.input_shape, global_pool="window")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_dense(dense, tmp / "dense.pt")
+        for size in sizes:
+            write_scene(tmp / "scene.tif", size)
+            r = run_predict(tmp / "dense.pt", tmp / "scene.tif", tmp / "o.zarr", 1,
+                            "--block", str(block))
+            rows.append({"size": size, "block": block, **{k: r[k] for k in (
+                "seconds", "peak_rss_bytes", "shape", "blocks_total")}})
+            print(f"| {size}² | {block} | {r['blocks_total']} | {r['seconds']:.0f} s | "
+                  f"{r['peak_rss_bytes'] / 2**20:.0f} MiB |", flush=True)
+    (HERE / "scene_memory.json").write_text(json.dumps(rows, indent=2))
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--memory"]:
+        return memory_only(int(sys.argv[2]), [int(s) for s in sys.argv[3:]])
     sizes = [int(s) for s in sys.argv[1:]] or [1024, 2048, 4096]
     loaded = load_model(MODEL)
     dense = densify(loaded.model, loaded.input_shape, global_pool="window")

@@ -250,3 +250,37 @@ def test_a_dense_onnx_model_runs_in_onnxruntime(tmp_path, image):
     assert result.exit_code == 0, result.stderr
     np.testing.assert_allclose(zarr.open_array(str(out), mode="r")[:],
                                whole(dense_model("tiny_resnet"), a), rtol=1e-4, atol=1e-4)
+
+
+def test_resume_after_a_real_kill(tmp_path, classifier, image):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, path = classifier
+    _, tif = image
+    out = tmp_path / "o.zarr"
+    cmd = [sys.executable, "-m", "econv_convert.cli", "predict", str(path), str(tif), "-o",
+           str(out), "--workers", "0", "--block", "16", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = out / scene.MARKERS
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if markers.is_dir() and len(list(markers.iterdir())) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    if proc.returncode != -signal.SIGKILL:
+        pytest.skip("the run ended before it could be killed")
+    assert not zarr.open_array(str(out), mode="r").attrs["econv"]["complete"]
+    done = len(list(markers.iterdir()))
+    result = CliRunner().invoke(app, ["predict", str(path), str(tif), "-o", str(out),
+                                      "--workers", "0", "--block", "16", "--resume", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["blocks_skipped"] == done < report["blocks_total"]
+    run(path, tif, tmp_path / "full.zarr", block=16, overview=False)
+    assert np.array_equal(zarr.open_array(str(out), mode="r")[:],
+                          zarr.open_array(str(tmp_path / "full.zarr"), mode="r")[:])

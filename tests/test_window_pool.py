@@ -168,3 +168,38 @@ def test_window_pooling_needs_the_window_in_the_record():
     pools = [r for r in dense.econv.records if r["kind"].startswith("global")]
     assert [tuple(p["after"]["kernel"]) for p in pools] == [(6, 5)]
     assert np.all(np.asarray(pools[0]["field"]) >= (45 - 8, 39 - 8))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "amax"])
+def test_window_pooling_of_1d_and_3d_maps(reduce):
+    for conv, bn, shape in ((nn.Conv1d, nn.BatchNorm1d, (1, 2, 41)),
+                            (nn.Conv3d, nn.BatchNorm3d, (1, 2, 13, 15, 14))):
+        nd = len(shape) - 2
+        trunk = nn.Sequential(conv(2, 6, 3, 2, 1), bn(6), nn.ReLU(), conv(6, 6, 3, 2))
+        dims = tuple(range(-nd, 0))
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.trunk, self.fc = trunk, nn.Linear(6, 3)
+
+            def head(self, f):
+                return self.fc(getattr(torch, reduce)(f, dims))
+
+            def forward(self, x):
+                return self.head(self.trunk(x))
+
+        model = rand_bn(Net())
+        dense = densify(model, shape, global_pool="window")
+        step = dense.econv.axis_steps
+        big = torch.randn(1, 2, *(n + 9 for n in shape[2:]))
+        with torch.no_grad():
+            torch.testing.assert_close(lattice_view(dense, dense(torch.ones(shape))),
+                                       model(torch.ones(shape)))
+            y, trunk_map = dense(big), model.trunk(big)
+            window = model.trunk(torch.zeros(shape)).shape[2:]
+            corner = tuple(slice(0, w) for w in window)
+            shifted = tuple(slice(1, 1 + w) for w in window)
+            for where, lattice in ((corner, (0,) * nd), (shifted, step)):
+                want = model.head(trunk_map[(slice(None), slice(None), *where)])
+                torch.testing.assert_close(y[(slice(None), slice(None), *lattice)], want)

@@ -288,8 +288,9 @@ def _reduce(x: torch.Tensor, dims: Sequence[int], reduce: str, keepdim: bool) ->
 
 def _window_pool(x: torch.Tensor, dims: Sequence[int], steps: Sequence[int],
                  extent: Sequence[int] | None, reduce: str) -> torch.Tensor:
-    """Separable: each of these reductions over a box is the reduction, axis by axis, of the
-    reductions along one axis. ``unfold`` makes each axis' windows a view (no copy)."""
+    """A 2-D map: a dilated max pool or a depthwise convolution. Otherwise separable: each of
+    these reductions over a box is the reduction, axis by axis, of the reductions along one
+    axis, and ``unfold`` makes each axis' windows a view (no copy)."""
     if extent is None or len(extent) != len(dims):
         raise ValueError("window pooling needs the window's extent per pooled dim")
     for d, s, m in zip(dims, steps, extent, strict=True):
@@ -298,7 +299,19 @@ def _window_pool(x: torch.Tensor, dims: Sequence[int], steps: Sequence[int],
         torch._check(n >= span, lambda n=n, span=span, m=m: (
             f"the input is smaller than this dense model's window: a pooled map has {n} dense "
             f"positions, the window of {m} lattice points needs {span}"))
-        x = _reduce(x.unfold(d, span, 1)[..., ::s], [-1], reduce, False)
+    if list(dims) == [x.dim() - 2, x.dim() - 1] and x.dim() == 4 and reduce != "amin":
+        # the common case, a 2-D map: one dilated pool (max) or depthwise convolution (mean,
+        # sum) instead of two passes over strided views
+        if reduce == "amax":
+            x = F.max_pool2d(x, tuple(extent), 1, 0, tuple(steps))
+        else:
+            c = x.shape[1]
+            scale = 1.0 / math.prod(extent) if reduce == "mean" else 1.0
+            w = torch.full((c, 1, *extent), scale, dtype=x.dtype, device=x.device)
+            x = F.conv2d(x, w, None, 1, 0, tuple(steps), c)
+        return x[:, :, None, None]
+    for d, s, m in zip(dims, steps, extent, strict=True):
+        x = _reduce(x.unfold(d, (m - 1) * s + 1, 1)[..., ::s], [-1], reduce, False)
     # the window positions go to the end; the pooled dims stay, with size 1
     k = len(dims)
     x = x.reshape(*x.shape, *([1] * k))
