@@ -767,7 +767,8 @@ def predict(
     from econv_convert.run.sources import SourceSpec
     from econv_convert.torch.loading import check_file
 
-    check_file(input) if not input.is_dir() else None
+    if not input.is_dir():  # a zarr input is a folder
+        check_file(input)
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
     if output.suffix.lower() == ".npy":
