@@ -17,6 +17,7 @@ from econv_convert.errors import (
     UnsupportedLayerError,
 )
 from econv_convert.torch.api import densify, inverse, lattice_view
+from econv_convert.torch.module import freeze_batchnorm
 from econv_convert.torch.storage import load_dense, save_dense
 from econv_convert.torch.verify import verify
 
@@ -25,5 +26,5 @@ __version__ = "0.1.0"
 __all__ = [
     "DenseInfo", "EConvError", "EquivalenceError", "InvalidInputError", "InvalidModelError",
     "TransferError", "UnsafeCheckpointError", "UnsupportedLayerError", "VerifyReport",
-    "__version__", "densify", "inverse", "lattice_view", "load_dense", "save_dense", "verify",
+    "__version__", "densify", "freeze_batchnorm", "inverse", "lattice_view", "load_dense", "save_dense", "verify",
 ]

@@ -99,7 +99,7 @@ def test_dask_workers_and_a_separate_scheduler_give_identical_bytes(tmp_path, cl
     report = run(path, tif, tmp_path / "two.zarr", block=64, workers=2)
     assert report.workers == 2 and report.scheduler == "embedded LocalCluster"
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
-                      dashboard_address=None, scheduler_port=0) as cluster:
+                      dashboard_address="127.0.0.1:0", scheduler_port=0) as cluster:
         report = run(path, tif, tmp_path / "far.zarr", block=64,
                      scheduler=cluster.scheduler_address)
         assert report.scheduler == cluster.scheduler_address

@@ -65,6 +65,8 @@ class DenseInfo:
     # (N, spatial..., C, as TensorFlow conversions have it); shapes given to the checks and
     # reports are in the input's own order, canonical() reorders them as N, C, spatial...
     input_layout: str = "channels_first"
+    # training mode keeps BatchNorm on its running statistics (freeze_batchnorm)
+    frozen_batchnorm: bool = False
 
     @property
     def channels_last(self) -> bool:

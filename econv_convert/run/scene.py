@@ -413,8 +413,9 @@ def _has_dashboard() -> bool:
     return True
 
 
-def _dashboard():
-    return "127.0.0.1:0" if _has_dashboard() else None
+def _dashboard() -> str:
+    # a free port on this machine only (None would mean the default, 8787, on every address)
+    return "127.0.0.1:0"
 
 
 def default_workers() -> int:

@@ -23,6 +23,7 @@ from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo, info
 from econv_convert.errors import InvalidInputError, TransferError
 from econv_convert.torch import outputs
 from econv_convert.torch.capture import capture, shape_prop
+from econv_convert.torch.module import DenseModule
 from econv_convert.torch.rewrite import Rewriter
 from econv_convert.torch.state import restore_keys, set_versions, state_metadata
 from econv_convert.torch.storage import build_module, graph_to_json
@@ -85,7 +86,7 @@ def densify(
     graph, plan = rewriter.run()
     if output_stride is not None:
         _check_output_stride(output_stride, plan, rewriter)
-    dense = fx.GraphModule(gm, graph)
+    dense = DenseModule(gm, graph)
     restore_keys(dense, baseline)
     dense.econv = DenseInfo(
         example_shape=list(x.shape),

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from econv_convert.errors import InvalidModelError, describe
-from econv_convert.torch import outputs
+from econv_convert.torch import ops, outputs
 
 NAME = "econv_name"  # node.meta key: the module path a node came from, for messages
 
@@ -335,8 +335,17 @@ def _bn(m: nn.Module, x, attr) -> tuple:
         return None  # batch statistics: refused by the rules as an unknown module
     w = attr("weight") if m.affine else None
     b = attr("bias") if m.affine else None
-    args = (x, attr("running_mean"), attr("running_var"), w, b, False, 0.0, m.eps)
-    return F.batch_norm, args, {}
+    tracked = attr("num_batches_tracked") if m.num_batches_tracked is not None else None
+    args = (x, attr("running_mean"), attr("running_var"), w, b, False, m.momentum, m.eps,
+            tracked)
+    return ops.batch_norm, args, {}
+
+
+def _dropout(m, x, attr):
+    """Dropout stays in the graph, off (captured in eval mode); ``train()`` turns it on."""
+    fn = {nn.Dropout: F.dropout, nn.Dropout1d: F.dropout1d, nn.Dropout2d: F.dropout2d,
+          nn.Dropout3d: F.dropout3d, nn.AlphaDropout: F.alpha_dropout}[type(m)]
+    return fn, (x, m.p, False, False), {}
 
 
 def _maxpool(m, x, attr):
@@ -372,10 +381,6 @@ def _adaptive(m, x, attr):
 def _attrs(fn: Callable, *names: str) -> Callable:
     """A lowering that calls ``fn(x, **{name: module.name})``."""
     return lambda m, x, attr: (fn, (x,), {n: getattr(m, n) for n in names})
-
-
-def _identity(m, x, attr):
-    return None if m.training else ("identity", (x,), {})
 
 
 def _pad(m, x, attr):
@@ -442,7 +447,7 @@ for _cls in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
     _LOWER[_cls] = _adaptive
 for _cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout):
-    _LOWER[_cls] = _identity
+    _LOWER[_cls] = _dropout
 
 
 def _lower(gm: fx.GraphModule) -> None:

@@ -212,6 +212,20 @@ def avg_pool(
     return (y / divisor).reshape(*lead, channels, *y.shape[2:])
 
 
+def batch_norm(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool,
+               momentum: float | None, eps: float, num_batches_tracked=None) -> torch.Tensor:
+    """``nn.BatchNorm``'s forward, as a function of its buffers: in training, batch statistics
+    (over every dense position) and an update of the running statistics by ``momentum`` (or
+    the cumulative average when it is None) and of ``num_batches_tracked``; otherwise the
+    running statistics. A dense model flips ``training`` with ``train()``/``eval()``."""
+    factor = 0.0 if momentum is None else momentum
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps)
+
+
 def within(x: torch.Tensor, steps: Sequence[int], limits: Sequence[int], what: str):
     """``x`` itself, after checking that its baseline sizes are within ``limits``: a pool whose
     kernel covers the whole map is a global pool only while the map fits in the kernel."""

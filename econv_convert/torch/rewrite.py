@@ -758,7 +758,7 @@ def _scalar_math(rw: Rewriter, node: fx.Node) -> Val:
 # -- channel-wise layers ---------------------------------------------------------------------
 
 
-@rule(F.batch_norm, torch.batch_norm, F.prelu, F.local_response_norm, F.channel_shuffle,
+@rule(F.batch_norm, ops.batch_norm, torch.batch_norm, F.prelu, F.local_response_norm, F.channel_shuffle,
       torch.channel_shuffle, F.normalize)
 def _channelwise(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])

@@ -24,6 +24,7 @@ import torch.nn as nn
 from econv_convert.core.records import DenseInfo, info
 from econv_convert.errors import InvalidInputError, describe
 from econv_convert.files import atomic_write
+from econv_convert.torch.module import DenseModule
 from econv_convert.torch.state import restore_keys, set_tensor, set_versions
 from econv_convert.torch.targets import qualified_name, resolve
 
@@ -172,7 +173,7 @@ def build_module(graph_json: str, state: dict[str, torch.Tensor], params: Sequen
     for n in graph.nodes:
         if n.op == "get_attr" and n.target not in state:
             raise InvalidInputError(f"the stored graph reads {n.target!r}, which the weights lack")
-    gm = fx.GraphModule(root, graph)
+    gm = DenseModule(root, graph)
     restore_keys(gm, root)  # GraphModule copies only what its graph reads
     set_versions(gm, metadata or {})
     return gm
