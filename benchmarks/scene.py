@@ -77,8 +77,8 @@ def run_predict(model: Path, image: Path, out: Path, workers: int, *extra: str) 
 
 def patch_by_patch(model, dense, positions: int, sample: int = 64) -> dict:
     """The baseline on ``sample`` patches (one batch), scaled to ``positions`` patches."""
-    shape = model_shape = list(dense.econv.example_shape)
-    patches = torch.randn(sample, *model_shape[1:])
+    shape = list(dense.econv.example_shape)
+    patches = torch.randn(sample, *shape[1:])
     with torch.no_grad():
         model(patches)  # warm-up
         t = time.perf_counter()

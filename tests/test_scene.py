@@ -60,7 +60,7 @@ def whole(dense, a: np.ndarray) -> np.ndarray:
 
 
 def run(model_path, image_path, out, **kw):
-    meta = (load_dense_meta(model_path))
+    meta = load_dense_meta(model_path)
     kw.setdefault("workers", 0)
     return scene.predict_scene(scene.ModelSpec(str(model_path)),
                                SourceSpec(str(image_path), 3), out,

@@ -32,15 +32,17 @@ class TilePlan:
     estimate_bytes: int  # memory estimate of one tile's dense pass
 
 
-def _geometry(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Receptive field and total lattice step per spatial axis; refuses what cannot be tiled."""
-    meta = info(dense)
-    if meta.global_pools and meta.global_pool != "window":
-        raise InvalidInputError("this model pools over the whole image, so no output depends "
-                                "on a window only; densify it with --global-pool window (a "
-                                "heat map of the classifier) or cut before the pool (--until)")
+def map_field(meta) -> tuple[int, ...]:
+    """The receptive field per spatial axis (input pixels) of a dense model whose one output
+    is a map over the input; refuses a model whose outputs depend on more than a window (a
+    global pool in another mode than ``window``) or that has several outputs."""
     if len(meta.outputs) != 1:
-        raise InvalidInputError("tiled prediction needs a model with one output tensor")
+        raise InvalidInputError("prediction needs a model with one output map")
+    if meta.global_pools and meta.global_pool != "window":
+        raise InvalidInputError(
+            "this dense model pools over the whole image (--global-pool "
+            f"{meta.global_pool}), so no output depends on a window only; densify it with "
+            "--global-pool window (a heat map of the classifier) or cut before the pool (--until)")
     nd = len(meta.example_shape) - 2
     dims = meta.outputs[0]["dims"]
     if len(dims) < nd or any(kind != "space" for kind, *_ in dims[-nd:]):
@@ -49,7 +51,13 @@ def _geometry(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     for r in meta.records:
         for i, f in enumerate(r["field"][:nd]):
             field[i] = max(field[i], f)
-    return tuple(field), meta.axis_steps
+    return tuple(field)
+
+
+def _geometry(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Receptive field and total lattice step per spatial axis; refuses what cannot be tiled."""
+    meta = info(dense)
+    return map_field(meta), meta.axis_steps
 
 
 def plan_tiles(dense: nn.Module, shape: Sequence[int], *, tile: int | None = None,

@@ -53,14 +53,17 @@ class ModelSpec:
     threads: int = 0  # torch / onnxruntime threads per worker; 0: the cores shared out
 
 
-_MODELS: dict[ModelSpec, Any] = {}
+_MODELS: dict[tuple[str, str], Any] = {}
 
 
 def runner(spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
-    """``f(x) -> y`` for ``(1, C, h, w)`` float32 arrays; loaded once per process."""
-    if spec not in _MODELS:
-        _MODELS[spec] = _load_runner(spec)
-    return _MODELS[spec]
+    """``f(x) -> y`` for ``(1, C, h, w)`` float32 arrays; loaded once per process and file
+    (the first load's thread count stays: the output-size probe and the blocks run in this
+    process share one model)."""
+    key = (spec.path, spec.device)
+    if key not in _MODELS:
+        _MODELS[key] = _load_runner(spec)
+    return _MODELS[key]
 
 
 def _load_runner(spec: ModelSpec):
@@ -143,26 +146,15 @@ def geometry(meta) -> Geometry:
     """The :class:`Geometry` of a dense model from its :class:`DenseInfo`; refuses a model
     whose output is not one map over the input (a global pool in phase mode, several
     outputs)."""
-    if len(meta.outputs) != 1:
-        raise InvalidInputError("prediction needs a model with one output map")
-    if meta.global_pools and meta.global_pool != "window":
-        raise InvalidInputError(
-            "this dense model pools over the whole image (--global-pool "
-            f"{meta.global_pool}), so no output depends on a window only; densify it with "
-            "--global-pool window (a heat map of the classifier) or cut before the pool (--until)")
+    from econv_convert.run.predict import map_field
+
+    field_ = map_field(meta)
     example = meta.canonical(meta.example_shape)
     nd = len(example) - 2
     if nd != 2:
         raise InvalidInputError(f"prediction over images takes 2-D models; this one has {nd} "
                                 "spatial axes")
-    dims = meta.outputs[0]["dims"]
-    if len(dims) < nd or any(kind != "space" for kind, *_ in dims[-nd:]):
-        raise InvalidInputError("the model's output is not a map over the input's spatial axes")
     res = meta.output_stride or 1  # dense positions are this many input pixels apart
-    field_ = [1] * nd
-    for r in meta.records:
-        for i, f in enumerate(r["field"][:nd]):
-            field_[i] = max(field_[i], f)
     unit = tuple(res * s for s in meta.axis_steps)
     halo = tuple(u * (math.ceil(f / u) + 1) for f, u in zip(field_, unit))
     windowed = meta.global_pool == "window" and meta.global_pools > 0
@@ -211,8 +203,7 @@ def compute_block(job: Job, block: tuple[int, int]) -> tuple[int, int]:
     """Read, run, write one block (a Dask task). Returns the block."""
     source = cached_source(job.source)
     run = runner(job.model)
-    (a0, e0), (a1, e1) = job.window(block, source.shape[1:])[0]
-    (y0, y1), (x0, x1) = job.window(block, source.shape[1:])[1]
+    ((a0, e0), (a1, e1)), ((y0, y1), (x0, x1)) = job.window(block, source.shape[1:])
     x = normalize(source.read(y0, y1, x0, x1), job.mean, job.std)[None]
     y = _as_map(run(np.ascontiguousarray(x)), job.shape[0])
     # the window's output index q is the image's index lo / step + q

@@ -540,12 +540,8 @@ def node_name(node: fx.Node) -> str:
     """A node's name for people: the module path where it came from a module."""
     if node.meta.get(NAME):
         return node.meta[NAME]
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        if isinstance(path, str) and path:
-            return f"{node.name}' in module '{path}"
-    return node.name
+    path = module_path(node)
+    return f"{node.name}' in module '{path}" if path else node.name
 
 
 def is_getitem(node: Any) -> bool:
