@@ -34,6 +34,8 @@ from econv_convert.torch import targets
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _MAXPOOL = {2: F.max_pool2d, 3: F.max_pool3d}
+# torch.export, not torch.compile (torch < 2.5 has no is_exporting: treat compiling as exporting)
+_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
 
 
 def _windows(kernel, stride, pad_lo, pad_hi, dilation, ceil_mode) -> list[Window]:
@@ -56,11 +58,13 @@ def _crop(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
 
     When exporting, a gather rather than ``narrow``: ``narrow`` branches on whether the crop is
     a no-op, which an exporter must then pin to the example size (a guard); a gather always
-    copies and does not. Run eagerly, ``narrow``: a view, no copy, and the memory format
-    (channels-last) is kept, which a gather loses.
+    copies and does not. Run eagerly or under ``torch.compile`` (where a guard only means a
+    recompile), ``narrow``: a view, no copy, and the memory format (channels-last) is kept,
+    which a gather loses. Inductor's backward of the gather was also wrong (torch 2.13 CPU:
+    gradients off by 2x, or a crashed process), which ``narrow`` avoids.
     """
     nd = len(sizes)
-    if not torch.compiler.is_compiling():
+    if not _exporting():
         for i, n in enumerate(sizes):
             x = x.narrow(x.dim() - nd + i, 0, n)
         return x
