@@ -226,3 +226,126 @@ def test_torch_compile_of_a_dense_model_in_training(frozen):
     eager_buffers = dict(eager_model.named_buffers())
     for n, b in compiled_model.named_buffers():
         torch.testing.assert_close(b, eager_buffers[n], rtol=1e-9, atol=1e-9, msg=n)
+
+
+# -- stochastic depth: recognized by behaviour, kept in the graph, on in training -------------
+
+def drop_path(x, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True):
+    """Per-sample drop path as libraries write it: the identity in eval mode."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    random_tensor = x.new_empty(shape).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and scale_by_keep:
+        random_tensor.div_(keep_prob)
+    return x * random_tensor
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x):
+        return drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
+
+
+class BatchDrop(nn.Module):
+    """Stochastic depth in "batch" mode: one draw for the whole batch."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = x.new_empty([1] * x.ndim).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class GaussianNoise(nn.Module):
+    """Identity in eval mode, noise at every position in training: not stochastic depth."""
+
+    def forward(self, x):
+        return x + 0.1 * torch.randn_like(x) if self.training else x
+
+
+class Block(nn.Module):
+    def __init__(self, c: int, drop: nn.Module):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.drop_path = drop
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(x + self.drop_path(y))
+
+
+def drop_net(first: nn.Module, second: nn.Module) -> nn.Module:
+    return rand_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(), Block(8, first),
+        nn.MaxPool2d(2), Block(8, second), nn.Conv2d(8, 4, 1)))
+
+
+def _drops(dense):
+    from econv_convert.torch import ops
+
+    return [n.args[1:4:2] for n in dense.graph.nodes if n.target is ops.drop_path]
+
+
+@pytest.mark.parametrize("drop", [DropPath(0.3), BatchDrop(0.25)], ids=["per-sample", "batch"])
+def test_stochastic_depth_drops_in_training_as_the_baseline_did(drop, tmp_path):
+    model = drop_net(drop, DropPath(0.0))  # a zero rate is the identity in training too
+    dense = freeze_batchnorm(densify(model, (1, 3, 32, 32)))
+    per_sample = isinstance(drop, DropPath)
+    want_p = 0.3 if per_sample else 0.25
+    assert len(_drops(dense)) == 1
+    p, kind = _drops(dense)[0]
+    assert abs(p - want_p) < 1e-12 and kind is per_sample
+    assert any("'3.drop_path' is stochastic depth" in n for n in dense.econv.notes)
+    assert verify(model, dense).ok
+    x = torch.randn(16, 3, 35, 37)
+    # in training, the same random draws as the baseline's module: the baseline with only its
+    # drop modules in training mode is the dense model's lattice
+    model.get_submodule("3.drop_path").train()
+    for loaded in (dense, load_dense(save_dense(dense, tmp_path / "d.pt") or tmp_path / "d.pt")):
+        freeze_batchnorm(loaded).train()
+        with torch.no_grad():
+            torch.manual_seed(5)
+            got = lattice_view(loaded, loaded(x))
+            torch.manual_seed(5)
+            want = model(x)
+            torch.testing.assert_close(got, want)
+            loaded.eval()
+            assert not torch.allclose(lattice_view(loaded, loaded(x)), want)
+
+
+def test_stochastic_depth_by_a_plain_rand_comparison_is_recognized_too():
+    from families import StochasticDepth
+
+    dense = densify(drop_net(StochasticDepth(0.1), StochasticDepth(0.2)), (1, 3, 32, 32))
+    got = sorted(_drops(dense))
+    assert [k for _, k in got] == [True, True]
+    for (p, _), want in zip(got, (0.1, 0.2)):
+        assert abs(p - want) < 1e-12
+
+
+@pytest.mark.parametrize("module, phrase", [
+    (DropPath(0.2, scale_by_keep=False), "drops without rescaling"),
+    (GaussianNoise(), "random per position"),
+], ids=["unscaled", "noise"])
+def test_training_only_behaviour_that_is_not_stochastic_depth_is_reported(module, phrase):
+    model = drop_net(module, nn.Identity())
+    before = torch.get_rng_state()
+    dense = densify(model, (1, 3, 32, 32))
+    assert torch.equal(torch.get_rng_state(), before)  # the probe leaves the RNG as it was
+    assert _drops(dense) == []
+    assert any("'3.drop_path' is the identity in eval mode" in n and phrase in n
+               for n in dense.econv.notes), dense.econv.notes
+    assert verify(model, dense).ok

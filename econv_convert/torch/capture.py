@@ -77,10 +77,14 @@ class _Capture(nn.Module):
 class _Tracer(fx.Tracer):
     """fx tracing that reports the output of module ``until`` to the capturing wrapper."""
 
-    def __init__(self, wrapper: _Capture) -> None:
+    def __init__(self, wrapper: _Capture, leaves: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.wrapper = wrapper
         self.until = None if wrapper.until is None else PREFIX + wrapper.until
+        self.leaves = leaves  # ids of modules kept as calls (stochastic depth)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self.leaves or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         out = super().call_module(m, forward, args, kwargs)
@@ -124,8 +128,11 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
     """
     if until is not None and until not in dict(model.named_modules()):
         raise InvalidModelError(f"--until: the model has no module named '{until}'")
+    drops, drop_notes = stochastic_depth(model, example, input_name)
     try:
-        return _capture_fx(model, until, input_name)
+        captured = _capture_fx(model, until, input_name, drops)
+        captured.notes += drop_notes
+        return captured
     except InvalidModelError as e:
         if e.__cause__ is None:
             raise  # ours (--until, outputs): the same with any capture
@@ -142,6 +149,10 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
         "torch.export: Python control flow is fixed at the example input, and where it "
         "depends on the input size the dense model checks that the size takes the same "
         "branch")
+    if drops:
+        captured.notes.append(
+            f"stochastic depth in {', '.join(repr(d.name) for d in drops.values())} stays off "
+            "when the dense model trains: torch.export captures the eval branch only")
     return captured
 
 
@@ -149,9 +160,133 @@ def _short(e: BaseException) -> str:
     return str(e).removeprefix("cannot trace the model with torch.fx")
 
 
-def _capture_fx(model: nn.Module, until: str | None, input_name: str | None) -> Captured:
+@dataclass(frozen=True)
+class Drop:
+    """A module recognized as stochastic depth: the identity in eval mode; in training, its
+    input times a random factor per sample (or per batch) that is 0 with probability ``p`` and
+    ``1 / (1 - p)`` otherwise."""
+
+    name: str
+    p: float
+    per_sample: bool
+
+    def lower(self, m, x, attr) -> tuple:
+        return ops.drop_path, (x, self.p, False, self.per_sample), {}
+
+
+_PROBE_DRAWS = 32
+
+
+def stochastic_depth(model: nn.Module, example: torch.Tensor, input_name: str | None
+                     ) -> tuple[dict[int, Drop], list[str]]:
+    """Stochastic depth in ``model``, recognized by behaviour rather than by name.
+
+    Traced in eval mode, a drop-path module (``DropPath``, ``StochasticDepth``, ...) is the
+    identity and leaves no trace, so the dense model could never drop. Modules of the model's
+    own code with no parameters, buffers or children that return their input unchanged at the
+    example (eval mode) are run in training mode on a probe batch (float64, positive, under a
+    forked RNG): one whose output is its input times a per-sample (or per-batch) factor that
+    is 0 or one constant ``c`` is stochastic depth with drop rate ``1 - 1/c``, kept in the
+    graph as :func:`ops.drop_path`. One that does something else in training, or drops
+    without rescaling (its rate cannot be read off), is reported in a note: it stays off.
+    Returns the recognized modules by ``id`` and the notes.
+    """
+    candidates = {
+        name: m for name, m in model.named_modules()
+        if name and type(m) not in _LOWER and not type(m).__module__.startswith("torch.nn")
+        and next(m.children(), None) is None
+        and next(m.parameters(recurse=False), None) is None
+        and next(m.buffers(recurse=False), None) is None
+    }
+    if not candidates:
+        return {}, []
+    seen: dict[str, Any] = {}
+
+    def hook(name):
+        def record(m, args, out):
+            x = args[0] if len(args) == 1 else None
+            same = (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
+                    and x.is_floating_point() and x.dim() >= 2
+                    and (out is x or (out.shape == x.shape and torch.equal(out, x))))
+            if name not in seen:
+                seen[name] = x if same else None
+            elif not same:
+                seen[name] = None
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in candidates.items()]
+    try:
+        with torch.no_grad(), _quiet():
+            model(**{input_name: example}) if input_name else model(example)
+    except Exception:
+        return {}, []  # the capture that follows reports the model's error
+    finally:
+        for h in handles:
+            h.remove()
+    drops: dict[int, Drop] = {}
+    notes: list[str] = []
+    for name, x in seen.items():
+        if x is None:
+            continue
+        m = candidates[name]
+        verdict = _probe(m, x)
+        if isinstance(verdict, Drop):
+            drops[id(m)] = Drop(name, verdict.p, verdict.per_sample)
+            notes.append(f"'{name}' is stochastic depth (drop rate {verdict.p:.4g} per "
+                         f"{'sample' if verdict.per_sample else 'batch'}): it drops when the "
+                         "dense model trains")
+        elif verdict:
+            notes.append(f"'{name}' is the identity in eval mode and {verdict} in training: "
+                         "the dense model keeps it off when training")
+    return drops, notes
+
+
+def _probe(m: nn.Module, example: torch.Tensor) -> Drop | str | None:
+    """``m`` run in training mode: a :class:`Drop`, None when it is the identity there too,
+    or what else it does (a phrase for a note)."""
+    per = example[:1].numel()
+    batch = max(8, min(64, 2**22 // max(per, 1)))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((batch, *example.shape[1:]), generator=gen, dtype=torch.float64) + 0.5
+    mode = m.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            m.train()
+            outs = [m(x) for _ in range(_PROBE_DRAWS)]
+    except Exception:
+        return "fails on a float64 probe"
+    finally:
+        m.train(mode)
+    if all(isinstance(o, torch.Tensor) and torch.equal(o, x) for o in outs):
+        return None
+    factors = []
+    for o in outs:
+        if not isinstance(o, torch.Tensor) or o.shape != x.shape:
+            return "changes its output's shape"
+        r = (o / x).flatten(1)
+        if not torch.allclose(r, r[:, :1].expand_as(r), rtol=1e-12, atol=0):
+            return "random per position, not per sample"
+        factors.append(r[:, 0])
+    f = torch.stack(factors)
+    kept = f[f != 0]
+    if len(kept) == 0 or not torch.allclose(kept, kept[:1].expand_as(kept), rtol=1e-12,
+                                            atol=0):
+        return "a random factor that is not 0 or one constant"
+    scale = float(kept[0])
+    if scale <= 1.0:
+        return "drops without rescaling (its rate cannot be read off)"
+    mixed = bool(((f == 0).any(1) & (f != 0).any(1)).any())
+    uniform = bool(((f == 0).all(1) | (f != 0).all(1)).all())
+    per_sample = mixed or not (uniform and bool((f == 0).any()))
+    return Drop("", 1.0 - 1.0 / scale, per_sample)
+
+
+def _capture_fx(model: nn.Module, until: str | None, input_name: str | None,
+                drops: dict[int, Drop] | None = None) -> Captured:
+    drops = drops or {}
     wrapper = _Capture(model, input_name, until, hooks=False)
-    tracer = _Tracer(wrapper)
+    tracer = _Tracer(wrapper, frozenset(drops))
     try:
         with _through_wrapped_functions():
             graph = tracer.trace(wrapper)
@@ -167,7 +302,7 @@ def _capture_fx(model: nn.Module, until: str | None, input_name: str | None) -> 
     gm = fx.GraphModule(model, graph)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    _lower(gm)
+    _lower(gm, drops)
     return Captured(gm, "torch.fx", spec)
 
 
@@ -450,7 +585,7 @@ for _cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropo
     _LOWER[_cls] = _dropout
 
 
-def _lower(gm: fx.GraphModule) -> None:
+def _lower(gm: fx.GraphModule, drops: dict[int, Drop] | None = None) -> None:
     graph = gm.graph
     modules = dict(gm.named_modules())
     for node in list(graph.nodes):
@@ -459,6 +594,8 @@ def _lower(gm: fx.GraphModule) -> None:
         node.meta[NAME] = node.target
         m = modules[node.target]
         rule = _LOWER.get(type(m))
+        if drops and id(m) in drops:
+            rule = drops[id(m)].lower
         if rule is None or len(node.args) != 1 or node.kwargs:
             continue
         with graph.inserting_before(node):

@@ -3,7 +3,8 @@
 A dense graph is captured in eval mode, so its BatchNorm and dropout calls carry
 ``training=False``. Like any ``nn.Module``, a dense model switches them with ``train()``:
 BatchNorm (:func:`econv_convert.torch.ops.batch_norm`) then normalizes with batch statistics
-over the dense maps and updates its running statistics, dropout drops. With
+over the dense maps and updates its running statistics, dropout and stochastic depth
+(:func:`econv_convert.torch.ops.drop_path`) drop. With
 :func:`freeze_batchnorm` BatchNorm keeps its running statistics in training (the usual choice
 for fine-tuning with small batches). Exports (``.pt2``, ``.onnx``) are made in eval mode.
 """
@@ -18,11 +19,12 @@ from econv_convert.torch import ops
 
 _DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
              F.feature_alpha_dropout)
-_TRAINING_ARG = {ops.batch_norm: 5, **{fn: 2 for fn in _DROPOUTS}}
+_TRAINING_ARG = {ops.batch_norm: 5, ops.drop_path: 2, **{fn: 2 for fn in _DROPOUTS}}
 
 
 class DenseModule(fx.GraphModule):
-    """A dense model: a graph module whose BatchNorm and dropout follow its mode."""
+    """A dense model: a graph module whose BatchNorm, dropout and stochastic depth follow its
+    mode."""
 
     def train(self, mode: bool = True) -> DenseModule:
         super().train(mode)

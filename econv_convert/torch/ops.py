@@ -230,6 +230,20 @@ def batch_norm(x: torch.Tensor, running_mean, running_var, weight, bias, trainin
     return F.batch_norm(x, running_mean, running_var, weight, bias, training, factor, eps)
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool, per_sample: bool) -> torch.Tensor:
+    """Stochastic depth as the baseline's module did it (recognized by :mod:`.capture` from
+    its behaviour): in training, each sample's map (``per_sample``) or the whole batch's is
+    zeroed with probability ``p`` and kept ones are scaled by ``1 / (1 - p)``; otherwise the
+    identity. A per-sample factor multiplies every dense position alike, as it multiplied the
+    baseline's map, so it is equivariant. A dense model flips ``training``."""
+    if not training or p == 0.0:
+        return x
+    keep = 1.0 - p
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1) if per_sample else (1,) * x.dim()
+    mask = x.new_empty(shape).bernoulli_(keep)
+    return x * mask.div_(keep) if keep > 0 else x * mask
+
+
 def within(x: torch.Tensor, steps: Sequence[int], limits: Sequence[int], what: str):
     """``x`` itself, after checking that its baseline sizes are within ``limits``: a pool whose
     kernel covers the whole map is a global pool only while the map fits in the kernel."""

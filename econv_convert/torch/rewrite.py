@@ -603,7 +603,7 @@ _UNARY_FUNCTIONS = [
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
     F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.logsigmoid, F.tanhshrink, F.threshold,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.neg,
+    ops.drop_path, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.abs, torch.neg,
     torch.sqrt, torch.rsqrt, torch.clamp, torch.clip, torch.square, torch.erf, torch.sign,
     torch.nn.functional.hardshrink, torch.nn.functional.softshrink, F.relu_, F.elu_,
     F.leaky_relu_, F.hardtanh_, F.threshold_, torch.clamp_min, torch.clamp_max,
