@@ -349,3 +349,48 @@ def test_training_only_behaviour_that_is_not_stochastic_depth_is_reported(module
     assert any("'3.drop_path' is the identity in eval mode" in n and phrase in n
                for n in dense.econv.notes), dense.econv.notes
     assert verify(model, dense).ok
+
+
+# -- inverse refuses a dense model whose structure changed -----------------------------------
+
+def _replace_head(d):
+    d.get_submodule("0").weight = nn.Parameter(torch.randn(5, 3, 3, 3))  # other out-channels
+
+
+def _add_module(d):
+    d.extra = nn.Linear(2, 2)
+
+
+def _drop_buffer(d):
+    del d.get_submodule("1").running_var
+
+
+@pytest.mark.parametrize("edit, names", [
+    (_replace_head, "reshaped: 0.weight (6, 3, 3, 3) -> (5, 3, 3, 3)"),
+    (_add_module, "not in the baseline: extra.weight, extra.bias"),
+    (_drop_buffer, "missing: 1.running_var"),
+], ids=["reshaped", "added", "missing"])
+def test_inverse_refuses_a_dense_model_whose_structure_changed_naming_what_differs(edit, names):
+    from econv_convert.errors import TransferError
+
+    dense = densify(net(), (1, 3, 32, 32))
+    inverse(dense)  # unchanged: fine
+    edit(dense)
+    with pytest.raises(TransferError, match="no longer match") as e:
+        inverse(dense)
+    assert names in str(e.value)
+
+
+def test_inverse_cli_refuses_a_changed_dense_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    dense = densify(net(), (1, 3, 32, 32))
+    _add_module(dense)
+    save_dense(dense, tmp_path / "d.pt")
+    proc = subprocess.run([sys.executable, "-m", "econv_convert.cli", "inverse",
+                           str(tmp_path / "d.pt"), "-o", str(tmp_path / "b.pt")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "extra.weight" in proc.stderr + proc.stdout
+    assert not (tmp_path / "b.pt").exists()

@@ -67,6 +67,9 @@ class DenseInfo:
     input_layout: str = "channels_first"
     # training mode keeps BatchNorm on its running statistics (freeze_batchnorm)
     frozen_batchnorm: bool = False
+    # the baseline's state-dict keys and shapes: inverse refuses a dense model that no longer
+    # has them (empty in checkpoints written before it was recorded: not checked)
+    state_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def channels_last(self) -> bool:

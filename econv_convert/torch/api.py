@@ -108,6 +108,7 @@ def densify(
         capture=captured.method,
         input_name=input_name,
         output_spec=_as_json(captured.output_spec),
+        state_shapes={k: list(v.shape) for k, v in baseline.state_dict().items()},
     )
     set_versions(dense, dense.econv.state_metadata)
     dense.eval()
@@ -144,9 +145,35 @@ def inverse(dense: nn.Module) -> fx.GraphModule:
     """
     meta = info(dense)
     state = {k: v.detach().clone() for k, v in dense.state_dict().items()}
+    _check_structure(state, meta.state_shapes)
     try:
         baseline = build_module(meta.baseline_graph, state, meta.params, meta.state_metadata)
     except InvalidInputError as e:
         raise TransferError(f"cannot rebuild the baseline: {e}") from None
     baseline.econv_example_shape = list(meta.example_shape)
     return baseline.eval()
+
+
+def _check_structure(state: dict[str, torch.Tensor], recorded: dict[str, list[int]]) -> None:
+    """Refuse a dense model whose weights no longer have the baseline's names and shapes (a
+    replaced head, an added or removed module): its weights would not load into the baseline
+    class, or would load into the wrong places."""
+    if not recorded:
+        return
+    missing = [k for k in recorded if k not in state]
+    added = [k for k in state if k not in recorded]
+    reshaped = [f"{k} {tuple(recorded[k])} -> {tuple(state[k].shape)}" for k in recorded
+                if k in state and list(state[k].shape) != recorded[k]]
+    if not (missing or added or reshaped):
+        return
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    parts = [f"{what}: {some(names)}" for what, names in
+             (("missing", missing), ("not in the baseline", added), ("reshaped", reshaped))
+             if names]
+    raise TransferError(
+        "the dense model's weights no longer match its baseline's structure ("
+        + "; ".join(parts) + "); inverse transfer moves the baseline's own weights back: "
+        "densify the changed baseline instead")
