@@ -306,6 +306,7 @@ def _info_dict(meta) -> dict[str, Any]:
         "layers": meta.records,
         "outputs": meta.outputs,
         "notes": meta.notes,
+        "training": training_mode(meta),
     }
 
 
@@ -406,6 +407,11 @@ def densify(
     precision: PrecisionOpt = Precision.float64,
     at_example_size: NearOpt = False,
     force: ForceOpt = False,
+    freeze_batchnorm: Annotated[bool, typer.Option(
+        "--freeze-batchnorm", help="The dense checkpoint keeps BatchNorm on its running "
+                                   "statistics when it trains (PyTorch models; the usual choice "
+                                   "for fine-tuning with small batches). Without it BatchNorm "
+                                   "follows train()/eval() like nn.BatchNorm.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Rewrite MODEL into its dense equivalent, verify it and write it to OUTPUT."""
@@ -416,11 +422,18 @@ def densify(
     checking = None if no_verify else Check(trials, seed, atol, rtol, at_example_size, precision)
     if _is_onnx(model):
         how.torch_only()
+        if freeze_batchnorm:
+            raise InvalidInputError("--freeze-batchnorm is for PyTorch models: an ONNX dense "
+                                    "graph is for inference only")
         return _densify_onnx(model, output, how, checking, allow_mismatch, force, json_out)
     if output is not None:
         exports.check_suffix(output)
         _check_output(output, [_model_path(model)])
     path, loaded, dense = _densified(model, how)
+    if freeze_batchnorm:
+        from econv_convert.torch.module import freeze_batchnorm as freeze
+
+        freeze(dense)
     _guard_memory(dense, force, verifying=checking is not None,
                   exporting=output is not None and output.suffix != ".pt",
                   near=at_example_size)

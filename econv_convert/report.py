@@ -104,8 +104,18 @@ def print_summary(console: Console, meta: DenseInfo) -> None:
     step = _t(meta.total_step) if meta.total_step else "1"
     console.print(f"global pooling: [bold]{meta.global_pool}[/]   total lattice step: "
                   f"[bold]{step}[/]   example input: {'x'.join(map(str, meta.example_shape))}")
+    console.print(f"training: {training_mode(meta)}")
     for note in meta.notes:
         console.print(f"[yellow]note[/]: {note}")
+
+
+def training_mode(meta: DenseInfo) -> str:
+    """What the dense model does when it trains, in a phrase."""
+    if meta.capture == "onnx":
+        return "inference only (ONNX)"
+    if meta.frozen_batchnorm:
+        return "BatchNorm frozen (running statistics in train() too); dropout follows train()"
+    return "BatchNorm and dropout follow train()/eval()"
 
 
 def verify_summary(console: Console, report: VerifyReport) -> None:

@@ -394,3 +394,21 @@ def test_inverse_cli_refuses_a_changed_dense_checkpoint(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "extra.weight" in proc.stderr + proc.stdout
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_densify_cli_freezes_batchnorm_on_request_and_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    model = tmp_path / "m.pt"
+    torch.save(net(), model)
+    base = [sys.executable, "-m", "econv_convert.cli", "densify", str(model), "--input-shape",
+            "1,3,32,32", "--trust-pickle", "--no-verify"]
+    plain = subprocess.run([*base, "-o", str(tmp_path / "a.pt")], capture_output=True, text=True)
+    frozen = subprocess.run([*base, "-o", str(tmp_path / "b.pt"), "--freeze-batchnorm"],
+                            capture_output=True, text=True)
+    assert plain.returncode == 0 and frozen.returncode == 0, plain.stderr + frozen.stderr
+    assert "BatchNorm and dropout follow train()" in plain.stdout
+    assert "BatchNorm frozen" in frozen.stdout
+    assert not load_dense(tmp_path / "a.pt").econv.frozen_batchnorm
+    assert load_dense(tmp_path / "b.pt").econv.frozen_batchnorm

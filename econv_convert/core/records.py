@@ -58,7 +58,7 @@ class DenseInfo:
     # the baseline state dict's per-module metadata (``state_dict()._metadata``: versions that
     # some modules' ``_load_from_state_dict`` reads), kept for inverse transfer
     state_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
-    capture: str = "torch.fx"  # how the baseline was captured: torch.fx or torch.export
+    capture: str = "torch.fx"  # how the baseline was captured: torch.fx, torch.export or onnx
     input_name: str | None = None  # the baseline takes its image as this keyword argument
     output_spec: dict[str, Any] | None = None  # the baseline's output structure
     # the image input's dims: channels_first (N, C, spatial...) or channels_last
