@@ -26,5 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DenseInfo", "EConvError", "EquivalenceError", "InvalidInputError", "InvalidModelError",
     "TransferError", "UnsafeCheckpointError", "UnsupportedLayerError", "VerifyReport",
-    "__version__", "densify", "freeze_batchnorm", "inverse", "lattice_view", "load_dense", "save_dense", "verify",
+    "__version__", "densify", "freeze_batchnorm", "inverse", "lattice_view", "load_dense",
+    "save_dense", "verify",
 ]

@@ -297,6 +297,8 @@ def _jsonable(v: Any) -> Any:
 
 
 def _info_dict(meta) -> dict[str, Any]:
+    from econv_convert import report
+
     return {
         "global_pool": meta.global_pool,
         "until": meta.until,
@@ -306,7 +308,7 @@ def _info_dict(meta) -> dict[str, Any]:
         "layers": meta.records,
         "outputs": meta.outputs,
         "notes": meta.notes,
-        "training": training_mode(meta),
+        "training": report.training_mode(meta),
     }
 
 

@@ -5,6 +5,7 @@ parameters)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -412,3 +413,6 @@ def test_densify_cli_freezes_batchnorm_on_request_and_says_so(tmp_path):
     assert "BatchNorm frozen" in frozen.stdout
     assert not load_dense(tmp_path / "a.pt").econv.frozen_batchnorm
     assert load_dense(tmp_path / "b.pt").econv.frozen_batchnorm
+    as_json = subprocess.run([*base, "--freeze-batchnorm", "--json"], capture_output=True,
+                             text=True)
+    assert json.loads(as_json.stdout)["dense"]["training"].startswith("BatchNorm frozen")
