@@ -416,3 +416,23 @@ def test_densify_cli_freezes_batchnorm_on_request_and_says_so(tmp_path):
     as_json = subprocess.run([*base, "--freeze-batchnorm", "--json"], capture_output=True,
                              text=True)
     assert json.loads(as_json.stdout)["dense"]["training"].startswith("BatchNorm frozen")
+
+
+@pytest.mark.slow
+def test_the_training_benchmark_runs_end_to_end(tmp_path):
+    """benchmarks/training.py at a toy budget: the script the README's table comes from still
+    runs (dense training, inverse, the dense evaluation checked against baseline crops)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "training.py"
+    out = tmp_path / "t.json"
+    args = [sys.executable, str(script), "--seeds", "1", "--train-sizes", "32", "--steps", "2",
+            "--test-size", "40", "--batch", "8", "--out", str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["invocations"][0]["runs"]
+    assert [r["way"] for r in runs] == ["baseline", "dense", "shift-aug"]
+    assert out.with_suffix(".png").exists()
+    assert runs[1]["saved_bytes"] > runs[0]["saved_bytes"]
