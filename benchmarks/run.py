@@ -149,6 +149,7 @@ def resnet50_timings() -> dict:
             "dense_forward_224_s": t_forward, "verify_s": t_verify,
             "verify_checks": len(report.checked), "verify_ok": report.ok,
             "verify_sizes": [list(c.shape) for c in report.checked],
+            "verify_proven": report.proven(),
             "densify_plus_verify_s": t_densify + t_verify,
             **cli}
 
@@ -164,6 +165,7 @@ def _cli_timings(model: nn.Module) -> dict:
                     "input_shape": [1, 3, 224, 224]}, ckpt)
         out = {}
         for name, args in (("cli_densify_s", ["densify", str(ckpt)]),
+                           ("cli_densify_no_verify_s", ["densify", str(ckpt), "--no-verify"]),
                            ("cli_inspect_s", ["inspect", str(ckpt)])):
             t = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "econv_convert.cli", *args], cwd=ROOT,

@@ -1,12 +1,17 @@
 """Numerical proof that a dense model is the baseline's dense equivalent.
 
-Two checks, on random inputs of several sizes (odd ones, and ones that are not multiples of
-the lattice step):
+Three checks, on random inputs (odd sizes, and sizes that are not multiples of the step):
 
-* **lattice**: ``baseline(x)`` equals the dense output read on the lattice (phase 0);
-* **shift** (models with no padding, no ceil-mode window and no global pooling, where every
-  window is a genuine crop of the input): the dense output at offset ``r`` equals the baseline
-  run on the input cropped at ``r`` (for a patch classifier: the prediction at every pixel).
+* **lattice**: ``baseline(x)`` equals the dense output read on the lattice (phase 0), at
+  several input sizes;
+* **phases** (dense models that are the graph econv-convert made): every phase of every node,
+  identity (*) of :mod:`econv_convert.core.lattice`: the baseline's own op on each phase
+  sub-map of the dense inputs gives the dense output on that sub-lattice. Complete (every
+  position of every node between the lattice points) and cheap (one run of each graph);
+* **shift** (models whose outputs have positions): the dense output at the positions of a
+  window shifted by ``r`` equals the baseline run on the input cropped at ``r``, for offsets
+  that cover every phase of every axis, at every position whose window reads no padding
+  (:func:`econv_convert.core.lattice.interior`; every position for unpadded networks).
 
 Both models run in **float64** by default, on CPU copies (the models given are not changed):
 the dense graph adds the baseline's terms in another order, and over many layers float32
@@ -20,13 +25,17 @@ error at the model's own dtype is measured too, on one input, for information.
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from econv_convert.core.lattice import Field, interior
 from econv_convert.core.records import HEAD_KIND
 from econv_convert.errors import InvalidInputError, SizeNotCovered
 
@@ -36,7 +45,7 @@ PRECISIONS = ("float64", "model")
 
 @dataclass(frozen=True)
 class Case:
-    check: str  # "lattice" or "shift"
+    check: str  # "lattice", "phases" or "shift"
     shape: tuple[int, ...]
     max_abs: float = 0.0
     scale: float = 0.0
@@ -45,6 +54,9 @@ class Case:
     skipped: bool = False
     offset: tuple[int, ...] = ()
     output: str = ""  # the compared output with the largest error (relative to its scale)
+    seconds: float = 0.0
+    # shift: the compared output indices per axis (first, last), the window's interior
+    region: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -58,6 +70,26 @@ class VerifyReport:
     # the error at the model's own dtype, on one input, for information: dtype, shape,
     # max_abs, max_error_over_scale (None when the check already ran in that dtype)
     native: dict[str, Any] | None = None
+    # the per-node phase proof (:class:`econv_convert.torch.phases.PhaseProof`), when it ran
+    proof: Any = None
+    seconds: float = 0.0
+
+    def proven(self) -> dict[str, Any]:
+        """What the checks that passed cover, in words a report can print."""
+        kinds = {k: [c for c in self.checked if c.check == k]
+                 for k in ("lattice", "phases", "shift")}
+        out: dict[str, Any] = {
+            "lattice": {"sizes": [list(c.shape[2:]) for c in kinds["lattice"]],
+                        "seconds": sum(c.seconds for c in kinds["lattice"])}}
+        p = self.proof
+        out["phases"] = None if p is None or not p.nodes else {
+            "nodes": len(p.nodes), "phase_checks": p.phases,
+            "not_checked": dict(p.skipped), "seconds": p.seconds}
+        shifts = kinds["shift"]
+        out["shift"] = None if not shifts else {
+            "offsets": len(shifts), "interior": [list(r) for r in shifts[0].region],
+            "seconds": sum(c.seconds for c in shifts)}
+        return out
 
     @property
     def checked(self) -> list[Case]:
@@ -88,8 +120,11 @@ class VerifyReport:
             "max_error_over_scale": self.max_rel,
             "native": self.native,
             "outputs": list(self.outputs),
-            "cases": [c.__dict__ | {"shape": list(c.shape), "offset": list(c.offset)}
+            "cases": [c.__dict__ | {"shape": list(c.shape), "offset": list(c.offset),
+                                    "region": [list(r) for r in c.region]}
                       for c in self.cases],
+            "proven": self.proven(),
+            "seconds": self.seconds,
             "notes": list(self.notes),
         }
 
@@ -197,6 +232,10 @@ def _names(meta, selected: Sequence[str]) -> list[tuple[int, str]]:
     return [(k, n) for k, n in enumerate(names) if not selected or n in selected]
 
 
+# the per-node phase proof of one input, with the (atol, rtol) of the check
+Prove = Callable[[torch.Tensor, tuple[float, float]], Any]
+
+
 def check(
     meta,
     run_baseline: RunBaseline,
@@ -216,13 +255,16 @@ def check(
     select: Sequence[str] | None = None,
     depth: int = 0,
     lattice_points: int = 2,
+    prove: Prove | None = None,
 ) -> VerifyReport:
-    """The lattice and shift checks for any runtime: ``run_baseline(x)`` gives the baseline's
-    output tensors (or None and why the size is not accepted), ``run_dense(x)`` the dense
-    model's; ``meta`` is the :class:`~econv_convert.torch.api.DenseInfo` of the dense model. Inputs
+    """The lattice, phase and shift checks for any runtime: ``run_baseline(x)`` gives the
+    baseline's output tensors (or None and why the size is not accepted), ``run_dense(x)``
+    the dense model's; ``meta`` is the :class:`~econv_convert.core.records.DenseInfo` of the
+    dense model; ``prove(x)`` (when given) runs the per-node phase proof on one input. Inputs
     are made in ``dtype`` on ``device``. ``batch`` fixes the batch size (a graph with a static
     batch dim); ``select`` names the outputs to compare. Tolerances left as None follow the
     dtype and the number of layers ``depth`` (:func:`default_tolerance`)."""
+    started = time.perf_counter()
     atol, rtol = default_tolerance(dtype, atol, rtol, depth)
     all_names = [o.get("name") or f"output {k}" for k, o in enumerate(meta.outputs)]
     unknown = [n for n in select or () if n not in all_names]
@@ -240,21 +282,28 @@ def check(
         if batch is not None:
             shapes = [(batch, *s[1:]) for s in shapes]
             spares = [(batch, *s[1:]) for s in spares]
-    do_shift = shift and not meta.has_padding and (meta.global_pools == 0 or windowed(meta))
     report = VerifyReport(atol=atol, rtol=rtol, precision=str(dtype).removeprefix("torch."),
                           outputs=[n for _, n in names])
     if note:
         report.notes.append(note)
-    if shift and not do_shift:
-        report.notes.append("shift check not applicable: the model pads, has ceil-mode windows "
-                            "or pools globally, so shifted windows differ at the borders")
-    total = len(shapes) * trials + (trials * 3 if do_shift else 0)
+    plan, why = _shift_plan(meta, seed, batch) if shift else (None, "")
+    if why:
+        report.notes.append(f"shift check: {why}")
+    total = len(shapes) * trials + (1 if prove else 0) + (len(plan.offsets) if plan else 0)
     done = 0
     gen = torch.Generator().manual_seed(seed)
     tol = (atol, rtol)
     rejected: list[Case] = []
+
+    def step(what: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total, what)
+
     for shape in shapes:
         for _ in range(trials):
+            t = time.perf_counter()
             case = _lattice_case(meta, run_baseline, run_dense,
                                  _input(meta, shape, gen, device, dtype), tol, names)
             # a size the baseline rejects: try a spare size instead (fixed-size heads)
@@ -262,10 +311,8 @@ def check(
                 rejected.append(case)
                 case = _lattice_case(meta, run_baseline, run_dense,
                                      _input(meta, spares.pop(0), gen, device, dtype), tol, names)
-            report.cases.append(case)
-            done += 1
-            if progress:
-                progress(done, total, f"lattice {'x'.join(map(str, shape[2:]))}")
+            report.cases.append(_timed(case, t))
+            step(f"lattice {'x'.join(map(str, shape[2:]))}")
     if rejected:
         sizes = ", ".join("x".join(map(str, meta.canonical(c.shape)[2:])) for c in rejected)
         why = rejected[0].detail.removeprefix("the baseline rejects this size (")[:-1]
@@ -278,29 +325,130 @@ def check(
         return check(meta, run_baseline, run_dense, trials=trials, seed=seed, atol=atol,
                      rtol=rtol, shift=shift, progress=progress, device=device, dtype=dtype,
                      batch=batch, near_example=default_shapes(meta, False, more)[1] == "",
-                     select=select, depth=depth, lattice_points=more)
-    if do_shift:
-        rng = random.Random(seed)
-        example = meta.canonical(meta.example_shape)
-        res = meta.output_stride or 1  # dense positions are this many input pixels apart
-        n = batch if batch is not None else max(example[0], 2)
-        big = [n, example[1]] + [h + 2 * s * res for h, s in zip(example[2:], meta.size_steps)]
-        for _ in range(trials):
-            x = _input(meta, big, gen, device, dtype)
-            try:
-                y = run_dense(x)
-            except SizeNotCovered as e:
-                report.cases.append(Case("shift", tuple(x.shape), skipped=True,
-                                         detail=_not_covered(e)))
-                continue
-            for k in range(3):
-                room = [(b - e) // res for b, e in zip(big[2:], example[2:])]
-                offset = tuple(res * (rng.randint(0, r) if k else r) for r in room)
-                report.cases.append(_shift_case(meta, run_baseline, x, y, offset, tol, names))
-                done += 1
-                if progress:
-                    progress(done, total, f"shift {offset}")
+                     select=select, depth=depth, lattice_points=more, prove=prove)
+    lattice = [c for c in report.checked if c.check == "lattice"]
+    if prove is not None and lattice:
+        t = time.perf_counter()
+        # the smallest checked size at which every phase of every node has points, else
+        # the example's (a baseline whose windows eat small inputs)
+        tried = sorted({meta.canonical(c.shape) for c in lattice}, key=math.prod)
+        example = (tried[0][0], *meta.canonical(meta.example_shape)[1:])
+        for shape in tried + ([example] if example not in tried else []):
+            x = _input(meta, shape, torch.Generator().manual_seed(seed + 1), device, dtype)
+            proof = prove(x, tol)
+            shape = tuple(x.shape)
+            if proof.note or proof.complete or not proof.ok:
+                break
+        proof.seconds = time.perf_counter() - t
+        report.proof = proof
+        if not proof.note and not proof.complete:
+            report.notes.append("some phases of some nodes have no point at the sizes checked "
+                                "(maps of one lattice point): those are checked end to end")
+        if not proof.note and not proof.nodes:
+            proof.note = "no node of the graph holds a map between two others"
+        if proof.note:
+            report.notes.append(f"phases not proven node by node: {proof.note}")
+        else:
+            worst = proof.worst
+            report.cases.append(Case(
+                "phases", shape, worst.max_abs if worst else 0.0, worst.scale if worst else 0.0,
+                proof.ok, (f"node {worst.node}: {worst.detail}" if worst and worst.detail
+                           else f"{len(proof.nodes)} nodes, {proof.phases} phase checks"),
+                seconds=proof.seconds))
+        step("every phase of every node")
+    if plan is not None:
+        _shift_cases(meta, plan, run_baseline, run_dense, gen, device, dtype, tol, names,
+                     report, step)
+    report.seconds = time.perf_counter() - started
     return report
+
+
+def _timed(case: Case, since: float) -> Case:
+    return replace(case, seconds=time.perf_counter() - since)
+
+
+@dataclass(frozen=True)
+class ShiftPlan:
+    """The shift check's input: crops of ``crop`` pixels (N, C, spatial...) at ``offsets``
+    of one input of ``big`` pixels; ``region`` gives, per axis, the crop output indices
+    ``[first, last]`` whose windows read no padding."""
+
+    crop: tuple[int, ...]
+    big: tuple[int, ...]
+    offsets: tuple[tuple[int, ...], ...]
+    region: tuple[tuple[int, int], ...]
+
+
+MAX_OFFSETS = 64
+
+
+def _shift_plan(meta, seed: int, batch: int | None) -> tuple[ShiftPlan | None, str]:
+    """Where the shift check looks, or why it cannot: crops of the example size (or larger,
+    so that some positions are away from the padding), at offsets that cover every phase of
+    every axis (every combination while there are at most 64; else every phase per axis on
+    the diagonal, plus random ones)."""
+    if not any(d[0] == "space" for o in meta.outputs for d in o["dims"]):
+        return None, ("the outputs have no positions (a global pool): the positions between "
+                      "the lattice points are its phases")
+    example = meta.canonical(meta.example_shape)
+    nd = len(example) - 2
+    steps = meta.axis_steps
+    res = meta.output_stride or 1  # dense positions are this many input pixels apart
+    if meta.out_field and len(meta.out_field) == nd:
+        fields = [Field(*f) for f in meta.out_field]
+    elif not meta.has_padding:
+        fields = [Field(1, s) for s in steps]
+    else:
+        return None, "the padding's reach is not recorded (ONNX, or an older file)"
+    if meta.global_pools and not windowed(meta):
+        return None, ("a global pool inside the network (squeeze-excitation) reads every "
+                      "position: no position is independent of the borders")
+    if windowed(meta) and any(f.lo or f.hi for f in fields):
+        return None, ("a window pool over a padded network reads its crop's borders at every "
+                      "position (the fully convolutional prediction): it equals the head over "
+                      "the pooled whole-image features, not the baseline on a crop")
+    crop = []
+    for h, f, s in zip(example[2:], fields, steps):
+        need = f.lo + f.size + f.hi + 2 * s if any_size(meta) and not windowed(meta) else h
+        crop.append(max(h, need) if (f.lo or f.hi) else h)
+    region = [interior(c, Field(f.size, s, f.lo, f.hi)) for c, f, s in zip(crop, fields, steps)]
+    if any(a > b for a, b in region):
+        reach = ", ".join(f"{f.lo} px from the start and {f.hi} px from the end"
+                          for f in fields)
+        return None, (f"the padding reaches {reach}; a crop of {tuple(crop)} px has no "
+                      "position away from it")
+    big = [c + 2 * s for c, s in zip(crop, steps)]
+    if math.prod(big) > 4 * math.prod(h + 2 * s for h, s in zip(example[2:], steps)):
+        return None, (f"positions away from the padding (it reaches {fields[0].lo} px in) need "
+                      f"inputs of {'x'.join(map(str, big))} px, too costly here: every phase "
+                      "is proven node by node instead")
+    phases = [max(1, s // res) for s in steps]
+    combos = list(itertools.product(*(range(p) for p in phases)))
+    if len(combos) > MAX_OFFSETS:
+        rng = random.Random(seed)
+        diagonal = [tuple(k % p for p in phases) for k in range(max(phases))]
+        combos = diagonal + [c for c in rng.sample(combos, MAX_OFFSETS // 4)
+                             if c not in diagonal]
+    n = batch if batch is not None else max(example[0], 2)
+    offsets = tuple(tuple(res * k for k in c) for c in combos)
+    return ShiftPlan((n, example[1], *crop), (n, example[1], *big), offsets, tuple(region)), ""
+
+
+def _shift_cases(meta, plan: ShiftPlan, run_baseline, run_dense, gen, device, dtype, tol,
+                 names, report: VerifyReport, step) -> None:
+    t = time.perf_counter()
+    x = _input(meta, plan.big, gen, device, dtype)
+    try:
+        y = run_dense(x)
+    except SizeNotCovered as e:
+        report.cases.append(Case("shift", tuple(x.shape), skipped=True, detail=_not_covered(e)))
+        return
+    for offset in plan.offsets:
+        case = _shift_case(meta, run_baseline, x, y, offset, plan.crop[2:], plan.region, tol,
+                           names)
+        report.cases.append(_timed(case, t))
+        t = time.perf_counter()
+        step(f"shift {offset}")
 
 
 def _input(meta, shape, gen: torch.Generator, device, dtype) -> torch.Tensor:
@@ -336,31 +484,41 @@ def _not_covered(e: Exception) -> str:
             f"(where {condition or 'its condition'} held); the dense model does not cover it")
 
 
-def _shift_case(meta, run_baseline: RunBaseline, x, y, offset, tol,
+def _shift_case(meta, run_baseline: RunBaseline, x, y, offset, crop, region, tol,
                 names: list[tuple[int, str]]) -> Case:
-    crop = x
-    for i, (r, e) in enumerate(zip(offset, meta.canonical(meta.example_shape)[2:])):
-        crop = crop.narrow(meta.spatial_dim(i), r, e)
-    b, why = run_baseline(crop)
+    """The baseline on ``x`` cropped at ``offset`` (``crop`` pixels per axis) against the
+    dense output ``y`` at the crop's positions, on the crop output indices ``region``."""
+    c = x
+    for i, (r, e) in enumerate(zip(offset, crop)):
+        c = c.narrow(meta.spatial_dim(i), r, e)
+    b, why = run_baseline(c)
     if b is None:
         return Case("shift", tuple(x.shape), skipped=True, detail=why, offset=offset)
-    picked = []
+    picked, kept = [], []
+    res = meta.output_stride or 1
     for out, spec, base in zip(y, meta.outputs, b):
-        index = []
+        index, base_index = [], []
         extra = 0
-        for i, (kind, step, _axis) in enumerate(spec["dims"]):
-            if kind == "space":
-                axis_size = base.shape[i] if i < spec["base_ndim"] else 1
-                r = offset[spec["dims"][i][2]] // (meta.output_stride or 1)
-                index.append(slice(r, r + (axis_size - 1) * step + 1, step))
-                extra += i >= spec["base_ndim"]
-            else:
+        for i, (kind, step, axis) in enumerate(spec["dims"]):
+            if kind != "space":
                 index.append(slice(None))
+                base_index.append(slice(None))
+                continue
+            size = base.shape[i] if i < spec["base_ndim"] else 1
+            first, last = region[axis]
+            last = min(last, size - 1)
+            r = offset[axis] // res
+            index.append(slice(r + first * step, r + last * step + 1, step))
+            if i < spec["base_ndim"]:
+                base_index.append(slice(first, last + 1))
+            extra += i >= spec["base_ndim"]
         v = out[tuple(index)]
         if extra:
             v = v.reshape(v.shape[: v.dim() - extra])
         picked.append(v)
-    return _compare("shift", tuple(x.shape), b, picked, tol, names, offset)
+        kept.append(base[tuple(base_index)])
+    case = _compare("shift", tuple(x.shape), kept, picked, tol, names, offset)
+    return replace(case, region=tuple(region))
 
 
 def _compare(check, shape, base: list[torch.Tensor], dense: list[torch.Tensor], tol,

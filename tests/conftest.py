@@ -1,15 +1,18 @@
-"""Shared helpers: random BatchNorm statistics and the lattice-equivalence assertion."""
+"""Shared helpers: random BatchNorm statistics, and the assertion every rule test makes: the
+baseline on the lattice at several sizes, and every phase of every node (float64)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import pytest
 import torch
 import torch.nn as nn
 
-from econv_convert import densify, lattice_view
+from econv_convert import densify, inverse, lattice_view
 from econv_convert.examples import randomize_batchnorm
+from econv_convert.torch import phases
 
 FIXTURES = __import__("pathlib").Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -33,7 +36,8 @@ def assert_lattice_equal(
     seed: int = 0,
 ) -> nn.Module:
     """Densify ``model`` at ``example`` and check ``baseline(x) == lattice(dense(x))`` at the
-    example and at every size in ``sizes`` (spatial sizes; batch 2, the example's channels)."""
+    example and at every size in ``sizes`` (spatial sizes; batch 2, the example's channels),
+    then every phase of every node at the example (:func:`assert_every_phase`)."""
     model = model.eval()
     dense = dense if dense is not None else densify(model, example, global_pool=global_pool)
     gen = torch.Generator().manual_seed(seed)
@@ -44,7 +48,29 @@ def assert_lattice_equal(
             got = lattice_view(dense, dense(x))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, s=spatial: f"input {s}: {m}")
+    assert_every_phase(dense, example, seed=seed)
     return dense
+
+
+def assert_every_phase(dense: nn.Module, example: Sequence[int], seed: int = 0,
+                       allow_skipped: bool = True) -> phases.PhaseProof:
+    """Identity (*) of ``core.lattice`` at every node of ``dense``, every phase, in float64
+    with its real weights, on one random input of ``example``'s size: the positions between
+    the lattice points, layer by layer. Returns the proof."""
+    meta = dense.econv
+    wide = copy.deepcopy(dense).to(torch.float64).eval()
+    base = inverse(dense).to(torch.float64)
+    x = torch.randn((1, *example[1:]), generator=torch.Generator().manual_seed(seed + 7),
+                    dtype=torch.float64)
+    with torch.no_grad():
+        proof = phases.prove(base, wide, meta.nodes, meta.records, x, (1e-9, 1e-9))
+    assert not proof.note, proof.note
+    assert proof.nodes, f"no node proven ({proof.skipped})"
+    worst = proof.worst
+    assert proof.ok, f"node {worst.node}: {worst.detail}"
+    if not allow_skipped:
+        assert not proof.skipped, proof.skipped
+    return proof
 
 
 @pytest.fixture(autouse=True)

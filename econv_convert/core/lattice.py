@@ -14,7 +14,8 @@ Conventions (per spatial axis, see ``DESIGN.md``):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 Minimum = Callable[[int, int], int]
 
@@ -167,12 +168,105 @@ def avg_divisor_bounds(h: int, w: Window, count_include_pad: bool) -> tuple[int,
     return 0, h - 1
 
 
+# padding whose amount is computed when the model runs (TensorFlow's "same" done by hand):
+# its reach is not known, so no position counts as away from the borders
+UNKNOWN_REACH = 10**9
+
+
 @dataclass(frozen=True)
 class Field:
-    """Receptive field and lattice step of a map along one axis."""
+    """Receptive field and lattice step of a map along one axis, and the padding's reach:
+    ``lo``/``hi`` input pixels from the start/far end within which a position of the map may
+    have read padding (at the far end, ceil-mode windows count as padding).
+
+    A position whose window starts at least ``lo`` pixels after the input's start and ends at
+    least ``hi`` pixels before its end read no padding in any layer: it is the same function
+    of the pixels under its window wherever the window sits (:func:`interior`)."""
 
     size: int = 1
     step: int = 1
+    lo: int = 0
+    hi: int = 0
 
     def through(self, w: Window) -> Field:
-        return Field(size=self.size + (w.extent - 1) * self.step, step=self.step * w.stride)
+        """After window layer ``w``: its padding (``p * step`` pixels each side) adds to the
+        reach, and at the far end so does the part of a ceil-mode window past the input."""
+        tail = w.stride - 1 if w.ceil_mode else 0
+        return Field(size=self.size + (w.extent - 1) * self.step, step=self.step * w.stride,
+                     lo=self.lo + _known(w.pad_lo, w) * self.step,
+                     hi=self.hi + (_known(w.pad_hi, w) + tail) * self.step)
+
+    def padded(self, lo: Any, hi: Any) -> Field:
+        """After explicit padding of ``lo``/``hi`` points (at this map's step)."""
+        return replace(self, lo=self.lo + _known(lo) * self.step,
+                       hi=self.hi + _known(hi) * self.step)
+
+    def sliced(self, start: Any, every: Any = 1) -> Field:
+        """After a slice ``x[start::every]``: index 0 sits ``start * step`` pixels further on,
+        and the step is ``every`` times larger."""
+        if not isinstance(start, int) or start < 0 or not isinstance(every, int):
+            return replace(self, lo=UNKNOWN_REACH, hi=UNKNOWN_REACH)
+        return replace(self, lo=self.lo - start * self.step, step=self.step * every)
+
+    @staticmethod
+    def merge(fields: Sequence[Field]) -> Field:
+        """What a value computed from maps with these fields sees: the largest field (and its
+        step), the earliest window start and the latest window end (with its reach)."""
+        widest = max(fields, key=lambda f: f.size)
+        lo = max(f.lo for f in fields)
+        end = max(f.size - 1 - f.lo + f.hi for f in fields)  # window end + reach, from i*S
+        return replace(widest, lo=lo, hi=end - (widest.size - 1 - lo))
+
+
+def _known(pad: Any, w: Window | None = None) -> int:
+    return pad if isinstance(pad, int) else UNKNOWN_REACH
+
+
+def interior(n: int, f: Field) -> tuple[int, int]:
+    """Output indices ``[first, last]`` (per axis, output lattice step ``f.step``) whose
+    windows on an input of ``n`` pixels read no padding: the output at index ``i`` has its
+    window at pixels ``[i*S - lo, i*S - lo + size - 1]``; it must start at pixel 0 or later
+    and end ``hi`` pixels before the input's end. ``first > last`` when there is none."""
+    first = -(-f.lo // f.step)
+    last = (n - f.hi - f.size + f.lo) // f.step
+    return first, last
+
+
+# -- phases: what a dense layer computes between the lattice points ----------------------------
+#
+# A dense map ``D`` on lattice step ``s`` holds ``s`` phases per axis: the phase-``a`` sub-map
+# ``D[a::s]`` (``0 <= a < s``) is itself a baseline map, the one the baseline computes on its
+# input shifted by ``a * (input pixels per step)``; phase 0 is the lattice. A dense layer is
+# right when every phase is: for a baseline op of stride ``t`` (1 for pointwise ops), on an
+# input at step ``s``, the dense output at step ``s * t`` has ``s * t`` phases, numbered
+# ``a + s * j`` (``0 <= j < t``), and
+#
+#     dense_out[a + s*j :: s*t]  ==  op(D[a + s*j :: s])                        (*)
+#
+# that is, the baseline op on the phase-``a`` sub-map without its first ``j`` points. The
+# dense op's padding of ``p * s`` zeros (or -inf) is each phase's ``p`` padding, so (*) holds
+# at every position for ``j == 0``. For ``j > 0`` the sliced sub-map's own padding stands
+# where the dense op reads the ``j`` points cut off: (*) holds from output
+# :func:`lead_margin` on. At the far end the tight crop keeps, on each phase but the lattice,
+# at most as many points as the op gives on the sub-map (a strided window gives one point
+# fewer per ``t`` input points); (*) is compared on the dense points, and on the lattice
+# (``a == j == 0``) both sides must have the same size. Padding that is not a constant
+# (reflect, replicate) mirrors other phases into a phase's border: for ``a > 0`` (*) holds
+# away from each border by that padding.
+
+
+def phase_input(a: int, j: int, step: int) -> slice:
+    """The input points op(*) reads for output phase ``a + step * j``."""
+    return slice(a + step * j, None, step)
+
+
+def phase_output(a: int, j: int, step: int, stride: int) -> slice:
+    """The dense output points of phase ``a + step * j`` of a layer of ``stride`` on an input
+    at ``step``."""
+    return slice(a + step * j, None, step * stride)
+
+
+def lead_margin(pad_lo: int, stride: int, j: int) -> int:
+    """Leading outputs of phase ``j > 0`` where the sliced sub-map reads its own padding and
+    the dense op the points before it: ``ceil(pad_lo / stride)`` (0 for ``j == 0``)."""
+    return 0 if j == 0 else -(-pad_lo // stride)

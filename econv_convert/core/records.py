@@ -70,6 +70,13 @@ class DenseInfo:
     # the baseline's state-dict keys and shapes: inverse refuses a dense model that no longer
     # has them (empty in checkpoints written before it was recorded: not checked)
     state_shapes: dict[str, list[int]] = field(default_factory=dict)
+    # baseline node -> {"dense": dense node, "dims": [(kind, step, axis)...], "n_extra",
+    # "flat"} for every value that carries a map: what the per-node phase proof compares
+    # (empty in checkpoints written before it was recorded: that proof is not available)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per input axis, the outputs' receptive field: [size, step, reach lo, reach hi] in input
+    # pixels (core.lattice.Field); empty where not recorded (older files, ONNX)
+    out_field: list[list[int]] = field(default_factory=list)
 
     @property
     def channels_last(self) -> bool:

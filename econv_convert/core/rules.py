@@ -99,8 +99,7 @@ class Record:
 def fields_through(fields: Sequence[Field], windows: Sequence[Window]) -> tuple[Field, ...]:
     """Receptive fields and steps after window layers ``windows`` (one per spatial axis)."""
     fields = fields or tuple(Field() for _ in windows)
-    return tuple(f.through(Window(w.kernel, w.stride, 0, 0, w.dilation))
-                 for f, w in zip(fields, windows, strict=True))
+    return tuple(f.through(w) for f, w in zip(fields, windows, strict=True))
 
 
 def input_layout(shape: Sequence[int], channels_last: bool = False) -> Layout:

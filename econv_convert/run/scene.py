@@ -369,7 +369,7 @@ def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
     try:
         if scheduler is None:
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   host="127.0.0.1", dashboard_address=_dashboard(),
+                                   host="127.0.0.1", dashboard_address=_DASHBOARD,
                                    silence_logs=40)
             client = Client(cluster)
         else:
@@ -396,17 +396,16 @@ def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
             cluster.close()
 
 
+# a free port on this machine only (None would mean the default, 8787, on every address)
+_DASHBOARD = "127.0.0.1:0"
+
+
 def _has_dashboard() -> bool:
     try:
         import bokeh  # noqa: F401
     except ImportError:
         return False
     return True
-
-
-def _dashboard() -> str:
-    # a free port on this machine only (None would mean the default, 8787, on every address)
-    return "127.0.0.1:0"
 
 
 def default_workers() -> int:

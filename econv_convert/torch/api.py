@@ -109,6 +109,8 @@ def densify(
         input_name=input_name,
         output_spec=_as_json(captured.output_spec),
         state_shapes={k: list(v.shape) for k, v in baseline.state_dict().items()},
+        nodes=_as_json(plan.nodes),
+        out_field=plan.out_field,
     )
     set_versions(dense, dense.econv.state_metadata)
     dense.eval()

@@ -128,10 +128,13 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
     """
     if until is not None and until not in dict(model.named_modules()):
         raise InvalidModelError(f"--until: the model has no module named '{until}'")
-    drops, drop_notes = stochastic_depth(model, example, input_name)
+    drops, off = stochastic_depth(model, example, input_name)
     try:
         captured = _capture_fx(model, until, input_name, drops)
-        captured.notes += drop_notes
+        captured.notes += [
+            f"'{d.name}' is stochastic depth (drop rate {d.p:.4g} per "
+            f"{'sample' if d.per_sample else 'batch'}): it drops when the dense model trains"
+            for d in drops.values()] + off
         return captured
     except InvalidModelError as e:
         if e.__cause__ is None:
@@ -153,6 +156,7 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
         captured.notes.append(
             f"stochastic depth in {', '.join(repr(d.name) for d in drops.values())} stays off "
             "when the dense model trains: torch.export captures the eval branch only")
+    captured.notes += off
     return captured
 
 
@@ -188,8 +192,8 @@ def stochastic_depth(model: nn.Module, example: torch.Tensor, input_name: str | 
     forked RNG): one whose output is its input times a per-sample (or per-batch) factor that
     is 0 or one constant ``c`` is stochastic depth with drop rate ``1 - 1/c``, kept in the
     graph as :func:`ops.drop_path`. One that does something else in training, or drops
-    without rescaling (its rate cannot be read off), is reported in a note: it stays off.
-    Returns the recognized modules by ``id`` and the notes.
+    without rescaling (its rate cannot be read off), stays off.
+    Returns the recognized modules by ``id`` and notes on those that stay off.
     """
     candidates = {
         name: m for name, m in model.named_modules()
@@ -229,19 +233,16 @@ def stochastic_depth(model: nn.Module, example: torch.Tensor, input_name: str | 
         if x is None:
             continue
         m = candidates[name]
-        verdict = _probe(m, x)
+        verdict = _probe(m, x, name)
         if isinstance(verdict, Drop):
-            drops[id(m)] = Drop(name, verdict.p, verdict.per_sample)
-            notes.append(f"'{name}' is stochastic depth (drop rate {verdict.p:.4g} per "
-                         f"{'sample' if verdict.per_sample else 'batch'}): it drops when the "
-                         "dense model trains")
+            drops[id(m)] = verdict
         elif verdict:
             notes.append(f"'{name}' is the identity in eval mode and {verdict} in training: "
                          "the dense model keeps it off when training")
     return drops, notes
 
 
-def _probe(m: nn.Module, example: torch.Tensor) -> Drop | str | None:
+def _probe(m: nn.Module, example: torch.Tensor, name: str) -> Drop | str | None:
     """``m`` run in training mode: a :class:`Drop`, None when it is the identity there too,
     or what else it does (a phrase for a note). One draw is held at a time; the probe batch
     is at most about 32 MiB (float64) unless 8 samples are larger."""
@@ -280,7 +281,7 @@ def _probe(m: nn.Module, example: torch.Tensor) -> Drop | str | None:
     mixed = bool(((f == 0).any(1) & (f != 0).any(1)).any())
     uniform = bool(((f == 0).all(1) | (f != 0).all(1)).all())
     per_sample = mixed or not (uniform and bool((f == 0).any()))
-    return Drop("", 1.0 - 1.0 / scale, per_sample)
+    return Drop(name, 1.0 - 1.0 / scale, per_sample)
 
 
 def _capture_fx(model: nn.Module, until: str | None, input_name: str | None,

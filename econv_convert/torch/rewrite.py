@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -63,6 +63,11 @@ class Plan:
     peak_elements: int = 0  # the largest dense tensor at the example input
     peak_node: str = ""
     kept_stride: tuple[int, ...] = ()  # cumulative stride kept under an output stride
+    # baseline node -> the dense node holding its value and what each dense dim means, for
+    # every value that carries a map (the per-node phase proof reads it)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per input axis, the outputs' receptive field, step and padding reach (size, step, lo, hi)
+    out_field: list[list[int]] = field(default_factory=list)
 
     @property
     def total_step(self) -> tuple[int, ...]:
@@ -112,6 +117,7 @@ class Rewriter:
                     self.plan.peak_node = node_name(node)
                 if node not in self.fields:
                     self.fields[node] = self._inherited_field(node)
+                self._note_node(node, val)
             except Refusal as r:
                 raise UnsupportedLayerError(node_name(node), r.reason,
                                             r.hint or self._until_hint(node)) from None
@@ -123,6 +129,14 @@ class Rewriter:
                 ) from e
         self.graph.lint()
         return self.graph, self.plan
+
+    def _note_node(self, node: fx.Node, val: Val) -> None:
+        lay = val.layout
+        if lay is None or not isinstance(val.node, fx.Node) or not (lay.has_space or lay.n_extra):
+            return
+        self.plan.nodes[node.name] = {
+            "dense": val.node.name, "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
+            "n_extra": lay.n_extra, "flat": bool(lay.fold or lay.merged)}
 
     def _until_hint(self, refused: fx.Node) -> str:
         """``--until`` the last top-level module that ran before the refused node (and does
@@ -144,7 +158,7 @@ class Rewriter:
         found = [self.fields[n] for n in node.all_input_nodes if self.fields.get(n)]
         if not found:
             return ()
-        return tuple(max(fs, key=lambda f: f.size) for fs in zip(*found))
+        return tuple(Field.merge(fs) for fs in zip(*found))
 
     def _rewrite(self, node: fx.Node) -> Val:
         if node.op == "placeholder":
@@ -270,6 +284,7 @@ class Rewriter:
 
         args = fx.node.map_aggregate(node.args[0], visit)
         self.plan.outputs = found
+        self.plan.out_field = [list(astuple(f)) for f in self._inherited_field(node)]
         self.graph.output(args)
         return Val(None)
 
@@ -758,8 +773,8 @@ def _scalar_math(rw: Rewriter, node: fx.Node) -> Val:
 # -- channel-wise layers ---------------------------------------------------------------------
 
 
-@rule(F.batch_norm, ops.batch_norm, torch.batch_norm, F.prelu, F.local_response_norm, F.channel_shuffle,
-      torch.channel_shuffle, F.normalize)
+@rule(F.batch_norm, ops.batch_norm, torch.batch_norm, F.prelu, F.local_response_norm,
+      F.channel_shuffle, torch.channel_shuffle, F.normalize)
 def _channelwise(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
     lay = x.layout
@@ -943,10 +958,16 @@ def _slice(rw: Rewriter, node: fx.Node, x: Val, idx) -> Val:
         cur = rw.graph.call_function(
             operator.getitem, (cur, tuple(dense_index) + (Ellipsis,) * bool(lay.n_extra)))
     # spatial slices, applied on the dense dims where they now sit
+    fields = list(rw.field_of(node.args[0]))
     for d_base, sl in spatial_slices:
         pos = _dense_pos(items, d_base)
         step = lay.base_dims[d_base].step
         cur = rw.call(ops.spatial_slice, cur, pos, sl.start, sl.stop, sl.step or 1, step)
+        axis = lay.base_dims[d_base].axis
+        if axis < len(fields):
+            fields[axis] = fields[axis].sliced(sl.start or 0, sl.step or 1)
+    if fields:
+        rw.fields[node] = tuple(fields)
     rw.plan.has_padding = True
     return Val(cur, Layout(tuple(rw.base(node).shape), tuple(out_dims) + lay.extras,
                            lay.n_extra))
@@ -1120,7 +1141,12 @@ def _pad(rw: Rewriter, node: fx.Node) -> Val:
                     **kwargs)
         rw.plan.has_padding |= any(p > 0 for p in amounts)
     rw.record(n, plan.record)
-    rw.fields[node] = rw.field_of(node.args[0])
+    fields = list(rw.field_of(node.args[0]))
+    for k, d in enumerate(dims):
+        dim = lay.base_dims[d]
+        if dim.kind == "space" and dim.axis < len(fields):
+            fields[dim.axis] = fields[dim.axis].padded(amounts[2 * k], amounts[2 * k + 1])
+    rw.fields[node] = tuple(fields)
     return rw.result(node, n, lay.base_dims)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from econv_convert.check import (
@@ -18,9 +19,16 @@ from econv_convert.check import (
     _lattice_case,
     _names,
     check,
+    default_shapes,
 )
-from econv_convert.errors import InvalidInputError, InvalidModelError, SizeNotCovered, describe
-from econv_convert.torch import outputs
+from econv_convert.errors import (
+    EConvError,
+    InvalidInputError,
+    InvalidModelError,
+    SizeNotCovered,
+    describe,
+)
+from econv_convert.torch import outputs, phases
 from econv_convert.torch.api import info, inverse
 from econv_convert.torch.capture import shape_prop
 
@@ -71,12 +79,31 @@ def verify(
                              "with its tolerances instead")
             else:
                 report = check(meta, wide.baseline, wide.dense, device="cpu",
-                               dtype=torch.float64, **kw)
+                               dtype=torch.float64, prove=_prover(meta, wide.dense_model), **kw)
                 report.native = _native_error(meta, runs, report, device, dtype, seed)
                 return report
-        report = check(meta, runs.baseline, runs.dense, device=device, dtype=dtype, **kw)
+        report = check(meta, runs.baseline, runs.dense, device=device, dtype=dtype,
+                       prove=_prover(meta, dense), **kw)
     report.notes[:0] = notes
     return report
+
+
+def _prover(meta, dense: nn.Module):
+    """The per-node phase proof of ``dense`` (:mod:`econv_convert.torch.phases`) as the
+    check calls it: on one input, with the check's tolerance."""
+
+    def prove(x: torch.Tensor, tol: tuple[float, float]) -> phases.PhaseProof:
+        if not isinstance(dense, fx.GraphModule):
+            return phases.PhaseProof(note="the dense model is not the graph econv-convert made "
+                                     "(a wrapper?): checked end to end only")
+        try:
+            baseline = inverse(dense).to(x.device, x.dtype)
+        except EConvError as e:
+            return phases.PhaseProof(note=f"its baseline graph cannot be rebuilt ({e})")
+        with torch.no_grad():  # one sample: every phase of a batch of one is every phase
+            return phases.prove(baseline, dense, meta.nodes, meta.records, x[:1], tol)
+
+    return prove
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:
@@ -110,14 +137,15 @@ class _Runs:
         return _flat(_run_dense(self.dense_model, x))
 
     def probe(self, meta, dtype: torch.dtype) -> None:
-        """Run both once at the example size in ``dtype``; _NoFloat64 if a kernel is
-        missing (the error names the dtype)."""
-        x = torch.randn(meta.example_shape, generator=torch.Generator().manual_seed(0),
-                        dtype=dtype)
+        """Run the baseline once in ``dtype``, at the smallest size the check uses (a
+        ResNet-50 in float64 at its example size takes half a minute); _NoFloat64 if a kernel
+        is missing (the error names the dtype). The dense graph calls the same kernels; a
+        kernel only it needs would fail the check, which says so."""
+        shape = meta.input_shape(min(default_shapes(meta)[0], key=math.prod))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
         try:
             _run_baseline(self.base_model, x, meta.until, getattr(meta, "input_name", None),
                           raise_errors=True)
-            self.dense_model(x)
         except SizeNotCovered:
             pass
         except Exception as e:
@@ -129,8 +157,8 @@ class _Runs:
 
 def _native_error(meta, runs: _Runs, report: VerifyReport, device, dtype,
                   seed: int) -> dict[str, Any] | None:
-    """The error at the model's own dtype on the largest checked input, for information."""
-    first = max((c for c in report.checked if c.check == "lattice"),
+    """The error at the model's own dtype on the smallest checked input, for information."""
+    first = min((c for c in report.checked if c.check == "lattice"),
                 key=lambda c: c.shape[0] * math.prod(c.shape[2:]), default=None)
     if first is None:
         return None
