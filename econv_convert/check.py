@@ -379,13 +379,13 @@ class ShiftPlan:
     region: tuple[tuple[int, int], ...]
 
 
-MAX_OFFSETS = 64
+MAX_OFFSETS = 16
 
 
 def _shift_plan(meta, seed: int, batch: int | None) -> tuple[ShiftPlan | None, str]:
     """Where the shift check looks, or why it cannot: crops of the example size (or larger,
     so that some positions are away from the padding), at offsets that cover every phase of
-    every axis (every combination while there are at most 64; else every phase per axis on
+    every axis (every combination while there are at most 16; else every phase per axis on
     the diagonal, plus random ones)."""
     if not any(d[0] == "space" for o in meta.outputs for d in o["dims"]):
         return None, ("the outputs have no positions (a global pool): the positions between "
@@ -427,7 +427,7 @@ def _shift_plan(meta, seed: int, batch: int | None) -> tuple[ShiftPlan | None, s
     if len(combos) > MAX_OFFSETS:
         rng = random.Random(seed)
         diagonal = [tuple(k % p for p in phases) for k in range(max(phases))]
-        combos = diagonal + [c for c in rng.sample(combos, MAX_OFFSETS // 4)
+        combos = diagonal + [c for c in rng.sample(combos, MAX_OFFSETS // 2)
                              if c not in diagonal]
     n = batch if batch is not None else max(example[0], 2)
     offsets = tuple(tuple(res * k for k in c) for c in combos)
