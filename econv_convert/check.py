@@ -333,10 +333,9 @@ def check(
         # the example's (a baseline whose windows eat small inputs)
         tried = sorted({meta.canonical(c.shape) for c in lattice}, key=math.prod)
         example = (tried[0][0], *meta.canonical(meta.example_shape)[1:])
-        for shape in tried + ([example] if example not in tried else []):
-            x = _input(meta, shape, torch.Generator().manual_seed(seed + 1), device, dtype)
+        for size in tried + ([example] if example not in tried else []):
+            x = _input(meta, size, torch.Generator().manual_seed(seed + 1), device, dtype)
             proof = prove(x, tol)
-            shape = tuple(x.shape)
             if proof.note or proof.complete or not proof.ok:
                 break
         proof.seconds = time.perf_counter() - t
@@ -351,9 +350,11 @@ def check(
         else:
             worst = proof.worst
             report.cases.append(Case(
-                "phases", shape, worst.max_abs if worst else 0.0, worst.scale if worst else 0.0,
-                proof.ok, (f"node {worst.node}: {worst.detail}" if worst and worst.detail
-                           else f"{len(proof.nodes)} nodes, {proof.phases} phase checks"),
+                "phases", tuple(x.shape), worst.max_abs if worst else 0.0,
+                worst.scale if worst else 0.0,
+                proof.ok,
+                f"node {worst.node}: {worst.detail}" if worst and worst.detail
+                else f"{len(proof.nodes)} nodes, {proof.phases} phase checks",
                 seconds=proof.seconds))
         step("every phase of every node")
     if plan is not None:
@@ -411,7 +412,7 @@ def _shift_plan(meta, seed: int, batch: int | None) -> tuple[ShiftPlan | None, s
     for h, f, s in zip(example[2:], fields, steps):
         need = f.lo + f.size + f.hi + 2 * s if any_size(meta) and not windowed(meta) else h
         crop.append(max(h, need) if (f.lo or f.hi) else h)
-    region = [interior(c, Field(f.size, s, f.lo, f.hi)) for c, f, s in zip(crop, fields, steps)]
+    region = [interior(c, replace(f, step=s)) for c, f, s in zip(crop, fields, steps)]
     if any(a > b for a, b in region):
         reach = ", ".join(f"{f.lo} px from the start and {f.hi} px from the end"
                           for f in fields)

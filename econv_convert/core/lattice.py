@@ -255,15 +255,10 @@ def interior(n: int, f: Field) -> tuple[int, int]:
 # away from each border by that padding.
 
 
-def phase_input(a: int, j: int, step: int) -> slice:
-    """The input points op(*) reads for output phase ``a + step * j``."""
-    return slice(a + step * j, None, step)
-
-
-def phase_output(a: int, j: int, step: int, stride: int) -> slice:
-    """The dense output points of phase ``a + step * j`` of a layer of ``stride`` on an input
-    at ``step``."""
-    return slice(a + step * j, None, step * stride)
+def phase_start(a: int, j: int, step: int) -> int:
+    """Where output phase ``a + step * j`` starts, in the dense input (read every ``step``
+    points by op(*)) and in the dense output alike (every ``step * stride`` points)."""
+    return a + step * j
 
 
 def lead_margin(pad_lo: int, stride: int, j: int) -> int:

@@ -17,18 +17,19 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 import torch.nn.functional as F
 
-from econv_convert.core.lattice import lead_margin, phase_input, phase_output
-from econv_convert.errors import describe
+from econv_convert.core.lattice import lead_margin, phase_start
+from econv_convert.core.records import info
+from econv_convert.errors import EConvError, describe
 
-Progress = Callable[[int, int], None]
 _WINDOW_KINDS = ("conv", "max_pool", "avg_pool")
 
 
@@ -77,8 +78,8 @@ class PhaseProof:
 
 
 def prove(baseline: fx.GraphModule, dense: fx.GraphModule, nodes: dict[str, dict[str, Any]],
-          records: Sequence[dict[str, Any]], x: torch.Tensor, tol: tuple[float, float],
-          progress: Progress | None = None) -> PhaseProof:
+          records: Sequence[dict[str, Any]], x: torch.Tensor,
+          tol: tuple[float, float]) -> PhaseProof:
     """Run both graphs on ``x`` and check identity (*) at every node of ``nodes`` (the
     dense model's node map, :attr:`DenseInfo.nodes`); ``records`` give the layers' geometry
     (their padding decides where (*) holds for the phases ``j > 0``). ``tol`` is
@@ -117,11 +118,7 @@ def prove(baseline: fx.GraphModule, dense: fx.GraphModule, nodes: dict[str, dict
                 name = arg_spec["dense"]
                 if order[spec["dense"]] > order.get(wanted.get(name, name), -1):
                     wanted[name] = spec["dense"]
-    total = sum(len(v) for v in due.values())
-    done = 0
-
     def check(dense_node: fx.Node, env: dict[str, Any]) -> None:
-        nonlocal done
         for node in due.get(dense_node.name, ()):
             try:
                 result = _check_node(node, nodes, base_env, env, geometry.get(node.name), tol)
@@ -131,15 +128,30 @@ def prove(baseline: fx.GraphModule, dense: fx.GraphModule, nodes: dict[str, dict
                 proof.skipped[node.name] = f"not evaluated here ({describe(e, 80)})"
             else:
                 proof.nodes.append(result)
-            done += 1
-            if progress:
-                progress(done, total)
 
     try:
         _run(dense, x, after=check, keep=wanted)
     except Exception as e:  # noqa: BLE001  likewise
         proof.note = f"the dense graph does not run node by node ({describe(e, 100)})"
     return proof
+
+
+def prove_model(dense: nn.Module, x: torch.Tensor, tol: tuple[float, float]) -> PhaseProof:
+    """:func:`prove` for a dense model as it is given (its ``econv`` record names the nodes;
+    its baseline graph is rebuilt by ``inverse``), in ``x``'s dtype and device, on the first
+    sample of ``x`` (every phase of a batch of one is every phase)."""
+    from econv_convert.torch.api import inverse  # the API builds on this module's checks
+
+    if not isinstance(dense, fx.GraphModule):
+        return PhaseProof(note="the dense model is not the graph econv-convert made (a "
+                          "wrapper?): checked end to end only")
+    meta = info(dense)
+    try:
+        baseline = inverse(dense).to(x.device, x.dtype)
+    except EConvError as e:
+        return PhaseProof(note=f"its baseline graph cannot be rebuilt ({e})")
+    with torch.no_grad():
+        return prove(baseline, dense, meta.nodes, meta.records, x[:1], tol)
 
 
 class _Skip(Exception):
@@ -222,17 +234,17 @@ def _check_node(node: fx.Node, nodes: dict[str, dict[str, Any]], base_env: dict[
     base_out = len(out_dims) - spec["n_extra"]
     axes = sorted(steps_in)
     stride: dict[int, int] = {}
-    extra_axis: dict[int, tuple[int, str]] = {}  # axis -> (dense dim, kind) of an extra dim
+    extra_axis: dict[int, str] = {}  # axis -> the kind of its extra dim
     for d, (kind, step, axis) in enumerate(out_dims):
         if d >= base_out:
             if axis not in steps_in or step != steps_in[axis]:
                 raise _Skip("its extra dims are not its input's phases")
-            extra_axis[axis] = (d, kind)
+            extra_axis[axis] = kind
         elif kind == "space":
             if axis not in steps_in or step % steps_in[axis]:
                 raise _Skip("its output's lattice is not a multiple of its input's")
             stride[axis] = step // steps_in[axis]
-    if any(kind == "space" for _, kind in extra_axis.values()):
+    if "space" in extra_axis.values():
         raise _Skip("a window pool's positions (checked end to end)")
     margins = _margins(record, axes)
     op = _specialized_op(node, record, len(axes)) or _baseline_op(node, base_env, list(maps))
@@ -281,9 +293,13 @@ def _check_node(node: fx.Node, nodes: dict[str, dict[str, Any]], base_env: dict[
         for phase, got, b in parts:  # which phase, and where
             if bad < got.numel():
                 where = tuple(int(i) for i in torch.unravel_index(torch.tensor(bad), b.shape))
-                first = {ax: (a.start + where[0], j) for ax, (a, j) in phase.items()} \
-                    if len(phase) == 1 else phase
-                proof.detail = (f"phases {_phase_text(first, steps_in)} (point {where}): dense "
+                # the stacked phases: one group per axis, axes in order (see _gather_in)
+                groups = [phase[ax] for ax in sorted(phase)]
+                member = torch.unravel_index(torch.tensor(where[0]),
+                                             tuple(len(a) for a, _ in groups))
+                exact = {ax: (a.start + int(k), j)
+                         for ax, (a, j), k in zip(sorted(phase), groups, member)}
+                proof.detail = (f"phase {_phase_text(exact, steps_in)} (point {where[1:]}): dense "
                                 f"{float(got.flatten()[bad]):.9g} vs the baseline op "
                                 f"{float(b.flatten()[bad]):.9g}")
                 break
@@ -333,11 +349,10 @@ def _gather_in(t: torch.Tensor, dims, phase) -> torch.Tensor | None:
             return None
         step = dims[d][1]
         size = t.shape[d + lead]
-        counts = {_count(size, phase_input(k, j, step).start, step) for k in a}
+        counts = {_count(size, phase_start(k, j, step), step) for k in a}
         if len(counts) != 1 or 0 in counts:
             return None
-        t = _gather(t, d + lead, phase_input(a.start, j, step).start, counts.pop(), len(a),
-                    step)
+        t = _gather(t, d + lead, phase_start(a.start, j, step), counts.pop(), len(a), step)
         lead += 1
     return t.flatten(0, lead - 1) if lead > 1 else t if lead else t.unsqueeze(0)
 
@@ -359,14 +374,12 @@ def _gather_out(y: torch.Tensor, dims, base_out: int, phase, steps_in, stride) -
             at.remove(d)
         else:
             i = at.index(d)
-            sl = phase_output(a.start, j, steps_in[axis], stride[axis])
-            count = min(_count(y.shape[i], phase_output(k, j, steps_in[axis],
-                                                        stride[axis]).start, sl.step)
-                        for k in a)
+            s, every = steps_in[axis], steps_in[axis] * stride[axis]
+            count = min(_count(y.shape[i], phase_start(k, j, s), every) for k in a)
             if count == 0:
                 y = y.narrow(i, 0, 0).unsqueeze(0).expand(len(a), *([-1] * y.dim()))
             else:
-                y = _gather(y, i, sl.start, count, len(a), sl.step)
+                y = _gather(y, i, phase_start(a.start, j, s), count, len(a), every)
         at.insert(0, -1)
     lead = len(phase)
     return y.flatten(0, lead - 1) if lead > 1 else y if lead else y.unsqueeze(0)

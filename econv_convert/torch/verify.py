@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from econv_convert.check import (
@@ -22,7 +21,6 @@ from econv_convert.check import (
     default_shapes,
 )
 from econv_convert.errors import (
-    EConvError,
     InvalidInputError,
     InvalidModelError,
     SizeNotCovered,
@@ -79,31 +77,19 @@ def verify(
                              "with its tolerances instead")
             else:
                 report = check(meta, wide.baseline, wide.dense, device="cpu",
-                               dtype=torch.float64, prove=_prover(meta, wide.dense_model), **kw)
+                               dtype=torch.float64, prove=_prover(wide.dense_model), **kw)
                 report.native = _native_error(meta, runs, report, device, dtype, seed)
                 return report
         report = check(meta, runs.baseline, runs.dense, device=device, dtype=dtype,
-                       prove=_prover(meta, dense), **kw)
+                       prove=_prover(dense), **kw)
     report.notes[:0] = notes
     return report
 
 
-def _prover(meta, dense: nn.Module):
-    """The per-node phase proof of ``dense`` (:mod:`econv_convert.torch.phases`) as the
-    check calls it: on one input, with the check's tolerance."""
-
-    def prove(x: torch.Tensor, tol: tuple[float, float]) -> phases.PhaseProof:
-        if not isinstance(dense, fx.GraphModule):
-            return phases.PhaseProof(note="the dense model is not the graph econv-convert made "
-                                     "(a wrapper?): checked end to end only")
-        try:
-            baseline = inverse(dense).to(x.device, x.dtype)
-        except EConvError as e:
-            return phases.PhaseProof(note=f"its baseline graph cannot be rebuilt ({e})")
-        with torch.no_grad():  # one sample: every phase of a batch of one is every phase
-            return phases.prove(baseline, dense, meta.nodes, meta.records, x[:1], tol)
-
-    return prove
+def _prover(dense: nn.Module):
+    """The per-node phase proof of ``dense`` as the check calls it: on one input, with the
+    check's tolerance."""
+    return lambda x, tol: phases.prove_model(dense, x, tol)
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:
