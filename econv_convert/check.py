@@ -79,7 +79,9 @@ class VerifyReport:
         kinds = {k: [c for c in self.checked if c.check == k]
                  for k in ("lattice", "phases", "shift")}
         out: dict[str, Any] = {
-            "lattice": {"sizes": [list(c.shape[2:]) for c in kinds["lattice"]],
+            "lattice": {"sizes": list(map(list, dict.fromkeys(c.shape[2:]
+                                                            for c in kinds["lattice"]))),
+                        "checks": len(kinds["lattice"]),
                         "seconds": sum(c.seconds for c in kinds["lattice"])}}
         p = self.proof
         out["phases"] = None if p is None or not p.nodes else {
@@ -312,7 +314,7 @@ def check(
                 case = _lattice_case(meta, run_baseline, run_dense,
                                      _input(meta, spares.pop(0), gen, device, dtype), tol, names)
             report.cases.append(_timed(case, t))
-            step(f"lattice {'x'.join(map(str, shape[2:]))}")
+            step(f"lattice {'x'.join(map(str, meta.canonical(case.shape)[2:]))}")
     if rejected:
         sizes = ", ".join("x".join(map(str, meta.canonical(c.shape)[2:])) for c in rejected)
         why = rejected[0].detail.removeprefix("the baseline rejects this size (")[:-1]

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -277,8 +278,15 @@ def _verify(baseline, dense, how: Check, *, quiet: bool):
                TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("", total=None)
+        since = [time.perf_counter()]
 
         def progress(done: int, total: int, what: str) -> None:
+            # a line per check (the shifted windows as one), above the bar
+            if not what.startswith("shift") or done == total:
+                label = "shifted windows" if what.startswith("shift") else what
+                bar.console.print(f"[dim]checked {label} "
+                                  f"({time.perf_counter() - since[0]:.1f} s)[/]")
+                since[0] = time.perf_counter()
             bar.update(task, completed=done, total=total, description=what)
 
         return verify(baseline, dense, progress=progress, **kwargs)

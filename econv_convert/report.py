@@ -53,12 +53,18 @@ def verify_table(report: VerifyReport) -> Table:
             "max |error|", "error / scale", "result"):
         table.add_column(col, overflow="fold")
     skipped: dict[str, list[str]] = {}
+    shifts = [c for c in report.cases if c.check == "shift" and c.ok and not c.skipped]
     for c in report.cases:
         shape = "x".join(map(str, c.shape))
         offset = _t(c.offset) if c.offset else ""
         if c.skipped:
             skipped.setdefault(_short_reason(c.detail), []).append(shape)
             continue
+        if c in shifts:  # the passing offsets in one row
+            if c is not shifts[0]:
+                continue
+            worst = max(shifts, key=lambda k: k.max_abs / k.scale if k.scale else k.max_abs)
+            c, offset = worst, f"{len(shifts)} offsets"
         rel = c.max_abs / c.scale if c.scale else 0.0
         result = "[green]equal[/]" if c.ok else f"[red]DIFFERENT[/]: {c.detail}"
         table.add_row(c.check, shape, offset, *((c.output,) if many else ()),
@@ -67,6 +73,37 @@ def verify_table(report: VerifyReport) -> Table:
         table.add_row("skipped", ", ".join(shapes), "", *(("",) if many else ()), "", "",
                       f"[yellow]{why}[/]")
     return table
+
+
+def proven_line(report: VerifyReport) -> str:
+    """What the checks that ran cover, in one line."""
+    p = report.proven()
+    lattice = p["lattice"]
+    parts = [f"the lattice at {_plural(len(lattice['sizes']), 'size')} "
+             f"({', '.join('x'.join(map(str, s)) for s in lattice['sizes'])}; "
+             f"{_seconds(lattice['seconds'])})"]
+    phases = p["phases"]
+    if phases:
+        left = phases["not_checked"]
+        parts.append(f"every phase of {_plural(phases['nodes'], 'node')} "
+                     f"({phases['phase_checks']:,} phase checks, {_seconds(phases['seconds'])}"
+                     + (f"; {_plural(len(left), 'node')} end to end only: "
+                        f"{', '.join(list(left)[:4])}" + ("..." if len(left) > 4 else "")
+                        if left else "") + ")")
+    shift = p["shift"]
+    if shift:
+        inner = ", ".join(f"{a}..{b}" for a, b in shift["interior"])
+        parts.append(f"shifted windows at {_plural(shift['offsets'], 'offset')}, outputs "
+                     f"{inner} per axis ({_seconds(shift['seconds'])})")
+    return "; ".join(parts) + f"; {_seconds(report.seconds)} in all"
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.1f} s" if t >= 1 else f"{t:.2f} s"
 
 
 def _short_reason(detail: str) -> str:
@@ -135,6 +172,8 @@ def verify_summary(console: Console, report: VerifyReport) -> None:
         bad = report.failures()
         console.print(f"[bold red]NOT equivalent[/] in {report.precision}: {len(bad)} of {n} "
                       f"checks fail; worst: {bad[0].detail}")
+    if report.checked:
+        console.print(f"proven: {proven_line(report)}")
     native = report.native
     if native and "max_error_over_scale" in native:
         console.print(f"at the model's own {native['dtype']}: "

@@ -177,3 +177,22 @@ def test_graph_mutation_is_named_in_the_failure():
     # the exact phase per axis and the point: rows 1 (mod 4) of the second convolution
     assert case.detail.startswith("node conv2d_1: phase (1, ") and "dense" in case.detail, case
     assert isinstance(wrong, fx.GraphModule)
+
+
+def test_the_command_says_what_was_proven(tmp_path):
+    from typer.testing import CliRunner
+
+    from econv_convert.cli import app
+
+    model = net(1)
+    torch.save({"model": model}, tmp_path / "m.pt")
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "m.pt"), "--input-shape",
+                                      "1,3,31,27", "--trust-pickle"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "proven: the lattice at" in text and "every phase of 5 nodes" in text, text
+    assert "shifted windows at 16 offsets, outputs 1.." in text
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "m.pt"), "--input-shape",
+                                      "1,3,31,27", "--trust-pickle", "--json"])
+    proven = __import__("json").loads(result.stdout)["verification"]["proven"]
+    assert proven["phases"]["nodes"] == 5 and proven["shift"]["offsets"] == 16
