@@ -71,6 +71,32 @@ def assert_every_phase(dense: nn.Module, example: Sequence[int], seed: int = 0,
     return proof
 
 
+def assert_baseline_on_crops(baseline: nn.Module, heat, x: torch.Tensor, patch: Sequence[int],
+                             step: Sequence[int], offset: Sequence[int] = (0, 0),
+                             samples: int = 12, seed: int = 0) -> int:
+    """A heat map ``heat`` (classes, H', W') of a patch classifier equals the baseline run on
+    the crop under each output's window: output ``(i, j)`` is the patch starting at pixel
+    ``offset + (i, j) * step``. Checked at every output position of the first rows and
+    columns (every phase of the lattice), the last ones, and random ones. Returns how many
+    positions were compared."""
+    heat = torch.as_tensor(heat)
+    rows, cols = heat.shape[-2:]
+    rng = torch.Generator().manual_seed(seed)
+    first = [(i, j) for i in range(min(8, rows)) for j in range(min(8, cols))]
+    last = [(rows - 1, cols - 1), (rows - 1, 0), (0, cols - 1)]
+    rand = list(zip(torch.randint(rows, (samples,), generator=rng).tolist(),
+                    torch.randint(cols, (samples,), generator=rng).tolist()))
+    where = list(dict.fromkeys(first + last + rand))
+    crops = torch.cat([x[..., offset[0] + i * step[0]:offset[0] + i * step[0] + patch[0],
+                         offset[1] + j * step[1]:offset[1] + j * step[1] + patch[1]]
+                       for i, j in where])
+    with torch.no_grad():
+        want = baseline.eval()(crops)
+    got = torch.stack([heat[..., i, j].reshape(-1) for i, j in where]).to(want.dtype)
+    torch.testing.assert_close(got, want.reshape(got.shape), rtol=1e-4, atol=1e-5)
+    return len(where)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES
+from conftest import FIXTURES, assert_baseline_on_crops
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -84,3 +84,42 @@ def test_cli_predict_image_and_array(tmp_path):
         expected = dense_of("patch_classifier", None)(torch.from_numpy(np.load(tmp_path / "a.npy")))
     np.testing.assert_allclose(np.load(tmp_path / "q.npy"), expected.numpy(), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", [1, 3], ids=["tile-x1", "tile-x3"])
+@pytest.mark.parametrize("output_stride", [1, 4, 8], ids=["os1", "os4", "os8"])
+def test_tiled_patch_classifier_is_the_baseline_on_every_crop(output_stride, tiles):
+    """Not dense against dense: every tiled output is the baseline on the patch under it."""
+    loaded = load_model(FIXTURES / "patch_classifier.pt")
+    dense = densify(loaded.model, loaded.input_shape, output_stride=output_stride)
+    x = torch.randn(1, 3, 157, 131)
+    step = 8 // output_stride  # dense positions per lattice step
+    got = predict(dense, x, tile=8 * step * tiles * 2)
+    assert got.shape[-2:] == dense(x).shape[-2:]
+    assert assert_baseline_on_crops(loaded.model, got[0], x, (65, 65),
+                                    (output_stride, output_stride)) > 60
+
+
+@pytest.mark.parametrize("output_stride", [1, 2, 8], ids=["os1", "os2", "os8"])
+@pytest.mark.parametrize("name,global_pool", [("tiny_resnet", "window"),
+                                              ("patch_classifier", "phase")],
+                         ids=["gap-window", "fc-head"])
+def test_cli_predict_npy_with_an_output_stride(tmp_path, name, global_pool, output_stride):
+    """densify --output-stride K, then predict to .npy in tiles: the whole-image dense pass
+    (and, for the unpadded patch classifier, the baseline on every sampled crop)."""
+    loaded = load_model(FIXTURES / f"{name}.pt")
+    dense = densify(loaded.model, loaded.input_shape, global_pool=global_pool,
+                    output_stride=output_stride)
+    save_dense(dense, tmp_path / "d.pt")
+    x = torch.randn(1, 3, 141, 123)
+    np.save(tmp_path / "x.npy", x[0].numpy())
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "d.pt"), str(tmp_path / "x.npy"),
+                                      "-o", str(tmp_path / "y.npy"), "--tile", "32"])
+    assert result.exit_code == 0, result.output
+    y = np.load(tmp_path / "y.npy")
+    with torch.no_grad():
+        whole = dense(x).numpy()
+    assert y.shape == whole.shape
+    np.testing.assert_allclose(y, whole, rtol=1e-4, atol=1e-5)
+    if name == "patch_classifier":
+        assert_baseline_on_crops(loaded.model, y[0], x, (65, 65), (output_stride,) * 2)

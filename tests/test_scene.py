@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 import zarr
-from conftest import FIXTURES
+from conftest import FIXTURES, assert_baseline_on_crops
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -284,3 +284,23 @@ def test_resume_after_a_real_kill(tmp_path, classifier, image):
     run(path, tif, tmp_path / "full.zarr", block=16, overview=False)
     assert np.array_equal(zarr.open_array(str(out), mode="r")[:],
                           zarr.open_array(str(tmp_path / "full.zarr"), mode="r")[:])
+
+
+@pytest.mark.parametrize("output_stride", [1, 4, 8], ids=["os1", "os4", "os8"])
+def test_zarr_blocks_are_the_baseline_on_every_crop(tmp_path, image, output_stride):
+    """Not dense against dense: a patch classifier's heat map over many blocks (edge blocks
+    of odd size) is the baseline on the patch under each output, located by the output's own
+    step and offset attributes."""
+    loaded = load_model(FIXTURES / "patch_classifier.pt")
+    dense = densify(loaded.model, loaded.input_shape, output_stride=output_stride)
+    save_dense(dense, tmp_path / "d.pt")
+    a, tif = image
+    # blocks count outputs: about 32 pixels of the image each
+    report = run(tmp_path / "d.pt", tif, tmp_path / "o.zarr", block=32 // output_stride)
+    assert report.blocks_total > 4
+    out = zarr.open_array(str(tmp_path / "o.zarr"), mode="r")
+    attrs = out.attrs["econv"]
+    assert attrs["step"] == [output_stride] * 2
+    x = torch.from_numpy(normalize(np.moveaxis(a, -1, 0), None, None))[None]
+    assert_baseline_on_crops(loaded.model, out[:], x, (65, 65), attrs["step"],
+                             attrs["offset"] or (0, 0))

@@ -54,17 +54,19 @@ def map_field(meta) -> tuple[int, ...]:
     return tuple(field)
 
 
-def _geometry(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Receptive field and total lattice step per spatial axis; refuses what cannot be tiled."""
+def _geometry(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Receptive field and total lattice step per spatial axis, in input pixels, and the
+    pixels between neighbouring outputs (the output stride); refuses what cannot be tiled."""
     meta = info(dense)
-    return map_field(meta), meta.axis_steps
+    res = meta.output_stride or 1  # axis_steps counts output positions, res pixels apart
+    return map_field(meta), tuple(res * s for s in meta.axis_steps), res
 
 
 def plan_tiles(dense: nn.Module, shape: Sequence[int], *, tile: int | None = None,
                max_memory: int | None = None) -> TilePlan:
     """Choose the tile size: ``tile`` if given, else the largest that fits ``max_memory``
     (default: half of the available memory)."""
-    field, step = _geometry(dense)
+    field, step, _ = _geometry(dense)
     # a multiple of the step: every tile starts on the image's lattice, so its tight crops
     # (and ceil-mode ends) fall where the whole image's do
     halo = tuple(s * (f // s + 2) for f, s in zip(field, step))
@@ -105,6 +107,7 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
     from econv_convert.run.bench import memory_format
 
     plan = plan_tiles(dense, tuple(x.shape), tile=tile, max_memory=max_memory)
+    res = _geometry(dense)[2]  # tiles and halos are whole lattice steps: multiples of res
     fmt = memory_format(x.dim(), True)
     sizes = x.shape[2:]
     nd = len(sizes)
@@ -120,18 +123,19 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
             for i in range(nd):
                 crop = crop.narrow(2 + i, lo[i], hi[i] - lo[i])
             y = dense(crop.contiguous(memory_format=fmt))
-            # tile output index q is image output index lo + q; keep [origin, origin + tile)
+            # tile output index q is image output index lo / res + q (outputs are res pixels
+            # apart); keep the outputs of pixels [origin, origin + tile)
             keep = y
             offsets = []
             for i in range(nd):
                 d = y.dim() - nd + i
-                a = origin[i] - lo[i]
-                b = min(y.shape[d], a + plan.tile[i])
+                a = (origin[i] - lo[i]) // res
+                b = min(y.shape[d], a + plan.tile[i] // res)
                 if b <= a:
                     keep = None
                     break
                 keep = keep.narrow(d, a, b - a)
-                offsets.append(origin[i])
+                offsets.append(origin[i] // res)
             if keep is not None:
                 pieces.append((tuple(offsets), keep.contiguous()))
             done += 1
