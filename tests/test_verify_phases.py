@@ -196,3 +196,57 @@ def test_the_command_says_what_was_proven(tmp_path):
                                       "1,3,31,27", "--trust-pickle", "--json"])
     proven = __import__("json").loads(result.stdout)["verification"]["proven"]
     assert proven["phases"]["nodes"] == 5 and proven["shift"]["offsets"] == 16
+
+
+def _bumped_onnx(dense, step: int = 4):
+    """An ONNX dense graph whose output gets +1 on rows 1 (mod ``step``): Shape, Range, Mod,
+    Equal and a broadcast Add appended after the output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = copy.deepcopy(dense)
+    g = model.graph
+    out = g.output[0].name
+    raw = out + "_raw"
+    for n in g.node:
+        n.output[:] = [raw if o == out else o for o in n.output]
+
+    def const(name, value, dtype=TensorProto.INT64):
+        g.initializer.append(helper.make_tensor(name, dtype, [len(value)] if len(value) > 1
+                                                else [], value))
+
+    const("b_two", [2])
+    const("b_zero", [0])
+    const("b_one", [1])
+    const("b_step", [step])
+    const("b_which", [1])
+    const("b_shape", [1, 1, -1, 1], TensorProto.INT64)
+    g.node.extend([
+        helper.make_node("Shape", [raw], ["b_s"]),
+        helper.make_node("Gather", ["b_s", "b_two"], ["b_h"], axis=0),
+        helper.make_node("Range", ["b_zero", "b_h", "b_one"], ["b_rows"]),
+        helper.make_node("Mod", ["b_rows", "b_step"], ["b_mod"]),
+        helper.make_node("Equal", ["b_mod", "b_which"], ["b_hit"]),
+        helper.make_node("Cast", ["b_hit"], ["b_f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["b_f", "b_shape"], ["b_col"]),
+        helper.make_node("Add", [raw, "b_col"], [out]),
+    ])
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("pad", [0, 1], ids=["unpadded", "padded"])
+def test_an_onnx_graph_wrong_only_between_the_lattice_points_fails_for_every_seed(pad):
+    from onnx_graphs import export
+
+    from econv_convert import onnx_api
+
+    graph = export(net(pad), (1, 3, 31, 27))
+    dense, _ = onnx_api.densify(graph)
+    assert onnx_api.verify(graph, dense).ok
+    wrong = _bumped_onnx(dense)
+    for seed in SEEDS:
+        report = onnx_api.verify(graph, wrong, seed=seed)
+        assert not report.ok, f"seed {seed}: an off-lattice error passed"
+        assert all(c.ok for c in report.checked if c.check == "lattice")
+        assert {c.check for c in report.failures()} == {"shift"}

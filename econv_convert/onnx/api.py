@@ -314,7 +314,8 @@ def densify(
         notes=notes + result.notes, has_padding=result.has_padding,
         global_pools=result.global_pools, output_stride=output_stride,
         peak_elements=result.peak_elements, peak_node=result.peak_node,
-        input_layout="channels_last" if last else "channels_first", capture="onnx")
+        input_layout="channels_last" if last else "channels_first", capture="onnx",
+        out_field=result.out_field)
     _store(dense, meta, model)
     _check_dense(dense)
     return dense, meta

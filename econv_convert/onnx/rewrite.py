@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -86,6 +86,8 @@ class Result:
     kept_stride: tuple[int, ...] = ()
     peak_elements: int = 0
     peak_node: str = ""
+    # per input axis, the outputs' receptive field: [size, step, reach lo, reach hi]
+    out_field: list[list[int]] = field(default_factory=list)
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -286,7 +288,7 @@ class OnnxRewriter:
     def inherit_field(self, node: onnx.NodeProto) -> None:
         found = [self.fields[i] for i in node.input if self.fields.get(i)]
         if found:
-            f = tuple(max(fs, key=lambda f: f.size) for fs in zip(*found))
+            f = tuple(Field.merge(fs) for fs in zip(*found))
             for o in node.output:
                 self.fields.setdefault(o, f)
 
@@ -319,6 +321,8 @@ class OnnxRewriter:
                 "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
                 "base_ndim": lay.base_ndim,
             })
+        found = [self.fields[o.name] for o in self.g.output if self.fields.get(o.name)]
+        self.result.out_field = [list(astuple(Field.merge(fs))) for fs in zip(*found)]
 
 
 # ops whose number of outputs is their mode, read or not: a BatchNormalization with its
@@ -1287,6 +1291,7 @@ def _slice(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
              if len(node.input) > 4 and node.input[4] else [1] * len(axes))
     b = rw.b
     dims = list(lay.base_dims)
+    fields = list(rw.field_of(x))
     new_starts, new_ends, new_steps = [], [], []
     for k, (a, sp) in enumerate(zip(axes, steps)):
         st, en = _computed(rw, node.input[1], k), _computed(rw, node.input[2], k)
@@ -1307,10 +1312,13 @@ def _slice(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         new_ends.append(start * d.step + (n - 1) * (d.step * sp) + 1)
         new_steps.append(1)
         rw.result.has_padding = True  # a crop: shifted windows differ at the borders
+        if d.axis < len(fields):
+            fields[d.axis] = fields[d.axis].sliced(st if _static(st) else None, int(sp))
     b.slice(x, axes, new_starts, new_ends, new_steps, output=node.output[0])
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), tuple(dims) + lay.extras,
                                   lay.n_extra))
-    rw.inherit_field(node)
+    if fields:
+        rw.fields[node.output[0]] = tuple(fields)
 
 
 def _bound(b: Builder, v, h):
@@ -1363,7 +1371,14 @@ def _pad(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         rw.result.has_padding |= any(lo) or any(hi)
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), lay.base_dims + lay.extras,
                                   lay.n_extra))
-    rw.inherit_field(node)
+    fields = list(rw.field_of(x))
+    for k, a in enumerate(axes):  # the padding's reach, in input pixels
+        d = lay.base_dims[a]
+        if d.kind == "space" and d.axis < len(fields):
+            lo_hi = (None, None) if pads is None else (pads[k], pads[len(axes) + k])
+            fields[d.axis] = fields[d.axis].padded(*lo_hi)
+    if fields:
+        rw.fields[node.output[0]] = tuple(fields)
     rw.record(plan.record)
 
 
