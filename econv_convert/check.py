@@ -70,7 +70,7 @@ class VerifyReport:
     # the error at the model's own dtype, on one input, for information: dtype, shape,
     # max_abs, max_error_over_scale (None when the check already ran in that dtype)
     native: dict[str, Any] | None = None
-    # the per-node phase proof (:class:`econv_convert.torch.phases.PhaseProof`), when it ran
+    # the per-node phase proof (:class:`econv_convert.proof.PhaseProof`), when it ran
     proof: Any = None
     seconds: float = 0.0
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from econv_convert import densify, lattice_view
 from econv_convert.examples import randomize_batchnorm
+from econv_convert.proof import PhaseProof
 from econv_convert.torch import phases
 
 FIXTURES = __import__("pathlib").Path(__file__).resolve().parent.parent / "fixtures"
@@ -53,7 +54,7 @@ def assert_lattice_equal(
 
 
 def assert_every_phase(dense: nn.Module, example: Sequence[int], seed: int = 0,
-                       allow_skipped: bool = True) -> phases.PhaseProof:
+                       allow_skipped: bool = True) -> PhaseProof:
     """Identity (*) of ``core.lattice`` at every node of ``dense``, every phase, in float64
     with its real weights, on one random input of ``example``'s size: the positions between
     the lattice points, layer by layer. Returns the proof."""

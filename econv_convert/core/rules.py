@@ -557,7 +557,9 @@ def pad(x: Layout, dims: Sequence[int], mode: str, amounts: Sequence[Any] = (),
                "translation-equivariant on the lattice)")
     steps = tuple(sorted({s for s in scales if s > 1})) or (1,)
     static = all(isinstance(a, int) for a in amounts)
-    before = {"pad": tuple(amounts) if static else "computed from sizes", "mode": mode}
+    # amounts are (lo, hi) pairs in the order of ``dims`` (F.pad lists the last dim first)
+    before = {"pad": tuple(amounts) if static else "computed from sizes", "mode": mode,
+              "dims": tuple(dims)}
     after = ({"pad": tuple(a * s for a, s in zip(amounts, _pairwise(scales)))} if static
              else {"pad": "computed when run, times the step"})
     return PadPlan(scales, Record("pad", before, after, steps, steps, tuple(field)))
