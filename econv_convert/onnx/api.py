@@ -36,6 +36,7 @@ from econv_convert.errors import (
     describe,
 )
 from econv_convert.files import atomic_write
+from econv_convert.onnx.phases import prove_graphs
 from econv_convert.onnx.rewrite import OnnxRewriter
 
 INFO_KEY = "econv_convert.dense"
@@ -315,7 +316,7 @@ def densify(
         global_pools=result.global_pools, output_stride=output_stride,
         peak_elements=result.peak_elements, peak_node=result.peak_node,
         input_layout="channels_last" if last else "channels_first", capture="onnx",
-        out_field=result.out_field)
+        out_field=result.out_field, nodes=json.loads(json.dumps(result.nodes)))
     _store(dense, meta, model)
     _check_dense(dense)
     return dense, meta
@@ -517,10 +518,12 @@ def verify(
                     _image_input(dense).name)
     np_dtype = np.float64 if wide else _input_dtype(baseline)
     dtype = torch.from_numpy(np.zeros(1, np_dtype)).dtype
+    pair = (as_double(base_free), as_double(dense)) if wide else (base_free, dense)
     report = check(meta, runs.baseline, runs.dense, shapes=shapes, trials=trials, seed=seed,
                    atol=atol, rtol=rtol, shift=shift, progress=progress, dtype=dtype,
                    batch=batch, near_example=near_example, select=outputs,
-                   depth=len(meta.records))
+                   depth=len(meta.records),
+                   prove=lambda x, tol: prove_graphs(*pair, meta, x, tol, _session))
     report.notes[:0] = notes
     return report
 

@@ -88,6 +88,8 @@ class Result:
     peak_node: str = ""
     # per input axis, the outputs' receptive field: [size, step, reach lo, reach hi]
     out_field: list[list[int]] = field(default_factory=list)
+    # value -> its dense value and dims, for every value that carries a map (DenseInfo.nodes)
+    nodes: dict[str, dict] = field(default_factory=dict)
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -144,6 +146,7 @@ class OnnxRewriter:
                                         "1 to 3 spatial dims")
         self.env[x.name] = Val(rules.input_layout(shape, self.channels_last))
         self.fields[x.name] = tuple(Field() for _ in shape[2:])
+        self._note_value(x.name)
         consumed = {i for n in self.g.node for i in n.input} | {o.name for o in self.g.output}
         for node in self.g.node:
             node = _without_unused_outputs(node, consumed, self.b.opset)
@@ -165,9 +168,21 @@ class OnnxRewriter:
                     n = v.layout.dense_numel()
                     if n > self.result.peak_elements:
                         self.result.peak_elements, self.result.peak_node = n, node_label(node)
+                self._note_value(out)
         self._outputs()
         self.result.graph.node.extend(self.b.nodes)
         return self.result
+
+    def _note_value(self, name: str) -> None:
+        """The node map the per-node proof reads: a value that carries a map, and what its
+        dense dims mean (its dense value has the same name)."""
+        v = self.env.get(name)
+        lay = v.layout if v is not None else None
+        if lay is None or not (lay.has_space or lay.n_extra):
+            return
+        self.result.nodes[name] = {
+            "dense": name, "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
+            "n_extra": lay.n_extra, "flat": bool(lay.fold or lay.merged)}
 
     def _until_hint(self, refused: onnx.NodeProto) -> str:
         """``--until`` the map the refused node reads (or the last map before it, for a
