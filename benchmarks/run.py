@@ -156,17 +156,27 @@ def resnet50_timings() -> dict:
 
 def _cli_timings(model: nn.Module) -> dict:
     """The commands a user runs, end to end in a fresh process (start-up included):
-    ``econv-convert densify`` with default options (which verifies) and ``inspect``."""
+    ``econv-convert densify`` with default options (which verifies) and without verifying,
+    ``inspect``, and ``densify`` of the same model exported to ONNX, with and without."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "resnet50_sized.pt"
         torch.save({"state_dict": model.state_dict(), "arch": "benchmarks.run:resnet50_sized",
                     "input_shape": [1, 3, 224, 224]}, ckpt)
+        graph = Path(tmp) / "resnet50_sized.onnx"
+        with torch.no_grad():
+            torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(graph), dynamo=False,
+                              opset_version=17, input_names=["x"])
         out = {}
         for name, args in (("cli_densify_s", ["densify", str(ckpt)]),
                            ("cli_densify_no_verify_s", ["densify", str(ckpt), "--no-verify"]),
-                           ("cli_inspect_s", ["inspect", str(ckpt)])):
+                           ("cli_inspect_s", ["inspect", str(ckpt)]),
+                           ("cli_onnx_densify_s", ["densify", str(graph), "-o",
+                                                   str(Path(tmp) / "dense.onnx")]),
+                           ("cli_onnx_densify_no_verify_s", ["densify", str(graph), "-o",
+                                                             str(Path(tmp) / "dense_nv.onnx"),
+                                                             "--no-verify"])):
             t = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "econv_convert.cli", *args], cwd=ROOT,
                                   capture_output=True, text=True)
