@@ -492,3 +492,113 @@ class SpaceToDepthNet(nn.Module):
 
     def forward(self, x):
         return self.fc(self.body(self.stem(x)).mean((2, 3)))
+
+
+# -- in-place ops: residuals with ``+=`` / ``add_``, activations with ``inplace=True``, layer
+# scales with ``mul_``, clamps with ``clamp_``: how residual networks of model-definition
+# libraries write their blocks, and what torch.export keeps as ``aten.add_`` and the like
+
+
+@dataclass
+class InplaceConfig:
+    num_channels: int = 3
+    embedding_size: int = 8
+    hidden_sizes: tuple = (8, 16)
+    hidden_act: str = "relu"
+    layer_scale_init_value: float = 0.5
+
+
+_ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "silu": lambda: nn.SiLU(inplace=True),
+                "relu6": lambda: nn.ReLU6(inplace=True)}
+
+
+class InplaceShortCut(nn.Sequential):
+    def __init__(self, cin, cout, stride):
+        super().__init__(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class InplaceBasicLayer(nn.Module):
+    """A residual layer with its sum written in place; ``style`` picks how the library at hand
+    writes the in-place steps."""
+
+    def __init__(self, config: InplaceConfig, cin, cout, stride, style):
+        super().__init__()
+        self.style = style
+        self.shortcut = InplaceShortCut(cin, cout, stride)
+        self.layer = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                                   nn.BatchNorm2d(cout), _ACTIVATIONS[config.hidden_act](),
+                                   nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                   nn.BatchNorm2d(cout))
+        self.layer_scale = nn.Parameter(config.layer_scale_init_value * torch.ones(cout))
+        self.activation = _ACTIVATIONS[config.hidden_act]()
+
+    def forward(self, hidden_state):
+        residual = hidden_state
+        hidden_state = self.layer(hidden_state)
+        residual = self.shortcut(residual)
+        if self.style == "iadd":
+            hidden_state += residual
+            return self.activation(hidden_state)
+        if self.style == "add_":
+            hidden_state.add_(residual)
+            return F.relu(hidden_state, inplace=True)
+        if self.style == "mul_":  # a layer scale, as ConvNeXt-style blocks apply it
+            hidden_state.mul_(self.layer_scale.view(1, -1, 1, 1))
+            return F.hardswish(hidden_state.add_(residual), inplace=True)
+        if self.style == "clamp_":
+            return (hidden_state + residual).clamp_(0.0, 6.0)
+        raise ValueError(self.style)
+
+
+class InplaceNet(nn.Module):
+    """``model(pixel_values=x)`` -> ``BackboneOutput``; an embedder with an in-place ReLU."""
+
+    def __init__(self, style="iadd", config: InplaceConfig | None = None):
+        super().__init__()
+        config = config or InplaceConfig()
+        self.config = config
+        self.embedder = nn.Sequential(
+            nn.Conv2d(config.num_channels, config.embedding_size, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(config.embedding_size), _ACTIVATIONS[config.hidden_act]())
+        sizes = (config.embedding_size, *config.hidden_sizes)
+        self.stages = nn.ModuleList([InplaceBasicLayer(config, a, b, 2, style)
+                                     for a, b in zip(sizes, sizes[1:])])
+
+    def forward(self, pixel_values=None):
+        hidden_state = self.embedder(pixel_values)
+        for stage in self.stages:
+            hidden_state = stage(hidden_state)
+        return BackboneOutput(last_hidden_state=hidden_state)
+
+
+class AliasedResidual(nn.Module):
+    """The changed tensor read again under another name: ``shortcut`` is ``out`` itself, so
+    after ``out += ...`` it holds the sum too (eager semantics a trace does not see); and an
+    activation whose ``inplace`` is given positionally."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = conv_bn(3, 8, 3, 2)
+        self.branch = nn.Conv2d(8, 8, 3, 1, 1)
+
+    def forward(self, x):
+        out = self.conv(x)
+        shortcut = out
+        out += self.branch(out)
+        out = F.relu(out, True)
+        return out * shortcut
+
+
+class SliceScaledInPlace(nn.Module):
+    """A slice of the channels scaled in place (``x[:, :2].mul_(2)``): the change reaches the
+    tensor the slice views."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = conv_bn(3, 4, 3, 2)
+        self.head = nn.Conv2d(4, 2, 3, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x[:, :2].mul_(2.0)
+        return self.head(x)

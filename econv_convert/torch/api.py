@@ -49,6 +49,7 @@ def densify(
     until: str | None = None,
     output_stride: int | None = None,
     input_name: str | None = None,
+    capture_with: str = "auto",
 ) -> fx.GraphModule:
     """The dense model of ``model``.
 
@@ -63,6 +64,8 @@ def densify(
     (``model(pixel_values=x)``); the dense model takes it positionally or by that name.
     The dense model returns what the model returns: a tensor, a tuple, a dict or an output
     class (see :mod:`econv_convert.torch.outputs`), with every map over the input made dense.
+    ``capture_with`` is ``auto`` (torch.fx, then torch.export where fx cannot trace the
+    model), ``torch.fx`` or ``torch.export``.
 
     Raises :class:`UnsupportedLayerError` naming the node when a layer is not
     translation-equivariant on the lattice. The model is not modified; a model in training mode
@@ -79,7 +82,7 @@ def densify(
                      "running statistics, dropout is off)")
     baseline = copy.deepcopy(model).eval()
     x = _example(baseline, example_input)
-    captured = capture(baseline, x, until=until, input_name=input_name)
+    captured = capture(baseline, x, until=until, input_name=input_name, method=capture_with)
     gm = captured.gm
     values = shape_prop(gm, x)
     rewriter = Rewriter(gm, values, global_pool, output_stride)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import io
 import operator
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import torch.fx._symbolic_trace as _symbolic_trace
 import torch.nn as nn
 import torch.nn.functional as F
 
-from econv_convert.errors import InvalidModelError, describe
+from econv_convert.errors import InvalidInputError, InvalidModelError, describe
 from econv_convert.torch import ops, outputs
 
 NAME = "econv_name"  # node.meta key: the module path a node came from, for messages
@@ -92,6 +94,30 @@ class _Tracer(fx.Tracer):
             self.wrapper.captured.append(out)
         return out
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _InPlaceProxy(node, self)
+
+
+class _InPlaceProxy(fx.Proxy):
+    """A traced value whose augmented assignments (``x += y``) are recorded as the in-place
+    ops they are on tensors (``operator.iadd``), not as ``x = x + y``: another name for the
+    same tensor sees the change, which :func:`_functional` makes explicit."""
+
+    def _in_place(self, op, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    def __iadd__(self, other):
+        return self._in_place(operator.iadd, other)
+
+    def __isub__(self, other):
+        return self._in_place(operator.isub, other)
+
+    def __imul__(self, other):
+        return self._in_place(operator.imul, other)
+
+    def __itruediv__(self, other):
+        return self._in_place(operator.itruediv, other)
+
 
 @contextlib.contextmanager
 def _through_wrapped_functions():
@@ -110,8 +136,11 @@ def _through_wrapped_functions():
         table.update(saved)
 
 
+CAPTURES = ("auto", "torch.fx", "torch.export")
+
+
 def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None,
-            input_name: str | None = None) -> Captured:
+            input_name: str | None = None, method: str = "auto") -> Captured:
     """``model`` (in eval mode) as a lowered, functional graph of its computation on
     ``example``-like inputs.
 
@@ -124,11 +153,18 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
 
     With ``until``, the graph returns the output of module ``until`` (a name from
     ``named_modules()``). With ``input_name``, the model is called as
-    ``model(**{input_name: x})``.
+    ``model(**{input_name: x})``. ``method`` ``torch.fx`` or ``torch.export`` uses that
+    capture only (``auto``: the order above).
     """
+    if method not in CAPTURES:
+        raise InvalidInputError(f"capture '{method}' is not one of {', '.join(CAPTURES)}")
     if until is not None and until not in dict(model.named_modules()):
         raise InvalidModelError(f"--until: the model has no module named '{until}'")
     drops, off = stochastic_depth(model, example, input_name)
+    if method == "torch.export":
+        captured = _capture_export(model, example, until, input_name)
+        captured.notes += _export_notes(drops) + off
+        return captured
     try:
         captured = _capture_fx(model, until, input_name, drops)
         captured.notes += [
@@ -137,7 +173,7 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
             for d in drops.values()] + off
         return captured
     except InvalidModelError as e:
-        if e.__cause__ is None:
+        if e.__cause__ is None or method == "torch.fx":
             raise  # ours (--until, outputs): the same with any capture
         fx_error = e
     try:
@@ -152,12 +188,15 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
         "torch.export: Python control flow is fixed at the example input, and where it "
         "depends on the input size the dense model checks that the size takes the same "
         "branch")
-    if drops:
-        captured.notes.append(
-            f"stochastic depth in {', '.join(repr(d.name) for d in drops.values())} stays off "
-            "when the dense model trains: torch.export captures the eval branch only")
-    captured.notes += off
+    captured.notes += _export_notes(drops) + off
     return captured
+
+
+def _export_notes(drops: dict[int, Drop]) -> list[str]:
+    if not drops:
+        return []
+    return [f"stochastic depth in {', '.join(repr(d.name) for d in drops.values())} stays "
+            "off when the dense model trains: torch.export captures the eval branch only"]
 
 
 def _short(e: BaseException) -> str:
@@ -302,10 +341,104 @@ def _capture_fx(model: nn.Module, until: str | None, input_name: str | None,
     _strip_prefix(graph, input_name)
     _structure_output(graph, spec)
     gm = fx.GraphModule(model, graph)
+    _functional(gm.graph, dict(gm.named_modules()), at_cut=until is not None)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     _lower(gm, drops)
     return Captured(gm, "torch.fx", spec)
+
+
+_IN_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub,
+                       operator.imul: operator.mul, operator.itruediv: operator.truediv,
+                       operator.ifloordiv: operator.floordiv, operator.ipow: operator.pow,
+                       operator.iand: operator.and_, operator.ior: operator.or_}
+_NOT_IN_PLACE = {"requires_grad_", "share_memory_", "retain_grad_"}
+_VIEWS = {"view", "view_as", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze",
+          "transpose", "permute", "t", "narrow", "expand", "expand_as", "select", "unbind",
+          "split", "chunk", "contiguous", "detach", "as_strided", "getitem", "unfold",
+          "tensor_split", "movedim", "swapaxes", "diagonal"}
+
+
+def _functional(graph: fx.Graph, modules: dict[str, nn.Module], at_cut: bool = False) -> None:
+    """Every in-place call of a traced graph as its out-of-place form, every later use of
+    the value it changed reading its result: ``x.add_(y)`` (result unused), ``x += y``,
+    ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``. Tracing keeps no trace of a
+    mutation, so without this a later use of ``x`` reads the value from before it, and a
+    call whose result is unused is dropped as dead code. An in-place call on a view (which
+    changes the tensor it views) is refused: torch.export functionalizes through views.
+    ``at_cut``: the graph returns a module's output as it was when the module returned
+    (``--until``), so the output keeps reading that value."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        target = _in_place(node, modules)
+        if target is None:
+            continue
+        changed = node.args[0] if node.args else None
+        if not isinstance(changed, fx.Node):
+            continue
+        if _is_view(changed) or any(_is_view(u) and u is not node for u in changed.users
+                                    if order[u] < order[node]):
+            raise InvalidModelError(
+                f"'{node.name}' changes a view of another tensor in place (torch.fx cannot "
+                "follow the change to the tensor it views)") from ValueError(node.name)
+        if target is not True:
+            node.target = target
+        if "inplace" in node.kwargs:
+            node.kwargs = {**node.kwargs, "inplace": False}
+        for user in list(changed.users):
+            if user is not node and order[user] > order[node] and not (
+                    at_cut and user.op == "output"):
+                user.replace_input_with(changed, node)
+
+
+def _in_place(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
+    """For an in-place call: the out-of-place target to call instead (True: keep the target,
+    only its ``inplace`` argument changes); None otherwise."""
+    if node.op == "call_method":
+        name = node.target
+        if (name.endswith("_") and not name.startswith("_") and name not in _NOT_IN_PLACE
+                and hasattr(torch.Tensor, name[:-1])):
+            return name[:-1]
+        return None
+    if node.op == "call_module":
+        return True if getattr(modules.get(node.target), "inplace", False) is True else None
+    if node.op != "call_function":
+        return None
+    if node.target in _IN_PLACE_OPERATORS:
+        return _IN_PLACE_OPERATORS[node.target]
+    if node.kwargs.get("inplace") is True:
+        return True
+    where = _inplace_position(node.target)
+    if where is not None and len(node.args) > where and node.args[where] is True:
+        node.args = (*node.args[:where], False, *node.args[where + 1:])
+        return True
+    name = getattr(node.target, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):
+        for namespace in (F, torch):
+            if getattr(namespace, name, None) is node.target and callable(
+                    getattr(namespace, name[:-1], None)):
+                return getattr(namespace, name[:-1])
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(fn: Any) -> int | None:
+    """The position of an ``inplace`` parameter of ``fn`` (``F.relu(x, True)``), if any."""
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def _is_view(node: fx.Node) -> bool:
+    """Whether ``node`` may be a view of another tensor (changing it changes that one)."""
+    if node.op == "call_method":
+        return node.target in _VIEWS
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return name in _VIEWS
+    return False
 
 
 def _capture_export(model: nn.Module, example: torch.Tensor, until: str | None,
@@ -340,7 +473,9 @@ def _capture_export(model: nn.Module, example: torch.Tensor, until: str | None,
         wrapper.captured.clear()
         wrapper(example)
     spec = wrapper.spec or {"t": "tuple", "items": []}
-    gm = from_exported(program)
+    # in-place ops (``x += y``, ``relu_``, ``inplace=True``) as their functional forms: an
+    # empty decomposition table decomposes nothing else
+    gm = from_exported(program.run_decompositions({}))
     _strip_prefix(gm.graph, input_name)
     _structure_output(gm.graph, spec)
     return Captured(_rebuild_on(model, gm), "torch.export", spec, notes)
@@ -708,6 +843,10 @@ def from_exported(program: Any) -> fx.GraphModule:
             name = node.target._schema.name
             if name in _DROPPED and not node.users:
                 graph.erase_node(node)
+            elif name == "aten::_native_batch_norm_legit_no_training":
+                _batch_norm_from_core(graph, node)
+            elif name == "aten::slice":
+                _slice_as_index(node)
             elif name in _AS_METHOD:
                 node.op, node.target = "call_method", _AS_METHOD[name]
             else:
@@ -718,6 +857,34 @@ def from_exported(program: Any) -> fx.GraphModule:
     graph.lint()
     # a plain GraphModule: the exported module's own class refuses .eval()
     return fx.GraphModule(gm, graph).eval()
+
+
+def _batch_norm_from_core(graph: fx.Graph, node: fx.Node) -> None:
+    """Functionalized programs spell eval-mode BatchNorm as its core op, which returns the
+    output and two statistics; only the output is read in eval mode. As ``torch.batch_norm``
+    (what the rules know) with its output read directly."""
+    x, weight, bias, mean, var, momentum, eps = node.args
+    if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        raise InvalidModelError(f"'{node.name}': a BatchNorm whose statistics are read")
+    with graph.inserting_before(node):
+        bn = graph.call_function(torch.batch_norm,
+                                 (x, weight, bias, mean, var, False, momentum, eps, True))
+    bn.meta = dict(node.meta)
+    for u in list(node.users):
+        u.replace_all_uses_with(bn)
+        graph.erase_node(u)
+    graph.erase_node(node)
+
+
+def _slice_as_index(node: fx.Node) -> None:
+    """``aten.slice(x, dim, start, end, step)`` as ``x[:, ..., start:end:step]``, the
+    indexing the rules know (an unpadded network cropping its residual, ``x[..., 1:-1]``)."""
+    x, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+    end = None if isinstance(end, int) and end >= 2**62 else end
+    cut = slice(None if start == 0 else start, end, None if step == 1 else step)
+    index = ((slice(None),) * dim + (cut,) if dim >= 0
+             else (Ellipsis, cut) + (slice(None),) * (-dim - 1))
+    node.target, node.args, node.kwargs = operator.getitem, (x, index), {}
 
 
 def _check_input_ranges(graph: fx.Graph, ranges: dict) -> None:

@@ -1074,6 +1074,21 @@ def _squeeze(rw: Rewriter, node: fx.Node) -> Val:
     return rw.result(node, n, dims, like=lay)
 
 
+@rule(torch.slice_scatter)
+def _slice_scatter(rw: Rewriter, node: fx.Node) -> Val:
+    """``out = x; out[..., a:b] = src`` along a dim that is not spatial (what torch.export
+    makes of an in-place change of a channel slice): every position as in the baseline."""
+    x, src = rw.v(node.args[0]), rw.v(_arg(node, 1, "src"))
+    lay = x.layout
+    d = lay.norm_dim(_arg(node, 2, "dim", 0))
+    if lay.base_dims[d].spatial:
+        refuse("writing into a slice of spatial positions")
+    if src.layout is None or [dd for i, dd in enumerate(src.layout.dims) if i != d] != \
+            [dd for i, dd in enumerate(lay.dims) if i != d]:
+        refuse("writing a value into a map on another lattice")
+    return Val(rw.same(node), lay)
+
+
 @rule(torch.cat, torch.concat, torch.concatenate, torch.stack)
 def _cat(rw: Rewriter, node: fx.Node) -> Val:
     parts = [rw.v(p) for p in node.args[0]]
