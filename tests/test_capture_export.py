@@ -66,3 +66,91 @@ def test_an_in_place_change_of_a_view_is_captured_by_export():
     dense = densify(model, (1, 3, 31, 27))
     assert dense.econv.capture == "torch.export"
     assert verify(model, dense).ok
+
+
+# -- one reason per kind of layer, whichever capture met it; norms by the dims they reduce
+
+
+class _Probe(torch.nn.Module):
+    """A strided convolution, then the layer under test."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, 2, 1)
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(self.conv(x))
+
+
+def _norms():
+    from families import ChannelsFirstLayerNorm, LayerNorm2d
+
+    return {"permute-layer-norm": lambda: LayerNorm2d(8),
+            "mean-var-over-dim-1": lambda: ChannelsFirstLayerNorm(8),
+            "layer-norm-module-channels-last": lambda: torch.nn.Sequential(
+                _Permute((0, 2, 3, 1)), torch.nn.LayerNorm(8), _Permute((0, 3, 1, 2)))}
+
+
+class _Permute(torch.nn.Module):
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+
+    def forward(self, x):
+        return x.permute(*self.order)
+
+
+@pytest.mark.parametrize("capture", ["torch.fx", "torch.export"], ids=["fx", "export"])
+@pytest.mark.parametrize("norm", list(_norms()))
+def test_a_norm_over_channels_is_pointwise_on_both_captures(norm, capture):
+    torch.manual_seed(0)
+    model = rand_bn(_Probe(_norms()[norm]()))
+    dense = densify(model, (1, 3, 29, 31), capture_with=capture)
+    report = verify(model, dense)
+    assert report.ok and report.proof.nodes, report.failures()
+
+
+REASONS = {
+    "group_norm": (lambda: torch.nn.GroupNorm(2, 8), "normalizes with statistics over spatial"),
+    "instance_norm": (lambda: torch.nn.InstanceNorm2d(8, affine=True),
+                      "normalizes with statistics over spatial"),
+    "bicubic": (lambda: torch.nn.Upsample(scale_factor=2, mode="bicubic"),
+                "upsampling is not translation-equivariant"),
+    "bilinear": (lambda: _Interpolate("bilinear"), "upsampling is not translation-equivariant"),
+    "nearest": (lambda: _Interpolate("nearest"), "upsampling is not translation-equivariant"),
+    "transposed-conv": (lambda: torch.nn.ConvTranspose2d(8, 4, 2, 2),
+                        "a transposed convolution upsamples"),
+    "pixel-shuffle": (lambda: torch.nn.PixelShuffle(2), "depth to space"),
+}
+
+
+class _Interpolate(torch.nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, scale_factor=2, mode=self.mode)
+
+
+@pytest.mark.parametrize("capture", ["torch.fx", "torch.export"], ids=["fx", "export"])
+@pytest.mark.parametrize("layer", list(REASONS))
+def test_one_reason_per_layer_kind_on_both_captures(layer, capture):
+    from econv_convert import UnsupportedLayerError
+
+    make, reason = REASONS[layer]
+    with pytest.raises(UnsupportedLayerError, match=reason) as err:
+        densify(rand_bn(_Probe(make())), (1, 3, 29, 31), capture_with=capture)
+    assert "\n" not in str(err.value) and "no rule for" not in str(err.value)
+
+
+@pytest.mark.parametrize("capture", ["torch.fx", "torch.export"], ids=["fx", "export"])
+def test_an_instance_norm_on_running_statistics_is_channel_wise(capture):
+    torch.manual_seed(0)
+    norm = torch.nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+    norm.running_mean.uniform_(-0.5, 0.5)
+    norm.running_var.uniform_(0.5, 1.5)
+    model = _Probe(norm).eval()
+    dense = densify(model, (1, 3, 29, 31), capture_with=capture)
+    assert verify(model, dense).ok

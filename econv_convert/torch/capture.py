@@ -613,6 +613,17 @@ def _bn(m: nn.Module, x, attr) -> tuple:
     return ops.batch_norm, args, {}
 
 
+def _instance_norm(m: nn.Module, x, attr) -> tuple:
+    """In eval mode with running statistics a channel-wise affine map; otherwise it normalizes
+    with each sample's statistics over positions (the rules say which)."""
+    running = m.track_running_stats and m.running_mean is not None
+    args = (x, attr("running_mean") if running else None,
+            attr("running_var") if running else None,
+            attr("weight") if m.affine else None, attr("bias") if m.affine else None,
+            not running, m.momentum if m.momentum is not None else 0.1, m.eps)
+    return F.instance_norm, args, {}
+
+
 def _dropout(m, x, attr):
     """Dropout stays in the graph, off (captured in eval mode); ``train()`` turns it on."""
     fn = {nn.Dropout: F.dropout, nn.Dropout1d: F.dropout1d, nn.Dropout2d: F.dropout2d,
@@ -673,6 +684,8 @@ _LOWER: dict[type, Callable] = {
     nn.Linear: lambda m, x, attr: (
         F.linear, (x, attr("weight"), attr("bias") if m.bias is not None else None), {}),
     nn.BatchNorm1d: _bn, nn.BatchNorm2d: _bn, nn.BatchNorm3d: _bn,
+    nn.InstanceNorm1d: _instance_norm, nn.InstanceNorm2d: _instance_norm,
+    nn.InstanceNorm3d: _instance_norm,
     nn.MaxPool1d: _maxpool, nn.MaxPool2d: _maxpool, nn.MaxPool3d: _maxpool,
     nn.AvgPool1d: _avgpool, nn.AvgPool2d: _avgpool, nn.AvgPool3d: _avgpool,
     nn.Identity: lambda m, x, attr: ("identity", (x,), {}),

@@ -172,7 +172,7 @@ class Rewriter:
         if node.op == "call_module":
             refuse(_module_reason(self.gm.get_submodule(node.target)))
         if node.op == "call_function":
-            rule = FUNCTIONS.get(node.target)
+            rule = FUNCTIONS.get(node.target) or _refused_by_name(node.target)
         else:
             rule = METHODS.get(node.target)
         if rule is not _unary and any(
@@ -785,7 +785,7 @@ def _channelwise(rw: Rewriter, node: fx.Node) -> Val:
     return Val(rw.same(node), lay)
 
 
-@rule(F.layer_norm)
+@rule(F.layer_norm, torch.layer_norm)
 def _layer_norm(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
     lay = x.layout
@@ -795,15 +795,23 @@ def _layer_norm(rw: Rewriter, node: fx.Node) -> Val:
                        "translation-equivariant)")
     if lay.n_extra:
         args = rw.dense_args(node.args)
-        return Val(rw.call(ops.last_dims, targets.qualified_name(F.layer_norm), args[0],
+        return Val(rw.call(ops.last_dims, targets.qualified_name(node.target), args[0],
                            lay.n_extra, *args[1:], **rw.dense_args(node.kwargs)), lay)
     return Val(rw.same(node), lay)
 
 
-@rule(F.group_norm, F.instance_norm)
+@rule(F.group_norm, F.instance_norm, torch.group_norm, torch.instance_norm)
 def _group_norm(rw: Rewriter, node: fx.Node) -> Val:
+    """Group and instance norm normalize with statistics over positions; an instance norm on
+    its running statistics (``use_input_stats=False``: eval mode with tracked statistics) is
+    a channel-wise affine map, like BatchNorm in eval mode."""
     x = rw.v(node.args[0])
-    rules.statistics_over_space(x.layout, node.target.__name__)
+    name = getattr(node.target, "__name__", str(node.target))
+    if name == "instance_norm" and _arg(node, 5, "use_input_stats", True) is False:
+        rules.channel_axes(x.layout, [1] if x.layout.base_ndim > 1 else [],
+                           "a channel-wise layer")
+        return Val(rw.same(node), x.layout)
+    rules.statistics_over_space(x.layout, name)
     if x.layout.n_extra:
         return _per_extra(rw, node, x)
     return Val(rw.same(node), x.layout)
@@ -1187,6 +1195,24 @@ def _refused(kind):
 
 for _fn, _kind in _REFUSED.items():
     FUNCTIONS[_fn] = _refused(_kind)
+
+# the same layers as torch.export spells them (aten operators, or their torch bindings), by
+# name: one reason per kind of layer, whichever capture met it
+_REFUSED_NAMES = (("upsample", "upsampling"), ("_upsample", "upsampling"),
+                  ("conv_transpose", "transposed_convolution"),
+                  ("pixel_shuffle", "depth_to_space"), ("grid_sampler", "sampling"),
+                  ("scaled_dot_product", "attention"), ("_scaled_dot_product", "attention"),
+                  ("_native_multi_head_attention", "attention"), ("im2col", "im2col"),
+                  ("col2im", "col2im"), ("fractional_max_pool", "random_pooling"))
+
+
+def _refused_by_name(target: Any) -> Callable | None:
+    name = (target._schema.name.split("::", 1)[-1] if isinstance(target, torch._ops.OpOverload)
+            else getattr(target, "__name__", ""))
+    for prefix, kind in _REFUSED_NAMES:
+        if name.startswith(prefix):
+            return _refused(kind)
+    return None
 
 
 def _module_reason(m) -> str:
