@@ -20,9 +20,15 @@ import torch.nn as nn
 
 from econv_convert.check import lattice_view as read_lattice
 from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo, info
-from econv_convert.errors import InvalidInputError, TransferError
+from econv_convert.errors import (
+    EConvError,
+    InvalidInputError,
+    InvalidModelError,
+    TransferError,
+    describe,
+)
 from econv_convert.torch import outputs
-from econv_convert.torch.capture import capture, shape_prop
+from econv_convert.torch.capture import capture, module_of_error, shape_prop
 from econv_convert.torch.module import DenseModule
 from econv_convert.torch.rewrite import Rewriter
 from econv_convert.torch.state import restore_keys, set_versions, state_metadata
@@ -82,11 +88,22 @@ def densify(
                      "running statistics, dropout is off)")
     baseline = copy.deepcopy(model).eval()
     x = _example(baseline, example_input)
-    captured = capture(baseline, x, until=until, input_name=input_name, method=capture_with)
-    gm = captured.gm
-    values = shape_prop(gm, x)
-    rewriter = Rewriter(gm, values, global_pool, output_stride)
-    graph, plan = rewriter.run()
+    try:
+        captured = capture(baseline, x, until=until, input_name=input_name,
+                           method=capture_with)
+        gm = captured.gm
+        values = shape_prop(gm, x)
+        rewriter = Rewriter(gm, values, global_pool, output_stride)
+        graph, plan = rewriter.run()
+    except EConvError:
+        raise
+    except Exception as e:  # a user's model must never end in an internal error
+        raise InvalidModelError(
+            f"econv-convert could not process the model{module_of_error(e, baseline)} "
+            f"({describe(e, 160)}); this is a limit of econv-convert: please report it, "
+            "or densify the part before that module with --until") from e
+    if not plan.outputs:
+        raise InvalidModelError("the model returns no tensor: nothing to densify")
     if output_stride is not None:
         _check_output_stride(output_stride, plan, rewriter)
     dense = DenseModule(gm, graph)

@@ -557,8 +557,10 @@ def _rebuild_on(model: nn.Module, gm: fx.GraphModule) -> fx.GraphModule:
     """The exported graph on the model's own parameters and buffers (so the state dict keeps
     its keys); constants that torch.export lifted out of forward() come along as
     non-persistent buffers."""
-    lifted = {n.target: _get_attr(gm, n.target) for n in gm.graph.nodes
-              if n.op == "get_attr" and not _has_attr(model, n.target)}
+    # torch.export keeps a constant where forward() made it: under the capturing wrapper's
+    # prefix, which the graph's attribute paths no longer carry
+    lifted = {n.target: _get_attr(gm, n.target if _has_attr(gm, n.target) else PREFIX + n.target)
+              for n in gm.graph.nodes if n.op == "get_attr" and not _has_attr(model, n.target)}
     root: nn.Module = model
     if lifted:
         root = copy.copy(model)  # shares every parameter; only the copy gets the constants
