@@ -22,6 +22,37 @@ if __import__("os").environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The rule matrix runs through both captures (issue 21: every rule holds on both): each test
+# of these modules that asserts through ``assert_lattice_equal`` runs once with the default
+# capture (torch.fx first) and once with torch.export. ECONV_TEST_CAPTURE=torch.export (or
+# torch.fx) runs every such test through that one capture instead.
+RULE_MODULES = {"test_rules_conv", "test_rules_pool", "test_rules_graph", "test_window_pool"}
+_CAPTURE = {"with": __import__("os").environ.get("ECONV_TEST_CAPTURE", "auto")}
+
+
+def pytest_generate_tests(metafunc):
+    import inspect
+    import os
+
+    if (metafunc.module.__name__.rsplit(".", 1)[-1] in RULE_MODULES
+            and "ECONV_TEST_CAPTURE" not in os.environ
+            and "assert_lattice_equal(" in inspect.getsource(metafunc.function)):
+        metafunc.parametrize("rule_capture", ["auto", "torch.export"], ids=["fx", "export"],
+                             indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def rule_capture(request):
+    """The capture ``assert_lattice_equal`` densifies with in this test (parametrized by
+    ``pytest_generate_tests``; every other test keeps the default)."""
+    if not hasattr(request, "param"):
+        yield None
+        return
+    _CAPTURE["with"] = request.param
+    yield request.param
+    _CAPTURE["with"] = "auto"
+
+
 def rand_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random BatchNorm statistics (a fresh BatchNorm is the identity and hides bugs), eval."""
     return randomize_batchnorm(model, torch.Generator().manual_seed(seed)).eval()
@@ -40,11 +71,9 @@ def assert_lattice_equal(
     example and at every size in ``sizes`` (spatial sizes; batch 2, the example's channels),
     then every phase of every node at the example (:func:`assert_every_phase`)."""
     model = model.eval()
-    # ECONV_TEST_CAPTURE=torch.export runs the rule matrix through torch.export (issue 21:
-    # not yet green, torch.export's own size checks read as branches)
-    capture = __import__("os").environ.get("ECONV_TEST_CAPTURE", "auto")
-    dense = dense if dense is not None else densify(model, example, global_pool=global_pool,
-                                                    capture_with=capture)
+    if dense is None:
+        dense = densify(model, example, global_pool=global_pool, capture_with=_CAPTURE["with"])
+        assert _CAPTURE["with"] == "auto" or dense.econv.capture == _CAPTURE["with"]
     gen = torch.Generator().manual_seed(seed)
     for spatial in [tuple(example[2:]), *map(tuple, sizes)]:
         x = torch.randn((2, example[1], *spatial), generator=gen)

@@ -602,3 +602,52 @@ class SliceScaledInPlace(nn.Module):
         x = self.conv(x)
         x[:, :2].mul_(2.0)
         return self.head(x)
+
+
+# -- a TF-ported stem: "same" padding from x.shape, then a ceil-mode max pool -------------------
+
+
+class CeilPoolSameNet(nn.Module):
+    """TF ports compute "same" padding in Python; this one then subsamples with a 1x1 max pool
+    of stride 2 in ``ceil_mode`` (an FPN-style extra level). PyTorch's own shape rule for the
+    pool decides, at the example size, whether a last window starting past the map is
+    dropped: on an even map it is, on an odd one there is none. ``flatten_sizes`` reads the
+    pooled map's sizes in Python (``x.reshape(b, c, h * w)``), so the captured graph holds a
+    size derived under that decision."""
+
+    def __init__(self, classes=3, flatten_sizes=False):
+        super().__init__()
+        self.flatten_sizes = flatten_sizes
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8),
+                                  nn.ReLU(inplace=True))
+        self.pool = nn.MaxPool2d(1, 2, ceil_mode=True)
+        self.block = nn.Sequential(Conv2dSame(8, 12, 2, 2), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = self.block(self.pool(self.stem(x)))
+        if self.flatten_sizes:
+            b, c, h, w = x.shape
+            return self.fc(x.reshape(b, c, h * w).mean(-1))
+        return self.fc(x.mean((2, 3)))
+
+
+class CropToPooled(nn.Module):
+    """Crops its skip branch to the pooled map's size read in Python (the size matching of
+    encoder-decoder nets): the crop's size comes from a map the skip branch does not pass
+    through."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.MaxPool2d(1, 2, ceil_mode=True)
+        self.block = nn.Sequential(nn.Conv2d(8, 12, 2, 2), nn.BatchNorm2d(12), nn.ReLU())
+        self.side = nn.Sequential(nn.Conv2d(8, 12, 4, 4), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        pooled = self.pool(x)
+        h, w = pooled.shape[-2:]
+        skip = self.side(x[:, :, : 2 * h - 1, : 2 * w - 1])
+        return self.fc(self.block(pooled).mean((2, 3)) + skip.mean((2, 3)))

@@ -154,3 +154,55 @@ def test_an_instance_norm_on_running_statistics_is_channel_wise(capture):
     model = _Probe(norm).eval()
     dense = densify(model, (1, 3, 29, 31), capture_with=capture)
     assert verify(model, dense).ok
+
+
+# -- sizes stay symbolic: PyTorch's own shape decisions are not the model's branches ----------
+
+SIZES = [(32, 32), (33, 31), (35, 40), (17, 18), (64, 61)]
+
+
+@pytest.mark.parametrize("flatten_sizes", [False, True], ids=["mean", "reshape"])
+def test_a_ceil_mode_pool_after_computed_same_padding_converts_at_every_size(flatten_sizes):
+    """At the example size the pool's shape rule decided how its last window rounds; that is
+    PyTorch's decision, not a branch of the model. The sizes the model's code reads off the
+    pooled map are read off it when the dense model runs: odd and even sizes alike, exact at
+    each, no size limit claimed."""
+    from library_style import CeilPoolSameNet
+
+    torch.manual_seed(0)
+    model = rand_bn(CeilPoolSameNet(flatten_sizes=flatten_sizes))
+    dense = densify(model, (1, 3, 32, 32), capture_with="torch.export")
+    assert not any("covers the input sizes" in n for n in dense.econv.notes), dense.econv.notes
+    report = verify(model, dense, shapes=[(2, 3, h, w) for h, w in SIZES])
+    assert report.ok and len([c for c in report.checked if c.check == "lattice"]) == len(SIZES), \
+        report.failures()
+
+
+def test_a_size_derived_under_a_shape_decision_keeps_the_decision_and_refuses_other_sizes():
+    """A size read off one map and used on another branch cannot be read back off a map the
+    op sees: PyTorch's decisions then stay checks. Sizes that round the other way are
+    refused, never computed from a wrong size."""
+    from library_style import CropToPooled
+
+    from econv_convert.errors import SizeNotCovered
+
+    torch.manual_seed(0)
+    model = rand_bn(CropToPooled())
+    dense = densify(model, (1, 3, 32, 32), capture_with="torch.export")
+    assert any("covers the input sizes" in n for n in dense.econv.notes), dense.econv.notes
+    report = verify(model, dense, shapes=[(2, 3, h, w) for h, w in SIZES])
+    assert report.ok, report.failures()
+    checked = [c.shape[2:] for c in report.checked if c.check == "lattice"]
+    skipped = [c.shape[2:] for c in report.cases if c.skipped]
+    assert (32, 32) in checked and skipped and set(checked) | set(skipped) == set(SIZES)
+    with pytest.raises(SizeNotCovered):
+        dense(torch.randn(1, 3, *skipped[0]))
+
+
+def test_the_sizes_a_dense_model_covers_are_stated_in_the_input_dims():
+    from library_style import SamePaddingNet
+
+    torch.manual_seed(0)
+    dense = densify(rand_bn(SamePaddingNet("branches")), (1, 3, 32, 32))
+    (note,) = [n for n in dense.econv.notes if "covers the input sizes" in n]
+    assert "H" in note and "W" in note and not any(f"s{i}" in note for i in range(100)), note

@@ -14,6 +14,9 @@ import functools
 import inspect
 import io
 import operator
+import os
+import re
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -451,8 +454,9 @@ def _capture_export(model: nn.Module, example: torch.Tensor, until: str | None,
     first: Exception | None = None
     for args, dims in (((batched,), dynamic), ((example,), None)):
         wrapper = _Capture(model, input_name, until, hooks=True)
+        deciders: dict[str, str] = {}
         try:
-            with _quiet():
+            with _quiet(), _size_decisions(deciders):
                 program = torch.export.export(
                     wrapper, args, strict=False, dynamic_shapes=dims,
                     prefer_deferred_runtime_asserts_over_guards=True)
@@ -476,9 +480,204 @@ def _capture_export(model: nn.Module, example: torch.Tensor, until: str | None,
     # in-place ops (``x += y``, ``relu_``, ``inplace=True``) as their functional forms: an
     # empty decomposition table decomposes nothing else
     gm = from_exported(program.run_decompositions({}))
+    notes += _keep_model_branches(gm.graph, deciders)
     _strip_prefix(gm.graph, input_name)
     _structure_output(gm.graph, spec)
     return Captured(_rebuild_on(model, gm), "torch.export", spec, notes)
+
+
+@contextlib.contextmanager
+def _size_decisions(deciders: dict[str, str]):
+    """Record who decided each size condition torch.export defers to run time: ``"model"``
+    when the model's own Python code forced a size into a branch (``if h % 2``, ``int(h /
+    2)``), ``"torch"`` when the shape rules inside a PyTorch operator did (a ceil-mode
+    pool's last window, a view's size checks). Keyed by the condition as the graph's
+    ``_assert_scalar`` message prints it."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv, canonicalize_bool_expr
+
+    original = ShapeEnv.guard_or_defer_runtime_assert
+
+    def record(self, orig_expr, msg, fx_node=None):
+        try:
+            deciders.setdefault(str(canonicalize_bool_expr(orig_expr)),
+                                _decider(traceback.extract_stack()[:-1]))
+        except Exception:  # bookkeeping only: a condition not recorded is kept
+            pass
+        return original(self, orig_expr, msg, fx_node)
+
+    ShapeEnv.guard_or_defer_runtime_assert = record
+    try:
+        yield
+    finally:
+        ShapeEnv.guard_or_defer_runtime_assert = original
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+# where a Python size becomes a decision: the SymInt/SymBool conversions themselves
+_SYMBOLIC = tuple(os.path.join(_TORCH_DIR, f) for f in (
+    "__init__.py", os.path.join("fx", "experimental", "sym_node.py"),
+    os.path.join("fx", "experimental", "symbolic_shapes.py")))
+
+
+def _decider(stack: list[traceback.FrameSummary]) -> str:
+    """``"model"`` or ``"torch"`` (see ``_size_decisions``), from the innermost frame outside
+    PyTorch and what it called."""
+    for i in range(len(stack) - 1, -1, -1):
+        if not stack[i].filename.startswith(_TORCH_DIR):
+            callee = stack[i + 1].filename if i + 1 < len(stack) else ""
+            return "model" if callee.startswith(_SYMBOLIC) or not callee else "torch"
+    return "model"
+
+
+def _keep_model_branches(graph: fx.Graph, deciders: dict[str, str]) -> list[str]:
+    """Drop the size conditions PyTorch's own shape rules recorded, where nothing in the
+    graph depends on them; keep the model's own branches (checked whenever the dense model
+    runs). Returns notes saying at which sizes the dense model is valid.
+
+    A condition from inside an operator (which way a ceil-mode pool rounds at this size)
+    does not change the graph: the operator computes its own output size whenever it runs.
+    It matters only where torch.export wrote into the graph a size it derived under that
+    condition (the size of an intermediate map that the model's Python code read, as an
+    expression of the input size). Such a size is read off the map itself when the graph
+    runs wherever that map can be found (``_sizes_from_maps``); if one is left, every
+    condition stays."""
+    checks = [n for n in graph.nodes if n.op == "call_function"
+              and n.target is torch.ops.aten._assert_scalar.default]
+    if not checks:
+        return []
+    derived = {n for n in graph.nodes if n.op == "call_function"
+               and n.target is not torch.ops.aten.sym_size.int
+               and "runtime_assert.py" in (n.meta.get("stack_trace") or "")}
+    only_checks = _sizes_from_maps(graph, checks, derived)
+    sizes_derived = any(n not in only_checks and n.users for n in derived)
+    kept = []
+    for node in checks:
+        decider = deciders.get(_condition(node))
+        if decider == "torch" and not sizes_derived:
+            graph.erase_node(node)
+        else:
+            kept.append(node)
+    graph.eliminate_dead_code()
+    conditions = list(dict.fromkeys(_readable(_condition(n), graph) for n in kept
+                                    if _condition(n)))
+    if not conditions:
+        return []
+    shown = "; ".join(conditions[:3]) + (f"; and {len(conditions) - 3} more"
+                                         if len(conditions) > 3 else "")
+    return [f"the dense model covers the input sizes that take the branches the example "
+            f"size took (other sizes are refused with SizeNotCovered): {shown}"]
+
+
+def _check_only(graph: fx.Graph, checks: list[fx.Node]) -> set[fx.Node]:
+    """Nodes whose values feed nothing but size checks."""
+    only = set(checks)
+    for n in reversed(graph.nodes):
+        if n.users and all(u in only for u in n.users):
+            only.add(n)
+    return only
+
+
+def _sizes_from_maps(graph: fx.Graph, checks: list[fx.Node], derived: set[fx.Node]
+                     ) -> set[fx.Node]:
+    """Each derived size the computation reads (not only checks) that equals one dim of a
+    map feeding the op that uses it, read off that map with ``sym_size`` instead: the
+    nearest such map, so the size is the one the model's code read. Returns the nodes left
+    feeding only checks."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    while True:
+        only = _check_only(graph, checks)
+        changed = False
+        for d in sorted(derived, key=order.get):
+            readers = [u for u in d.users if u not in only and u not in derived]
+            val = d.meta.get("val")
+            if not readers or not isinstance(val, torch.SymInt):
+                continue
+            found = _map_with_size(readers, val.node.expr)
+            if found is None or any(order[r] <= order[found[0]] for r in readers):
+                continue
+            tensor, first, end = found
+            with graph.inserting_after(tensor):
+                size = graph.call_function(torch.ops.aten.sym_size.int, (tensor, first))
+            for dim in range(first + 1, end):
+                with graph.inserting_after(size):
+                    one = graph.call_function(torch.ops.aten.sym_size.int, (tensor, dim))
+                with graph.inserting_after(one):
+                    size = graph.call_function(operator.mul, (size, one))
+            size.meta["val"] = val
+            for r in readers:
+                r.replace_input_with(d, size)
+            order = {n: i for i, n in enumerate(graph.nodes)}
+            changed = True
+        if not changed:
+            return only
+
+
+def _map_with_size(readers: list[fx.Node], expr: Any) -> tuple[fx.Node, int, int] | None:
+    """The (map, first, end) whose size is ``expr`` nearest above the tensor ops the readers feed,
+    the same for all of them; None if there is none or they disagree."""
+    found = set()
+    for reader in readers:
+        ops, seen, frontier = [], {reader}, [reader]
+        while frontier:  # forward through size arithmetic to the ops that take the size
+            n = frontier.pop()
+            if isinstance(n.meta.get("val"), (torch.Tensor, tuple, list)) or n.op == "output":
+                ops.append(n)
+                continue
+            for u in n.users:
+                if u not in seen:
+                    seen.add(u)
+                    frontier.append(u)
+        for op in ops:
+            hit = _nearest_map(op, expr)
+            if hit is None:
+                return None
+            found.add(hit)
+    return found.pop() if len(found) == 1 else None
+
+
+def _nearest_map(op: fx.Node, expr: Any) -> tuple[fx.Node, int, int] | None:
+    """(map, first, end): the map nearest above ``op`` whose dims ``first:end`` multiply to
+    ``expr`` (one dim, or the dims a flatten merges)."""
+    import sympy
+
+    queue, seen = [a for a in op.all_input_nodes], set()
+    while queue:
+        n = queue.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            sizes = [s.node.expr if isinstance(s, torch.SymInt) else sympy.Integer(s)
+                     for s in val.shape]
+            for first in range(len(sizes)):
+                for end in range(first + 1, len(sizes) + 1):
+                    product = sympy.Mul(*sizes[first:end])
+                    if product.free_symbols and (product == expr
+                                                 or sympy.expand(product - expr) == 0):
+                        return n, first, end
+            queue.extend(n.all_input_nodes)
+    return None
+
+
+def _condition(node: fx.Node) -> str:
+    message = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], str) else ""
+    m = re.match(r"Runtime assertion failed for expression (.*) on node '[^']*'$", message)
+    return m.group(1) if m else ""
+
+
+def _readable(expr: str, graph: fx.Graph) -> str:
+    """A condition on the input's symbols in the input's dim names (``s53`` -> ``H``)."""
+    names = {}
+    for node in graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            dims = ["N", "C", "H", "W"] if val.dim() == 4 else [f"dim{d}" for d in
+                                                               range(val.dim())]
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr.is_symbol:
+                    names.setdefault(str(size.node.expr), dims[d])
+    return re.sub(r"\b[su]\d+\b", lambda m: names.get(m.group(0), m.group(0)), expr)
 
 
 def _export_reason(e: BaseException) -> str:
@@ -864,6 +1063,11 @@ def from_exported(program: Any) -> fx.GraphModule:
                 _slice_as_index(node)
             elif name in _AS_METHOD:
                 node.op, node.target = "call_method", _AS_METHOD[name]
+                # layout-only arguments: the values are the same without them
+                node.kwargs = {k: v for k, v in node.kwargs.items()
+                               if k not in ("implicit", "memory_format")}
+            elif name in _WITH_INDICES:
+                _values_only(graph, node, _WITH_INDICES[name])
             else:
                 fn = _binding(node.target)
                 if fn is not None:
@@ -887,6 +1091,21 @@ def _batch_norm_from_core(graph: fx.Graph, node: fx.Node) -> None:
     bn.meta = dict(node.meta)
     for u in list(node.users):
         u.replace_all_uses_with(bn)
+        graph.erase_node(u)
+    graph.erase_node(node)
+
+
+def _values_only(graph: fx.Graph, node: fx.Node, fn: Callable) -> None:
+    """An operator returning (values, indices) whose indices nothing reads, as the function
+    returning the values (``F.adaptive_max_pool2d``), which the rules know. Read indices
+    keep the operator, refused by name."""
+    if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
+        return
+    with graph.inserting_before(node):
+        values = graph.call_function(fn, node.args, dict(node.kwargs))
+    values.meta = dict(node.meta)
+    for u in list(node.users):
+        u.replace_all_uses_with(values)
         graph.erase_node(u)
     graph.erase_node(node)
 
@@ -943,8 +1162,15 @@ def _finite(bound: Any) -> int | None:
 
 # range constraints of unbacked sizes: bookkeeping of the export, nothing to compute
 _DROPPED = {"aten::sym_constrain_range_for_size", "aten::sym_constrain_range"}
-_AS_METHOD = {"aten::contiguous": "contiguous", "aten::view": "reshape"}
-_SPECIAL_OVERLOADS = {("aten::pow", "Tensor_Scalar"), ("aten::pow", "Tensor_Tensor")}
+_AS_METHOD = {"aten::contiguous": "contiguous", "aten::view": "reshape", "aten::clone": "clone",
+              "aten::expand": "expand"}
+_SPECIAL_OVERLOADS = {("aten::pow", "Tensor_Scalar"), ("aten::pow", "Tensor_Tensor"),
+                      ("aten::sum", "dim_IntList"), ("aten::conv1d", "padding"),
+                      ("aten::conv2d", "padding"), ("aten::conv3d", "padding")}
+# operators returning (values, indices) whose values the rules know as the F function
+_WITH_INDICES = {"aten::adaptive_max_pool1d": F.adaptive_max_pool1d,
+                 "aten::adaptive_max_pool2d": F.adaptive_max_pool2d,
+                 "aten::adaptive_max_pool3d": F.adaptive_max_pool3d}
 
 
 def _binding(op: torch._ops.OpOverload) -> Callable | None:
