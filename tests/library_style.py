@@ -651,3 +651,50 @@ class CropToPooled(nn.Module):
         h, w = pooled.shape[-2:]
         skip = self.side(x[:, :, : 2 * h - 1, : 2 * w - 1])
         return self.fc(self.block(pooled).mean((2, 3)) + skip.mean((2, 3)))
+
+
+# -- a VGG head that keeps its input at least kernel-sized (sizes computed in forward()) ------
+
+
+class ConvMlpHead(nn.Module):
+    """The fully connected layers of a VGG as convolutions; a map smaller than the first
+    kernel is pooled up to it first, with an output size computed from ``x.shape``."""
+
+    def __init__(self, cin=16, hidden=24, kernel_size=3):
+        super().__init__()
+        self.input_kernel_size = kernel_size
+        self.fc1 = nn.Conv2d(cin, hidden, kernel_size, bias=True)
+        self.act1 = nn.ReLU(True)
+        self.fc2 = nn.Conv2d(hidden, hidden, 1, bias=True)
+        self.act2 = nn.ReLU(True)
+
+    def forward(self, x):
+        if x.shape[-2] < self.input_kernel_size or x.shape[-1] < self.input_kernel_size:
+            # keep the input at least kernel-sized
+            output_size = (max(self.input_kernel_size, x.shape[-2]),
+                           max(self.input_kernel_size, x.shape[-1]))
+            x = F.adaptive_avg_pool2d(x, output_size)
+        return self.act2(self.fc2(self.act1(self.fc1(x))))
+
+
+class ComputedPoolNet(nn.Module):
+    """``pool``: ``vgg`` (the head above), ``half`` (an adaptive pool to half the map's size,
+    computed in Python), ``flatten`` (a pool as large as the example's map, then
+    ``x.view(x.size(0), -1)`` as the output)."""
+
+    def __init__(self, pool="vgg", padded=True):
+        super().__init__()
+        self.pool = pool
+        self.features = (nn.Sequential(conv_bn(3, 8, 3, 2), conv_bn(8, 16, 3, 2)) if padded else
+                         nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 16, 3, 2), nn.BatchNorm2d(16), nn.ReLU()))
+        self.head = ConvMlpHead() if pool == "vgg" else nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = self.features(x)
+        if self.pool == "half":
+            x = F.adaptive_avg_pool2d(x, (x.shape[-2] // 2, x.shape[-1] // 2))
+        elif self.pool == "flatten":
+            x = F.avg_pool2d(x, 4)
+            return self.head(x).view(x.size(0), -1)
+        return self.head(x).mean((2, 3))

@@ -206,3 +206,71 @@ def test_the_sizes_a_dense_model_covers_are_stated_in_the_input_dims():
     dense = densify(rand_bn(SamePaddingNet("branches")), (1, 3, 32, 32))
     (note,) = [n for n in dense.econv.notes if "covers the input sizes" in n]
     assert "H" in note and "W" in note and not any(f"s{i}" in note for i in range(100)), note
+
+
+# -- sizes computed in forward(): adaptive pools, and a flatten of one position as the output --
+
+
+@pytest.mark.parametrize("capture", ["torch.fx", "torch.export"], ids=["fx", "export"])
+@pytest.mark.parametrize("mode", ["phase", "window", "lattice"])
+def test_an_adaptive_pool_to_a_computed_size_is_specialized_to_it_and_checked(mode, capture):
+    """``F.adaptive_avg_pool2d(x, (h // 2, w // 2))``: a plain pool at the example's size;
+    where the baseline would compute another output size the dense model refuses to run
+    (with window pooling every window has the example's size)."""
+    from library_style import ComputedPoolNet
+
+    from econv_convert.errors import SizeNotCovered
+
+    torch.manual_seed(0)
+    model = rand_bn(ComputedPoolNet("half"))
+    dense = densify(model, (1, 3, 16, 16), global_pool=mode, capture_with=capture)
+    report = verify(model, dense)
+    assert report.ok and report.checked, report.failures()
+    if mode == "window":
+        assert dense(torch.randn(1, 3, 40, 40)).shape[-1] > 1  # a map of window positions
+    else:
+        with pytest.raises(SizeNotCovered, match="adaptive pool"):
+            dense(torch.randn(1, 3, 40, 40))
+
+
+def test_a_pool_up_to_a_kernel_computed_from_the_input_is_refused_with_its_reason():
+    """A VGG head pooling a map smaller than its kernel up to the kernel's size: the windows
+    depend on the input size; one reason, never an internal error."""
+    from library_style import ComputedPoolNet
+
+    from econv_convert.errors import UnsupportedLayerError
+
+    model = rand_bn(ComputedPoolNet("vgg"))
+    with pytest.raises(UnsupportedLayerError, match=r"adaptive pooling from \(2, 2\) to "
+                                                    r"\(3, 3\)"):
+        densify(model, (1, 3, 8, 8))
+    dense = densify(model, (1, 3, 24, 24))  # a map as large as the kernel: no pool taken
+    assert verify(model, dense).ok
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("mode", ["window", "lattice"])
+def test_a_flatten_of_one_position_as_the_output_converts_with_window_or_lattice(mode, padded):
+    """``x.view(x.size(0), -1)`` after a pool as large as the example's map: one output per
+    window position (window), the baseline's own flatten of the lattice points (lattice);
+    an unpadded network's windows equal the baseline on crops (verify's shift check)."""
+    from library_style import ComputedPoolNet
+
+    torch.manual_seed(0)
+    model = rand_bn(ComputedPoolNet("flatten", padded=padded))
+    example = (1, 3, 16, 16) if padded else (1, 3, 19, 19)
+    dense = densify(model, example, global_pool=mode)
+    report = verify(model, dense)
+    assert report.ok and report.checked, report.failures()
+    assert any(c.check == "shift" for c in report.checked) == (mode == "window" and not padded)
+    out = dense(torch.randn(1, 3, 48, 48))
+    assert out.dim() == (4 if mode == "window" else 2)
+
+
+def test_a_flatten_of_one_position_as_the_output_is_refused_with_phase_pooling():
+    from library_style import ComputedPoolNet
+
+    from econv_convert.errors import UnsupportedLayerError
+
+    with pytest.raises(UnsupportedLayerError, match="flattens a map of one position.*window"):
+        densify(rand_bn(ComputedPoolNet("flatten")), (1, 3, 16, 16), global_pool="phase")

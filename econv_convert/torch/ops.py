@@ -396,6 +396,18 @@ def size_check(cond, message: str) -> None:
         f"input did, which the dense model does not cover ({message})"))
 
 
+def lattice_flatten(x: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
+    """The baseline's ``x.view(n, -1)`` of a map whose last ``len(steps)`` dims are on a
+    lattice of those steps: the lattice points, flattened."""
+    index = (Ellipsis,) + tuple(slice(None, None, s) for s in steps)
+    return torch.flatten(x[index], 1)
+
+
+def size_fixed(cond, message: str) -> None:
+    """A size the dense model was specialized to at the example, checked at run time."""
+    torch._check_with(SizeNotCovered, cond, lambda: f"{message}: not covered by the dense model")
+
+
 def pad(x: torch.Tensor, amounts: Sequence[int], scales: Sequence[int], mode: str,
         value: float | None) -> torch.Tensor:
     """``F.pad`` with amounts computed when the graph runs (from the baseline's sizes), each

@@ -265,6 +265,8 @@ class Rewriter:
                 for item in val.items:
                     visit_val(item)
                 return val.node
+            if val.layout is not None and val.layout.fold:
+                val = self._flat_output(val)
             visit_val(val)
             return val.node
 
@@ -287,6 +289,27 @@ class Rewriter:
         self.plan.out_field = [list(astuple(f)) for f in self._inherited_field(node)]
         self.graph.output(args)
         return Val(None)
+
+    def _flat_output(self, val: Val) -> Val:
+        """An output that flattens a map of one position at the example (``x.view(n, -1)``
+        after a pool as large as the map): with ``window`` pooling, one output per window
+        position (the flattened dims become trailing positions, as a window-pooled head's
+        do); with ``lattice``, the baseline's own flatten of the lattice points, at every
+        size. Other modes have no form for it."""
+        lay = val.layout
+        if any(n != 1 for n in lay.fold_shape):
+            return val  # refused by the caller: a flatten over several positions
+        if self.mode == "window":
+            self.plan.global_pools += 1  # a window pool of one position
+            return Val(val.node, Layout(lay.base, lay.dims, lay.fold))
+        if self.mode == "lattice":
+            steps = tuple(d.step for d in lay.fold_dims)
+            n = self.call(ops.lattice_flatten, val.node, steps)
+            return Val(n, Layout.plain(lay.base))
+        refuse(f"the output flattens a map of one position at the example (--global-pool "
+               f"{self.mode} has no form for it: at larger inputs it has more positions)",
+               "--global-pool window gives one output per window position; lattice gives "
+               "the baseline's own output")
 
     # -- the default: nothing spatial reaches the node ------------------------------------
 
@@ -489,6 +512,8 @@ def _adaptive(rw: Rewriter, node: fx.Node) -> Val:
     size = tuple(size) if isinstance(size, (list, tuple)) else (size,) * nd
     if len(size) == 1 and nd > 1:
         size = size * nd
+    if any(isinstance(s, fx.Node) for s in size):
+        size = _computed_output_size(rw, node, size)
     how, k = rules.adaptive_pool(x.layout, size)
     if how == "global":
         return _global(rw, node, x, range(2, 2 + nd), "mean" if avg else "max", keepdim=True)
@@ -503,6 +528,23 @@ def _adaptive(rw: Rewriter, node: fx.Node) -> Val:
     if avg:
         return _avg_pool_of(rw, node, windows, True, None, note)
     return _max_pool_of(rw, node, windows, note)
+
+
+def _computed_output_size(rw: Rewriter, node: fx.Node, size: tuple) -> tuple[int, ...]:
+    """An output size computed in ``forward()`` from the input's size: the pool is
+    specialized to its value at the example, and the dense model checks, whenever it runs,
+    that the baseline would compute the same value (else ``SizeNotCovered``). With window
+    pooling every window is the example's size, so there is nothing to check."""
+    example = tuple(rw.base(node).shape[2:])
+    if rw.mode == "window":
+        return example
+    for s, value in zip(size, example):
+        if isinstance(s, fx.Node):
+            same = rw.call(operator.eq, rw.v(s).node, value)
+            rw.call(ops.size_fixed, same,
+                    f"the output size of adaptive pool '{node_name(node)}', computed from the "
+                    f"input size, is {value} at the example and differs at this size")
+    return example
 
 
 def _window_input(x: Layout, nd: int):
