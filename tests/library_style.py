@@ -698,3 +698,79 @@ class ComputedPoolNet(nn.Module):
             x = F.avg_pool2d(x, 4)
             return self.head(x).view(x.size(0), -1)
         return self.head(x).mean((2, 3))
+
+
+# -- everything at once, as a ported model-definition library writes it ------------------------
+
+
+@dataclass
+class PortedConfig:
+    num_channels: int = 3
+    stem_size: int = 8
+    hidden_sizes: tuple = (8, 16)
+    hidden_act: str = "silu"
+    layer_norm_eps: float = 1e-6
+    num_labels: int = 4
+    use_return_dict: bool = True
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """LayerNorm over channels of an NCHW map, through permutes (ConvNeXt ports)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class PortedBlock(nn.Module):
+    def __init__(self, config: PortedConfig, cin, cout, stride):
+        super().__init__()
+        self.conv = Conv2dSame(cin, cout, 3, stride, bias=False)
+        self.norm = nn.BatchNorm2d(cout)
+        self.act = _ACTIVATIONS[config.hidden_act]()
+        self.pw = nn.Conv2d(cout, cout, 1)
+        self.ln = ChannelsFirstLayerNorm(cout, eps=config.layer_norm_eps)
+        self.shortcut = (nn.Identity() if cin == cout and stride == 1 else
+                         nn.Sequential(nn.AvgPool2d(stride, stride, ceil_mode=True,
+                                                    count_include_pad=False),
+                                       nn.Conv2d(cin, cout, 1, bias=False)))
+
+    def forward(self, hidden_states):
+        residual = self.shortcut(hidden_states)
+        hidden_states = self.act(self.norm(self.conv(hidden_states)))
+        hidden_states = self.ln(self.pw(hidden_states))
+        hidden_states += residual
+        return hidden_states
+
+
+class PortedNet(nn.Module):
+    """A config object, ``forward(pixel_values=..., return_dict=...)`` returning an output
+    class, "same" padding computed from the input size, a ceil-mode average pool in the
+    shortcut, in-place activations and ``+=`` residuals, a channels-first LayerNorm."""
+
+    def __init__(self, config: PortedConfig | None = None):
+        super().__init__()
+        config = config or PortedConfig()
+        self.config = config
+        self.stem = nn.Sequential(Conv2dSame(config.num_channels, config.stem_size, 3, 2),
+                                  nn.BatchNorm2d(config.stem_size),
+                                  _ACTIVATIONS[config.hidden_act]())
+        sizes = (config.stem_size, *config.hidden_sizes)
+        self.blocks = nn.ModuleList([PortedBlock(config, a, b, 2)
+                                     for a, b in zip(sizes, sizes[1:])])
+        self.classifier = nn.Linear(sizes[-1], config.num_labels)
+
+    def forward(self, pixel_values=None, output_hidden_states=False, return_dict=None):
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        hidden_states = self.stem(pixel_values)
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+            if output_hidden_states:
+                all_hidden = all_hidden + (hidden_states,)
+        pooled = hidden_states.mean(dim=[-2, -1])
+        logits = self.classifier(pooled)
+        if not return_dict:
+            return (logits,) + ((all_hidden,) if all_hidden else ())
+        return ClassifierOutput(logits=logits, hidden_states=all_hidden)

@@ -274,3 +274,27 @@ def test_a_flatten_of_one_position_as_the_output_is_refused_with_phase_pooling()
 
     with pytest.raises(UnsupportedLayerError, match="flattens a map of one position.*window"):
         densify(rand_bn(ComputedPoolNet("flatten")), (1, 3, 16, 16), global_pool="phase")
+
+
+# -- a ported library model with every pattern at once -----------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["phase", "window"])
+def test_a_ported_library_model_converts_exactly_at_odd_and_even_sizes(mode):
+    """Config object, keyword input, output class, computed "same" padding, ceil-mode pool,
+    in-place activations, ``+=`` residuals, channels-first LayerNorm: captured whole
+    (torch.fx cannot trace the padding arithmetic; torch.export does), exact at every size
+    the verification tries, the output class kept."""
+    from library_style import ClassifierOutput, PortedNet
+
+    torch.manual_seed(0)
+    model = rand_bn(PortedNet())
+    dense = densify(model, (1, 3, 32, 32), input_name="pixel_values", global_pool=mode)
+    assert dense.econv.capture == "torch.export"
+    assert not any("covers the input sizes" in n for n in dense.econv.notes), dense.econv.notes
+    shapes = None if mode == "window" else [(2, 3, h, w) for h, w in SIZES]
+    report = verify(model, dense, shapes=shapes)
+    assert report.ok and report.checked, report.failures()
+    assert not [c for c in report.cases if c.skipped and c.check == "lattice"]
+    out = dense(pixel_values=torch.randn(1, 3, 45, 38))
+    assert isinstance(out, ClassifierOutput) and out.logits.shape[1] == 4
