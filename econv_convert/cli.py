@@ -503,6 +503,11 @@ def verify(
     if dense is not None:
         from econv_convert.torch.loading import check_file
 
+        if _is_onnx(dense):
+            raise InvalidInputError(
+                f"--dense {dense}: a dense ONNX graph exported from a PyTorch model is checked "
+                "against the dense model when densify writes it; verify takes the dense .pt "
+                "(densify -o dense.pt) against a PyTorch MODEL")
         check_file(dense)
         dense_model = storage.load_dense(dense)
         if model is None:
@@ -879,10 +884,18 @@ def _dense_for_predict(model: Path, how: Load, no_verify: bool, quiet: bool):
 
 
 def _require_ok(result) -> None:
+    """Exit 1 naming the worst failed check; nothing is written."""
     if not result.ok:
-        worst = result.failures[0] if result.failures else None
-        raise EquivalenceError("the dense model is NOT equivalent to the baseline"
-                               + (f" ({worst.detail})" if worst and worst.detail else "")
+        failed = result.failures()
+        worst = max(failed, key=lambda c: c.max_abs / c.scale if c.scale > 0 else c.max_abs,
+                    default=None)
+        what = ""
+        if worst is not None:
+            where = "x".join(map(str, worst.shape[2:]))
+            what = f" ({worst.check} at {where}: {worst.detail})" if worst.detail else ""
+        elif not result.checked:
+            what = " (no input size could be checked)"
+        raise EquivalenceError("the dense model is NOT equivalent to the baseline" + what
                                + "; nothing was predicted")
 
 

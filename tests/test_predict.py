@@ -123,3 +123,28 @@ def test_cli_predict_npy_with_an_output_stride(tmp_path, name, global_pool, outp
     np.testing.assert_allclose(y, whole, rtol=1e-4, atol=1e-5)
     if name == "patch_classifier":
         assert_baseline_on_crops(loaded.model, y[0], x, (65, 65), (output_stride,) * 2)
+
+
+def test_predict_refuses_a_model_that_fails_its_verification(tmp_path, monkeypatch):
+    """A baseline densified by predict is verified first; a dense model wrong only off the
+    lattice (its convolution op broken on purpose) ends in exit 1 naming the worst check,
+    and nothing is written."""
+    from econv_convert.torch import ops, targets
+
+    conv = ops.conv
+
+    def bumped(*args, **kwargs):
+        y = conv(*args, **kwargs).clone()
+        y[..., 1::2, :] += 1.0
+        return y
+
+    monkeypatch.setattr(ops, "conv", bumped)
+    monkeypatch.setitem(targets._REGISTRY, targets.qualified_name(bumped), bumped)
+    out = "y.zarr"
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((3, 96, 80), np.float32))
+    result = CliRunner().invoke(app, ["predict", str(FIXTURES / "tiny_resnet.pt"),
+                                      str(tmp_path / "x.npy"), "-o", str(tmp_path / out),
+                                      "--workers", "0"])
+    assert result.exit_code == 1, result.output
+    assert "NOT equivalent" in result.stderr and " at " in result.stderr, result.stderr
+    assert not (tmp_path / out).exists()

@@ -444,8 +444,12 @@ def is_dense(model: onnx.ModelProto) -> bool:
 def inverse(dense: onnx.ModelProto) -> onnx.ModelProto:
     """The baseline graph recorded in ``dense``, with ``dense``'s initializers (and
     ``Constant`` values of the same names): the inverse weight transfer."""
-    info(dense)
+    meta = info(dense)
     record = next((p.value for p in dense.metadata_props if p.key == BASELINE_KEY), None)
+    if record is None and meta.capture != "onnx":
+        raise InvalidInputError("this dense ONNX graph was exported from a PyTorch model: its "
+                                "baseline is a PyTorch graph; inverse transfer takes the dense "
+                                ".pt it was exported from")
     if record is None:
         raise InvalidInputError(f"the dense model has no '{BASELINE_KEY}' metadata")
     try:

@@ -119,6 +119,7 @@ def export_onnx(dense: nn.Module) -> tuple[bytes, ExportCheck]:
                                         dynamic_shapes=_dynamic(dense, len(trace)),
                                         verbose=False, optimize=True)
         model = program.model_proto
+        _mark_dense(model, dense)
         onnx.checker.check_model(model)
         data = model.SerializeToString()
     except Exception as e:
@@ -131,6 +132,19 @@ def export_onnx(dense: nn.Module) -> tuple[bytes, ExportCheck]:
         expected = _first_tensor(dense(x))
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     return data, _compare("onnx", expected, torch.from_numpy(got), check)
+
+
+def _mark_dense(model, dense: nn.Module) -> None:
+    """The dense model's record, as a dense ONNX graph made from an ONNX baseline carries it:
+    every command then knows the file for a dense model and reads its geometry. The
+    baseline's fx graph stays out (an ONNX file cannot rebuild a PyTorch baseline; inverse
+    transfer goes through the .pt)."""
+    from dataclasses import replace
+
+    from econv_convert.onnx.api import INFO_KEY
+
+    meta = replace(info(dense), baseline_graph="", state_metadata={})
+    model.metadata_props.add(key=INFO_KEY, value=meta.to_json())
 
 
 def write(dense: nn.Module, path: Path) -> ExportCheck | None:
