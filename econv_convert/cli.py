@@ -755,6 +755,10 @@ def predict(
         "--no-verify", help="Skip checking a model densified here.")] = False,
     level: Annotated[int, typer.Option("--level", min=0, help="Pyramid level of a TIFF, "
                                        "slide or OME-Zarr (0: full resolution).")] = 0,
+    mpp: Annotated[float | None, typer.Option(
+        "--mpp", help="Read the pyramid level whose pixel size is nearest to this many "
+                      "micrometres per pixel, at or finer (the file must record its pixel "
+                      "size); instead of --level.")] = None,
     layout: Annotated[str, typer.Option("--layout", help="Channel axis of 3-D arrays: auto "
                                         "(from the file, else the model's channels), chw or "
                                         "hwc.")] = "auto",
@@ -787,10 +791,15 @@ def predict(
     channel: Annotated[int | None, typer.Option(
         "--channel", help="Overview of this output channel (default: the arg-max "
                           "class).")] = None,
+    ngff_version: Annotated[str, typer.Option(
+        "--ngff", help="OME-NGFF version of OUT.zarr: 0.5 (zarr v3) or 0.4 (zarr v2, for "
+                       "viewers that read only 0.4).")] = "0.5",
     json_out: JsonOpt = False,
 ) -> None:
     """Dense predictions over an image of any size: exact at every position, block by block
-    in bounded memory, on an embedded Dask cluster or an existing one."""
+    in bounded memory, on an embedded Dask cluster or an existing one. OUT.zarr is an
+    OME-Zarr image at the input's physical scale (a pyramid, the arg-max class as a label
+    image)."""
     from econv_convert.run import scene
     from econv_convert.run.sources import SourceSpec
     from econv_convert.torch.loading import check_file
@@ -809,6 +818,11 @@ def predict(
         raise InvalidInputError(f"{output}: the folder {output.parent} does not exist")
     if resume and overwrite:
         raise InvalidInputError("--resume and --overwrite: choose one")
+    if mpp is not None and level:
+        raise InvalidInputError("--mpp and --level: choose one")
+    from econv_convert.run import ngff
+
+    ngff.zarr_format(ngff_version)
     how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
                input_name)
     check_file(model)
@@ -816,11 +830,19 @@ def predict(
     mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
     channels = meta.canonical(meta.example_shape)[1]
     source = SourceSpec(str(input), channels, level, layout)
+    if mpp is not None:
+        from econv_convert.run.sources import level_for_mpp
+
+        level, level_mpp = level_for_mpp(source, mpp)
+        source = SourceSpec(str(input), channels, level, layout)
+        if not json_out:
+            err.print(f"--mpp {mpp:g}: level {level} "
+                      f"({' x '.join(f'{m:.4g}' for m in level_mpp)} um per pixel)")
     record = {"model": str(model), "model_sha256": scene.checksum(model),
               "options": {"global_pool": global_pool.value, "until": until,
                           "output_stride": output_stride, "input_shape": input_shape,
-                          "level": level, "layout": layout, "mean": mean_v, "std": std_v,
-                          "input": str(input)}}
+                          "level": level, "mpp": mpp, "layout": layout, "mean": mean_v,
+                          "std": std_v, "input": str(input)}}
     # the model the workers load: the given dense file, or the one densified here, saved
     # inside the output (read back before it is used)
     where = Path(str(output) + ".model" + (".onnx" if dense is None else ".pt"))
@@ -843,7 +865,7 @@ def predict(
             block=block, mean=mean_v, std=std_v, workers=workers, scheduler=scheduler,
             resume=resume, overwrite=overwrite, max_memory=_bytes(max_memory), meta=meta,
             progress=lambda d, t: bar.update(task, completed=d, total=t),
-            on_start=started, overview_channel=channel)
+            on_start=started, overview_channel=channel, ngff_version=ngff_version)
     data = report.to_dict()
     if json_out:
         _emit_json({"model": str(model), **data})
@@ -855,6 +877,10 @@ def predict(
               f"{report.seconds:.1f} s; output {'x'.join(map(str, report.shape))}, one per "
               f"{'x'.join(map(str, g['step']))} input pixels, window "
               f"{'x'.join(map(str, g['window']))}")
+    physical = (f"{' x '.join(f'{v:.4g}' for v in report.scale)} um per output pixel"
+                if report.unit else "pixel units (the input records no pixel size)")
+    out.print(f"OME-NGFF {report.ngff}, {report.levels} level"
+              f"{'s' if report.levels != 1 else ''}, {physical}")
     out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{report.overview}[/]"
                                             if report.overview else ""))
 

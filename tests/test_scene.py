@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from econv_convert import densify, save_dense
 from econv_convert.cli import app
 from econv_convert.errors import InvalidInputError
-from econv_convert.run import scene
+from econv_convert.run import ngff, scene
 from econv_convert.run.sources import SourceSpec, normalize, open_source
 from econv_convert.torch.loading import load_model
 
@@ -78,11 +78,11 @@ def test_blocks_write_the_whole_image_result(tmp_path, classifier, image):
     dense, path = classifier
     a, tif = image
     report = run(path, tif, tmp_path / "o.zarr", block=32)
-    out = zarr.open_array(str(tmp_path / "o.zarr"), mode="r")
+    out = scene.result_array(tmp_path / "o.zarr")
     expected = whole(dense, a)
     assert out.shape == expected.shape and report.blocks_total > 4
     np.testing.assert_allclose(out[:], expected, rtol=1e-5, atol=1e-5)
-    attrs = out.attrs["econv"]
+    attrs = ngff.record(tmp_path / "o.zarr")
     assert attrs["complete"] and attrs["step"] == [1, 1] and attrs["offset"] == [0, 0]
     assert attrs["window"] == list(dense.econv.example_shape[2:])
     assert out.chunks == (expected.shape[0], 32, 32)
@@ -103,9 +103,9 @@ def test_dask_workers_and_a_separate_scheduler_give_identical_bytes(tmp_path, cl
         report = run(path, tif, tmp_path / "far.zarr", block=64,
                      scheduler=cluster.scheduler_address)
         assert report.scheduler == cluster.scheduler_address
-    one = zarr.open_array(str(tmp_path / "one.zarr"), mode="r")[:]
+    one = scene.result_array(tmp_path / "one.zarr")[:]
     for name in ("two", "far"):
-        assert np.array_equal(zarr.open_array(str(tmp_path / f"{name}.zarr"), mode="r")[:], one)
+        assert np.array_equal(scene.result_array(tmp_path / f"{name}.zarr")[:], one)
 
 
 def test_the_block_size_does_not_change_the_result(tmp_path, classifier, image):
@@ -114,7 +114,7 @@ def test_the_block_size_does_not_change_the_result(tmp_path, classifier, image):
     outs = []
     for block in (16, 48):
         run(path, tif, tmp_path / f"{block}.zarr", block=block, overview=False)
-        outs.append(zarr.open_array(str(tmp_path / f"{block}.zarr"), mode="r")[:])
+        outs.append(scene.result_array(tmp_path / f"{block}.zarr")[:])
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
@@ -129,20 +129,20 @@ def test_a_killed_run_resumes_with_only_the_missing_blocks(tmp_path, classifier,
     job = scene.Job(scene.ModelSpec(str(path), threads=1), SourceSpec(str(tif), 3), str(out),
                     full.shape, (32, 32), geo.step, geo.unit, geo.halo)
     record = {"model_sha256": scene.checksum(path), "options": {}, "format": scene.FORMAT,
-              "shape": list(full.shape), "block": [32, 32]}
+              "shape": list(full.shape), "block": [32, 32], "ngff": "0.5"}
     assert scene.prepare_output(job, record, resume=False, overwrite=False) == set()
     for b in job.blocks()[:5]:
         scene.compute_block(job, b)
-    assert not zarr.open_array(str(out), mode="r").attrs["econv"]["complete"]
+    assert not ngff.record(out)["complete"]
     with pytest.raises(scene.OutputExistsError, match="exists; --resume"):
         run(path, tif, out, block=32)
     with pytest.raises(scene.OutputExistsError, match="another options"):
         run(path, tif, out, block=32, resume=True, options={"mean": [0.5]})
     report = run(path, tif, out, block=32, resume=True)
     assert report.blocks_skipped == 5 and report.blocks_total == full.blocks_total
-    assert np.array_equal(zarr.open_array(str(out), mode="r")[:],
-                          zarr.open_array(str(tmp_path / "full.zarr"), mode="r")[:])
-    assert zarr.open_array(str(out), mode="r").attrs["econv"]["complete"]
+    assert np.array_equal(scene.result_array(out)[:],
+                          scene.result_array(tmp_path / "full.zarr")[:])
+    assert ngff.record(out)["complete"]
 
 
 def test_an_existing_folder_that_is_not_ours_is_never_removed(tmp_path, classifier, image):
@@ -225,7 +225,7 @@ def test_cli_densifies_a_baseline_and_reports_json(tmp_path, image):
     report = json.loads(result.stdout)
     assert report["blocks_total"] == 6 and report["blocks_skipped"] == 0
     assert report["seconds"] > 0 and report["geometry"]["window"] == [64, 64]
-    np.testing.assert_allclose(zarr.open_array(str(out), mode="r")[:],
+    np.testing.assert_allclose(scene.result_array(out)[:],
                                whole(dense_model("tiny_resnet"), a), rtol=1e-5, atol=1e-5)
     again = CliRunner().invoke(app, ["predict", str(FIXTURES / "tiny_resnet.pt"), str(tif),
                                      "-o", str(out), "--workers", "0", "--block", "64",
@@ -248,7 +248,7 @@ def test_a_dense_onnx_model_runs_in_onnxruntime(tmp_path, image):
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "dense.onnx"), str(tif), "-o",
                                       str(out), "--workers", "0", "--block", "96"])
     assert result.exit_code == 0, result.stderr
-    np.testing.assert_allclose(zarr.open_array(str(out), mode="r")[:],
+    np.testing.assert_allclose(scene.result_array(out)[:],
                                whole(dense_model("tiny_resnet"), a), rtol=1e-4, atol=1e-4)
 
 
@@ -274,7 +274,7 @@ def test_resume_after_a_real_kill(tmp_path, classifier, image):
     proc.wait()
     if proc.returncode != -signal.SIGKILL:
         pytest.skip("the run ended before it could be killed")
-    assert not zarr.open_array(str(out), mode="r").attrs["econv"]["complete"]
+    assert not ngff.record(out)["complete"]
     done = len(list(markers.iterdir()))
     result = CliRunner().invoke(app, ["predict", str(path), str(tif), "-o", str(out),
                                       "--workers", "0", "--block", "16", "--resume", "--json"])
@@ -282,8 +282,8 @@ def test_resume_after_a_real_kill(tmp_path, classifier, image):
     report = json.loads(result.stdout)
     assert report["blocks_skipped"] == done < report["blocks_total"]
     run(path, tif, tmp_path / "full.zarr", block=16, overview=False)
-    assert np.array_equal(zarr.open_array(str(out), mode="r")[:],
-                          zarr.open_array(str(tmp_path / "full.zarr"), mode="r")[:])
+    assert np.array_equal(scene.result_array(out)[:],
+                          scene.result_array(tmp_path / "full.zarr")[:])
 
 
 @pytest.mark.parametrize("output_stride", [1, 4, 8], ids=["os1", "os4", "os8"])
@@ -298,8 +298,8 @@ def test_zarr_blocks_are_the_baseline_on_every_crop(tmp_path, image, output_stri
     # blocks count outputs: about 32 pixels of the image each
     report = run(tmp_path / "d.pt", tif, tmp_path / "o.zarr", block=32 // output_stride)
     assert report.blocks_total > 4
-    out = zarr.open_array(str(tmp_path / "o.zarr"), mode="r")
-    attrs = out.attrs["econv"]
+    out = scene.result_array(tmp_path / "o.zarr")
+    attrs = ngff.record(tmp_path / "o.zarr")
     assert attrs["step"] == [output_stride] * 2
     x = torch.from_numpy(normalize(np.moveaxis(a, -1, 0), None, None))[None]
     assert_baseline_on_crops(loaded.model, out[:], x, (65, 65), attrs["step"],

@@ -1,22 +1,21 @@
 """Dense predictions over images larger than memory, block by block, on Dask.
 
-The output is a chunked zarr array ``(C, H', W')``. Each output block is one chunk and one
-task: it reads its own lattice-aligned input window plus a halo from the source, runs the
-dense model, keeps its block and writes that whole chunk, so no two tasks write the same
+The output is an OME-Zarr image (:mod:`econv_convert.run.ngff`) whose full-resolution array
+``(C, H', W')`` is written block by block. Each output block is one chunk and one task: it
+reads its own lattice-aligned input window plus a halo from the source, runs the dense model, keeps its block and writes that whole chunk, so no two tasks write the same
 bytes and no array of the whole image exists anywhere. A block is exact (the whole-image
 dense output there) for the reason tiles are (:mod:`econv_convert.run.predict`): the window
 starts on the image's lattice and its halo holds a receptive field.
 
-A finished block leaves a marker file; the zarr attributes under ``econv`` record the model's
-checksum and the options, and ``complete`` becomes true only when every block is written. So a
-killed run loses only the blocks in flight, and ``resume`` computes only the missing ones,
-refusing when the model or the options differ.
+A finished block leaves a marker file; the group attribute ``econv`` records the model's
+checksum and the options, and ``complete`` becomes true only when every block is written and
+the pyramid and labels are built. So a killed run loses only the blocks in flight, and
+``resume`` computes only the missing ones, refusing when the model or the options differ.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from econv_convert.errors import InvalidInputError, describe
+from econv_convert.run import ngff
 from econv_convert.run.sources import SourceSpec, cached_source, normalize, open_source
 
 FORMAT = "econv-convert dense prediction"
@@ -212,10 +212,7 @@ def compute_block(job: Job, block: tuple[int, int]) -> tuple[int, int]:
         raise RuntimeError(f"block {block}: the window's output {y.shape[1:]} does not reach "
                            f"the block's end; the halo {job.halo} is too small")
     part = y[:, r0:r0 + e0 - a0, r1:r1 + e1 - a1]
-    import zarr
-
-    array = zarr.open_array(job.output, mode="r+")
-    array[:, a0:e0, a1:e1] = part
+    ngff.level0(job.output, mode="r+")[:, a0:e0, a1:e1] = part
     marker = Path(job.output) / MARKERS / f"{block[0]}_{block[1]}"
     marker.touch()
     return block
@@ -265,11 +262,16 @@ def checksum(path: str | Path) -> str:
 
 
 def _is_ours(path: Path) -> bool:
-    try:
-        meta = json.loads((path / "zarr.json").read_text())
-        return meta.get("attributes", {}).get("econv", {}).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    found = ngff.record(path) if path.is_dir() else None
+    return bool(found) and found.get("format") == FORMAT
+
+
+def result_array(path: str | Path):
+    """The full-resolution output ``(C, H', W')`` of a finished (or running) ``predict``."""
+    path = Path(path)
+    if not _is_ours(path):
+        raise InvalidInputError(f"{path}: not an output of econv-convert predict")
+    return ngff.level0(path)
 
 
 def claim_output(output: str | Path, *, resume: bool, overwrite: bool) -> None:
@@ -287,42 +289,42 @@ def claim_output(output: str | Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def prepare_output(job: Job, record: dict[str, Any], *, resume: bool,
-                   overwrite: bool) -> set[tuple[int, int]]:
-    """Create the zarr array (or open it to resume); returns the blocks already done."""
-    import zarr
-
+                   overwrite: bool, ngff_version: str = "0.5") -> set[tuple[int, int]]:
+    """Create the output group and its empty full-resolution array (or open them to
+    resume); returns the blocks already done."""
     path = Path(job.output)
     claim_output(path, resume=resume, overwrite=overwrite)
     if path.exists():
         if resume:
-            old = zarr.open_array(str(path), mode="r").attrs["econv"]
-            for key in ("model_sha256", "options", "shape", "block"):
-                if old.get(key) != record[key]:
+            old = ngff.record(path) or {}
+            for key in ("model_sha256", "options", "shape", "block", "ngff", "mask"):
+                if old.get(key) != record.get(key):
                     raise OutputExistsError(
                         f"{path}: was started with another {key.replace('_', ' ')} "
-                        f"({old.get(key)} vs {record[key]}); --overwrite to start again")
+                        f"({old.get(key)} vs {record.get(key)}); --overwrite to start again")
             if old.get("complete"):
                 return set(job.blocks())
             done = set()
-            for m in (path / MARKERS).iterdir():
+            for m in (path / MARKERS).iterdir() if (path / MARKERS).is_dir() else ():
                 i, _, j = m.name.partition("_")
                 done.add((int(i), int(j)))
             return done
         shutil.rmtree(path)
-    array = zarr.create_array(str(path), shape=job.shape, chunks=(job.shape[0], *job.block),
-                              dtype="float32", fill_value=float("nan"), zarr_format=3)
-    array.attrs["econv"] = {**record, "complete": False}
+    ngff.create(path, job.shape, job.block, {**record, "complete": False}, ngff_version)
     (path / MARKERS).mkdir()
     return set()
 
 
-def finish_output(job: Job, seconds: float) -> None:
-    import zarr
-
-    array = zarr.open_array(job.output, mode="r+")
-    record = dict(array.attrs["econv"])
-    record.update(complete=True, seconds=round(seconds, 3))
-    array.attrs["econv"] = record
+def finish_output(job: Job, seconds: float, *, ngff_version: str = "0.5",
+                  placement: tuple = ([1.0, 1.0], [0.0, 0.0], None)) -> int:
+    """The pyramid, labels and NGFF metadata over the complete full-resolution array; then
+    ``complete``. Returns the number of levels."""
+    scale, translation, unit = placement
+    levels = ngff.finish(job.output, ngff=ngff_version, scale=scale, translation=translation,
+                         unit=unit, name=Path(job.output).stem)
+    ngff.update_record(job.output, complete=True, seconds=round(seconds, 3), levels=levels)
+    shutil.rmtree(Path(job.output) / MARKERS, ignore_errors=True)
+    return levels
 
 
 # -- running the blocks ----------------------------------------------------------------------
@@ -340,6 +342,13 @@ class RunReport:
     dashboard: str | None = None
     overview: str | None = None
     geometry: dict[str, Any] = field(default_factory=dict)
+    ngff: str = "0.5"
+    levels: int = 1  # pyramid levels written
+    pixel_size: list[float] | None = None  # the input's micrometres per pixel (y, x)
+    scale: list[float] = field(default_factory=list)  # level 0's pixel size (y, x)
+    unit: str | None = None  # "micrometer", or None: input pixels
+    blocks_masked: int = 0
+    mask: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -420,14 +429,17 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
                   resume: bool = False, overwrite: bool = False,
                   max_memory: int | None = None, meta=None, progress: Progress | None = None,
                   on_start=None, overview_channel: int | None = None,
-                  overview: bool = True) -> RunReport:
-    """The dense output of ``model`` over the image at ``source``, written to the zarr array
-    ``output`` block by block. ``record`` (the options, the model's checksum) goes into the
-    array's attributes; ``meta`` is the model's :class:`DenseInfo`."""
+                  overview: bool = True, ngff_version: str = "0.5") -> RunReport:
+    """The dense output of ``model`` over the image at ``source``, written block by block to
+    the OME-Zarr image ``output`` (:mod:`econv_convert.run.ngff`). ``record`` (the options,
+    the model's checksum) goes into its ``econv`` attribute; ``meta`` is the model's
+    :class:`DenseInfo`."""
     start = time.perf_counter()
     geo = geometry(meta)
+    ngff.zarr_format(ngff_version)
     claim_output(output, resume=resume, overwrite=overwrite)
     src = open_source(source)  # errors about the input come before anything is written
+    mpp = src.mpp
     try:
         shape = output_size(model, src, geo, mean, std)
         size = block or _default_block(meta, geo, src.shape, max_memory, workers)
@@ -443,9 +455,13 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
               tuple(std) if std is not None else None)
     where_ = {"step": list(geo.step), "offset": list(geo.offset) if geo.offset else None,
               "window": list(geo.window)}
+    placement = ngff.placement(mpp, geo.step, geo.offset, geo.window)
     full = {**record, "format": FORMAT, "shape": list(shape), "block": [size, size], **where_,
-            "layout": "C,H,W"}
-    done = prepare_output(job, full, resume=resume, overwrite=overwrite)
+            "layout": "C,H,W", "ngff": ngff_version, "level": source.level,
+            "pixel_size_um": list(mpp) if mpp else None, "scale": placement[0],
+            "translation": placement[1], "unit": placement[2]}
+    done = prepare_output(job, full, resume=resume, overwrite=overwrite,
+                          ngff_version=ngff_version)
     todo = [b for b in job.blocks() if b not in done]
     n_workers = default_workers() if workers is None else workers
     if scheduler is None and n_workers > len(todo):
@@ -454,14 +470,17 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
     job = replace(job, model=replace(model, threads=threads))
     where, used = run_blocks(job, todo, workers=n_workers, scheduler=scheduler,
                              progress=progress, on_start=on_start)
-    finish_output(job, time.perf_counter() - start)
+    levels = finish_output(job, time.perf_counter() - start, ngff_version=ngff_version,
+                           placement=placement)
     picture = None
     if overview:
         picture = str(Path(output).with_suffix(".png"))
         write_overview(job.output, picture, overview_channel)
     return RunReport(str(output), shape, len(job.blocks()), len(done),
                      round(time.perf_counter() - start, 3), used, where, overview=picture,
-                     geometry={**where_, "halo": list(geo.halo), "block": size})
+                     geometry={**where_, "halo": list(geo.halo), "block": size},
+                     ngff=ngff_version, levels=levels, pixel_size=list(mpp) if mpp else None,
+                     scale=placement[0], unit=placement[2])
 
 
 def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
@@ -495,13 +514,12 @@ def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
 def write_overview(output: str, picture: str, channel: int | None, longest: int = 1024):
     """A downsampled PNG of the output: one channel as a heat map, or the arg-max class."""
     import torch
-    import zarr
     from PIL import Image
 
     from econv_convert.files import atomic_write
     from econv_convert.run.predict import heat_map
 
-    array = zarr.open_array(output, mode="r")
+    array = ngff.level0(output)
     if channel is not None and not 0 <= channel < array.shape[0]:
         raise InvalidInputError(f"--channel {channel}: the output has {array.shape[0]} channels")
     f = max(1, math.ceil(max(array.shape[1:]) / longest))

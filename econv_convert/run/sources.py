@@ -40,6 +40,10 @@ class Source:
 
     shape: tuple[int, int, int]  # (C, H, W) as the model takes it
     dtype: np.dtype
+    # micrometres per pixel (y, x) at the level read, when the file records it
+    mpp: tuple[float, float] | None = None
+    # every level of the file: ((height, width), mpp or None), finest first
+    levels: tuple = ()
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels ``[y0, y1) x [x0, x1)`` as a ``(C, h, w)`` array of the file's dtype."""
@@ -166,7 +170,58 @@ def _open_tiff(spec: SourceSpec) -> Source:
         store.close()
         tif.close()
 
-    return ArraySource(array, layout, spec.channels, where, close)
+    source = ArraySource(array, layout, spec.channels, where, close)
+    base = _tiff_mpp(tif, series)
+    sizes = [_yx(lv.shape, lv.axes) for lv in series.levels]
+    source.levels = tuple((hw, _scaled(base, sizes[0], hw)) for hw in sizes)
+    source.mpp = source.levels[spec.level][1]
+    return source
+
+
+def _yx(shape, axes: str) -> tuple[int, int]:
+    return shape[axes.index("Y")], shape[axes.index("X")]
+
+
+def _scaled(mpp, full: tuple[int, int], level: tuple[int, int]):
+    """A level's pixel size from the full resolution's and the two sizes."""
+    if mpp is None:
+        return None
+    return tuple(m * f / n for m, f, n in zip(mpp, full, level))
+
+
+_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "micrometer": 1.0, "nm": 1e-3, "nanometer": 1e-3,
+       "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "centimeter": 1e4, "m": 1e6, "meter": 1e6}
+
+
+def _tiff_mpp(tif, series) -> tuple[float, float] | None:
+    """Micrometres per pixel (y, x) of a TIFF's full resolution: OME-XML ``PhysicalSizeX/Y``,
+    an Aperio description's ``MPP``, else the resolution tags in centimetres or inches."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            pixels = next(e for e in ET.fromstring(tif.ome_metadata).iter()
+                          if e.tag.endswith("Pixels"))
+            y, x = pixels.get("PhysicalSizeY"), pixels.get("PhysicalSizeX")
+            if x and y:
+                ux = _UM.get(pixels.get("PhysicalSizeXUnit", "µm"))
+                uy = _UM.get(pixels.get("PhysicalSizeYUnit", "µm"))
+                if ux and uy:
+                    return float(y) * uy, float(x) * ux
+        page = series.levels[0].keyframe
+        found = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", page.description or "")
+        if found and float(found.group(1)) > 0:
+            return (float(found.group(1)),) * 2
+        unit = int(page.resolutionunit)
+        per = {2: 25400.0, 3: 1e4}.get(unit)  # inch, centimetre in micrometres
+        if per:
+            rx, ry = page.get_resolution()
+            if rx > 0 and ry > 0:
+                return per / ry, per / rx
+    except Exception:  # a pixel size we cannot read is a pixel size we do not know
+        return None
+    return None
 
 
 def _open_zarr(spec: SourceSpec) -> Source:
@@ -183,6 +238,7 @@ def _open_zarr(spec: SourceSpec) -> Source:
             ms = node.attrs.get("ome", node.attrs).get("multiscales", [{}])[0]
             path = ms["datasets"][spec.level]["path"]
             axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms.get("axes", []))
+            mpp_levels = _ome_zarr_mpp(node, ms)
             node = node[path]
         except (KeyError, IndexError, TypeError):
             raise InvalidInputError(f"{where}: a zarr group without an image at level "
@@ -197,8 +253,35 @@ def _open_zarr(spec: SourceSpec) -> Source:
         axes = "".join(a for a in axes.upper() if a in "CYX")
     elif spec.level:
         raise InvalidInputError(f"{where}: --level {spec.level}, but this is a single array")
+    else:
+        mpp_levels = None
     layout = _guess_layout(node.shape, spec.channels, spec.layout, axes, where)
-    return ArraySource(node, layout, spec.channels, where)
+    source = ArraySource(node, layout, spec.channels, where)
+    if mpp_levels:
+        source.levels = mpp_levels
+        source.mpp = mpp_levels[spec.level][1]
+    return source
+
+
+def _ome_zarr_mpp(group, ms: dict) -> tuple | None:
+    """((height, width), mpp) per dataset of OME-Zarr multiscales whose y and x axes are in
+    a length unit; None if they are not."""
+    axes = [a if isinstance(a, dict) else {"name": a} for a in ms.get("axes", [])]
+    names = [a.get("name", "").lower() for a in axes]
+    if "y" not in names or "x" not in names:
+        return None
+    iy, ix = names.index("y"), names.index("x")
+    units = [_UM.get(str(axes[i].get("unit", "")).lower()) for i in (iy, ix)]
+    found = []
+    for d in ms.get("datasets", []):
+        shape = group[d["path"]].shape
+        scale = next((t["scale"] for t in d.get("coordinateTransformations", [])
+                      if t.get("type") == "scale"), None)
+        mpp = None
+        if scale is not None and all(units):
+            mpp = (float(scale[iy]) * units[0], float(scale[ix]) * units[1])
+        found.append(((shape[iy], shape[ix]), mpp))
+    return tuple(found)
 
 
 class _Indexed:
@@ -265,6 +348,14 @@ class SlideSource(Source):
             raise InvalidInputError(f"{spec.path}: --level {spec.level}, but the slide has "
                                     f"{self.slide.level_count} levels")
         _channels_kept(4, spec.channels, spec.path)
+        props = self.slide.properties
+        try:
+            base = (float(props["openslide.mpp-y"]), float(props["openslide.mpp-x"]))
+        except (KeyError, ValueError):
+            base = None
+        self.levels = tuple(((h, w), _scaled(base, self.slide.level_dimensions[0][::-1], (h, w)))
+                            for w, h in self.slide.level_dimensions)
+        self.mpp = self.levels[spec.level][1]
         self.level = spec.level
         self.down = self.slide.level_downsamples[spec.level]
         w, h = self.slide.level_dimensions[spec.level]
@@ -295,6 +386,28 @@ def open_source(spec: SourceSpec) -> Source:
     if not Path(spec.path).exists():
         raise InvalidInputError(f"{spec.path}: no such file")
     return _OPENERS[kind_of(spec.path)](spec)
+
+
+def level_for_mpp(spec: SourceSpec, mpp: float) -> tuple[int, tuple[float, float]]:
+    """The pyramid level whose pixel size is nearest to ``mpp`` micrometres at or finer (the
+    coarsest level no coarser than asked, 1% rounding allowed), and its pixel size."""
+    source = open_source(spec)
+    try:
+        levels = source.levels or ((source.shape[1:], source.mpp),)
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+    if mpp <= 0:
+        raise InvalidInputError(f"--mpp {mpp}: must be positive")
+    if any(m is None for _, m in levels):
+        raise InvalidInputError(f"{spec.path}: the file records no pixel size; --mpp needs "
+                                "one (choose a --level instead)")
+    fine = [(i, m) for i, (_, m) in enumerate(levels) if max(m) <= mpp * 1.01]
+    if not fine:
+        finest = min(max(m) for _, m in levels)
+        raise InvalidInputError(f"{spec.path}: --mpp {mpp}: the finest level is "
+                                f"{finest:.4g} um per pixel")
+    return max(fine, key=lambda im: max(im[1]))
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,208 @@
+"""The output of ``predict`` as an OME-NGFF image that viewers open at the right scale.
+
+``OUT.zarr`` is a zarr group: the dense output at full resolution is its array ``0``
+``(c, y, x)``, float32, one chunk per block, NaN where nothing was computed (blocks skipped as
+background); ``1``, ``2``, ... halve it down to about 1024 pixels a side; ``labels/classes``
+holds the arg-max class (+1, 0 where there is no output) as an integer label image of the same
+pyramid. The NGFF metadata (``multiscales`` with axes ``c, y, x``, ``y`` and ``x`` in
+micrometres when the input's pixel size is known; ``omero`` display windows; the label
+metadata) is written by the ``ome-zarr`` library. Version 0.5 lives in zarr v3, 0.4 (for
+viewers that read only 0.4) in zarr v2.
+
+Level 0's ``scale`` is the input's pixel size times the output step, and its
+``translation`` puts output ``q`` at the centre of the input window it reads: input pixel
+``offset + q * step + (window - 1) / 2``. Every coarser level is the mean of 2 x 2 of the
+level above, so its pixels sit at the centres of those.
+
+What econv-convert needs to resume or read a result (model checksum, options, geometry,
+``complete``) is the group attribute ``econv``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from econv_convert.errors import InvalidInputError
+
+VERSIONS = ("0.5", "0.4")
+LEVEL0 = "0"
+SMALLEST = 1024  # the pyramid stops once a level fits this many pixels a side
+_PALETTE = ("FF0000", "00FF00", "0000FF", "FFFF00", "FF00FF", "00FFFF", "FF8000", "8000FF")
+
+
+def zarr_format(ngff: str) -> int:
+    if ngff not in VERSIONS:
+        raise InvalidInputError(f"--ngff {ngff}: expected one of {', '.join(VERSIONS)}")
+    return 3 if ngff == "0.5" else 2
+
+
+def _fmt(ngff: str):
+    from ome_zarr.format import FormatV04, FormatV05
+
+    return FormatV05() if ngff == "0.5" else FormatV04()
+
+
+def create(path: str | Path, shape: Sequence[int], block: Sequence[int], record: dict,
+           ngff: str) -> None:
+    """The group with an empty level 0 (filled with NaN) and the ``econv`` record."""
+    import zarr
+
+    fmt = zarr_format(ngff)
+    group = zarr.open_group(str(path), mode="w", zarr_format=fmt)
+    kwargs: dict[str, Any] = {"dimension_names": ("c", "y", "x")} if fmt == 3 else \
+        {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+    group.create_array(LEVEL0, shape=tuple(shape), chunks=(shape[0], *block), dtype="float32",
+                       fill_value=float("nan"), **kwargs)
+    group.attrs["econv"] = record
+
+
+def record(path: str | Path) -> dict | None:
+    """The ``econv`` record of an output, or None if ``path`` is not one."""
+    import zarr
+
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs["econv"])
+    except Exception:
+        return None
+
+
+def update_record(path: str | Path, **changes) -> None:
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["econv"] = {**dict(group.attrs["econv"]), **changes}
+
+
+def level0(path: str | Path, mode: str = "r"):
+    """The full-resolution output array ``(C, H', W')``."""
+    import zarr
+
+    return zarr.open_array(str(Path(path) / LEVEL0), mode=mode)
+
+
+def transforms(scale: Sequence[float], translation: Sequence[float], level: int
+               ) -> list[dict]:
+    """Level ``level``'s coordinate transformations (``c, y, x``): each level halves the one
+    above by 2 x 2 means, so its pixels sit at the centres of those it averages."""
+    f = 2 ** level
+    s = [1.0, *(v * f for v in scale)]
+    t = [0.0, *(t0 + v * (f - 1) / 2 for t0, v in zip(translation, scale))]
+    return [{"type": "scale", "scale": s}, {"type": "translation", "translation": t}]
+
+
+def placement(mpp: Sequence[float] | None, step: Sequence[int], offset: Sequence[int] | None,
+              window: Sequence[int]) -> tuple[list[float], list[float], str | None]:
+    """Level 0's (scale, translation, unit) for ``y, x``: micrometres when the input's pixel
+    size ``mpp`` is known, else input pixels."""
+    size = list(mpp) if mpp is not None else [1.0, 1.0]
+    start = list(offset) if offset is not None else [0, 0]
+    scale = [m * s for m, s in zip(size, step)]
+    translation = [m * (o + (w - 1) / 2) for m, o, w in zip(size, start, window)]
+    return scale, translation, "micrometer" if mpp is not None else None
+
+
+def finish(path: str | Path, *, ngff: str, scale: Sequence[float],
+           translation: Sequence[float], unit: str | None, name: str,
+           channel_names: Sequence[str] | None = None) -> int:
+    """Write the pyramid, the label image and the NGFF metadata once level 0 is complete.
+    Everything is computed lazily, a chunk at a time (Dask, threads). Returns the number of
+    levels."""
+    import dask
+    import dask.array as da
+    import zarr
+    from ome_zarr.writer import write_multiscales_metadata
+
+    fmt = _fmt(ngff)
+    group = zarr.open_group(str(path), mode="r+")
+    base = group[LEVEL0]
+    channels = base.shape[0]
+    levels = [base]
+    with dask.config.set(scheduler="threads"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # means of all-NaN (skipped) blocks
+        while max(levels[-1].shape[1:]) > SMALLEST and min(levels[-1].shape[1:]) >= 2:
+            above = da.from_zarr(levels[-1])
+            small = da.coarsen(np.nanmean, above, {1: 2, 2: 2}, trim_excess=True)
+            levels.append(_store(group, str(len(levels)), small, base.chunks, base.metadata))
+        datasets = [{"path": str(k), "coordinateTransformations": transforms(scale, translation, k)}
+                    for k in range(len(levels))]
+        axes = [{"name": "c", "type": "channel"}, *({"name": a, "type": "space",
+                                                      **({"unit": unit} if unit else {})}
+                                                     for a in "yx")]
+        low = np.asarray(levels[-1][:])
+        omero = {"channels": [_channel(k, low[k], channel_names) for k in range(channels)]}
+        write_multiscales_metadata(group, datasets, fmt=fmt, axes=axes, name=name,
+                                   metadata={"omero": omero})
+        if channels > 1:
+            _labels(group, levels, datasets, axes, fmt, channel_names)
+    return len(levels)
+
+
+def _store(group, name: str, data, chunks, like) -> Any:
+    import dask.array as da
+
+    kwargs: dict[str, Any] = ({"dimension_names": ("c", "y", "x")} if group.metadata.zarr_format
+                              == 3 else {"chunk_key_encoding": {"name": "v2", "separator": "/"}})
+    array = group.create_array(name, shape=data.shape, dtype=data.dtype,
+                               chunks=tuple(min(c, n) for c, n in zip(chunks, data.shape)),
+                               fill_value=float("nan") if data.dtype.kind == "f" else 0,
+                               overwrite=True, **kwargs)
+    da.store(data.rechunk(array.chunks), array, lock=False)
+    return array
+
+
+def _channel(k: int, values: np.ndarray, names) -> dict:
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if hi <= lo:
+        hi = lo + 1.0
+    return {"label": names[k] if names else f"channel {k}", "color": _PALETTE[k % len(_PALETTE)],
+            "active": True, "window": {"min": lo, "max": hi, "start": lo, "end": hi}}
+
+
+def _labels(group, levels, datasets, axes, fmt, names) -> None:
+    """The arg-max class of each level (+1; 0 where the output is NaN) under
+    ``labels/classes``, with the image's transformations minus the channel axis."""
+    import dask.array as da
+    from ome_zarr.writer import add_metadata, write_label_metadata, write_multiscales_metadata
+
+    channels = levels[0].shape[0]
+    dtype = np.uint8 if channels < 255 else np.uint16
+    labels = group.require_group("labels")
+    classes = labels.require_group("classes")
+    for k, level in enumerate(levels):
+        x = da.from_zarr(level)
+        valid = da.isfinite(x).all(axis=0)
+        arg = da.nanargmax(da.where(da.isfinite(x), x, -np.inf), axis=0).astype(dtype) + 1
+        label = da.where(valid, arg, 0).astype(dtype)
+        kwargs: dict[str, Any] = ({"dimension_names": ("y", "x")} if group.metadata.zarr_format
+                                  == 3 else {"chunk_key_encoding": {"name": "v2",
+                                                                    "separator": "/"}})
+        out = classes.create_array(str(k), shape=label.shape, dtype=dtype,
+                                   chunks=tuple(min(c, n) for c, n in
+                                                zip(level.chunks[1:], label.shape)),
+                                   fill_value=0, overwrite=True, **kwargs)
+        da.store(label.rechunk(out.chunks), out, lock=False)
+    spatial = [{"path": d["path"], "coordinateTransformations": [
+        {"type": t["type"], t["type"]: t[t["type"]][1:]} for t in d["coordinateTransformations"]]}
+        for d in datasets]
+    write_multiscales_metadata(classes, spatial, fmt=fmt, axes=axes[1:], name="classes")
+    colors = [{"label-value": k + 1, "rgba": [*_rgb(_PALETTE[k % len(_PALETTE)]), 255]}
+              for k in range(channels)]
+    properties = [{"label-value": k + 1, "class": names[k] if names else f"channel {k}"}
+                  for k in range(channels)]
+    if fmt.version != "0.4":
+        add_metadata(labels, {"version": fmt.version}, fmt=fmt)
+    write_label_metadata(labels, "classes", fmt=fmt, colors=colors, properties=properties)
+
+
+def _rgb(hex_: str) -> list[int]:
+    return [int(hex_[i:i + 2], 16) for i in (0, 2, 4)]
+
+
+def describe_scale(scale: Sequence[float], unit: str | None) -> str:
+    return " x ".join(f"{v:.4g}" for v in scale) + (" um" if unit else " px")
