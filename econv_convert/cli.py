@@ -791,6 +791,11 @@ def predict(
     channel: Annotated[int | None, typer.Option(
         "--channel", help="Overview of this output channel (default: the arg-max "
                           "class).")] = None,
+    mask: Annotated[str, typer.Option(
+        "--mask", help="Skip background: auto (a tissue mask by Otsu's threshold on a "
+                       "low-resolution view; the default for slides and pyramids), none (the "
+                       "default for other inputs), or PATH, a binary image of any size with "
+                       "the input's aspect ratio. Skipped outputs are NaN.")] = "default",
     ngff_version: Annotated[str, typer.Option(
         "--ngff", help="OME-NGFF version of OUT.zarr: 0.5 (zarr v3) or 0.4 (zarr v2, for "
                        "viewers that read only 0.4).")] = "0.5",
@@ -865,14 +870,17 @@ def predict(
             block=block, mean=mean_v, std=std_v, workers=workers, scheduler=scheduler,
             resume=resume, overwrite=overwrite, max_memory=_bytes(max_memory), meta=meta,
             progress=lambda d, t: bar.update(task, completed=d, total=t),
-            on_start=started, overview_channel=channel, ngff_version=ngff_version)
+            on_start=started, overview_channel=channel, ngff_version=ngff_version,
+            mask=mask)
     data = report.to_dict()
     if json_out:
         _emit_json({"model": str(model), **data})
         return
     g = report.geometry
+    masked = (f", {report.blocks_masked} without tissue skipped "
+              f"({report.mask['tissue_fraction']:.0%} tissue)" if report.mask else "")
     out.print(f"{report.blocks_total} blocks of {g['block']}x{g['block']} outputs "
-              f"({report.blocks_skipped} already done) on {report.scheduler} with "
+              f"({report.blocks_skipped} already done{masked}) on {report.scheduler} with "
               f"{report.workers} worker{'s' if report.workers != 1 else ''} in "
               f"{report.seconds:.1f} s; output {'x'.join(map(str, report.shape))}, one per "
               f"{'x'.join(map(str, g['step']))} input pixels, window "

@@ -62,6 +62,7 @@ def whole(dense, a: np.ndarray) -> np.ndarray:
 def run(model_path, image_path, out, **kw):
     meta = load_dense_meta(model_path)
     kw.setdefault("workers", 0)
+    kw.setdefault("mask", "none")  # random pixels: no glass to skip (tests/test_slides.py)
     return scene.predict_scene(scene.ModelSpec(str(model_path)),
                                SourceSpec(str(image_path), 3), out,
                                record={"model_sha256": scene.checksum(model_path),
@@ -220,7 +221,7 @@ def test_cli_densifies_a_baseline_and_reports_json(tmp_path, image):
     out = tmp_path / "heat.zarr"
     result = CliRunner().invoke(app, ["predict", str(FIXTURES / "tiny_resnet.pt"), str(tif),
                                       "-o", str(out), "--workers", "0", "--block", "64",
-                                      "--json"])
+                                      "--mask", "none", "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["blocks_total"] == 6 and report["blocks_skipped"] == 0
@@ -229,7 +230,7 @@ def test_cli_densifies_a_baseline_and_reports_json(tmp_path, image):
                                whole(dense_model("tiny_resnet"), a), rtol=1e-5, atol=1e-5)
     again = CliRunner().invoke(app, ["predict", str(FIXTURES / "tiny_resnet.pt"), str(tif),
                                      "-o", str(out), "--workers", "0", "--block", "64",
-                                     "--resume", "--json"])
+                                     "--mask", "none", "--resume", "--json"])
     assert again.exit_code == 0, again.stderr
     assert json.loads(again.stdout)["blocks_skipped"] == 6
 
@@ -246,7 +247,8 @@ def test_a_dense_onnx_model_runs_in_onnxruntime(tmp_path, image):
     onnx_api.save(dense_graph, tmp_path / "dense.onnx")
     out = tmp_path / "o.zarr"
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "dense.onnx"), str(tif), "-o",
-                                      str(out), "--workers", "0", "--block", "96"])
+                                      str(out), "--workers", "0", "--block", "96", "--mask",
+                                      "none"])
     assert result.exit_code == 0, result.stderr
     np.testing.assert_allclose(scene.result_array(out)[:],
                                whole(dense_model("tiny_resnet"), a), rtol=1e-4, atol=1e-4)
@@ -262,7 +264,7 @@ def test_resume_after_a_real_kill(tmp_path, classifier, image):
     _, tif = image
     out = tmp_path / "o.zarr"
     cmd = [sys.executable, "-m", "econv_convert.cli", "predict", str(path), str(tif), "-o",
-           str(out), "--workers", "0", "--block", "16", "--json"]
+           str(out), "--workers", "0", "--block", "16", "--mask", "none", "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     markers = out / scene.MARKERS
     deadline = time.monotonic() + 120
@@ -277,7 +279,8 @@ def test_resume_after_a_real_kill(tmp_path, classifier, image):
     assert not ngff.record(out)["complete"]
     done = len(list(markers.iterdir()))
     result = CliRunner().invoke(app, ["predict", str(path), str(tif), "-o", str(out),
-                                      "--workers", "0", "--block", "16", "--resume", "--json"])
+                                      "--workers", "0", "--block", "16", "--mask", "none",
+                                      "--resume", "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["blocks_skipped"] == done < report["blocks_total"]

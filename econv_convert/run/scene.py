@@ -2,8 +2,9 @@
 
 The output is an OME-Zarr image (:mod:`econv_convert.run.ngff`) whose full-resolution array
 ``(C, H', W')`` is written block by block. Each output block is one chunk and one task: it
-reads its own lattice-aligned input window plus a halo from the source, runs the dense model, keeps its block and writes that whole chunk, so no two tasks write the same
-bytes and no array of the whole image exists anywhere. A block is exact (the whole-image
+reads its own lattice-aligned input window plus a halo from the source, runs the dense model,
+keeps its block and writes that whole chunk, so no two tasks write the same bytes and no
+array of the whole image exists anywhere. A block is exact (the whole-image
 dense output there) for the reason tiles are (:mod:`econv_convert.run.predict`): the window
 starts on the image's lattice and its halo holds a receptive field.
 
@@ -429,11 +430,16 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
                   resume: bool = False, overwrite: bool = False,
                   max_memory: int | None = None, meta=None, progress: Progress | None = None,
                   on_start=None, overview_channel: int | None = None,
-                  overview: bool = True, ngff_version: str = "0.5") -> RunReport:
+                  overview: bool = True, ngff_version: str = "0.5",
+                  mask: str = "default") -> RunReport:
     """The dense output of ``model`` over the image at ``source``, written block by block to
     the OME-Zarr image ``output`` (:mod:`econv_convert.run.ngff`). ``record`` (the options,
     the model's checksum) goes into its ``econv`` attribute; ``meta`` is the model's
-    :class:`DenseInfo`."""
+    :class:`DenseInfo`. ``mask`` (``default``, ``auto``, ``none`` or a binary image's path,
+    :mod:`econv_convert.run.mask`): blocks whose input window holds no tissue are not
+    computed (their outputs stay NaN)."""
+    from econv_convert.run import mask as masks
+
     start = time.perf_counter()
     geo = geometry(meta)
     ngff.zarr_format(ngff_version)
@@ -441,6 +447,7 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
     src = open_source(source)  # errors about the input come before anything is written
     mpp = src.mpp
     try:
+        tissue = masks.make(mask, source, src.shape[1:], len(src.levels) or 1)
         shape = output_size(model, src, geo, mean, std)
         size = block or _default_block(meta, geo, src.shape, max_memory, workers)
         if size < 1 or any((size * s) % u for s, u in zip(geo.step, geo.unit)):
@@ -459,10 +466,18 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
     full = {**record, "format": FORMAT, "shape": list(shape), "block": [size, size], **where_,
             "layout": "C,H,W", "ngff": ngff_version, "level": source.level,
             "pixel_size_um": list(mpp) if mpp else None, "scale": placement[0],
-            "translation": placement[1], "unit": placement[2]}
+            "translation": placement[1], "unit": placement[2],
+            "mask": tissue.to_record() if tissue is not None else None}
     done = prepare_output(job, full, resume=resume, overwrite=overwrite,
                           ngff_version=ngff_version)
-    todo = [b for b in job.blocks() if b not in done]
+    masked = set()
+    if tissue is not None:
+        image = src.shape[1:]
+        for b in job.blocks():
+            _, ((y0, y1), (x0, x1)) = job.window(b, image)
+            if not tissue.has_tissue(y0, y1, x0, x1):
+                masked.add(b)
+    todo = [b for b in job.blocks() if b not in done and b not in masked]
     n_workers = default_workers() if workers is None else workers
     if scheduler is None and n_workers > len(todo):
         n_workers = len(todo) if len(todo) > 1 else 0  # one block: no cluster to start
@@ -480,7 +495,8 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
                      round(time.perf_counter() - start, 3), used, where, overview=picture,
                      geometry={**where_, "halo": list(geo.halo), "block": size},
                      ngff=ngff_version, levels=levels, pixel_size=list(mpp) if mpp else None,
-                     scale=placement[0], unit=placement[2])
+                     scale=placement[0], unit=placement[2], blocks_masked=len(masked),
+                     mask=full["mask"])
 
 
 def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
