@@ -814,8 +814,10 @@ def predict(
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
     if output.suffix.lower() == ".npy":
-        return _predict_npy(model, input, output, block, max_memory, mean, std, channel,
-                            json_out)
+        how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until,
+                   output_stride, input_name)
+        return _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, std,
+                            channel, level, layout, json_out)
     if output.suffix.lower() != ".zarr":
         raise InvalidInputError(f"{output}: the output must end in .zarr (or .npy for a small "
                                 "result in memory)")
@@ -933,49 +935,112 @@ def _require_ok(result) -> None:
                                + "; nothing was predicted")
 
 
-def _predict_npy(model, input, output, tile, max_memory, mean, std, channel, json_out):
-    """The whole result in memory (small inputs): a dense checkpoint, tile by tile."""
+def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, std, channel,
+                 level, layout, json_out):
+    """The whole result in memory (small inputs), computed by the block engine of OUT.zarr
+    (:func:`econv_convert.run.scene.block_output`) in this process: any model kind, any
+    input kind (a batch from an N,C,H,W .npy)."""
+    import tempfile
+
     import numpy as np
 
     from econv_convert.files import atomic_write
     from econv_convert.run import predict as tiled
-    from econv_convert.torch import storage
+    from econv_convert.run import scene
+    from econv_convert.run.sources import InMemorySource, SourceSpec, kind_of, open_source
     from econv_convert.torch.loading import check_file
 
     check_file(model)
     _check_output(output, [model, input])
-    if not storage.is_dense_checkpoint(model):
-        raise InvalidInputError(f"{model}: a .npy output takes a dense checkpoint (.pt from "
-                                "densify); for other models write OUT.zarr")
-    dense = storage.load_dense(model)
-    x, image = tiled.load_input(input, _floats(mean, "--mean"), _floats(std, "--std"),
-                                dense.econv.example_shape[1])
-    plan = tiled.plan_tiles(dense, tuple(x.shape), tile=tile, max_memory=_bytes(max_memory))
-    columns = (TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
-        task = bar.add_task("", total=plan.count)
-        y = tiled.predict(dense, x, tile=plan.tile[0], progress=lambda d, t: bar.update(
-            task, completed=d))
-    if channel is not None and not 0 <= channel < y.shape[1]:
-        raise InvalidInputError(f"--channel {channel}: the output has {y.shape[1]} channels")
-    data = y.numpy()
+    dense, meta, save = _dense_for_predict(model, how, no_verify, json_out)
+    geo = scene.geometry(meta)
+    mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
+    channels = meta.canonical(meta.example_shape)[1]
+    nd = len(geo.step)
+    lead: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if dense is not None:
+            run = _module_runner(dense, nd, lead)
+        else:
+            path = model
+            if save is not None:  # an ONNX baseline densified here: run from a file
+                path = Path(tmp) / "dense.onnx"
+                save(path)
+            onnx_run = scene.runner(scene.ModelSpec(str(path)))
+
+            def run(a):
+                y = onnx_run(a)
+                lead[:] = y.shape[1:-nd]
+                return y
+        norm = (mean_v, std_v)
+        image = kind_of(input) != "npy"  # a picture of the result beside it
+        batch = np.load(input, mmap_mode="r") if not image else None
+        if batch is not None and batch.ndim == 4 and batch.shape[0] > 1:  # N,C,H,W
+            if batch.shape[1] != channels:
+                raise InvalidInputError(f"{input}: a batch of shape {tuple(batch.shape)}; "
+                                        f"expected N,{channels},H,W")
+            items = [InMemorySource(np.asarray(batch[n])) for n in range(batch.shape[0])]
+        else:  # one image, read as OUT.zarr reads it
+            items = [open_source(SourceSpec(str(input), channels, level, layout))]
+        size = block or scene._default_block(meta, geo, items[0].shape, _bytes(max_memory), 1)
+        if size < 1 or any((size * s_) % u for s_, u in zip(geo.step, geo.unit)):
+            unit = math.lcm(*(u // math.gcd(u, s_) for u, s_ in zip(geo.unit, geo.step)))
+            raise InvalidInputError(f"--block {size}: must be a positive multiple of {unit} "
+                                    "(output positions per lattice step)")
+        columns = (TextColumn("blocks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        ys, blocks = [], 0
+        with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
+            task = bar.add_task("", total=None)
+            for src in items:
+                shape = scene.output_size(run, src, geo, *norm)
+                job = scene.Job(None, None, "", shape, (size,) * nd, geo.step, geo.unit,
+                                geo.halo, *norm)
+                blocks += len(job.blocks())
+                ys.append(scene.in_memory(job, src, run, progress=lambda d, t: bar.update(
+                    task, completed=d, total=t)))
+    data = np.stack(ys)
+    data = data.reshape(data.shape[0], *lead, *data.shape[2:])
+    if channel is not None and not 0 <= channel < data.shape[1]:
+        raise InvalidInputError(f"--channel {channel}: the output has {data.shape[1]} channels")
     atomic_write(output, lambda f: np.save(f, data))
     picture = None
-    if image and y.dim() == 4:
+    if image and data.ndim == 4:
+        import torch
         from PIL import Image
 
         picture = output.with_suffix(".png")
-        rgb = tiled.heat_map(y, channel).numpy()
+        rgb = tiled.heat_map(torch.from_numpy(np.nan_to_num(data)), channel).numpy()
         atomic_write(picture, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
     if json_out:
         _emit_json({"output": str(output), "heat_map": str(picture) if picture else None,
-                    "shape": list(y.shape), "tiles": plan.count, "tile": list(plan.tile),
-                    "halo": list(plan.halo), "tile_memory_estimate": plan.estimate_bytes})
+                    "shape": list(data.shape), "blocks": blocks, "block": [size] * nd,
+                    "halo": list(geo.halo), "step": list(geo.step)})
     else:
-        out.print(f"{plan.count} tiles of {'x'.join(map(str, plan.tile))} (halo "
-                  f"{'x'.join(map(str, plan.halo))}, about {plan.estimate_bytes / 2**20:.0f} MiB "
-                  f"each); output {'x'.join(map(str, y.shape))}")
+        out.print(f"{blocks} blocks of {'x'.join([str(size)] * nd)} outputs (halo "
+                  f"{'x'.join(map(str, geo.halo))} pixels); output "
+                  f"{'x'.join(map(str, data.shape))}, one per "
+                  f"{'x'.join(map(str, geo.step))} input pixels")
         out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{picture}[/]" if picture else ""))
+
+
+def _module_runner(dense, nd: int, lead: list):
+    """``f(x) -> y`` on numpy arrays for a dense module in this process (channels-last for
+    2-D and 3-D maps); records the output's dims before the spatial ones in ``lead``."""
+    import torch
+
+    from econv_convert.run.bench import memory_format
+    from econv_convert.run.scene import _only_tensor
+
+    fmt = memory_format(nd + 2, True)
+
+    def run(a):
+        with torch.no_grad():
+            y = dense(torch.from_numpy(a).contiguous(memory_format=fmt))
+        y = y if isinstance(y, torch.Tensor) else _only_tensor(y)
+        lead[:] = y.shape[1:-nd]
+        return y.float().numpy()
+
+    return run
 
 
 # -- ONNX graphs ------------------------------------------------------------------------------

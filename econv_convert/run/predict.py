@@ -54,32 +54,27 @@ def map_field(meta) -> tuple[int, ...]:
     return tuple(field)
 
 
-def _geometry(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    """Receptive field and total lattice step per spatial axis, in input pixels, and the
-    pixels between neighbouring outputs (the output stride); refuses what cannot be tiled."""
-    meta = info(dense)
-    res = meta.output_stride or 1  # axis_steps counts output positions, res pixels apart
-    return map_field(meta), tuple(res * s for s in meta.axis_steps), res
-
-
 def plan_tiles(dense: nn.Module, shape: Sequence[int], *, tile: int | None = None,
                max_memory: int | None = None) -> TilePlan:
-    """Choose the tile size: ``tile`` if given, else the largest that fits ``max_memory``
-    (default: half of the available memory)."""
-    field, step, _ = _geometry(dense)
-    # a multiple of the step: every tile starts on the image's lattice, so its tight crops
-    # (and ceil-mode ends) fall where the whole image's do
-    halo = tuple(s * (f // s + 2) for f, s in zip(field, step))
-    sizes = list(shape[2:])
+    """Choose the tile size (input pixels a tile contributes per axis): ``tile`` if given,
+    else the largest that fits ``max_memory`` (default: half of the available memory). The
+    halo is the block engine's (:func:`econv_convert.run.scene.geometry`)."""
+    from econv_convert.run.scene import geometry
+
     meta = info(dense)
+    geo = geometry(meta)
+    # a multiple of the lattice step: every tile starts on the image's lattice, so its tight
+    # crops (and ceil-mode ends) fall where the whole image's do
+    step, halo = geo.unit, geo.halo
+    sizes = list(shape[2:])
     budget = max_memory if max_memory is not None else (available_bytes() or 8 * 2**30) // 2
 
     def cost(t: int) -> int:
-        tile_shape = [shape[0], shape[1]] + [min(n, t + 2 * h) for n, h in zip(sizes, halo)]
+        tile_shape = [1, shape[1]] + [min(n, t + 2 * h) for n, h in zip(sizes, halo)]
         return estimate_bytes(meta, tile_shape)
 
+    unit = math.lcm(*step)
     if tile is None:
-        unit = math.lcm(*step)
         t = unit * max(1, max(sizes) // unit + 1)
         while t > unit and cost(t) > budget:
             t = max(unit, (t // 2) // unit * unit)
@@ -89,12 +84,10 @@ def plan_tiles(dense: nn.Module, shape: Sequence[int], *, tile: int | None = Non
                 f"{cost(t) / 2**20:.0f} MiB, over the budget of {budget / 2**20:.0f} MiB; "
                 "raise --max-memory")
         tile = t
-    else:
-        unit = math.lcm(*step)
-        if tile < unit or tile % unit:
-            raise InvalidInputError(f"--tile {tile} must be a positive multiple of the lattice "
-                                    f"step {unit}")
-    count = math.prod(math.ceil(n / tile) for n in sizes)
+    elif tile < unit or tile % unit:
+        raise InvalidInputError(f"--tile {tile} must be a positive multiple of the lattice "
+                                f"step {unit}")
+    count = shape[0] * math.prod(math.ceil(n / tile) for n in sizes)
     return TilePlan(tuple(tile for _ in sizes), halo, count, cost(tile))
 
 
@@ -102,108 +95,45 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
             max_memory: int | None = None, progress: Progress | None = None) -> torch.Tensor:
     """``dense(x)`` computed tile by tile; identical (fp32 tolerance) to one whole pass.
 
-    Tiles of 2-D and 3-D models run channels-last (faster dense convolutions on CPU; see
-    :func:`econv_convert.run.bench.memory_format`)."""
-    from econv_convert.run.bench import memory_format
-
-    plan = plan_tiles(dense, tuple(x.shape), tile=tile, max_memory=max_memory)
-    res = _geometry(dense)[2]  # tiles and halos are whole lattice steps: multiples of res
-    fmt = memory_format(x.dim(), True)
-    sizes = x.shape[2:]
-    nd = len(sizes)
-    starts = [range(0, n, t) for n, t in zip(sizes, plan.tile)]
-    pieces: list[tuple[tuple[int, ...], torch.Tensor]] = []
-    done = 0
-    grid = _product(starts)
-    with torch.no_grad():
-        for origin in grid:
-            lo = [max(0, o - h) for o, h in zip(origin, plan.halo)]
-            hi = [min(n, o + t + h) for o, t, h, n in zip(origin, plan.tile, plan.halo, sizes)]
-            crop = x
-            for i in range(nd):
-                crop = crop.narrow(2 + i, lo[i], hi[i] - lo[i])
-            y = dense(crop.contiguous(memory_format=fmt))
-            # tile output index q is image output index lo / res + q (outputs are res pixels
-            # apart); keep the outputs of pixels [origin, origin + tile)
-            keep = y
-            offsets = []
-            for i in range(nd):
-                d = y.dim() - nd + i
-                a = (origin[i] - lo[i]) // res
-                b = min(y.shape[d], a + plan.tile[i] // res)
-                if b <= a:
-                    keep = None
-                    break
-                keep = keep.narrow(d, a, b - a)
-                offsets.append(origin[i] // res)
-            if keep is not None:
-                pieces.append((tuple(offsets), keep.contiguous()))
-            done += 1
-            if progress:
-                progress(done, plan.count)
-    if not pieces:
-        raise InvalidInputError(f"the input {tuple(x.shape)} is smaller than the model's window")
-    lead = pieces[0][1].shape[: pieces[0][1].dim() - nd]
-    extent = [max(o[i] + p.shape[p.dim() - nd + i] for o, p in pieces) for i in range(nd)]
-    out = pieces[0][1].new_empty((*lead, *extent))
-    for offsets, p in pieces:
-        index = [slice(None)] * len(lead) + [slice(o, o + n) for o, n in
-                                             zip(offsets, p.shape[p.dim() - nd:])]
-        out[tuple(index)] = p
-    return out
-
-
-def _product(ranges):
-    if not ranges:
-        yield ()
-        return
-    for head in ranges[0]:
-        for rest in _product(ranges[1:]):
-            yield (head, *rest)
-
-
-# -- files ------------------------------------------------------------------------------------
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def load_input(path, mean: Sequence[float] | None, std: Sequence[float] | None,
-               channels: int) -> tuple[torch.Tensor, bool]:
-    """An ``N,C,H,W`` float tensor from ``.npy`` (``C,H,W`` or ``N,C,H,W``) or an image file;
-    returns it and whether it came from an image."""
+    The blocks are the ones ``econv-convert predict`` computes into zarr (the same engine,
+    :func:`econv_convert.run.scene.block_output`), here for every image of the batch in
+    this process, in float32. Tiles of 2-D and 3-D models run channels-last (faster dense
+    convolutions on CPU; see :func:`econv_convert.run.bench.memory_format`)."""
     import numpy as np
 
-    suffix = str(path).lower().rsplit(".", 1)[-1]
-    if f".{suffix}" in IMAGE_SUFFIXES:
-        from PIL import Image, UnidentifiedImageError
+    from econv_convert.run import scene
+    from econv_convert.run.bench import memory_format
+    from econv_convert.run.sources import InMemorySource
 
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB" if channels == 3 else "L")
-                arr = np.asarray(img, dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError) as e:
-            raise InvalidInputError(f"{path}: not a readable image ({e})") from None
-        t = torch.from_numpy(arr)
-        t = t.permute(2, 0, 1) if t.dim() == 3 else t[None]
-        image = True
-    elif suffix == "npy":
-        try:
-            t = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-        except (ValueError, OSError) as e:
-            raise InvalidInputError(f"{path}: not a readable .npy array ({e})") from None
-        image = False
-    else:
-        raise InvalidInputError(f"{path}: expected a .npy array or an image file")
-    if t.dim() == 3:
-        t = t[None]
-    if t.dim() != 4 or t.shape[1] != channels:
-        raise InvalidInputError(f"{path}: expected {channels} channels as C,H,W or N,C,H,W, "
-                                f"got shape {tuple(t.shape)}")
-    if mean is not None:
-        t = t - torch.tensor(mean, dtype=t.dtype).reshape(1, -1, 1, 1)
-    if std is not None:
-        t = t / torch.tensor(std, dtype=t.dtype).reshape(1, -1, 1, 1)
-    return t.contiguous(), image
+    plan = plan_tiles(dense, tuple(x.shape), tile=tile, max_memory=max_memory)
+    geo = scene.geometry(info(dense))
+    res = geo.step[0]  # outputs are this many pixels apart
+    nd = x.dim() - 2
+    fmt = memory_format(x.dim(), True)
+    lead: list[int] = []
+
+    def run(a: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            y = dense(torch.from_numpy(a).to(x.device).contiguous(memory_format=fmt))
+        y = y if isinstance(y, torch.Tensor) else scene._only_tensor(y)
+        lead[:] = y.shape[1:-nd]
+        return y.float().cpu().numpy()
+
+    outs = []
+    for n in range(x.shape[0]):
+        source = InMemorySource(x[n].detach().float().cpu().numpy())
+        shape = scene.output_size(run, source, geo, None, None)
+        job = scene.Job(None, None, "", shape, tuple(t // res for t in plan.tile), geo.step,
+                        geo.unit, geo.halo)
+        done = n * len(job.blocks())
+        total = x.shape[0] * len(job.blocks())
+        outs.append(scene.in_memory(job, source, run, progress=None if progress is None else
+                                    (lambda k, _, d=done: progress(d + k, total))))
+    y = np.stack(outs)
+    return torch.from_numpy(y.reshape(x.shape[0], *lead, *y.shape[2:])).to(x.dtype)
+
+
+# -- pictures ---------------------------------------------------------------------------------
 
 
 def heat_map(y: torch.Tensor, channel: int | None) -> torch.Tensor:

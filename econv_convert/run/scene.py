@@ -17,6 +17,7 @@ the pyramid and labels are built. So a killed run loses only the blocks in fligh
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -152,9 +153,6 @@ def geometry(meta) -> Geometry:
     field_ = map_field(meta)
     example = meta.canonical(meta.example_shape)
     nd = len(example) - 2
-    if nd != 2:
-        raise InvalidInputError(f"prediction over images takes 2-D models; this one has {nd} "
-                                "spatial axes")
     res = meta.output_stride or 1  # dense positions are this many input pixels apart
     unit = tuple(res * s for s in meta.axis_steps)
     halo = tuple(u * (math.ceil(f / u) + 1) for f, u in zip(field_, unit))
@@ -172,24 +170,26 @@ def geometry(meta) -> Geometry:
 
 @dataclass(frozen=True)
 class Job:
-    """Everything a block task needs: plain data, sent once to every worker."""
+    """Everything a block task needs: plain data, sent once to every worker. ``model`` and
+    ``source`` are None when the blocks run in this process on a model and image in memory
+    (:func:`in_memory`)."""
 
-    model: ModelSpec
-    source: SourceSpec
+    model: ModelSpec | None
+    source: SourceSpec | None
     output: str
-    shape: tuple[int, int, int]  # (C, H', W') of the output
-    block: tuple[int, int]  # output positions per block (and chunk)
-    step: tuple[int, int]
-    unit: tuple[int, int]
-    halo: tuple[int, int]
+    shape: tuple[int, ...]  # (C, *spatial) of the output
+    block: tuple[int, ...]  # output positions per block (and chunk), per spatial axis
+    step: tuple[int, ...]
+    unit: tuple[int, ...]
+    halo: tuple[int, ...]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
-    def blocks(self) -> list[tuple[int, int]]:
-        rows, cols = (math.ceil(n / b) for n, b in zip(self.shape[1:], self.block))
-        return [(i, j) for i in range(rows) for j in range(cols)]
+    def blocks(self) -> list[tuple[int, ...]]:
+        counts = [range(math.ceil(n / b)) for n, b in zip(self.shape[1:], self.block)]
+        return list(itertools.product(*counts))
 
-    def window(self, block: tuple[int, int], size: Sequence[int]):
+    def window(self, block: Sequence[int], size: Sequence[int]):
         """The output range of ``block`` and the input window it reads, per axis."""
         out, inp = [], []
         for k, n, b, s, h, extent in zip(block, self.shape[1:], self.block, self.step,
@@ -200,54 +200,77 @@ class Job:
         return out, inp
 
 
-def compute_block(job: Job, block: tuple[int, int]) -> tuple[int, int]:
-    """Read, run, write one block (a Dask task). Returns the block."""
-    source = cached_source(job.source)
-    run = runner(job.model)
-    ((a0, e0), (a1, e1)), ((y0, y1), (x0, x1)) = job.window(block, source.shape[1:])
-    x = normalize(source.read(y0, y1, x0, x1), job.mean, job.std)[None]
-    y = _as_map(run(np.ascontiguousarray(x)), job.shape[0])
+def block_output(job: Job, block: Sequence[int], source, run) -> tuple[tuple, np.ndarray]:
+    """One block of the output: its index into the whole output and its values. The one
+    computation every sink shares (a zarr chunk, an array in memory)."""
+    out_range, in_range = job.window(block, source.shape[1:])
+    x = normalize(source.read_window(in_range), job.mean, job.std)[None]
+    y = _as_map(run(np.ascontiguousarray(x)), job.shape[0], len(in_range))
     # the window's output index q is the image's index lo / step + q
-    r0, r1 = a0 - y0 // job.step[0], a1 - x0 // job.step[1]
-    if r0 + (e0 - a0) > y.shape[1] or r1 + (e1 - a1) > y.shape[2]:
-        raise RuntimeError(f"block {block}: the window's output {y.shape[1:]} does not reach "
-                           f"the block's end; the halo {job.halo} is too small")
-    part = y[:, r0:r0 + e0 - a0, r1:r1 + e1 - a1]
-    ngff.level0(job.output, mode="r+")[:, a0:e0, a1:e1] = part
-    marker = Path(job.output) / MARKERS / f"{block[0]}_{block[1]}"
+    starts = [a - lo // s for (a, _), (lo, _), s in zip(out_range, in_range, job.step)]
+    if any(r + (e - a) > n for r, (a, e), n in zip(starts, out_range, y.shape[1:])):
+        raise RuntimeError(f"block {tuple(block)}: the window's output {y.shape[1:]} does not "
+                           f"reach the block's end; the halo {job.halo} is too small")
+    part = y[(slice(None),) + tuple(slice(r, r + e - a) for r, (a, e) in zip(starts, out_range))]
+    return (slice(None),) + tuple(slice(a, e) for a, e in out_range), part
+
+
+def compute_block(job: Job, block: tuple[int, ...]) -> tuple[int, ...]:
+    """Read, run, write one block into the zarr output (a Dask task). Returns the block."""
+    index, part = block_output(job, block, cached_source(job.source), runner(job.model))
+    ngff.level0(job.output, mode="r+")[index] = part
+    marker = Path(job.output) / MARKERS / "_".join(map(str, block))
     marker.touch()
     return block
 
 
-def _as_map(y: np.ndarray, channels: int) -> np.ndarray:
-    """A model output ``(1, ..., H', W')`` as ``(C, H', W')``."""
-    if y.shape[0] != 1 or math.prod(y.shape[1:-2]) != channels:
+def in_memory(job: Job, source, run, blocks: Sequence[tuple[int, ...]] | None = None,
+              progress: Progress | None = None) -> np.ndarray:
+    """The output as an array in memory, block by block in this process (NaN where a block
+    is not in ``blocks``)."""
+    out = np.full(job.shape, np.nan, dtype=np.float32)
+    todo = job.blocks() if blocks is None else list(blocks)
+    for k, b in enumerate(todo, 1):
+        index, part = block_output(job, b, source, run)
+        out[index] = part
+        if progress:
+            progress(k, len(todo))
+    return out
+
+
+def _as_map(y: np.ndarray, channels: int, nd: int = 2) -> np.ndarray:
+    """A model output ``(1, ..., *spatial)`` as ``(C, *spatial)``."""
+    if y.shape[0] != 1 or math.prod(y.shape[1:-nd]) != channels:
         raise InvalidInputError(f"the model's output {tuple(y.shape)} is not a map of "
                                 f"{channels} channels")
-    return y.reshape(channels, *y.shape[-2:])
+    return y.reshape(channels, *y.shape[-nd:])
 
 
-def output_size(model: ModelSpec, source, geo: Geometry, mean, std) -> tuple[int, ...]:
-    """The whole image's output shape ``(C, H', W')``, from one run at the far corner: a
+def output_size(model, source, geo: Geometry, mean, std) -> tuple[int, ...]:
+    """The whole image's output shape ``(C, *spatial)``, from one run at the far corner: a
     window that starts on the lattice loses exactly ``start / step`` outputs (every layer's
     size shrinks by the shift over its stride), so the image's size is the corner's plus
-    that."""
-    _, h, w = source.shape
+    that. ``model``: a :class:`ModelSpec` or a run function."""
+    sizes = source.shape[1:]
+    nd = len(sizes)
     need = [2 * hal + max(win, u) for hal, win, u in zip(geo.halo, geo.window, geo.unit)]
-    starts = [max(0, (n - m) // u * u) for n, m, u in zip((h, w), need, geo.unit)]
-    x = normalize(source.read(starts[0], h, starts[1], w), mean, std)[None]
+    starts = [max(0, (n - m) // u * u) for n, m, u in zip(sizes, need, geo.unit)]
+    x = normalize(source.read_window([(a, n) for a, n in zip(starts, sizes)]), mean, std)[None]
+    run = runner(model) if isinstance(model, ModelSpec) else model
+    corner = "x".join(str(n - a) for a, n in zip(starts, sizes))
     try:
-        y = runner(model)(np.ascontiguousarray(x))
+        y = run(np.ascontiguousarray(x))
     except Exception as e:
-        raise InvalidInputError(f"the model does not run on a {h - starts[0]}x{w - starts[1]} "
-                                f"window of the input ({describe(e)}); is the input smaller "
-                                "than the model's window?") from None
-    if y.ndim < 3:
+        raise InvalidInputError(f"the model does not run on a {corner} window of the input "
+                                f"({describe(e)}); is the input smaller than the model's "
+                                "window?") from None
+    if y.ndim < nd + 1:
         raise InvalidInputError(f"the model's output {tuple(y.shape)} is not a map")
-    channels = math.prod(y.shape[1:-2])
-    size = [n + s // st for n, s, st in zip(y.shape[-2:], starts, geo.step)]
+    channels = math.prod(y.shape[1:-nd])
+    size = [n + s // st for n, s, st in zip(y.shape[-nd:], starts, geo.step)]
     if any(n <= 0 for n in size):
-        raise InvalidInputError(f"the input {h}x{w} is smaller than the model's window")
+        raise InvalidInputError("the input " + "x".join(map(str, sizes)) + " is smaller "
+                                "than the model's window")
     return (channels, *size)
 
 
@@ -307,8 +330,7 @@ def prepare_output(job: Job, record: dict[str, Any], *, resume: bool,
                 return set(job.blocks())
             done = set()
             for m in (path / MARKERS).iterdir() if (path / MARKERS).is_dir() else ():
-                i, _, j = m.name.partition("_")
-                done.add((int(i), int(j)))
+                done.add(tuple(int(v) for v in m.name.split("_")))
             return done
         shutil.rmtree(path)
     ngff.create(path, job.shape, job.block, {**record, "complete": False}, ngff_version)
@@ -442,6 +464,10 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
 
     start = time.perf_counter()
     geo = geometry(meta)
+    if len(geo.step) != 2:
+        raise InvalidInputError(f"prediction over image files takes 2-D models; this one has "
+                                f"{len(geo.step)} spatial axes (the Python API's predict "
+                                "takes any)")
     ngff.zarr_format(ngff_version)
     claim_output(output, resume=resume, overwrite=overwrite)
     src = open_source(source)  # errors about the input come before anything is written

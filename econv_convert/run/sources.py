@@ -49,6 +49,27 @@ class Source:
         """Pixels ``[y0, y1) x [x0, x1)`` as a ``(C, h, w)`` array of the file's dtype."""
         raise NotImplementedError
 
+    def read_window(self, ranges) -> np.ndarray:
+        """Pixels in ``[(start, end)]`` per spatial axis, as ``(C, ...)``."""
+        (y0, y1), (x0, x1) = ranges
+        return self.read(y0, y1, x0, x1)
+
+
+class InMemorySource(Source):
+    """An array ``(C, *spatial)`` already in memory (a tensor given to the Python API), of
+    any number of spatial axes."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape = tuple(array.shape)
+        self.dtype = np.dtype(array.dtype)
+
+    def read_window(self, ranges) -> np.ndarray:
+        return self.array[(slice(None),) + tuple(slice(a, b) for a, b in ranges)]
+
+    def read(self, y0, y1, x0, x1):
+        return self.read_window([(y0, y1), (x0, x1)])
+
 
 def kind_of(path: str | Path) -> str:
     name = str(path).lower().rstrip("/")

@@ -1,0 +1,185 @@
+"""``predict`` as a matrix of its options, every cell against one reference.
+
+Bugs lived in the crossings (an output stride with tiling; a dense .onnx written from a
+PyTorch model given to predict): model file kind (baseline .pt densified by predict, dense
+.pt, dense .onnx exported from PyTorch, dense .onnx densified from an ONNX baseline) x output
+stride (1, an intermediate value, the total stride) x block layout (one block; many blocks
+with edge blocks of odd size) x model (a GAP classifier with window pooling; a map model) x
+sink (OUT.zarr, OUT.npy, the Python API) x workers. Every cell equals one whole-image pass of
+the dense model made with the same options; the unpadded patch classifier's cells also equal
+the baseline on the crop under sampled outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURES, assert_baseline_on_crops
+from typer.testing import CliRunner
+
+from econv_convert import densify, save_dense
+from econv_convert.cli import app
+from econv_convert.run import scene
+from econv_convert.run.predict import predict
+from econv_convert.run.sources import normalize
+from econv_convert.torch.loading import load_model
+
+# model -> (fixture, global pool, total stride)
+MODELS = {"gap": ("tiny_resnet", "window", 16), "map": ("patch_classifier", "phase", 8)}
+KINDS = ["baseline.pt", "dense.pt", "torch.onnx", "onnx.onnx"]
+SIZE = (157, 139)  # odd, and not a multiple of any stride
+
+
+def strides(model: str) -> list[int]:
+    return [1, 2, MODELS[model][2]]
+
+
+@functools.lru_cache(maxsize=None)
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (*SIZE, 3), dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def dense_of(model: str, stride: int):
+    name, pool, _ = MODELS[model]
+    loaded = load_model(FIXTURES / f"{name}.pt")
+    return densify(loaded.model, loaded.input_shape, global_pool=pool, output_stride=stride)
+
+
+@functools.lru_cache(maxsize=None)
+def reference(model: str, stride: int) -> np.ndarray:
+    x = torch.from_numpy(normalize(np.moveaxis(image(), -1, 0), None, None))[None]
+    with torch.no_grad():
+        y = dense_of(model, stride)(x)
+    return y.reshape(-1, *y.shape[-2:]).numpy()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The model files of every kind, written once: ``files(model, stride, kind)``."""
+    root = tmp_path_factory.mktemp("matrix")
+    np.save(root / "image.npy", image())
+    made: dict = {}
+
+    def get(model: str, stride: int, kind: str):
+        key = (model, stride, kind)
+        if key in made:
+            return made[key]
+        name, pool, _ = MODELS[model]
+        options = ["--global-pool", pool] + (["--output-stride", str(stride)] if stride > 1
+                                              else [])
+        if kind == "baseline.pt":
+            made[key] = (FIXTURES / f"{name}.pt", options)
+            return made[key]
+        path = root / f"{model}-{stride}-{kind.replace('.', '-')}"
+        if kind == "dense.pt":
+            path = path.with_suffix(".pt")
+            save_dense(dense_of(model, stride), path)
+        elif kind == "torch.onnx":
+            path = path.with_suffix(".onnx")
+            run(["densify", str(FIXTURES / f"{name}.pt"), "-o", str(path), "--no-verify",
+                 *options])
+        else:  # a dense graph from an ONNX baseline
+            from onnx_graphs import export
+
+            from econv_convert import onnx_api
+
+            loaded = load_model(FIXTURES / f"{name}.pt")
+            base = root / f"{name}.onnx"
+            if not base.exists():
+                onnx_api.save(export(loaded.model.eval(), loaded.input_shape, dynamic=True),
+                              base)
+            path = path.with_suffix(".onnx")
+            shape = ",".join(map(str, loaded.input_shape))
+            run(["densify", str(base), "-o", str(path), "--no-verify", "--input-shape", shape,
+                 *options])
+        made[key] = (path, [])
+        return made[key]
+
+    get.root = root
+    return get
+
+
+def run(args: list[str]):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, f"{' '.join(args)}\n{result.stderr}"
+    return result
+
+
+def blocks(model: str, stride: int, layout: str) -> int:
+    """Output positions per block: one block for the whole image, or the smallest whole
+    number of lattice steps (many blocks, the last of odd size)."""
+    if layout == "one":
+        return 1024
+    per_step = MODELS[model][2] // stride  # output positions per lattice step
+    return per_step * max(1, 48 // (per_step * stride))
+
+
+def check(model: str, stride: int, got: np.ndarray) -> None:
+    expected = reference(model, stride)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    if model == "map":  # unpadded: each output is the baseline on the patch under it
+        loaded = load_model(FIXTURES / "patch_classifier.pt")
+        x = torch.from_numpy(normalize(np.moveaxis(image(), -1, 0), None, None))[None]
+        assert assert_baseline_on_crops(loaded.model, got, x, (65, 65), (stride, stride)) > 20
+
+
+CELLS = [(m, s, k, b) for m in MODELS for s in strides(m) for k in KINDS for b in ("one", "many")]
+
+
+@pytest.mark.parametrize("model,stride,kind,layout", CELLS,
+                         ids=[f"{m}-os{s}-{k}-{b}" for m, s, k, b in CELLS])
+def test_zarr_sink(tmp_path, files, model, stride, kind, layout):
+    path, options = files(model, stride, kind)
+    out = tmp_path / "o.zarr"
+    run(["predict", str(path), str(files.root / "image.npy"), "-o", str(out), "--workers", "0",
+         "--block", str(blocks(model, stride, layout)), "--mask", "none", *options])
+    got = scene.result_array(out)[:]
+    chunks = scene.result_array(out).chunks
+    if layout == "many":  # several blocks, the last one on an axis cut short
+        assert chunks[1] < got.shape[1] and (got.shape[1] % chunks[1] or got.shape[2] % chunks[2])
+    else:
+        assert all(c >= n for c, n in zip(chunks[1:], got.shape[1:]))
+    check(model, stride, got)
+
+
+NPY = [(m, s, k) for m in MODELS for s in strides(m) for k in KINDS]
+
+
+@pytest.mark.parametrize("model,stride,kind", NPY, ids=[f"{m}-os{s}-{k}" for m, s, k in NPY])
+def test_npy_sink(tmp_path, files, model, stride, kind):
+    path, options = files(model, stride, kind)
+    out = tmp_path / "o.npy"
+    run(["predict", str(path), str(files.root / "image.npy"), "-o", str(out), "--block",
+         str(blocks(model, stride, "many")), *options])
+    got = np.load(out)
+    assert got.shape[0] == 1
+    check(model, stride, got[0].reshape(-1, *got.shape[-2:]))
+
+
+API = [(m, s, b) for m in MODELS for s in strides(m) for b in ("one", "many")]
+
+
+@pytest.mark.parametrize("model,stride,layout", API, ids=[f"{m}-os{s}-{b}" for m, s, b in API])
+def test_python_api(model, stride, layout):
+    dense = dense_of(model, stride)
+    x = torch.from_numpy(normalize(np.moveaxis(image(), -1, 0), None, None))[None]
+    tile = blocks(model, stride, layout) * stride  # input pixels per tile
+    y = predict(dense, x, tile=tile).numpy()
+    check(model, stride, y.reshape(-1, *y.shape[-2:]))
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_two_workers(tmp_path, files, model):
+    stride = 2
+    path, options = files(model, stride, "torch.onnx")
+    out = tmp_path / "o.zarr"
+    result = run(["predict", str(path), str(files.root / "image.npy"), "-o", str(out),
+                  "--workers", "2", "--block", str(blocks(model, stride, "many")), "--mask",
+                  "none", "--json", *options])
+    assert '"workers": 2' in result.stdout
+    check(model, stride, scene.result_array(out)[:])
