@@ -1,7 +1,9 @@
 """Benchmark of ``predict`` over large images: ``python benchmarks/scene.py [SIZE ...]``
-(default sizes 1024 2048 4096; each side of a square RGB image, in pixels), and
+(default sizes 1024 2048 4096; each side of a square RGB image, in pixels),
 ``python benchmarks/scene.py --memory BLOCK SIZE ...`` (one worker, fixed block: peak memory
-against image size only).
+against image size only), ``python benchmarks/scene.py --profile`` (where one block's time
+goes) and ``python benchmarks/scene.py --ratio SIZE K ...`` (dense against patch by patch at
+output strides K, with a 100k x 100k slide extrapolated).
 
 For each size it writes a synthetic tiled, compressed TIFF (tile by tile: the image is never
 in memory) and runs ``econv-convert predict`` on the bundled GAP classifier (tiny_resnet,
@@ -18,6 +20,7 @@ machine.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -42,7 +45,8 @@ MODEL = ROOT / "fixtures" / "tiny_resnet.pt"
 
 def run_predict(model: Path, image: Path, out: Path, workers: int, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "econv_convert.cli", "predict", str(model), str(image), "-o",
-           str(out), "--workers", str(workers), "--json", "--overwrite", *extra]
+           str(out), "--workers", str(workers), "--json", "--overwrite", "--mask", "none",
+           *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
     done = threading.Event()
@@ -107,9 +111,123 @@ def memory_only(block: int, sizes: list[int]) -> None:
     (HERE / "scene_memory.json").write_text(json.dumps(rows, indent=2))
 
 
+def profile() -> None:
+    """Where one block's time goes: the dense pass with and without the halo a block reads,
+    reading and normalizing its window, writing its chunk; beside the patch-by-patch rate
+    and the multiply-add ratio. Prints a Markdown table."""
+    import numpy as np
+
+    from econv_convert.run import ngff, scene
+    from econv_convert.run.bench import memory_format
+    from econv_convert.run.sources import SourceSpec, normalize, open_source
+
+    torch.set_num_threads(2)
+    loaded = load_model(MODEL)
+    base = loaded.model.eval()
+    dense = densify(base, loaded.input_shape, global_pool="window")
+    geo = scene.geometry(dense.econv)
+    fmt = memory_format(4, True)
+    window = geo.window[0] - 1
+
+    def timed(f, n=2):
+        f()
+        t = time.perf_counter()
+        for _ in range(n):
+            f()
+        return (time.perf_counter() - t) / n
+
+    patches = torch.randn(64, 3, *geo.window)
+    with torch.no_grad():
+        patch_rate = 64 / timed(lambda: base(patches), 3)  # outputs per second
+    per_patch = _macs(lambda: base(torch.randn(1, 3, *geo.window)))
+    per_output = _macs(lambda: dense(torch.randn(1, 3, 512, 512))) / (512 - window) ** 2
+    mac_ratio = per_patch / per_output
+    halo = geo.halo[0] + geo.halo_after[0]
+    from econv_convert.run.predict import map_field
+
+    old = 2 * geo.unit[0] * (math.ceil(map_field(dense.econv)[0] / geo.unit[0]) + 1)
+    print(f"halo {geo.halo[0]} px before and {geo.halo_after[0]} after a block (a field each "
+          f"side before: {old}); multiply-add ratio {mac_ratio:.1f}x; patch by patch "
+          f"{patch_rate / 1e6:.4f} M outputs/s\n")
+    print("| block | input read | dense pass | outputs/s | vs patch by patch | of the MAC ratio |")
+    print("|---|---|---|---|---|---|")
+    for side in (512, 1024, 2048):
+        # what one interior block reads: its outputs' windows (no halo: as one whole-image
+        # pass computes them), with the halo, with the field-sized halo used before
+        for n, name in ((side + window, " (no halo)"), (side + halo, " + halo"),
+                        (side + old, " + a field each side")):
+            x = torch.randn(1, 3, n, n).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                sec = timed(lambda: dense(x), 1)
+            rate = side * side / sec
+            print(f"| {side}{name} | {n}^2 | {sec:.2f} s | "
+                  f"{rate / 1e6:.3f} M | {rate / patch_rate:.1f}x | "
+                  f"{rate / patch_rate / mac_ratio:.2f}x |")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_scene(Path(tmp) / "s.tif", 2048)
+        src = open_source(SourceSpec(str(Path(tmp) / "s.tif"), 3))
+        n = 1024 + halo
+        read = timed(lambda: normalize(src.read(0, n, 0, n), None, None))
+        ngff.create(Path(tmp) / "o.zarr", (10, 2048, 2048), (1024, 1024), {}, "0.5")
+        out = ngff.level0(Path(tmp) / "o.zarr", "r+")
+        y = np.random.rand(10, 1024, 1024).astype(np.float32)
+        write = timed(lambda: out.__setitem__((slice(None), slice(0, 1024), slice(0, 1024)), y))
+    print(f"\nread + decode + normalize a {n}^2 window: {read:.3f} s; write a 10 x 1024^2 "
+          f"chunk: {write:.3f} s")
+
+
+def per_output_macs(dense) -> float:
+    """The dense model's multiply-adds per output, from one 512 x 512 pass."""
+    with torch.no_grad():
+        y = dense(torch.randn(1, 3, 512, 512))
+    return _macs(lambda: dense(torch.randn(1, 3, 512, 512))) / (y.shape[-1] * y.shape[-2])
+
+
+def ratio(size: int, strides: list[int]) -> None:
+    """``--ratio SIZE K...``: predict over a SIZE^2 scene with one worker (both cores) at each
+    output stride K, against the baseline on every patch at the same output step; and a
+    100k x 100k slide with 40% tissue extrapolated from the measured rate."""
+    loaded = load_model(MODEL)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        image = tmp / "scene.tif"
+        write_scene(image, size)
+        for k in strides:
+            dense = densify(loaded.model, loaded.input_shape, global_pool="window",
+                            output_stride=k if k > 1 else None)
+            save_dense(dense, tmp / "dense.pt")
+            r = run_predict(tmp / "dense.pt", image, tmp / "o.zarr", 1)
+            c, h, w = r["shape"]
+            pbp = patch_by_patch(loaded.model.eval(), dense, h * w)
+            row = {"size": size, "output_stride": k, "outputs": h * w,
+                   "seconds": r["seconds"], "block": r["geometry"]["block"],
+                   "halo": [r["geometry"]["halo"][0], r["geometry"]["halo_after"][0]],
+                   "peak_rss_bytes": r["peak_rss_bytes"], "patches": pbp,
+                   "dense_macs": per_output_macs(dense) * h * w}
+            rows.append(row)
+            print(f"os {k}: done", file=sys.stderr)
+    (HERE / "scene_ratio.json").write_text(json.dumps(rows, indent=2))
+    print("| output stride | outputs | time | output MP/s | per core | patch by patch (est.) "
+          "| dense faster | MAC ratio | of the MAC ratio | 100k² slide, 40% tissue (est.) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rate = r["outputs"] / r["seconds"]
+        faster = r["patches"]["seconds"] / r["seconds"]
+        macs = r["patches"]["macs"] / r["dense_macs"]
+        slide = (1e5 / r["output_stride"]) ** 2 * 0.4 / rate
+        print(f"| {r['output_stride']} | {r['outputs'] / 1e6:.2f} M | {r['seconds']:.1f} s | "
+              f"{rate / 1e6:.3f} | {rate / 2e6:.3f} | {r['patches']['seconds']:.0f} s | "
+              f"{faster:.1f}x | {macs:.1f}x | {faster / macs:.2f}x | {slide / 3600:.1f} h |")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--ratio"]:
+        return ratio(int(sys.argv[2]), [int(s) for s in sys.argv[3:]] or [1, 4, 16])
     if sys.argv[1:2] == ["--memory"]:
         return memory_only(int(sys.argv[2]), [int(s) for s in sys.argv[3:]])
+    if sys.argv[1:2] == ["--profile"]:
+        return profile()
     sizes = [int(s) for s in sys.argv[1:]] or [1024, 2048, 4096]
     loaded = load_model(MODEL)
     dense = densify(loaded.model, loaded.input_shape, global_pool="window")

@@ -994,7 +994,7 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
             for src in items:
                 shape = scene.output_size(run, src, geo, *norm)
                 job = scene.Job(None, None, "", shape, (size,) * nd, geo.step, geo.unit,
-                                geo.halo, *norm)
+                                geo.halo, *norm, halo_after=geo.halo_after)
                 blocks += len(job.blocks())
                 ys.append(scene.in_memory(job, src, run, progress=lambda d, t: bar.update(
                     task, completed=d, total=t)))
@@ -1014,7 +1014,8 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
     if json_out:
         _emit_json({"output": str(output), "heat_map": str(picture) if picture else None,
                     "shape": list(data.shape), "blocks": blocks, "block": [size] * nd,
-                    "halo": list(geo.halo), "step": list(geo.step)})
+                    "halo": list(geo.halo), "halo_after": list(geo.halo_after),
+                    "step": list(geo.step)})
     else:
         out.print(f"{blocks} blocks of {'x'.join([str(size)] * nd)} outputs (halo "
                   f"{'x'.join(map(str, geo.halo))} pixels); output "

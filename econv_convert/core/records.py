@@ -77,6 +77,9 @@ class DenseInfo:
     # per input axis, the outputs' receptive field: [size, step, reach lo, reach hi] in input
     # pixels (core.lattice.Field); empty where not recorded (older files, ONNX)
     out_field: list[list[int]] = field(default_factory=list)
+    # per input axis, with window pooling: [pixels before an output's lattice point where
+    # the input it reads starts, how many it reads] (empty: not window-pooled, or older files)
+    support: list[list[int]] = field(default_factory=list)
 
     @property
     def channels_last(self) -> bool:

@@ -237,10 +237,13 @@ class GlobalPlan:
     # the receptive fields of the window positions
     extent: tuple[int, ...] = ()
     fields: tuple[Field, ...] = ()
+    # window mode, per axis: (input pixels the window position's field starts before its
+    # lattice point, its size): what one output reads, for the blocks of predict
+    support: tuple[tuple[int, int], ...] = ()
 
 
 def global_pool(x: Layout, dims: Sequence[int], reduce: str, mode: str,
-                keepdim: bool, field: Sequence[int] = ()) -> GlobalPlan:
+                keepdim: bool, field: Sequence[Field | int] = ()) -> GlobalPlan:
     """Global pooling (mean, sum, max, min over whole spatial dims ``dims``) in ``mode``:
     ``phase`` (one output per lattice phase, as trailing extra dims: phase 0 is the
     baseline), ``lattice`` (lattice points only: the baseline's value), ``dense`` (every
@@ -262,6 +265,9 @@ def global_pool(x: Layout, dims: Sequence[int], reduce: str, mode: str,
     extent: tuple[int, ...] = ()
     fields: tuple[Field, ...] = ()
     after: dict = {"mode": mode}
+    support: tuple[tuple[int, int], ...] = ()
+    full = tuple(f for f in field if isinstance(f, Field))
+    field = tuple(f.size if isinstance(f, Field) else f for f in field)
     sizes = tuple(field)
     if mode == "phase":
         extras = tuple(Dim("phase", x.base_dims[d].axis, x.base_dims[d].step) for d in space)
@@ -272,11 +278,15 @@ def global_pool(x: Layout, dims: Sequence[int], reduce: str, mode: str,
         fields = tuple(Field(f, s).through(Window(m)) for f, s, m in zip(start, steps, extent))
         sizes = tuple(f.size for f in fields)
         after = {"mode": mode, "kernel": extent, "dilation": steps}
+        if full and len(full) == len(extent):
+            # in the input's pixels (the fields' own step): the window's first position
+            # reads from ``lo`` before its lattice point, through the last one's field
+            support = tuple((f.lo, f.size + (m - 1) * f.step) for f, m in zip(full, extent))
     record = Record(f"global_{reduce}", {"dims": tuple(dims)}, after, steps,
                     steps if mode == "window" else (1,) * len(steps), sizes,
                     GLOBAL_MODES_NOTE[mode])
     return GlobalPlan(space, steps, others, keepdim, mode, reduce, tuple(kept) + extras,
-                      len(extras), record, extent, fields)
+                      len(extras), record, extent, fields, support)
 
 
 def merged_reduction(x: Layout, dims: Sequence[int] | None, rank: int) -> tuple[int, ...]:

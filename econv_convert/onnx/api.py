@@ -316,7 +316,8 @@ def densify(
         global_pools=result.global_pools, output_stride=output_stride,
         peak_elements=result.peak_elements, peak_node=result.peak_node,
         input_layout="channels_last" if last else "channels_first", capture="onnx",
-        out_field=result.out_field, nodes=json.loads(json.dumps(result.nodes)))
+        out_field=result.out_field, support=result.support,
+        nodes=json.loads(json.dumps(result.nodes)))
     _store(dense, meta, model)
     _check_dense(dense)
     return dense, meta

@@ -88,6 +88,7 @@ class Result:
     peak_node: str = ""
     # per input axis, the outputs' receptive field: [size, step, reach lo, reach hi]
     out_field: list[list[int]] = field(default_factory=list)
+    support: list[list[int]] = field(default_factory=list)  # window pooling's, if any
     # value -> its dense value and dims, for every value that carries a map (DenseInfo.nodes)
     nodes: dict[str, dict] = field(default_factory=dict)
 
@@ -686,7 +687,7 @@ def _global(rw: OnnxRewriter, node: onnx.NodeProto, x: str, axes: Sequence[int],
             keepdims: bool) -> None:
     """Reduction over whole spatial axes: global pooling in the chosen mode."""
     plan = rules.global_pool(rw.lay(x), axes, reduce, rw.mode, keepdims,
-                             tuple(f.size for f in rw.field_of(x)))
+                             rw.field_of(x))
     _emit_global(rw, x, plan, node.output[0], rw.base_shape(node.output[0]))
 
 
@@ -767,6 +768,8 @@ def _emit_global(rw: OnnxRewriter, x: str, plan: rules.GlobalPlan, out: str,
         else:
             b.op1("Identity", [y], out)
     rw.set(out, Layout(tuple(base_shape), plan.out_dims, plan.n_extra))
+    if plan.support:
+        rw.result.support = [list(s) for s in plan.support]
     rw.result.global_pools += 1
     rw.result.records.append(LayerRecord(
         node_label(rw.node), plan.record.kind, plan.record.before, plan.record.after,
@@ -862,7 +865,7 @@ def _on_merged(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     keepdims = bool(a.get("keepdims", 1))
     tmp = rw.b.fresh("pooled")
     plan = rules.global_pool(replace(lay, merged=0), space, _REDUCE[op], rw.mode, False,
-                             tuple(f.size for f in rw.field_of(x)))
+                             rw.field_of(x))
     _emit_global(rw, x, plan, tmp, lay.base[:rank - 1])
     pooled = rw.env[tmp].layout
     out = node.output[0]

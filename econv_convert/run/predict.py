@@ -65,12 +65,12 @@ def plan_tiles(dense: nn.Module, shape: Sequence[int], *, tile: int | None = Non
     geo = geometry(meta)
     # a multiple of the lattice step: every tile starts on the image's lattice, so its tight
     # crops (and ceil-mode ends) fall where the whole image's do
-    step, halo = geo.unit, geo.halo
+    step, halo, after = geo.unit, geo.halo, geo.halo_after or geo.halo
     sizes = list(shape[2:])
     budget = max_memory if max_memory is not None else (available_bytes() or 8 * 2**30) // 2
 
     def cost(t: int) -> int:
-        tile_shape = [1, shape[1]] + [min(n, t + 2 * h) for n, h in zip(sizes, halo)]
+        tile_shape = [1, shape[1]] + [min(n, t + h + a) for n, h, a in zip(sizes, halo, after)]
         return estimate_bytes(meta, tile_shape)
 
     unit = math.lcm(*step)
@@ -124,7 +124,7 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
         source = InMemorySource(x[n].detach().float().cpu().numpy())
         shape = scene.output_size(run, source, geo, None, None)
         job = scene.Job(None, None, "", shape, tuple(t // res for t in plan.tile), geo.step,
-                        geo.unit, geo.halo)
+                        geo.unit, geo.halo, halo_after=geo.halo_after)
         done = n * len(job.blocks())
         total = x.shape[0] * len(job.blocks())
         outs.append(scene.in_memory(job, source, run, progress=None if progress is None else

@@ -133,15 +133,16 @@ def _only_tensor(y):
 class Geometry:
     """Where a dense model's outputs lie on its input, per spatial axis, in input pixels:
     ``step`` between neighbouring outputs, ``unit`` the lattice (window starts keep to it),
-    ``halo`` the input a block reads beyond its own, ``window`` the input one output reads
-    (the example input with ``--global-pool window``, else the receptive field) and
-    ``offset`` the input pixel of output 0's window corner."""
+    ``halo`` the input a block reads before its own (and ``halo_after`` after it),
+    ``window`` the input one output reads (the example input with ``--global-pool window``,
+    else the receptive field) and ``offset`` the input pixel of output 0's window corner."""
 
     step: tuple[int, ...]
     unit: tuple[int, ...]
     halo: tuple[int, ...]
     window: tuple[int, ...]
     offset: tuple[int, ...] | None
+    halo_after: tuple[int, ...] = ()
 
 
 def geometry(meta) -> Geometry:
@@ -155,14 +156,40 @@ def geometry(meta) -> Geometry:
     nd = len(example) - 2
     res = meta.output_stride or 1  # dense positions are this many input pixels apart
     unit = tuple(res * s for s in meta.axis_steps)
-    halo = tuple(u * (math.ceil(f / u) + 1) for f, u in zip(field_, unit))
     windowed = meta.global_pool == "window" and meta.global_pools > 0
+    support = _support(meta, windowed, nd)
+    if support is None:  # where an output's field starts is not known: one field each side
+        halo = tuple(u * (math.ceil(f / u) + 1) for f, u in zip(field_, unit))
+        after = halo
+    else:
+        # output q reads input [q * res - before, q * res - before + size): a block reads
+        # that much before its first output and after its last, in whole lattice steps (the
+        # window starts and ends on the lattice, so no tight crop cuts its last outputs)
+        halo = tuple(u * math.ceil(b / u) for (b, _), u in zip(support, unit))
+        after = tuple(u * math.ceil(max(0, n - b - res) / u) for (b, n), u in zip(support, unit))
     window = tuple(example[2:]) if windowed else tuple(field_)
     # output q's window starts at input pixel q * step: the example-size window in window
     # mode, the receptive field of an unpadded network; a padded network's field reaches
     # before pixel 0 by an amount its graph does not record in one number: left unknown
     offset = (0,) * nd if windowed or not meta.has_padding else None
-    return Geometry((res,) * nd, unit, halo, window, offset)
+    return Geometry((res,) * nd, unit, halo, window, offset, after)
+
+
+def _support(meta, windowed: bool, nd: int) -> list[tuple[int, int]] | None:
+    """Per axis, (pixels before an output's lattice point where the input it reads starts,
+    how many it reads), when the model records it: window pooling's support, or the
+    receptive field with its padding reach (``core.lattice.Field``) of a map model."""
+    from econv_convert.core.lattice import UNKNOWN_REACH
+
+    if getattr(meta, "support", None) and len(meta.support) == nd:
+        found = [(int(b), int(n)) for b, n in meta.support]
+    elif not windowed and meta.out_field and len(meta.out_field) == nd:
+        found = [(int(f[2]), int(f[0])) for f in meta.out_field]
+    else:
+        return None
+    if any(b < 0 or b >= UNKNOWN_REACH or n < 1 for b, n in found):
+        return None
+    return found
 
 
 # -- the job ---------------------------------------------------------------------------------
@@ -184,6 +211,7 @@ class Job:
     halo: tuple[int, ...]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    halo_after: tuple[int, ...] = ()  # () : the same as ``halo``
 
     def blocks(self) -> list[tuple[int, ...]]:
         counts = [range(math.ceil(n / b)) for n, b in zip(self.shape[1:], self.block)]
@@ -192,11 +220,12 @@ class Job:
     def window(self, block: Sequence[int], size: Sequence[int]):
         """The output range of ``block`` and the input window it reads, per axis."""
         out, inp = [], []
-        for k, n, b, s, h, extent in zip(block, self.shape[1:], self.block, self.step,
-                                         self.halo, size):
+        after = self.halo_after or self.halo
+        for k, n, b, s, h, t, extent in zip(block, self.shape[1:], self.block, self.step,
+                                            self.halo, after, size):
             a, e = k * b, min(n, (k + 1) * b)
             out.append((a, e))
-            inp.append((max(0, a * s - h), min(extent, e * s + h)))
+            inp.append((max(0, a * s - h), min(extent, e * s + t)))
         return out, inp
 
 
@@ -253,7 +282,8 @@ def output_size(model, source, geo: Geometry, mean, std) -> tuple[int, ...]:
     that. ``model``: a :class:`ModelSpec` or a run function."""
     sizes = source.shape[1:]
     nd = len(sizes)
-    need = [2 * hal + max(win, u) for hal, win, u in zip(geo.halo, geo.window, geo.unit)]
+    after = geo.halo_after or geo.halo
+    need = [h + t + max(win, u) for h, t, win, u in zip(geo.halo, after, geo.window, geo.unit)]
     starts = [max(0, (n - m) // u * u) for n, m, u in zip(sizes, need, geo.unit)]
     x = normalize(source.read_window([(a, n) for a, n in zip(starts, sizes)]), mean, std)[None]
     run = runner(model) if isinstance(model, ModelSpec) else model
@@ -485,7 +515,7 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
             src.close()
     job = Job(model, source, str(output), shape, (size, size), geo.step, geo.unit, geo.halo,
               tuple(mean) if mean is not None else None,
-              tuple(std) if std is not None else None)
+              tuple(std) if std is not None else None, halo_after=geo.halo_after)
     where_ = {"step": list(geo.step), "offset": list(geo.offset) if geo.offset else None,
               "window": list(geo.window)}
     placement = ngff.placement(mpp, geo.step, geo.offset, geo.window)
@@ -519,7 +549,8 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
         write_overview(job.output, picture, overview_channel)
     return RunReport(str(output), shape, len(job.blocks()), len(done),
                      round(time.perf_counter() - start, 3), used, where, overview=picture,
-                     geometry={**where_, "halo": list(geo.halo), "block": size},
+                     geometry={**where_, "halo": list(geo.halo),
+                               "halo_after": list(geo.halo_after), "block": size},
                      ngff=ngff_version, levels=levels, pixel_size=list(mpp) if mpp else None,
                      scale=placement[0], unit=placement[2], blocks_masked=len(masked),
                      mask=full["mask"])
@@ -538,7 +569,8 @@ def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
     largest = max(image[1:])
 
     def cost(b: int) -> int:
-        sides = [min(full, b * s + 2 * h) for full, s, h in zip(image[1:], geo.step, geo.halo)]
+        sides = [min(full, b * s + h + t) for full, s, h, t in
+                 zip(image[1:], geo.step, geo.halo, geo.halo_after or geo.halo)]
         return estimate_bytes(meta, [1, image[0], *sides])
 
     while size > unit and (cost(size) > budget or size * geo.step[0] > 2 * largest):

@@ -131,6 +131,7 @@ def densify(
         state_shapes={k: list(v.shape) for k, v in baseline.state_dict().items()},
         nodes=_as_json(plan.nodes),
         out_field=plan.out_field,
+        support=plan.support,
     )
     set_versions(dense, dense.econv.state_metadata)
     dense.eval()

@@ -68,6 +68,7 @@ class Plan:
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # per input axis, the outputs' receptive field, step and padding reach (size, step, lo, hi)
     out_field: list[list[int]] = field(default_factory=list)
+    support: list[list[int]] = field(default_factory=list)  # window pooling's, if any
 
     @property
     def total_step(self) -> tuple[int, ...]:
@@ -578,7 +579,7 @@ def _global(rw: Rewriter, node: fx.Node, x: Val, dims: Sequence[int], reduce: st
             keepdim: bool, base: tuple[int, ...] | None = None) -> Val:
     """Reduction over whole spatial dims: global pooling in the chosen mode."""
     plan = rules.global_pool(x.layout, dims, reduce, rw.mode, keepdim,
-                             tuple(f.size for f in rw.field_of(node.args[0])))
+                             rw.field_of(node.args[0]))
     return _emit_global(rw, node, x, plan, base)
 
 
@@ -590,6 +591,8 @@ def _emit_global(rw: Rewriter, node: fx.Node, x: Val, plan: rules.GlobalPlan,
                 True, **extra)
     if plan.fields:
         rw.fields[node] = plan.fields
+    if plan.support:
+        rw.plan.support = [list(s) for s in plan.support]
     if plan.others or not plan.keepdim:
         # the remaining (non-spatial) dims are reduced as the baseline does; pooled dims
         # have size 1 now, and reducing them again changes nothing
