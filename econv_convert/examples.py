@@ -137,6 +137,48 @@ def write_scene(path, size: int, tile: int = 256, seed: int = 0) -> None:
                      compression="zlib", photometric="rgb", bigtiff=True)
 
 
+def write_slide(path, size: int, glass: float = 0.6, mpp: float = 0.5, tile: int = 256,
+                seed: int = 0) -> float:
+    """A synthetic slide of ``size`` x ``size`` pixels as an Aperio-style SVS that OpenSlide
+    reads (tiled, lossless zlib tiles, ``MPP`` in the description, a 4x-downsampled level):
+    bright grey glass with pink tissue in the left ``1 - glass`` of the width, wavy-edged.
+    Written tile by tile; returns the tissue fraction."""
+    import numpy as np
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    edge = (1 - glass) * size
+
+    def region(y0, x0, h, w, f=1):
+        yy, xx = np.mgrid[y0:y0 + h * f:f, x0:x0 + w * f:f]
+        tissue = xx < edge + 0.03 * size * np.sin(yy / (0.05 * size))
+        a = (238 + rng.integers(0, 14, (h, w, 3))).astype(np.uint8)
+        pink = np.stack([185 + rng.integers(0, 55, (h, w)), 95 + rng.integers(0, 55, (h, w)),
+                         155 + rng.integers(0, 55, (h, w))], -1).astype(np.uint8)
+        a[tissue] = pink[tissue]
+        return a, tissue
+
+    fraction = [0, 0]
+
+    def tiles(f):
+        for y in range(0, size // f, tile):
+            for x in range(0, size // f, tile):
+                a, tissue = region(y * f, x * f, tile, tile, f)
+                if f == 1:
+                    fraction[0] += int(tissue.sum())
+                    fraction[1] += tissue.size
+                yield a
+
+    with tifffile.TiffWriter(path, bigtiff=True) as w:
+        for f in (1, 4):
+            n = size // f
+            desc = (f"Aperio Image Library v12.0.15\r\n{n}x{n} [0,0 {n}x{n}] ({tile}x{tile}) "
+                    f"RAW|AppMag = 20|MPP = {mpp * f}|Filename = synthetic")
+            w.write(tiles(f), shape=(n, n, 3), dtype=np.uint8, tile=(tile, tile),
+                    compression="zlib", photometric="rgb", description=desc, metadata=None)
+    return fraction[0] / max(1, fraction[1])
+
+
 if __name__ == "__main__":  # python -m econv_convert.examples scene OUT.tif SIZE
     import sys
 

@@ -183,3 +183,24 @@ def test_two_workers(tmp_path, files, model):
                   "none", "--json", *options])
     assert '"workers": 2' in result.stdout
     check(model, stride, scene.result_array(out)[:])
+
+
+@pytest.mark.parametrize("model,stride", [("gap", 1), ("gap", 4), ("map", 2)])
+def test_the_recorded_support_is_what_an_output_reads(model, stride):
+    """Blocks read the input each output reads (``geometry``): the gradient of one output
+    with respect to the input is nonzero exactly on that support."""
+    dense = dense_of(model, stride)
+    geo = scene.geometry(dense.econv)
+    x = torch.randn(1, 3, 260, 250, requires_grad=True)
+    y = dense(x)
+    q = (y.shape[-2] // 2, y.shape[-1] // 2)
+    y[0, :, q[0], q[1]].sum().backward()
+    grad = x.grad[0].abs().sum(0)
+    for axis, (g, qq) in enumerate(((grad.sum(1), q[0]), (grad.sum(0), q[1]))):
+        nonzero = torch.nonzero(g).flatten()
+        first, last = nonzero.min().item() - qq * stride, nonzero.max().item() - qq * stride
+        assert first >= -geo.halo[axis]  # a block reads this much before its first output
+        assert last < stride + geo.halo_after[axis]  # and this much after its last
+        if dense.econv.support:
+            before, size = dense.econv.support[axis]
+            assert (first, last) == (-before, size - before - 1)

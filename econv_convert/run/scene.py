@@ -402,6 +402,9 @@ class RunReport:
     unit: str | None = None  # "micrometer", or None: input pixels
     blocks_masked: int = 0
     mask: dict[str, Any] | None = None
+    # seconds: reading the mask and probing the output size, the blocks, the pyramid and
+    # label image, the overview picture
+    timing: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -537,35 +540,46 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
     n_workers = default_workers() if workers is None else workers
     if scheduler is None and n_workers > len(todo):
         n_workers = len(todo) if len(todo) > 1 else 0  # one block: no cluster to start
+    if scheduler is None and n_workers == 1:
+        n_workers = 0  # one worker: this process, without starting a cluster for it
     threads = model.threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
     job = replace(job, model=replace(model, threads=threads))
+    timing = {"prepare": time.perf_counter() - start}
     where, used = run_blocks(job, todo, workers=n_workers, scheduler=scheduler,
                              progress=progress, on_start=on_start)
+    timing["blocks"] = time.perf_counter() - start - timing["prepare"]
     levels = finish_output(job, time.perf_counter() - start, ngff_version=ngff_version,
                            placement=placement)
+    timing["pyramid_and_labels"] = time.perf_counter() - start - sum(timing.values())
     picture = None
     if overview:
         picture = str(Path(output).with_suffix(".png"))
         write_overview(job.output, picture, overview_channel)
+        timing["overview"] = time.perf_counter() - start - sum(timing.values())
     return RunReport(str(output), shape, len(job.blocks()), len(done),
                      round(time.perf_counter() - start, 3), used, where, overview=picture,
                      geometry={**where_, "halo": list(geo.halo),
                                "halo_after": list(geo.halo_after), "block": size},
                      ngff=ngff_version, levels=levels, pixel_size=list(mpp) if mpp else None,
                      scale=placement[0], unit=placement[2], blocks_masked=len(masked),
-                     mask=full["mask"])
+                     mask=full["mask"], timing={k: round(v, 3) for k, v in timing.items()})
+
+
+BLOCK_PIXELS = 1024  # input pixels a default block covers, per side
 
 
 def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
-    """Output positions per block side: as large as fits the memory budget shared by the
-    workers, at most 1024, a whole number of lattice steps."""
+    """Output positions per block side: about 1024 input pixels a side (larger blocks spend
+    less on halos but run slower per pixel once a dense map outgrows the caches:
+    ``benchmarks/scene.py --profile``), fewer if the memory budget shared by the workers
+    needs it, a whole number of lattice steps."""
     from econv_convert.run.resources import available_bytes, estimate_bytes
 
     n = max(1, workers if workers is not None else default_workers())
     budget = max_memory if max_memory is not None else (available_bytes() or 8 * 2**30) // 2
     budget //= n
     unit = math.lcm(*(u // math.gcd(u, s) for u, s in zip(geo.unit, geo.step)))
-    size = max(unit, 1024 // unit * unit)
+    size = max(unit, BLOCK_PIXELS // max(geo.step) // unit * unit)
     largest = max(image[1:])
 
     def cost(b: int) -> int:
