@@ -17,11 +17,11 @@ $(BIN)/econv-convert: pyproject.toml
 
 setup: $(BIN)/econv-convert
 
-demo: setup  ## densify + verify the bundled patch classifier, then predict over a 2048^2 scene
+demo: setup  ## densify + verify the bundled patch classifier, then predict over a 2048^2 slide
 	mkdir -p out
 	$(BIN)/econv-convert densify -o out/patch_classifier_dense.pt
-	$(BIN)/python -m econv_convert.examples scene out/scene.tif 2048
-	$(BIN)/econv-convert predict out/patch_classifier_dense.pt out/scene.tif -o out/scene.zarr \
+	$(BIN)/python -m econv_convert.examples slide out/slide.svs 2048
+	$(BIN)/econv-convert predict out/patch_classifier_dense.pt out/slide.svs -o out/slide.zarr \
 	    --overwrite
 
 test: setup  ## the test suite, on two processes (pytest-xdist)

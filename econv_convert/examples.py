@@ -179,9 +179,10 @@ def write_slide(path, size: int, glass: float = 0.6, mpp: float = 0.5, tile: int
     return fraction[0] / max(1, fraction[1])
 
 
-if __name__ == "__main__":  # python -m econv_convert.examples scene OUT.tif SIZE
+if __name__ == "__main__":  # python -m econv_convert.examples scene|slide OUT SIZE
     import sys
 
-    if len(sys.argv) != 4 or sys.argv[1] != "scene":
-        raise SystemExit("usage: python -m econv_convert.examples scene OUT.tif SIZE")
-    write_scene(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) != 4 or sys.argv[1] not in ("scene", "slide"):
+        raise SystemExit("usage: python -m econv_convert.examples scene OUT.tif SIZE\n"
+                         "       python -m econv_convert.examples slide OUT.svs SIZE")
+    (write_scene if sys.argv[1] == "scene" else write_slide)(sys.argv[2], int(sys.argv[3]))
