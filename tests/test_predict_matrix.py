@@ -204,3 +204,24 @@ def test_the_recorded_support_is_what_an_output_reads(model, stride):
         if dense.econv.support:
             before, size = dense.econv.support[axis]
             assert (first, last) == (-before, size - before - 1)
+
+
+@pytest.mark.parametrize("model,stride", [("gap", 1), ("gap", 16), ("map", 2)])
+def test_batchnorm_folded_for_prediction_changes_only_rounding(model, stride):
+    """Prediction folds eval-mode BatchNorms into the convolutions before them (on its own
+    copy of the model): no BatchNorm left where one follows a convolution, the same outputs
+    to float rounding, the user's model untouched."""
+    import copy
+
+    from econv_convert.run.fuse import fold_batchnorm
+    from econv_convert.torch import ops
+
+    dense = dense_of(model, stride)
+    copy_ = copy.deepcopy(dense)
+    before = sum(n.target is ops.batch_norm for n in copy_.graph.nodes)
+    assert fold_batchnorm(copy_) == before > 0
+    assert not any(n.target is ops.batch_norm for n in copy_.graph.nodes)
+    x = torch.randn(1, 3, 150, 141)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), dense(x), rtol=1e-4, atol=1e-5)
+    assert sum(n.target is ops.batch_norm for n in dense.graph.nodes) == before

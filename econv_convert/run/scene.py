@@ -85,9 +85,13 @@ def _load_runner(spec: ModelSpec):
     from econv_convert.run.bench import memory_format
     from econv_convert.torch.storage import load_dense
 
+    from econv_convert.run.fuse import fold_batchnorm
+
     torch.set_num_threads(spec.threads or torch.get_num_threads())
     device = _device(spec.device)
-    model = load_dense(spec.path).to(device)
+    model = load_dense(spec.path).eval()
+    fold_batchnorm(model)  # this process's own copy, for inference only
+    model = model.to(device)
     fmt = memory_format(len(model.econv.example_shape), True)
 
     def run(x: np.ndarray) -> np.ndarray:
