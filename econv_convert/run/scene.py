@@ -83,9 +83,8 @@ def _load_runner(spec: ModelSpec):
     import torch
 
     from econv_convert.run.bench import memory_format
-    from econv_convert.torch.storage import load_dense
-
     from econv_convert.run.fuse import fold_batchnorm
+    from econv_convert.torch.storage import load_dense
 
     torch.set_num_threads(spec.threads or torch.get_num_threads())
     device = _device(spec.device)
