@@ -232,12 +232,13 @@ class Job:
         return out, inp
 
 
-def block_output(job: Job, block: Sequence[int], source, run) -> tuple[tuple, np.ndarray]:
+def block_output(job: Job, block: Sequence[int], source, run,
+                 read: tuple | None = None) -> tuple[tuple, np.ndarray]:
     """One block of the output: its index into the whole output and its values. The one
-    computation every sink shares (a zarr chunk, an array in memory)."""
-    out_range, in_range = job.window(block, source.shape[1:])
-    x = normalize(source.read_window(in_range), job.mean, job.std)[None]
-    y = _as_map(run(np.ascontiguousarray(x)), job.shape[0], len(in_range))
+    computation every sink shares (a zarr chunk, an array in memory). ``read``: the block's
+    input from :func:`block_input`, when it was read ahead."""
+    out_range, in_range, x = read if read is not None else block_input(job, block, source)
+    y = _as_map(run(x), job.shape[0], len(in_range))
     # the window's output index q is the image's index lo / step + q
     starts = [a - lo // s for (a, _), (lo, _), s in zip(out_range, in_range, job.step)]
     if any(r + (e - a) > n for r, (a, e), n in zip(starts, out_range, y.shape[1:])):
@@ -247,13 +248,38 @@ def block_output(job: Job, block: Sequence[int], source, run) -> tuple[tuple, np
     return (slice(None),) + tuple(slice(a, e) for a, e in out_range), part
 
 
-def compute_block(job: Job, block: tuple[int, ...]) -> tuple[int, ...]:
+def block_input(job: Job, block: Sequence[int], source) -> tuple:
+    """The output range of ``block``, the input window it reads and that window read and
+    normalized, ``(1, C, ...)`` float32."""
+    out_range, in_range = job.window(block, source.shape[1:])
+    x = normalize(source.read_window(in_range), job.mean, job.std)[None]
+    return out_range, in_range, np.ascontiguousarray(x)
+
+
+def compute_block(job: Job, block: tuple[int, ...], read: tuple | None = None
+                  ) -> tuple[int, ...]:
     """Read, run, write one block into the zarr output (a Dask task). Returns the block."""
-    index, part = block_output(job, block, cached_source(job.source), runner(job.model))
+    index, part = block_output(job, block, cached_source(job.source), runner(job.model), read)
     ngff.level0(job.output, mode="r+")[index] = part
     marker = Path(job.output) / MARKERS / "_".join(map(str, block))
     marker.touch()
     return block
+
+
+def _read_ahead(job: Job, blocks: Sequence[tuple[int, ...]], source):
+    """``(block, its input)`` in order, each block's input read and decoded in a thread while
+    the one before it runs (reading and decoding release the GIL, as the model does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not blocks:
+        return
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(block_input, job, blocks[0], source)
+        for k, b in enumerate(blocks):
+            data = ahead.result()
+            if k + 1 < len(blocks):
+                ahead = pool.submit(block_input, job, blocks[k + 1], source)
+            yield b, data
 
 
 def in_memory(job: Job, source, run, blocks: Sequence[tuple[int, ...]] | None = None,
@@ -262,8 +288,8 @@ def in_memory(job: Job, source, run, blocks: Sequence[tuple[int, ...]] | None = 
     is not in ``blocks``)."""
     out = np.full(job.shape, np.nan, dtype=np.float32)
     todo = job.blocks() if blocks is None else list(blocks)
-    for k, b in enumerate(todo, 1):
-        index, part = block_output(job, b, source, run)
+    for k, (b, data) in enumerate(_read_ahead(job, todo, source), 1):
+        index, part = block_output(job, b, source, run, data)
         out[index] = part
         if progress:
             progress(k, len(todo))
@@ -426,8 +452,9 @@ def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
     if workers == 0 and scheduler is None:
         if on_start:
             on_start("this process", None)
-        for k, b in enumerate(blocks, 1):
-            compute_block(job, b)
+        for k, (b, data) in enumerate(_read_ahead(job, list(blocks),
+                                                  cached_source(job.source)), 1):
+            compute_block(job, b, data)
             if progress:
                 progress(k, total)
         return "this process", 1
