@@ -2,8 +2,10 @@
 (default sizes 1024 2048 4096; each side of a square RGB image, in pixels),
 ``python benchmarks/scene.py --memory BLOCK SIZE ...`` (one worker, fixed block: peak memory
 against image size only), ``python benchmarks/scene.py --profile`` (where one block's time
-goes) and ``python benchmarks/scene.py --ratio SIZE K ...`` (dense against patch by patch at
-output strides K, with a 100k x 100k slide extrapolated).
+goes), ``python benchmarks/scene.py --ratio SIZE K ...`` (dense against patch by patch at
+output strides K, with a 100k x 100k slide extrapolated), ``--glass SIZE`` (a slide with 60%
+glass, with and without the tissue mask) and ``--smoke`` (the options crossed on a small
+scene, each against a whole-image pass).
 
 For each size it writes a synthetic tiled, compressed TIFF (tile by tile: the image is never
 in memory) and runs ``econv-convert predict`` on the bundled GAP classifier (tiny_resnet,
@@ -254,7 +256,59 @@ def glass(size: int) -> None:
           f"{n['seconds']:.1f} s: {n['seconds'] / a['seconds']:.2f}x faster")
 
 
+def smoke() -> None:
+    """``--smoke``: the options of ``predict`` crossed on a small scene (model file kind x
+    output stride x sink), each cell against one whole-image pass; a table of the largest
+    difference and the time. The full matrix is ``tests/test_predict_matrix.py``."""
+    import numpy as np
+
+    from econv_convert.run import scene
+    from econv_convert.run.sources import normalize
+
+    loaded = load_model(MODEL)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        image = tmp / "scene.tif"
+        write_scene(image, 384)
+        a = np.moveaxis(tifffile_read(image), -1, 0)
+        x = torch.from_numpy(normalize(a, None, None))[None]
+        print("| output stride | model file | sink | time | max abs difference |")
+        print("|---|---|---|---|---|")
+        for k in (1, 4, 16):
+            dense = densify(loaded.model, loaded.input_shape, global_pool="window",
+                            output_stride=k if k > 1 else None)
+            with torch.no_grad():
+                whole = dense(x).numpy()[0]
+            save_dense(dense, tmp / "d.pt")
+            subprocess.run([sys.executable, "-m", "econv_convert.cli", "densify", str(MODEL),
+                            "-o", str(tmp / "d.onnx"), "--global-pool", "window", "--no-verify",
+                            *(["--output-stride", str(k)] if k > 1 else [])],
+                           check=True, capture_output=True)
+            for kind in ("d.pt", "d.onnx"):
+                for sink in ("o.zarr", "o.npy"):
+                    t = time.perf_counter()
+                    subprocess.run([sys.executable, "-m", "econv_convert.cli", "predict",
+                                    str(tmp / kind), str(image), "-o", str(tmp / sink),
+                                    "--workers", "0", "--block", str(max(16, 256 // k)),
+                                    "--mask", "none", "--overwrite"],
+                                   check=True, capture_output=True)
+                    seconds = time.perf_counter() - t
+                    got = (scene.result_array(tmp / sink)[:] if sink.endswith("zarr")
+                           else np.load(tmp / sink)[0])
+                    diff = float(np.abs(got.reshape(whole.shape) - whole).max())
+                    print(f"| {k} | {kind[2:]} | {sink[2:]} | {seconds:.1f} s | {diff:.2e} |",
+                          flush=True)
+
+
+def tifffile_read(path):
+    import tifffile
+
+    return tifffile.imread(path)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--smoke"]:
+        return smoke()
     if sys.argv[1:2] == ["--glass"]:
         return glass(int(sys.argv[2]))
     if sys.argv[1:2] == ["--ratio"]:
