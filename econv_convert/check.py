@@ -563,9 +563,9 @@ def _compare(check, shape, base: list[torch.Tensor], dense: list[torch.Tensor], 
 def lattice_view(y: torch.Tensor, dims: Sequence[Sequence], base_ndim: int) -> torch.Tensor:
     """The baseline's output read off a dense output.
 
-    ``dims`` gives each dense dim's ``(kind, step, axis)``: ``plain``, ``space`` (every ``step``-th) or
-    ``phase`` (take phase 0). Dims past ``base_ndim`` are extras the baseline lacks: after the
-    lattice sampling they have size one and are dropped.
+    ``dims`` gives each dense dim's ``(kind, step, axis)``: ``plain``, ``space`` (every
+    ``step``-th) or ``phase`` (take phase 0). Dims past ``base_ndim`` are extras the baseline
+    lacks: after the lattice sampling they have size one and are dropped.
     """
     index = []
     for kind, step, *_ in dims:

@@ -670,8 +670,8 @@ def bench(
     check_memory(dense.econv, shape, force=force, why="the input to time at")
     with err.status("timing", spinner="dots") as status:
         result = timing.bench(loaded.model, dense, shape, device=device, runs=runs,
-                              warmup=warmup, channels_last=channels_last, progress=lambda name: status.update(
-                                  f"timing {name}"))
+                              warmup=warmup, channels_last=channels_last,
+                              progress=lambda name: status.update(f"timing {name}"))
     data = result.to_dict()
     if json_out:
         _emit_json({"model": str(path), **data})

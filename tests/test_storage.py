@@ -11,9 +11,9 @@ from library_style import DashNamedNet, MultiScaleNet
 
 from econv_convert import InvalidInputError, densify, load_dense, save_dense, verify
 from econv_convert.torch import rewrite, targets
+from econv_convert.torch.storage import graph_from_json, graph_to_json
 
 assert rewrite  # importing the rewrite fills the registry of targets
-from econv_convert.torch.storage import graph_from_json, graph_to_json
 
 
 @pytest.mark.parametrize("name", sorted(targets.registered()))

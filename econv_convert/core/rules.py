@@ -14,7 +14,6 @@ graph computes with: the arithmetic of :mod:`econv_convert.core.lattice` runs on
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
@@ -393,9 +392,10 @@ def broadcast(layouts: Sequence[Layout], out_rank: int) -> BroadcastPlan:
 class ReshapePlan:
     """``kind``: ``same`` (nothing to do), ``plain`` (the baseline op as it is), ``dims`` (a
     reshape where an entry of ``from_dims`` names the input dim whose dense size goes there
-    (a dim the reshape leaves alone), None the baseline's size; the extras follow), ``merge``/``fold`` (a
-    flatten of spatial positions kept as the unflattened map: ``layout``), ``unfold`` (a
-    spatial dim split into blocks: space to depth, ``blocks`` per split dim)."""
+    (a dim the reshape leaves alone), None the baseline's size; the extras follow),
+    ``merge``/``fold`` (a flatten of spatial positions kept as the unflattened map:
+    ``layout``), ``unfold`` (a spatial dim split into blocks: space to depth, ``blocks`` per
+    split dim)."""
 
     kind: str
     layout: Layout | None = None
@@ -724,8 +724,3 @@ def linear(x: Layout, in_features: int, fields: Sequence[Field] = ()) -> LinearP
             refuse("a fully connected layer on a map with extra dims")
         return LinearPlan("per_position")
     return LinearPlan("channels")
-
-
-def cost_of(windows: Sequence[Window], per_tap: int = 1) -> int:
-    """Multiply-adds (or comparisons) per output element of a window layer."""
-    return per_tap * math.prod(w.kernel for w in windows)

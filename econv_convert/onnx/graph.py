@@ -209,14 +209,3 @@ class Builder:
 
 def elem_type(value_info: onnx.ValueInfoProto) -> int:
     return value_info.type.tensor_type.elem_type
-
-
-def static_shape(value_info: onnx.ValueInfoProto) -> tuple[int, ...] | None:
-    """The shape of a value, if every dim is a known number."""
-    t = value_info.type
-    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
-        return None
-    dims = t.tensor_type.shape.dim
-    if any(not d.HasField("dim_value") for d in dims):
-        return None
-    return tuple(int(d.dim_value) for d in dims)

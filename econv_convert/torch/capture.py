@@ -891,7 +891,8 @@ _LOWER: dict[type, Callable] = {
     nn.AvgPool1d: _avgpool, nn.AvgPool2d: _avgpool, nn.AvgPool3d: _avgpool,
     nn.Identity: lambda m, x, attr: ("identity", (x,), {}),
     nn.Flatten: lambda m, x, attr: (torch.flatten, (x, m.start_dim, m.end_dim), {}),
-    nn.Unflatten: lambda m, x, attr: ("method:unflatten", (x, m.dim, tuple(m.unflattened_size)), {}),
+    nn.Unflatten: lambda m, x, attr: ("method:unflatten", (x, m.dim, tuple(m.unflattened_size)),
+                                      {}),
     nn.ReLU: lambda m, x, attr: (F.relu, (x,), {}),
     nn.ReLU6: lambda m, x, attr: (F.relu6, (x,), {}),
     nn.SiLU: lambda m, x, attr: (F.silu, (x,), {}),
@@ -1030,10 +1031,6 @@ def node_name(node: fx.Node) -> str:
         return node.meta[NAME]
     path = module_path(node)
     return f"{node.name}' in module '{path}" if path else node.name
-
-
-def is_getitem(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem
 
 
 def from_exported(program: Any) -> fx.GraphModule:

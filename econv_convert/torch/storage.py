@@ -167,8 +167,8 @@ def build_module(graph_json: str, state: dict[str, torch.Tensor], params: Sequen
     root = nn.Module()
     params = set(params)
     for name, t in state.items():
-        set_tensor(root, name, nn.Parameter(t, requires_grad=t.is_floating_point()) if name in params
-             else t, parameter=name in params)
+        value = nn.Parameter(t, requires_grad=t.is_floating_point()) if name in params else t
+        set_tensor(root, name, value, parameter=name in params)
     graph = graph_from_json(graph_json)
     for n in graph.nodes:
         if n.op == "get_attr" and n.target not in state:
