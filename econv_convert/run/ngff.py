@@ -52,13 +52,18 @@ def create(path: str | Path, shape: Sequence[int], block: Sequence[int], record:
     """The group with an empty level 0 (filled with NaN) and the ``econv`` record."""
     import zarr
 
-    fmt = zarr_format(ngff)
-    group = zarr.open_group(str(path), mode="w", zarr_format=fmt)
-    kwargs: dict[str, Any] = {"dimension_names": ("c", "y", "x")} if fmt == 3 else \
-        {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format(ngff))
     group.create_array(LEVEL0, shape=tuple(shape), chunks=(shape[0], *block), dtype="float32",
-                       fill_value=float("nan"), **kwargs)
+                       fill_value=float("nan"), **_array_options(group, "cyx"))
     group.attrs["econv"] = record
+
+
+def _array_options(group, axes: str) -> dict[str, Any]:
+    """How NGFF wants an array of ``axes`` stored: named dims in zarr v3 (0.5), "/"-separated
+    chunk keys in zarr v2 (0.4)."""
+    if group.metadata.zarr_format == 3:
+        return {"dimension_names": tuple(axes)}
+    return {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
 
 
 def record(path: str | Path) -> dict | None:
@@ -127,7 +132,7 @@ def finish(path: str | Path, *, ngff: str, scale: Sequence[float],
         while max(levels[-1].shape[1:]) > SMALLEST and min(levels[-1].shape[1:]) >= 2:
             above = da.from_zarr(levels[-1])
             small = da.coarsen(np.nanmean, above, {1: 2, 2: 2}, trim_excess=True)
-            levels.append(_store(group, str(len(levels)), small, base.chunks, base.metadata))
+            levels.append(_store(group, str(len(levels)), small, base.chunks, "cyx"))
         datasets = [{"path": str(k), "coordinateTransformations": transforms(scale, translation, k)}
                     for k in range(len(levels))]
         axes = [{"name": "c", "type": "channel"}, *({"name": a, "type": "space",
@@ -142,15 +147,14 @@ def finish(path: str | Path, *, ngff: str, scale: Sequence[float],
     return len(levels)
 
 
-def _store(group, name: str, data, chunks, like) -> Any:
+def _store(group, name: str, data, chunks, axes: str) -> Any:
+    """``data`` (a Dask array) written as array ``name`` of ``group``, a chunk at a time."""
     import dask.array as da
 
-    kwargs: dict[str, Any] = ({"dimension_names": ("c", "y", "x")} if group.metadata.zarr_format
-                              == 3 else {"chunk_key_encoding": {"name": "v2", "separator": "/"}})
     array = group.create_array(name, shape=data.shape, dtype=data.dtype,
                                chunks=tuple(min(c, n) for c, n in zip(chunks, data.shape)),
                                fill_value=float("nan") if data.dtype.kind == "f" else 0,
-                               overwrite=True, **kwargs)
+                               overwrite=True, **_array_options(group, axes))
     da.store(data.rechunk(array.chunks), array, lock=False)
     return array
 
@@ -177,16 +181,9 @@ def _labels(group, levels, datasets, axes, fmt, names) -> None:
     for k, level in enumerate(levels):
         x = da.from_zarr(level)
         valid = da.isfinite(x).all(axis=0)
-        arg = da.nanargmax(da.where(da.isfinite(x), x, -np.inf), axis=0).astype(dtype) + 1
+        arg = da.argmax(da.where(da.isfinite(x), x, -np.inf), axis=0).astype(dtype) + 1
         label = da.where(valid, arg, 0).astype(dtype)
-        kwargs: dict[str, Any] = ({"dimension_names": ("y", "x")} if group.metadata.zarr_format
-                                  == 3 else {"chunk_key_encoding": {"name": "v2",
-                                                                    "separator": "/"}})
-        out = classes.create_array(str(k), shape=label.shape, dtype=dtype,
-                                   chunks=tuple(min(c, n) for c, n in
-                                                zip(level.chunks[1:], label.shape)),
-                                   fill_value=0, overwrite=True, **kwargs)
-        da.store(label.rechunk(out.chunks), out, lock=False)
+        _store(classes, str(k), label, level.chunks[1:], "yx")
     spatial = [{"path": d["path"], "coordinateTransformations": [
         {"type": t["type"], t["type"]: t[t["type"]][1:]} for t in d["coordinateTransformations"]]}
         for d in datasets]
