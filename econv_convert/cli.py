@@ -960,7 +960,7 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
     lead: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         if dense is not None:
-            run = _module_runner(dense, nd, lead)
+            run = scene.module_runner(dense, nd, lead=lead)
         else:
             path = model
             if save is not None:  # an ONNX baseline densified here: run from a file
@@ -982,11 +982,7 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
             items = [InMemorySource(np.asarray(batch[n])) for n in range(batch.shape[0])]
         else:  # one image, read as OUT.zarr reads it
             items = [open_source(SourceSpec(str(input), channels, level, layout))]
-        size = block or scene._default_block(meta, geo, items[0].shape, _bytes(max_memory), 1)
-        if size < 1 or any((size * s_) % u for s_, u in zip(geo.step, geo.unit)):
-            unit = math.lcm(*(u // math.gcd(u, s_) for u, s_ in zip(geo.unit, geo.step)))
-            raise InvalidInputError(f"--block {size}: must be a positive multiple of {unit} "
-                                    "(output positions per lattice step)")
+        size = scene.block_size(meta, geo, items[0].shape, block, _bytes(max_memory), 1)
         columns = (TextColumn("blocks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         ys, blocks = [], 0
         with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
@@ -1022,26 +1018,6 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
                   f"{'x'.join(map(str, data.shape))}, one per "
                   f"{'x'.join(map(str, geo.step))} input pixels")
         out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{picture}[/]" if picture else ""))
-
-
-def _module_runner(dense, nd: int, lead: list):
-    """``f(x) -> y`` on numpy arrays for a dense module in this process (channels-last for
-    2-D and 3-D maps); records the output's dims before the spatial ones in ``lead``."""
-    import torch
-
-    from econv_convert.run.bench import memory_format
-    from econv_convert.run.scene import _only_tensor
-
-    fmt = memory_format(nd + 2, True)
-
-    def run(a):
-        with torch.no_grad():
-            y = dense(torch.from_numpy(a).contiguous(memory_format=fmt))
-        y = y if isinstance(y, torch.Tensor) else _only_tensor(y)
-        lead[:] = y.shape[1:-nd]
-        return y.float().numpy()
-
-    return run
 
 
 # -- ONNX graphs ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -51,6 +52,18 @@ def rule_capture(request):
     _CAPTURE["with"] = request.param
     yield request.param
     _CAPTURE["with"] = "auto"
+
+
+def whole(dense: nn.Module, a: np.ndarray) -> np.ndarray:
+    """One whole-image pass of ``dense`` over the ``H, W, C`` image ``a`` (integer images
+    scaled as predict reads them): the reference every block, sink and worker count must
+    equal. Returns ``(C, H', W')``."""
+    from econv_convert.run.sources import normalize
+
+    x = torch.from_numpy(normalize(np.moveaxis(a, -1, 0), None, None))[None]
+    with torch.no_grad():
+        y = dense(x)
+    return y.reshape(-1, *y.shape[-2:]).numpy()
 
 
 def rand_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from families import LayerNorm2d
 
 
 def conv_bn(cin, cout, k=3, stride=1, groups=1):
@@ -714,15 +715,6 @@ class PortedConfig:
     use_return_dict: bool = True
 
 
-class ChannelsFirstLayerNorm(nn.LayerNorm):
-    """LayerNorm over channels of an NCHW map, through permutes (ConvNeXt ports)."""
-
-    def forward(self, x):
-        x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
-
-
 class PortedBlock(nn.Module):
     def __init__(self, config: PortedConfig, cin, cout, stride):
         super().__init__()
@@ -730,7 +722,7 @@ class PortedBlock(nn.Module):
         self.norm = nn.BatchNorm2d(cout)
         self.act = _ACTIVATIONS[config.hidden_act]()
         self.pw = nn.Conv2d(cout, cout, 1)
-        self.ln = ChannelsFirstLayerNorm(cout, eps=config.layer_norm_eps)
+        self.ln = LayerNorm2d(cout, eps=config.layer_norm_eps)  # through permutes
         self.shortcut = (nn.Identity() if cin == cout and stride == 1 else
                          nn.Sequential(nn.AvgPool2d(stride, stride, ceil_mode=True,
                                                     count_include_pad=False),

@@ -17,7 +17,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, assert_baseline_on_crops
+from conftest import FIXTURES, assert_baseline_on_crops, whole
 from typer.testing import CliRunner
 
 from econv_convert import densify, save_dense
@@ -51,10 +51,7 @@ def dense_of(model: str, stride: int):
 
 @functools.lru_cache(maxsize=None)
 def reference(model: str, stride: int) -> np.ndarray:
-    x = torch.from_numpy(normalize(np.moveaxis(image(), -1, 0), None, None))[None]
-    with torch.no_grad():
-        y = dense_of(model, stride)(x)
-    return y.reshape(-1, *y.shape[-2:]).numpy()
+    return whole(dense_of(model, stride), image())
 
 
 @pytest.fixture(scope="module")

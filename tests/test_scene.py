@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import torch
 import zarr
-from conftest import FIXTURES, assert_baseline_on_crops
+from conftest import FIXTURES, assert_baseline_on_crops, whole
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -50,13 +50,6 @@ def image(tmp_path_factory):
         w.write(a[::2, ::2], tile=(32, 32), compression="zlib", photometric="rgb",
                 subfiletype=1)
     return a, path
-
-
-def whole(dense, a: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(normalize(np.moveaxis(a, -1, 0), None, None))[None]
-    with torch.no_grad():
-        y = dense(x)
-    return y.reshape(-1, *y.shape[-2:]).numpy()
 
 
 def run(model_path, image_path, out, **kw):

@@ -14,16 +14,15 @@ import json
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
-from conftest import FIXTURES
+from conftest import FIXTURES, whole
 from PIL import Image
 from typer.testing import CliRunner
 
 from econv_convert import densify, save_dense
 from econv_convert.cli import app
 from econv_convert.run import ngff, scene
-from econv_convert.run.sources import SourceSpec, normalize, open_source
+from econv_convert.run.sources import SourceSpec, open_source
 from econv_convert.torch.loading import load_model
 
 openslide = pytest.importorskip("openslide")
@@ -80,13 +79,6 @@ def patches(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "patches.pt"
     save_dense(dense, path)
     return dense, path
-
-
-def whole(dense, a: np.ndarray) -> np.ndarray:
-    x = torch.from_numpy(normalize(np.moveaxis(a, -1, 0), None, None))[None]
-    with torch.no_grad():
-        y = dense(x)
-    return y.reshape(-1, *y.shape[-2:]).numpy()
 
 
 def predict(*args) -> tuple[int, str, str]:

@@ -102,22 +102,13 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
     import numpy as np
 
     from econv_convert.run import scene
-    from econv_convert.run.bench import memory_format
     from econv_convert.run.sources import InMemorySource
 
     plan = plan_tiles(dense, tuple(x.shape), tile=tile, max_memory=max_memory)
     geo = scene.geometry(info(dense))
     res = geo.step[0]  # outputs are this many pixels apart
-    nd = x.dim() - 2
-    fmt = memory_format(x.dim(), True)
     lead: list[int] = []
-
-    def run(a: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            y = dense(torch.from_numpy(a).to(x.device).contiguous(memory_format=fmt))
-        y = y if isinstance(y, torch.Tensor) else scene._only_tensor(y)
-        lead[:] = y.shape[1:-nd]
-        return y.float().cpu().numpy()
+    run = scene.module_runner(dense, x.dim() - 2, x.device, lead)
 
     outs = []
     for n in range(x.shape[0]):

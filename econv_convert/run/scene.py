@@ -82,7 +82,6 @@ def _load_runner(spec: ModelSpec):
         return lambda x: session.run(None, {name: x})[0]
     import torch
 
-    from econv_convert.run.bench import memory_format
     from econv_convert.run.fuse import fold_batchnorm
     from econv_convert.torch.storage import load_dense
 
@@ -90,15 +89,26 @@ def _load_runner(spec: ModelSpec):
     device = _device(spec.device)
     model = load_dense(spec.path).eval()
     fold_batchnorm(model)  # this process's own copy, for inference only
-    model = model.to(device)
-    fmt = memory_format(len(model.econv.example_shape), True)
+    return module_runner(model.to(device), len(model.econv.example_shape) - 2, device)
+
+
+def module_runner(model, nd: int, device: Any = "cpu", lead: list | None = None):
+    """``f(x) -> y`` on numpy arrays for a dense module of ``nd`` spatial axes (channels-last
+    for 2-D and 3-D maps, the output as float32 on the CPU); ``lead``, when given, receives
+    the output's dims before the spatial ones."""
+    import torch
+
+    from econv_convert.run.bench import memory_format
+
+    fmt = memory_format(nd + 2, True)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            t = torch.from_numpy(x).to(device).contiguous(memory_format=fmt)
-            y = model(t)
-            y = y if isinstance(y, torch.Tensor) else _only_tensor(y)
-            return y.float().cpu().numpy()
+            y = model(torch.from_numpy(x).to(device).contiguous(memory_format=fmt))
+        y = y if isinstance(y, torch.Tensor) else _only_tensor(y)
+        if lead is not None:
+            lead[:] = y.shape[1:-nd]
+        return y.float().cpu().numpy()
 
     return run
 
@@ -538,11 +548,7 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
     try:
         tissue = masks.make(mask, source, src.shape[1:], len(src.levels) or 1)
         shape = output_size(model, src, geo, mean, std)
-        size = block or _default_block(meta, geo, src.shape, max_memory, workers)
-        if size < 1 or any((size * s) % u for s, u in zip(geo.step, geo.unit)):
-            unit = math.lcm(*(u // math.gcd(u, s) for u, s in zip(geo.unit, geo.step)))
-            raise InvalidInputError(f"--block {size}: must be a positive multiple of {unit} "
-                                    "(output positions per lattice step)")
+        size = block_size(meta, geo, src.shape, block, max_memory, workers)
     finally:
         if hasattr(src, "close"):
             src.close()
@@ -596,6 +602,18 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
 
 
 BLOCK_PIXELS = 1024  # input pixels a default block covers, per side
+
+
+def block_size(meta, geo: Geometry, image, block: int | None, max_memory: int | None,
+               workers: int | None) -> int:
+    """Output positions per block side: ``block`` if given (checked: whole lattice steps),
+    else the default (:func:`_default_block`)."""
+    size = block or _default_block(meta, geo, image, max_memory, workers)
+    if size < 1 or any((size * s) % u for s, u in zip(geo.step, geo.unit)):
+        unit = math.lcm(*(u // math.gcd(u, s) for u, s in zip(geo.unit, geo.step)))
+        raise InvalidInputError(f"--block {size}: must be a positive multiple of {unit} "
+                                "(output positions per lattice step)")
+    return size
 
 
 def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
