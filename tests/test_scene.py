@@ -183,6 +183,37 @@ def test_readers_give_the_same_pixels(tmp_path, image):
     np.testing.assert_array_equal(level.read(0, 20, 0, 30), chw[:, ::2, ::2][:, :20, :30])
 
 
+@pytest.mark.parametrize("kind", ["rgb-zlib", "gray-uint16", "rgb-jpeg", "rgb-strips"])
+def test_tiff_windows_are_the_file_s_pixels_whatever_the_cache_holds(tmp_path, kind,
+                                                                     monkeypatch):
+    """Windows across tile edges, the image's ragged last tiles, windows read again from the
+    tile cache and after it evicted them: the pixels tifffile decodes from the whole file."""
+    from econv_convert.run import sources
+
+    rng = np.random.default_rng(1)
+    shape = (150, 133) if kind == "gray-uint16" else (150, 133, 3)
+    dtype = np.uint16 if kind == "gray-uint16" else np.uint8
+    a = (rng.random(shape) * np.iinfo(dtype).max).astype(dtype)
+    path = tmp_path / "t.tif"
+    options = {"rgb-zlib": {"tile": (32, 48), "compression": "zlib"},
+               "gray-uint16": {"tile": (16, 32), "compression": "zlib"},
+               "rgb-jpeg": {"tile": (32, 32), "compression": "jpeg"},
+               "rgb-strips": {"rowsperstrip": 16}}[kind]
+    tifffile.imwrite(path, a, photometric="rgb" if a.ndim == 3 else "minisblack", **options)
+    expected = tifffile.imread(path)
+    chw = expected[None] if expected.ndim == 2 else np.moveaxis(expected, -1, 0)
+    src = open_source(SourceSpec(str(path), 1 if a.ndim == 2 else 3))
+    assert isinstance(src.array, sources.TiffTiles) == (kind != "rgb-strips")
+    windows = [(0, 150, 0, 133), (5, 37, 40, 131), (31, 33, 47, 49), (120, 150, 100, 133),
+               (5, 37, 40, 131)]
+    for y0, y1, x0, x1 in windows:
+        np.testing.assert_array_equal(src.read(y0, y1, x0, x1), chw[:, y0:y1, x0:x1])
+    monkeypatch.setattr(sources.TiffTiles, "CACHE_BYTES", 1)  # one tile at a time
+    src = open_source(SourceSpec(str(path), 1 if a.ndim == 2 else 3))
+    for y0, y1, x0, x1 in windows:
+        np.testing.assert_array_equal(src.read(y0, y1, x0, x1), chw[:, y0:y1, x0:x1])
+
+
 def test_integer_images_are_scaled_to_one_then_normalized():
     a = np.array([[[0, 65535]]], dtype=np.uint16)
     np.testing.assert_allclose(normalize(a, [0.5], [0.5]), [[[-1.0, 1.0]]])

@@ -194,10 +194,12 @@ def test_pixel_sizes_are_read_from_ome_tiff_resolution_tags_and_ome_zarr(tmp_pat
 # -- empty glass skipped ---------------------------------------------------------------------
 
 
-def test_glass_is_skipped_and_every_computed_output_is_unchanged(tmp_path, slide, patches):
+def test_glass_is_skipped_and_every_computed_output_is_unchanged(tmp_path, slide, patches,
+                                                                 monkeypatch):
     a, blob, path = slide
     dense, model_path = patches
     out = tmp_path / "masked.zarr"
+    monkeypatch.setattr(ngff, "SMALLEST", 32)  # a pyramid, with skipped blocks in it
     code, stdout, stderr = predict(model_path, path, "-o", out, "--workers", "0", "--block",
                                    "64", "--json")  # a slide: the mask is on by default
     assert code == 0, stderr
@@ -215,6 +217,15 @@ def test_glass_is_skipped_and_every_computed_output_is_unchanged(tmp_path, slide
     assert computed[np.clip(rows - window[0] // 2, 0, y.shape[1] - 1),
                     np.clip(cols - window[1] // 2, 0, y.shape[2] - 1)].mean() > 0.99
     assert ngff.record(out)["mask"]["sha256"] == report["mask"]["sha256"]
+    # the label image of each level: the arg-max class + 1 of that level, 0 where no output
+    group = zarr.open_group(str(out), mode="r")
+    assert report["levels"] > 2
+    for k in range(report["levels"]):
+        level = np.asarray(group[str(k)][:])
+        valid = np.isfinite(level).all(axis=0)
+        expected = np.where(valid, np.nan_to_num(level, nan=-np.inf).argmax(0) + 1, 0)
+        np.testing.assert_array_equal(group[f"labels/classes/{k}"][:], expected)
+        assert 0 < valid.mean() < 1
     # resume keeps the first run's mask: the same mask finishes, another is refused
     code, stdout, _ = predict(model_path, path, "-o", out, "--workers", "0", "--block", "64",
                               "--resume", "--json")

@@ -20,6 +20,7 @@ What econv-convert needs to resume or read a result (model checksum, options, ge
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ from econv_convert.errors import InvalidInputError
 
 VERSIONS = ("0.5", "0.4")
 LEVEL0 = "0"
+LABELS, CLASSES = "labels", "classes"
 SMALLEST = 1024  # the pyramid stops once a level fits this many pixels a side
 _PALETTE = ("FF0000", "00FF00", "0000FF", "FFFF00", "FF00FF", "00FFFF", "FF8000", "8000FF")
 
@@ -55,7 +57,34 @@ def create(path: str | Path, shape: Sequence[int], block: Sequence[int], record:
     group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format(ngff))
     group.create_array(LEVEL0, shape=tuple(shape), chunks=(shape[0], *block), dtype="float32",
                        fill_value=float("nan"), **_array_options(group, "cyx"))
+    if shape[0] > 1:  # the blocks write their classes as they go (see :func:`classes`)
+        classes = group.require_group(LABELS).require_group(CLASSES)
+        classes.create_array(LEVEL0, shape=tuple(shape[1:]), chunks=tuple(block),
+                             dtype=_label_dtype(shape[0]), fill_value=0,
+                             **_array_options(group, "yx"))
     group.attrs["econv"] = record
+
+
+def _label_dtype(channels: int):
+    return np.uint8 if channels < 255 else np.uint16
+
+
+def classes(values: np.ndarray) -> np.ndarray:
+    """The label of each output of ``values`` ``(C, ...)``: its arg-max class + 1, 0 where an
+    output is not a number (not computed)."""
+    finite = np.isfinite(values)
+    arg = np.argmax(np.where(finite, values, -np.inf), axis=0) + 1
+    return np.where(finite.all(axis=0), arg, 0).astype(_label_dtype(values.shape[0]))
+
+
+def write_block(path: str | Path, index: tuple, values: np.ndarray) -> None:
+    """One block of level 0, ``values`` at ``index`` ``(slice(None), y, x)``, and its labels."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+")
+    group[LEVEL0][index] = values
+    if values.shape[0] > 1:
+        group[LABELS][CLASSES][LEVEL0][index[1:]] = classes(values)
 
 
 def _array_options(group, axes: str) -> dict[str, Any]:
@@ -114,37 +143,55 @@ def placement(mpp: Sequence[float] | None, step: Sequence[int], offset: Sequence
 def finish(path: str | Path, *, ngff: str, scale: Sequence[float],
            translation: Sequence[float], unit: str | None, name: str,
            channel_names: Sequence[str] | None = None) -> int:
-    """Write the pyramid, the label image and the NGFF metadata once level 0 is complete.
-    Everything is computed lazily, a chunk at a time (Dask, threads). Returns the number of
+    """Write the pyramid, the label images of its coarser levels and the NGFF metadata once
+    level 0 (and its labels: :func:`write_block`) is complete. Returns the number of
     levels."""
-    import dask
-    import dask.array as da
     import zarr
     from ome_zarr.writer import write_multiscales_metadata
 
     fmt = _fmt(ngff)
     group = zarr.open_group(str(path), mode="r+")
-    base = group[LEVEL0]
-    channels = base.shape[0]
-    levels = [base]
+    levels = _pyramid(group)
+    channels = levels[0].shape[0]
+    datasets = [{"path": str(k), "coordinateTransformations": transforms(scale, translation, k)}
+                for k in range(len(levels))]
+    axes = [{"name": "c", "type": "channel"}, *({"name": a, "type": "space",
+                                                  **({"unit": unit} if unit else {})}
+                                                 for a in "yx")]
+    low = np.asarray(levels[-1][:])
+    omero = {"channels": [_channel(k, low[k], channel_names) for k in range(channels)]}
+    write_multiscales_metadata(group, datasets, fmt=fmt, axes=axes, name=name,
+                               metadata={"omero": omero})
+    if channels > 1:
+        _labels(group, levels, datasets, axes, fmt, channel_names)
+    return len(levels)
+
+
+@contextlib.contextmanager
+def _lazily():
+    """Dask arrays computed here on threads, a chunk at a time (whatever Dask client the
+    caller holds), with the means of all-NaN chunks (skipped blocks) left NaN quietly."""
+    import dask
+
     with dask.config.set(scheduler="threads"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # means of all-NaN (skipped) blocks
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _pyramid(group) -> list:
+    """Level 0 and each 2 x 2 mean of the level above, stored, down to :data:`SMALLEST`
+    pixels a side (Dask is imported only when there is a level to compute)."""
+    levels = [group[LEVEL0]]
+    if max(levels[0].shape[1:]) <= SMALLEST:
+        return levels
+    import dask.array as da
+
+    with _lazily():
         while max(levels[-1].shape[1:]) > SMALLEST and min(levels[-1].shape[1:]) >= 2:
             above = da.from_zarr(levels[-1])
             small = da.coarsen(np.nanmean, above, {1: 2, 2: 2}, trim_excess=True)
-            levels.append(_store(group, str(len(levels)), small, base.chunks, "cyx"))
-        datasets = [{"path": str(k), "coordinateTransformations": transforms(scale, translation, k)}
-                    for k in range(len(levels))]
-        axes = [{"name": "c", "type": "channel"}, *({"name": a, "type": "space",
-                                                      **({"unit": unit} if unit else {})}
-                                                     for a in "yx")]
-        low = np.asarray(levels[-1][:])
-        omero = {"channels": [_channel(k, low[k], channel_names) for k in range(channels)]}
-        write_multiscales_metadata(group, datasets, fmt=fmt, axes=axes, name=name,
-                                   metadata={"omero": omero})
-        if channels > 1:
-            _labels(group, levels, datasets, axes, fmt, channel_names)
-    return len(levels)
+            levels.append(_store(group, str(len(levels)), small, levels[0].chunks, "cyx"))
+    return levels
 
 
 def _store(group, name: str, data, chunks, axes: str) -> Any:
@@ -171,23 +218,22 @@ def _channel(k: int, values: np.ndarray, names) -> dict:
 def _labels(group, levels, datasets, axes, fmt, names) -> None:
     """The arg-max class of each level (+1; 0 where the output is NaN) under
     ``labels/classes``, with the image's transformations minus the channel axis."""
-    import dask.array as da
     from ome_zarr.writer import add_metadata, write_label_metadata, write_multiscales_metadata
 
     channels = levels[0].shape[0]
-    dtype = np.uint8 if channels < 255 else np.uint16
-    labels = group.require_group("labels")
-    classes = labels.require_group("classes")
-    for k, level in enumerate(levels):
-        x = da.from_zarr(level)
-        valid = da.isfinite(x).all(axis=0)
-        arg = da.argmax(da.where(da.isfinite(x), x, -np.inf), axis=0).astype(dtype) + 1
-        label = da.where(valid, arg, 0).astype(dtype)
-        _store(classes, str(k), label, level.chunks[1:], "yx")
+    labels = group.require_group(LABELS)
+    image = labels.require_group(CLASSES)
+    for k, level in enumerate(levels[1:], 1):  # level 0's: written with each block
+        import dask.array as da
+
+        with _lazily():
+            x = da.from_zarr(level)
+            label = x.map_blocks(classes, drop_axis=0, dtype=_label_dtype(channels))
+            _store(image, str(k), label, level.chunks[1:], "yx")
     spatial = [{"path": d["path"], "coordinateTransformations": [
         {"type": t["type"], t["type"]: t[t["type"]][1:]} for t in d["coordinateTransformations"]]}
         for d in datasets]
-    write_multiscales_metadata(classes, spatial, fmt=fmt, axes=axes[1:], name="classes")
+    write_multiscales_metadata(image, spatial, fmt=fmt, axes=axes[1:], name=CLASSES)
     colors = [{"label-value": k + 1, "rgba": [*_rgb(_PALETTE[k % len(_PALETTE)]), 255]}
               for k in range(channels)]
     properties = [{"label-value": k + 1, "class": names[k] if names else f"channel {k}"}

@@ -58,3 +58,28 @@ def check_memory(meta: DenseInfo, shape: Sequence[int], *, force: bool = False,
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse the memory of the maps it frees instead of handing it back to
+    the system after every forward pass. glibc serves allocations over 32 MiB (every
+    full-size map of a block) with fresh ``mmap`` pages that are faulted in, zeroed and
+    unmapped on every pass: on a 1440-pixel block that doubled the time of a dense pass
+    (``benchmarks/scene.py --profile``). The peak memory is the same; it stays held while
+    the process runs. For processes that run blocks (``predict``'s own and its workers'), not
+    for a library user's. Returns whether the setting took (glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not name.startswith("libc.so"):
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31))
+    except (OSError, AttributeError):
+        return False

@@ -34,6 +34,7 @@ from econv_convert.run import ngff
 from econv_convert.run.sources import SourceSpec, cached_source, normalize, open_source
 
 FORMAT = "econv-convert dense prediction"
+WRITER = 2  # how the output is laid out; 2: level-0 labels written with each block
 MARKERS = ".econv-blocks"  # inside the zarr folder: one empty file per finished block
 
 Progress = Callable[[int, int], None]
@@ -79,12 +80,14 @@ def _load_runner(spec: ModelSpec):
                      if spec.device.startswith("cuda") else ["CPUExecutionProvider"])
         session = ort.InferenceSession(spec.path, options, providers=providers)
         name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
+        return lambda x: session.run(None, {name: np.ascontiguousarray(x)})[0]
     import torch
 
     from econv_convert.run.fuse import fold_batchnorm
+    from econv_convert.run.resources import keep_freed_memory
     from econv_convert.torch.storage import load_dense
 
+    keep_freed_memory()
     torch.set_num_threads(spec.threads or torch.get_num_threads())
     device = _device(spec.device)
     model = load_dense(spec.path).eval()
@@ -103,8 +106,13 @@ def module_runner(model, nd: int, device: Any = "cpu", lead: list | None = None)
     fmt = memory_format(nd + 2, True)
 
     def run(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x)
+        if t.shape[0] == 1:
+            # numpy gives a new axis of one stride 0, which sends channels-last convolutions
+            # down a path 2x slower: the stride of one whole image, as torch would give it
+            t = t.as_strided(t.shape, (t[0].numel(), *t.stride()[1:]))
         with torch.no_grad():
-            y = model(torch.from_numpy(x).to(device).contiguous(memory_format=fmt))
+            y = model(t.to(device).contiguous(memory_format=fmt))
         y = y if isinstance(y, torch.Tensor) else _only_tensor(y)
         if lead is not None:
             lead[:] = y.shape[1:-nd]
@@ -262,15 +270,17 @@ def block_input(job: Job, block: Sequence[int], source) -> tuple:
     """The output range of ``block``, the input window it reads and that window read and
     normalized, ``(1, C, ...)`` float32."""
     out_range, in_range = job.window(block, source.shape[1:])
+    # in the memory order the file gives (channels last for RGB), which is the order the
+    # model runs in: no copy to (C, h, w) order and back
     x = normalize(source.read_window(in_range), job.mean, job.std)[None]
-    return out_range, in_range, np.ascontiguousarray(x)
+    return out_range, in_range, x
 
 
 def compute_block(job: Job, block: tuple[int, ...], read: tuple | None = None
                   ) -> tuple[int, ...]:
     """Read, run, write one block into the zarr output (a Dask task). Returns the block."""
     index, part = block_output(job, block, cached_source(job.source), runner(job.model), read)
-    ngff.level0(job.output, mode="r+")[index] = part
+    ngff.write_block(job.output, index, part)
     marker = Path(job.output) / MARKERS / "_".join(map(str, block))
     marker.touch()
     return block
@@ -386,11 +396,12 @@ def prepare_output(job: Job, record: dict[str, Any], *, resume: bool,
     """Create the output group and its empty full-resolution array (or open them to
     resume); returns the blocks already done."""
     path = Path(job.output)
+    record = {**record, "writer": WRITER}
     claim_output(path, resume=resume, overwrite=overwrite)
     if path.exists():
         if resume:
             old = ngff.record(path) or {}
-            for key in ("model_sha256", "options", "shape", "block", "ngff", "mask"):
+            for key in ("model_sha256", "options", "shape", "block", "ngff", "mask", "writer"):
                 if old.get(key) != record.get(key):
                     raise OutputExistsError(
                         f"{path}: was started with another {key.replace('_', ' ')} "

@@ -102,7 +102,7 @@ def _out_sizes(x, steps, windows) -> tuple[list[int], list[int]]:
     base_out = []
     for h, w in zip(_baseline_sizes(x, steps), windows, strict=True):
         n = out_size(h, w, torch.sym_min)
-        torch._check(n >= 1, lambda: "input smaller than the layer's window")
+        _check(n >= 1, lambda: "input smaller than the layer's window")
         base_out.append(n)
     nd = len(steps)
     dense_out = [dense_out_size(x.shape[x.dim() - nd + i], s, w, torch.sym_min)
@@ -250,7 +250,7 @@ def within(x: torch.Tensor, steps: Sequence[int], limits: Sequence[int], what: s
     nd = len(steps)
     for i, (s, limit) in enumerate(zip(steps, limits, strict=True)):
         n = lattice_count(x.shape[x.dim() - nd + i], s)
-        torch._check(n <= limit, lambda n=n, limit=limit: (
+        _check(n <= limit, lambda n=n, limit=limit: (
             f"{what}: the input is too large for this dense model (the pool there reads a map "
             f"of {n} positions, more than its kernel of {limit} covers)"))
     return x
@@ -328,7 +328,7 @@ def _window_pool(x: torch.Tensor, dims: Sequence[int], steps: Sequence[int],
     for d, s, m in zip(dims, steps, extent, strict=True):
         span = (m - 1) * s + 1
         n = x.shape[d]
-        torch._check(n >= span, lambda n=n, span=span, m=m: (
+        _check(n >= span, lambda n=n, span=span, m=m: (
             f"the input is smaller than this dense model's window: a pooled map has {n} dense "
             f"positions, the window of {m} lattice points needs {span}"))
     if list(dims) == [x.dim() - 2, x.dim() - 1] and x.dim() == 4 and reduce != "amin":
@@ -389,11 +389,22 @@ def dim_size(x: torch.Tensor, d: int, base_ndim: int, fold: bool, step: int = 1)
     return lattice_count(x.shape[d], step) if step > 1 else x.shape[d]
 
 
+def _check(cond, message, error: type[Exception] = RuntimeError) -> None:
+    """``torch._check_with``, without its cost where the sizes are plain ints (eager
+    prediction): the first call of ``torch._check`` imports sympy and the symbolic-shape
+    machinery, a third of a second in every process that runs blocks."""
+    if cond is True:
+        return
+    if cond is False:
+        raise error(message())
+    torch._check_with(error, cond, message)
+
+
 def size_check(cond, message: str) -> None:
     """A size condition torch.export recorded (a branch the model's code took on a size)."""
-    torch._check_with(SizeNotCovered, cond, lambda: (
+    _check(cond, lambda: (
         "this input size takes another branch of the model's Python code than the example "
-        f"input did, which the dense model does not cover ({message})"))
+        f"input did, which the dense model does not cover ({message})"), SizeNotCovered)
 
 
 def lattice_flatten(x: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
@@ -405,7 +416,7 @@ def lattice_flatten(x: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
 
 def size_fixed(cond, message: str) -> None:
     """A size the dense model was specialized to at the example, checked at run time."""
-    torch._check_with(SizeNotCovered, cond, lambda: f"{message}: not covered by the dense model")
+    _check(cond, lambda: f"{message}: not covered by the dense model", SizeNotCovered)
 
 
 def pad(x: torch.Tensor, amounts: Sequence[int], scales: Sequence[int], mode: str,
@@ -502,7 +513,7 @@ def spatial_slice(x: torch.Tensor, dim: int, start, stop, base_step: int, step: 
     h = lattice_count(x.shape[dim], step)
     start, stop, base_step = slice(start, stop, base_step).indices(h)
     n = max(0, (stop - start + base_step - 1) // base_step)
-    torch._check(n >= 1, lambda: "a spatial slice is empty")
+    _check(n >= 1, lambda: "a spatial slice is empty")
     return x.narrow(dim, start * step, tight(n, step * base_step))
 
 
