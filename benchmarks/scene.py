@@ -82,20 +82,32 @@ def run_predict(model: Path, image: Path, out: Path, workers: int, *extra: str) 
 
 
 def patch_by_patch(model, dense, positions: int, sample: int = 64, runs: int = 5) -> dict:
-    """The baseline on ``sample`` patches (one batch; the median of ``runs`` timings),
-    scaled to ``positions`` patches."""
+    """The baseline on every patch at its fastest here: BatchNorms folded into the
+    convolutions (as predict folds the dense model's), in the default and the channels-last
+    layout and in batches of 32, 64 and 128; the fastest per patch (the median of ``runs``
+    timings of each), scaled to ``positions`` patches."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
     shape = list(dense.econv.example_shape)
-    patches = torch.randn(sample, *shape[1:])
-    times = []
-    with torch.no_grad():
-        model(patches)  # warm-up
-        for _ in range(runs):
-            t = time.perf_counter()
-            model(patches)
-            times.append(time.perf_counter() - t)
-    seconds = sorted(times)[runs // 2] / sample * positions
     per_patch = _macs(lambda: model(torch.randn(1, *shape[1:])))
-    return {"seconds": seconds, "macs": per_patch * positions}
+    fused = fuse(copy.deepcopy(model).eval())
+    best = math.inf
+    with torch.no_grad():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            net = fused.to(memory_format=layout)
+            for batch in (32, 64, 128):
+                patches = torch.randn(batch, *shape[1:]).contiguous(memory_format=layout)
+                net(patches)  # warm-up
+                times = []
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    net(patches)
+                    times.append(time.perf_counter() - t)
+                best = min(best, sorted(times)[runs // 2] / batch)
+    return {"seconds": best * positions, "macs": per_patch * positions,
+            "seconds_per_patch": best}
 
 
 def memory_only(block: int, sizes: list[int]) -> None:
@@ -121,10 +133,13 @@ def profile() -> None:
     """Where one block's time goes: the dense pass with and without the halo a block reads,
     reading and normalizing its window, writing its chunk; beside the patch-by-patch rate
     and the multiply-add ratio. Prints a Markdown table."""
+    import copy
+
     import numpy as np
 
     from econv_convert.run import ngff, scene
     from econv_convert.run.bench import memory_format
+    from econv_convert.run.fuse import fold_batchnorm
     from econv_convert.run.sources import SourceSpec, normalize, open_source
 
     torch.set_num_threads(2)
@@ -132,6 +147,8 @@ def profile() -> None:
     base = loaded.model.eval()
     dense = densify(base, loaded.input_shape, global_pool="window")
     geo = scene.geometry(dense.econv)
+    fast = copy.deepcopy(dense)  # as predict runs it: BatchNorms folded
+    fold_batchnorm(fast)
     fmt = memory_format(4, True)
     window = geo.window[0] - 1
 
@@ -142,12 +159,9 @@ def profile() -> None:
             f()
         return (time.perf_counter() - t) / n
 
-    patches = torch.randn(64, 3, *geo.window)
-    with torch.no_grad():
-        patch_rate = 64 / timed(lambda: base(patches), 3)  # outputs per second
-    per_patch = _macs(lambda: base(torch.randn(1, 3, *geo.window)))
-    per_output = _macs(lambda: dense(torch.randn(1, 3, 512, 512))) / (512 - window) ** 2
-    mac_ratio = per_patch / per_output
+    patches = patch_by_patch(base, dense, 1)
+    patch_rate = 1 / patches["seconds"]  # outputs per second
+    mac_ratio = patches["macs"] / per_output_macs(dense)
     halo = geo.halo[0] + geo.halo_after[0]
     from econv_convert.run.predict import map_field
 
@@ -164,7 +178,7 @@ def profile() -> None:
                         (side + old, " + a field each side")):
             x = torch.randn(1, 3, n, n).contiguous(memory_format=fmt)
             with torch.no_grad():
-                sec = timed(lambda: dense(x), 1)
+                sec = timed(lambda: fast(x), 1)
             rate = side * side / sec
             print(f"| {side}{name} | {n}^2 | {sec:.2f} s | "
                   f"{rate / 1e6:.3f} M | {rate / patch_rate:.1f}x | "
@@ -183,10 +197,16 @@ def profile() -> None:
 
 
 def per_output_macs(dense) -> float:
-    """The dense model's multiply-adds per output, from one 512 x 512 pass."""
-    with torch.no_grad():
-        y = dense(torch.randn(1, 3, 512, 512))
-    return _macs(lambda: dense(torch.randn(1, 3, 512, 512))) / (y.shape[-1] * y.shape[-2])
+    """The dense model's multiply-adds per output of a whole-image pass: the growth of a
+    pass's multiply-adds with its outputs between 1024^2 and 1536^2 inputs (a small pass
+    spends more per output on its edges, which would flatter the ratio)."""
+    macs, outputs = [], []
+    for side in (1024, 1536):
+        with torch.no_grad():
+            y = dense(torch.randn(1, 3, side, side))
+        outputs.append(y.shape[-1] * y.shape[-2])
+        macs.append(_macs(lambda side=side: dense(torch.randn(1, 3, side, side))))
+    return (macs[1] - macs[0]) / (outputs[1] - outputs[0])
 
 
 def ratio(size: int, strides: list[int]) -> None:
