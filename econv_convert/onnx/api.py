@@ -502,6 +502,8 @@ def verify(
         raise InvalidInputError(f"precision '{precision}' is not one of "
                                 f"{', '.join(PRECISIONS)}")
     meta = info(dense)
+    if meta.until is not None:  # the dense graph is the part of the baseline before it
+        baseline = cut(baseline, meta.until)
     x = _image_input(baseline)
     dims = x.type.tensor_type.shape.dim
     batch = int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else None

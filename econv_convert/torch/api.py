@@ -174,6 +174,8 @@ def inverse(dense: nn.Module) -> fx.GraphModule:
     except InvalidInputError as e:
         raise TransferError(f"cannot rebuild the baseline: {e}") from None
     baseline.econv_example_shape = list(meta.example_shape)
+    # the recorded graph ends where densify stopped (``until``): its output is that module's
+    baseline.econv_ends_at = meta.until
     return baseline.eval()
 
 

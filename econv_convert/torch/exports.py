@@ -155,7 +155,11 @@ def write(dense: nn.Module, path: Path) -> ExportCheck | None:
         return None
     if suffix == ".pt2":
         program, result = export_pt2(dense)
-        atomic_write(path, lambda f: torch.export.save(program, f))
+        from econv_convert.torch.loading import DENSE_PT2_KEY
+
+        record = info(dense).to_json()  # every command then knows the file for a dense model
+        atomic_write(path, lambda f: torch.export.save(program, f,
+                                                       extra_files={DENSE_PT2_KEY: record}))
         return result
     data, result = export_onnx(dense)
     atomic_write(path, lambda f: f.write(data))

@@ -247,7 +247,28 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+DENSE_PT2_KEY = "econv_dense.json"  # the dense record inside a dense .pt2 (its extra file)
+
+
+def dense_pt2_record(path: Path) -> str | None:
+    """The dense record a ``.pt2`` written by densify carries, or None (a baseline's)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/extra/" + DENSE_PT2_KEY)
+                     or n == "extra/" + DENSE_PT2_KEY]
+            return z.read(names[0]).decode() if names else None
+    except (OSError, zipfile.BadZipFile, KeyError, UnicodeDecodeError):
+        return None
+
+
 def _load_pt2(path: Path) -> nn.Module:
+    if dense_pt2_record(path) is not None:
+        raise InvalidInputError(
+            f"{path}: is a dense model made by econv-convert (a torch.export program, for "
+            "deployment); verify, inverse, inspect, bench and predict take the dense .pt "
+            "(densify -o dense.pt) or the baseline")
     try:
         program = torch.export.load(str(path))
     except Exception as e:

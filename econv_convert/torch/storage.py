@@ -222,6 +222,13 @@ def is_dense_checkpoint(path: str | os.PathLike) -> bool:
 def load_dense(path: str | os.PathLike) -> fx.GraphModule:
     """Load a dense checkpoint written by :func:`save_dense` into a trainable module."""
     path = Path(path)
+    if path.suffix.lower() == ".pt2":
+        from econv_convert.torch.loading import dense_pt2_record
+
+        what = ("a dense torch.export program (for deployment; its weights cannot move back)"
+                if dense_pt2_record(path) is not None else "a torch.export program")
+        raise InvalidInputError(f"{path}: is {what}; this takes the dense checkpoint .pt "
+                                "that densify writes (densify -o dense.pt)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

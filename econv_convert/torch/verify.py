@@ -95,8 +95,9 @@ def _prover(dense: nn.Module):
 def _float64_copy(model: nn.Module) -> nn.Module:
     """A CPU copy in float64 (a GraphModule's copy keeps its DenseInfo)."""
     wide = copy.deepcopy(model).to("cpu", torch.float64)
-    if hasattr(model, "econv"):
-        wide.econv = model.econv
+    for name in ("econv", "econv_ends_at"):  # what a GraphModule's copy drops
+        if hasattr(model, name):
+            setattr(wide, name, getattr(model, name))
     return wide
 
 
@@ -188,6 +189,8 @@ def _run_baseline(baseline: nn.Module, x: torch.Tensor, until: str | None,
     after it may reject the size; that does not matter then)."""
     captured: list[Any] = []
     handle = None
+    if until is not None and getattr(baseline, "econv_ends_at", None) == until:
+        until = None  # a baseline rebuilt by inverse(): its graph already ends there
     if until is not None:
         # a copy: the model may change the tensor in place after the cut point (an in-place
         # ReLU right after a "features" module), which must not change the reference
