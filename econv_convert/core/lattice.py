@@ -3,7 +3,7 @@
 Pure integer functions over small frozen records, free of any framework, so that the PyTorch
 rewrite, the runtime ops, ``inspect`` and the verifier all share the same formulas.
 
-Conventions (per spatial axis, see ``DESIGN.md``):
+Conventions (per spatial axis; the README's "How it works" has the picture):
 
 * a baseline map of size ``h`` on a lattice of step ``s`` is held densely in the *tight* form of
   size ``tight(h, s) == (h - 1) * s + 1``: it ends on its last lattice point, so zero, reflect and

@@ -510,13 +510,14 @@ def reshape(x: Layout, base_in: Sequence[int], base_out: Sequence[int]) -> Resha
 # -- space to depth --------------------------------------------------------------------------
 
 
-def space_to_depth(x: Layout, block: int, order: str) -> Layout:
+def space_to_depth(x: Layout, block: int) -> Layout:
     """Space to depth (``pixel_unshuffle``, ONNX ``SpaceToDepth``): a stride-``block`` window
     of ``block`` positions per axis whose taps become channels. Densely, each position reads
     its ``block`` taps ``step`` apart and the output is on a lattice ``block`` times coarser.
-    ``order``: where the tap index goes in the channels (``channels_first``: pixel_unshuffle,
-    c * r * r + i * r + j; ``blocks_first``: ONNX, (i * r + j) * C + c). Returns the output
-    layout (same dims, spatial ones on the coarser lattice)."""
+    Returns the output layout (same dims, spatial ones on the coarser lattice). Where the
+    tap index goes in the channels (pixel_unshuffle: c * r * r + i * r + j; ONNX:
+    (i * r + j) * C + c) does not change the layout: each backend's emitter keeps its
+    framework's order."""
     try:
         form, steps, axes = x.window_input(len(x.base) - 2)
     except LayoutError as e:
@@ -525,7 +526,6 @@ def space_to_depth(x: Layout, block: int, order: str) -> Layout:
         refuse("space to depth on a map with extra dims")
     if form == "plain":
         return Layout.plain(x.base)
-    del order
     dims = (PLAIN, PLAIN) + tuple(Dim("space", a, s * block) for a, s in zip(axes, steps))
     return Layout(x.base, dims)
 

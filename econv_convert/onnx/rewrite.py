@@ -661,7 +661,7 @@ def _space_to_depth(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     x = node.input[0]
     lay = rw.lay(x)
     r = int(attrs(node)["blocksize"])
-    out = rules.space_to_depth(lay, r, "blocks_first")
+    out = rules.space_to_depth(lay, r)
     if out.is_plain:
         return rw._same(node)
     b = rw.b

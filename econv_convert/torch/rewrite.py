@@ -560,7 +560,7 @@ def _pixel_unshuffle(rw: Rewriter, node: fx.Node) -> Val:
     """Space to depth: a stride-r window whose r x r taps become channels."""
     x = rw.v(node.args[0])
     r = int(_arg(node, 1, "downscale_factor"))
-    out = rules.space_to_depth(x.layout, r, "channels_first")
+    out = rules.space_to_depth(x.layout, r)
     if out.is_plain:
         return rw.wrap(node, rw.same(node))
     steps = tuple(d.step for d in x.layout.base_dims[2:])
