@@ -1,0 +1,21 @@
+"""The ONNX backend's emitter: a baseline ONNX graph in, its dense equivalent out.
+
+:mod:`.frame` walks the graph and keeps each value's record; each layer family's rules live
+in a module of its own, named as in the PyTorch backend (:mod:`econv_convert.torch.rewrite`):
+:mod:`.window` (Conv, pools, SpaceToDepth), :mod:`.global_pool` (global pooling and
+reductions), :mod:`.pointwise`, :mod:`.norm`, :mod:`.linear`, :mod:`.reshape` (indexing,
+reshaping, padding) and :mod:`.shape_values` (sizes as values).
+"""
+
+from econv_convert.onnx.rewrite import (  # noqa: F401  (importing them registers their rules)
+    global_pool,
+    linear,
+    norm,
+    pointwise,
+    reshape,
+    shape_values,
+    window,
+)
+from econv_convert.onnx.rewrite.frame import RULES, OnnxRewriter, Result, Val, rule
+
+__all__ = ["RULES", "OnnxRewriter", "Result", "Val", "rule"]

@@ -1,0 +1,392 @@
+"""The ONNX backend's frame: one pass over a baseline ONNX graph, in order.
+
+The same one pass as the PyTorch emitter (:mod:`econv_convert.torch.rewrite`): every node in
+order is mapped to dense nodes and a :class:`~econv_convert.core.layout.Layout` per output
+saying what the dense tensor's dims mean. What each layer kind becomes is decided by
+:mod:`econv_convert.core.rules`; the rules (the family modules beside this one, named as the
+PyTorch backend's) read ONNX nodes (op type, attributes, constant inputs) and emit the plan
+as ONNX nodes. The run-time corrections (tight crops, ceil-mode
+ends, average-pool divisors, phase counts) are ONNX arithmetic on the input's actual size
+through :class:`~econv_convert.onnx.graph.SymInt`, running the same formulas of
+:mod:`econv_convert.core.lattice`, so the dense graph is exact for any input size, with
+dynamic spatial axes.
+
+Every node keeps its output names, and the model's initializers are not touched (new
+constants are ``Constant`` nodes), so weights move back by name (:func:`onnx_api.inverse`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from econv_convert.core import rules
+from econv_convert.core.lattice import Field
+from econv_convert.core.layout import PLAIN, Layout
+from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord
+from econv_convert.core.rules import Refusal, refuse
+from econv_convert.errors import UnsupportedLayerError
+from econv_convert.onnx.graph import Builder
+
+# ops with no dense form whatever their geometry (the reasons are the core's)
+REFUSED = {
+    "Resize": "upsampling", "Upsample": "upsampling", "ConvTranspose": "transposed_convolution",
+    "DepthToSpace": "depth_to_space", "Col2Im": "col2im", "MaxRoiPool": "region_pooling",
+    "RoiAlign": "region_pooling", "GridSample": "sampling", "MaxUnpool": "unpooling",
+    "NonMaxSuppression": "detection", "If": "subgraph", "Loop": "subgraph", "Scan": "subgraph",
+}
+_SHAPE_PLUMBING = {"Squeeze", "Unsqueeze", "Slice", "Gather", "Cast", "Identity", "Reshape",
+                   "Flatten"}
+_BIG = 2**62
+
+
+@dataclass
+class Val:
+    """A value of the dense graph: its layout, or, for a shape-derived integer tensor, which
+    of its entries are spatial sizes (a size query reads the baseline's sizes, so these are
+    the baseline's values)."""
+
+    layout: Layout | None
+    sizes: tuple[bool, ...] | None = None  # per entry of a 1-D shape tensor: a spatial size?
+    tainted: bool = False  # computed from a spatial size
+
+    @property
+    def spatial_size(self) -> bool:
+        return self.tainted or bool(self.sizes and any(self.sizes))
+
+
+@dataclass
+class Result:
+    graph: onnx.GraphProto
+    records: list[LayerRecord] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    has_padding: bool = False
+    global_pools: int = 0
+    kept_stride: tuple[int, ...] = ()
+    peak_elements: int = 0
+    peak_node: str = ""
+    # per input axis, the outputs' receptive field: [size, step, reach lo, reach hi]
+    out_field: list[list[int]] = field(default_factory=list)
+    support: list[list[int]] = field(default_factory=list)  # window pooling's, if any
+    # value -> its dense value and dims, for every value that carries a map (DenseInfo.nodes)
+    nodes: dict[str, dict] = field(default_factory=dict)
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    name = node.name or (node.output[0] if node.output else "?")
+    return f"{name} ({node.op_type})"
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class OnnxRewriter:
+    """Rewrite ``model`` (opset >= 13, default domain) whose baseline shapes at the example
+    input are ``shapes`` and whose constant tensors are ``consts``. ``channels_last``: the
+    image input is (N, spatial..., C)."""
+
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                 types: dict[str, int], consts: dict[str, np.ndarray], global_pool: str,
+                 output_stride: int | None = None, channels_last: bool = False) -> None:
+        if global_pool not in GLOBAL_POOL_MODES:
+            raise ValueError(global_pool)
+        self.model = model
+        self.g = model.graph
+        self.shapes = shapes
+        self.types = types
+        self.consts = consts
+        self.mode = global_pool
+        self.output_stride = output_stride
+        self.channels_last = channels_last
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        used = {n for node in self.g.node for n in (*node.input, *node.output)}
+        used |= {i.name for i in self.g.initializer} | {i.name for i in self.g.input}
+        used |= {n.name for n in self.g.node}
+        self.b = Builder(used, opset)
+        self.env: dict[str, Val] = {}
+        self.fields: dict[str, tuple[Field, ...]] = {}
+        self.result = Result(onnx.GraphProto())
+        self.node: onnx.NodeProto | None = None
+
+    # -- driver -------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        for init in self.g.initializer:
+            self.env[init.name] = Val(Layout.plain(tuple(init.dims)))
+        inputs = [i for i in self.g.input if i.name not in self.env]
+        if len(inputs) != 1:
+            raise UnsupportedLayerError(
+                "graph inputs", f"expected one image input, found {len(inputs)}: "
+                + ", ".join(i.name for i in inputs))
+        x = inputs[0]
+        shape = self.shapes[x.name]
+        if len(shape) < 3:
+            raise UnsupportedLayerError(x.name, "the model input must be N, C, spatial... with "
+                                        "1 to 3 spatial dims")
+        self.env[x.name] = Val(rules.input_layout(shape, self.channels_last))
+        self.fields[x.name] = tuple(Field() for _ in shape[2:])
+        self._note_value(x.name)
+        consumed = {i for n in self.g.node for i in n.input} | {o.name for o in self.g.output}
+        for node in self.g.node:
+            node = _without_unused_outputs(node, consumed, self.b.opset)
+            self.node = node
+            try:
+                self._rewrite(node)
+            except Refusal as r:
+                raise UnsupportedLayerError(node_label(node), r.reason,
+                                            r.hint or self._until_hint(node)) from None
+            except UnsupportedLayerError:
+                raise
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise UnsupportedLayerError(
+                    node_label(node), f"unexpected attributes or inputs ({type(e).__name__}: "
+                    f"{e})") from e
+            for out in node.output:
+                v = self.env.get(out)
+                if v is not None and v.layout is not None and not v.layout.is_plain:
+                    n = v.layout.dense_numel()
+                    if n > self.result.peak_elements:
+                        self.result.peak_elements, self.result.peak_node = n, node_label(node)
+                self._note_value(out)
+        self._outputs()
+        self.result.graph.node.extend(self.b.nodes)
+        return self.result
+
+    def _note_value(self, name: str) -> None:
+        """The node map the per-node proof reads: a value that carries a map, and what its
+        dense dims mean (its dense value has the same name)."""
+        v = self.env.get(name)
+        lay = v.layout if v is not None else None
+        if lay is None or not (lay.has_space or lay.n_extra):
+            return
+        self.result.nodes[name] = {
+            "dense": name, "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
+            "n_extra": lay.n_extra, "flat": bool(lay.fold or lay.merged)}
+
+    def _until_hint(self, refused: onnx.NodeProto) -> str:
+        """``--until`` the map the refused node reads (or the last map before it, for a
+        flatten of positions), where a node makes it."""
+        producer = {o: n for n in self.g.node for o in n.output}
+        x = next((i for i in refused.input if i in self.env and i in producer
+                  and self.env[i].layout is not None and not self.env[i].layout.is_plain),
+                 None)
+        while x is not None and (self.env[x].layout.merged or self.env[x].layout.fold):
+            x = producer[x].input[0] if x in producer else None
+            x = x if x in producer and x in self.env else None
+        return f"densify the part before it with --until {x}" if x else ""
+
+    def _rewrite(self, node: onnx.NodeProto) -> None:
+        if node.domain not in ("", "ai.onnx"):
+            if self._any_spatial(node):
+                refuse(f"operator {node.domain}::{node.op_type} has no rule on a spatial map")
+            return self._same(node)
+        op = node.op_type
+        vals = [self.v(i) for i in node.input if i]
+        if any(v.layout is not None and v.layout.merged for v in vals):
+            from econv_convert.onnx.rewrite.global_pool import _on_merged
+
+            return _on_merged(self, node)
+        if op in _SHAPE_PLUMBING and vals and vals[0].tainted and vals[0].layout is not None \
+                and vals[0].layout.is_plain:
+            # integer plumbing on a value computed from spatial sizes: it stays such a value
+            self.emit(node, list(node.input))
+            for o in node.output:
+                self.set(o, Layout.plain(self.shapes[o]) if o in self.shapes else None,
+                         tainted=True)
+            return None
+        if op in REFUSED:
+            if self._any_spatial(node) or REFUSED[op] == "subgraph":
+                rules.refuse_kind(REFUSED[op])
+            return self._same(node)
+        rule = RULES.get(op)  # pointwise ops too (:mod:`.pointwise` registers them)
+        if rule is not None:
+            return rule(self, node)
+        return self._unknown(node)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def v(self, name: str) -> Val:
+        if name == "":
+            return Val(None)
+        if name not in self.env:
+            if name in self.consts:
+                return Val(Layout.plain(self.consts[name].shape))
+            refuse(f"input '{name}' is not produced by any node")
+        return self.env[name]
+
+    def lay(self, name: str) -> Layout:
+        val = self.v(name)
+        if val.layout is None:
+            refuse(f"input '{name}' has no known shape")
+        return val.layout
+
+    def base_shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.shapes:
+            refuse(f"shape inference could not find the shape of '{name}' at the example input")
+        return self.shapes[name]
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.consts.get(name) if name else None
+
+    def need_const(self, name: str, what: str) -> np.ndarray:
+        c = self.const(name)
+        if c is None:
+            refuse(f"{what} must be a constant")
+        return c
+
+    def set(self, name: str, layout: Layout | None, **kw) -> None:
+        self.env[name] = Val(layout, **kw)
+
+    def set_plain(self, name: str) -> None:
+        self.env[name] = Val(Layout.plain(self.shapes[name]) if name in self.shapes else None)
+
+    def _any_spatial(self, node: onnx.NodeProto) -> bool:
+        for i in node.input:
+            if i:
+                v = self.v(i)
+                if v.spatial_size or (v.layout is not None and not v.layout.is_plain):
+                    return True
+        return False
+
+    def _same(self, node: onnx.NodeProto) -> None:
+        """The node as it is; its outputs are what they are in the baseline."""
+        self.b.nodes.append(node)
+        for o in node.output:
+            if o:
+                self.set_plain(o)
+
+    def _unknown(self, node: onnx.NodeProto) -> None:
+        for i in node.input:
+            v = self.v(i) if i else Val(None)
+            if v.layout is not None and not v.layout.is_plain:
+                refuse(f"no rule for {node.op_type} on a spatial map; it may mix positions, "
+                       "which would break equivalence on the lattice")
+            if v.spatial_size:
+                refuse(f"{node.op_type} makes a tensor from a spatial size (a tensor indexed by "
+                       "positions is not translation-equivariant)")
+        self._same(node)
+
+    def emit(self, node: onnx.NodeProto, inputs: Sequence[str], **attr_overrides) -> None:
+        """The node with new inputs and attributes, keeping its name and outputs."""
+        a = attrs(node)
+        a.update(attr_overrides)
+        a = {k: v for k, v in a.items() if v is not None}
+        self.b.nodes.append(helper.make_node(node.op_type, list(inputs), list(node.output),
+                                             name=node.name or None, **a))
+
+    def field_of(self, name: str) -> tuple[Field, ...]:
+        return self.fields.get(name, ())
+
+    def inherit_field(self, node: onnx.NodeProto) -> None:
+        found = [self.fields[i] for i in node.input if self.fields.get(i)]
+        if found:
+            f = tuple(Field.merge(fs) for fs in zip(*found))
+            for o in node.output:
+                self.fields.setdefault(o, f)
+
+    def record(self, rec: rules.Record) -> None:
+        """Note a rewritten layer (the core's record, with this graph's names and shapes)."""
+        node = self.node
+        out = node.output[0]
+        lay = self.env[out].layout if out in self.env else None
+        self.result.records.append(LayerRecord(
+            node_label(node), rec.kind, rec.before, rec.after, tuple(rec.step_in),
+            tuple(rec.step_out), tuple(rec.field), node.name, out, rec.note, int(rec.cost),
+            lay.base if lay else (), lay.dense_shape() if lay else ()))
+
+    def fill(self, name: str, value: float) -> str:
+        """A scalar of ``name``'s element type (a Pad value)."""
+        return self.b.scalar(value, self.types.get(name, TensorProto.FLOAT))
+
+    def _outputs(self) -> None:
+        for o in self.g.output:
+            lay = self.lay(o.name)
+            if lay.fold:
+                raise UnsupportedLayerError(o.name, "the output is a flatten over spatial "
+                                            "positions; only Gemm/MatMul may consume it")
+            if lay.merged:
+                raise UnsupportedLayerError(o.name, "the output merges spatial positions into "
+                                            "one dim; only a reduction over them may "
+                                            "consume it")
+            self.result.outputs.append({
+                "name": o.name,
+                "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
+                "base_ndim": lay.base_ndim,
+            })
+        found = [self.fields[o.name] for o in self.g.output if self.fields.get(o.name)]
+        self.result.out_field = [list(astuple(Field.merge(fs))) for fs in zip(*found)]
+
+
+# ops whose number of outputs is their mode, read or not: a BatchNormalization with its
+# statistics outputs runs in training mode (the spec before opset 14; onnxruntime does so too)
+_OUTPUTS_SET_THE_MODE = {"BatchNormalization"}
+
+
+def _without_unused_outputs(node: onnx.NodeProto, consumed: set[str],
+                            opset: int) -> onnx.NodeProto:
+    """The node without the optional outputs that nothing consumes: old exporters name them
+    (a Dropout's mask, a MaxPool's indices) though nothing reads them, and a rule need not
+    refuse what is never used."""
+    if len(node.output) < 2 or node.domain not in ("", "ai.onnx") or \
+            node.op_type in _OUTPUTS_SET_THE_MODE:
+        return node
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset)
+    except Exception:  # an op the installed onnx does not know: leave it to the rules
+        return node
+    formal = schema.outputs
+    outs = list(node.output)
+    for i in range(1, len(outs)):
+        param = formal[min(i, len(formal) - 1)]
+        optional = param.option == onnx.defs.OpSchema.FormalParameterOption.Optional
+        if outs[i] and outs[i] not in consumed and optional:
+            outs[i] = ""
+    while len(outs) > 1 and not outs[-1]:
+        outs.pop()
+    if outs == list(node.output):
+        return node
+    trimmed = onnx.NodeProto()
+    trimmed.CopyFrom(node)
+    del trimmed.output[:]
+    trimmed.output.extend(outs)
+    return trimmed
+
+
+RULES: dict[str, Callable[[OnnxRewriter, onnx.NodeProto], None]] = {}
+
+
+def rule(*ops: str):
+    def register(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+def _per_extra(rw: OnnxRewriter, node: onnx.NodeProto, x: str, lay: Layout) -> None:
+    """A layer on a map with extra dims (a squeeze-and-excitation branch after phase pooling,
+    convolutions after a head): the node as it is, with the extra dims moved into the batch
+    and back."""
+    b = rw.b
+    r, e = lay.base_ndim, lay.n_extra
+    perm = [0, *range(r, r + e), *range(1, r)]
+    y = b.reshape(b.transpose(x, perm), [-1] + [b.dim(x, i) for i in range(1, r)])
+    z = b.op1(node.op_type, [y, *node.input[1:]], **attrs(node))
+    z = b.reshape(z, [b.dim(x, 0)] + [b.dim(x, r + k) for k in range(e)]
+                  + [b.dim(z, i) for i in range(1, r)])
+    b.transpose(z, list(np.argsort(perm)), node.output[0])
+    out = node.output[0]
+    rw.set(out, Layout(rw.base_shape(out), tuple(PLAIN for _ in range(r)) + lay.extras, e))
+
+
+def _norm(axis: int, rank: int) -> int:
+    if not -rank <= axis < rank:
+        refuse(f"axis {axis} out of range for rank {rank}")
+    return axis % rank

@@ -1,0 +1,23 @@
+"""The PyTorch backend's emitter: a lowered baseline graph in, a dense graph out.
+
+:mod:`.frame` walks the graph and keeps each value's record; each layer family's rules live
+in a module of its own, named as in the ONNX backend (:mod:`econv_convert.onnx.rewrite`):
+:mod:`.window` (convolutions, pools, space to depth), :mod:`.global_pool` (global pooling and
+reductions), :mod:`.pointwise`, :mod:`.norm`, :mod:`.linear`, :mod:`.reshape` (indexing,
+reshaping, padding) and :mod:`.shape_values` (sizes as values). Adding a layer kind is one
+decision in :mod:`econv_convert.core.rules` and one rule in the family's module here and in
+the ONNX backend.
+"""
+
+from econv_convert.torch.rewrite import (  # noqa: F401  (importing them registers their rules)
+    global_pool,
+    linear,
+    norm,
+    pointwise,
+    reshape,
+    shape_values,
+    window,
+)
+from econv_convert.torch.rewrite.frame import FUNCTIONS, METHODS, Plan, Rewriter, Val, rule
+
+__all__ = ["FUNCTIONS", "METHODS", "Plan", "Rewriter", "Val", "rule"]

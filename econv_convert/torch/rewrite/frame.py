@@ -1,0 +1,435 @@
+"""The PyTorch backend's frame: one pass over a lowered baseline graph, in order.
+
+Each baseline node is mapped to a dense node and a :class:`~econv_convert.core.layout.Layout`
+saying what the dense tensor's dims mean. The frame reads nodes, keeps each value's record
+(:class:`Val`), looks up the rule registered for what a node calls (:func:`rule`: the family
+modules beside this one, named as the ONNX backend's) and refuses, by name, a node with no rule
+that something spatial reaches. Rules ask :mod:`econv_convert.core.rules` what a layer
+becomes and emit that as fx nodes whose run-time work is done by
+:mod:`econv_convert.torch.ops`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from econv_convert.core import rules
+from econv_convert.core.lattice import Field
+from econv_convert.core.layout import PLAIN, Dim, Layout
+from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord
+from econv_convert.core.rules import Refusal, refuse
+from econv_convert.errors import UnsupportedLayerError
+from econv_convert.torch import ops, targets
+from econv_convert.torch.capture import module_path, node_name
+
+# helpers the rules emit besides their own targets and the run-time ops
+_EMITTED = (torch.mean, torch.sum, torch.amax, torch.unsqueeze, torch.squeeze, torch.permute,
+            F.pad, operator.getitem, torch.chunk, torch.tensor_split, torch.unbind)
+targets.register(*_EMITTED)
+
+
+@dataclass
+class Val:
+    """A dense value: the dense graph's node (or a constant) and what it means."""
+
+    node: Any
+    layout: Layout | None = None  # tensors
+    items: tuple[Val, ...] | None = None  # tuples and lists (chunk, split, ...)
+    sizes: tuple[Dim, ...] | None = None  # torch.Size: what each entry measures
+    spatial: bool = False  # a number that depends on a spatial size
+
+
+@dataclass
+class Plan:
+    records: list[LayerRecord] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # lattice views per output
+    notes: list[str] = field(default_factory=list)
+    has_padding: bool = False  # any zero/reflect padding or ceil-mode window: no shift check
+    global_pools: int = 0
+    specialized: dict[str, list[int]] = field(default_factory=dict)  # node -> traced size
+    peak_elements: int = 0  # the largest dense tensor at the example input
+    peak_node: str = ""
+    kept_stride: tuple[int, ...] = ()  # cumulative stride kept under an output stride
+    # baseline node -> the dense node holding its value and what each dense dim means, for
+    # every value that carries a map (the per-node phase proof reads it)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per input axis, the outputs' receptive field, step and padding reach (size, step, lo, hi)
+    out_field: list[list[int]] = field(default_factory=list)
+    support: list[list[int]] = field(default_factory=list)  # window pooling's, if any
+
+    @property
+    def total_step(self) -> tuple[int, ...]:
+        steps = [tuple(d[1] for d in o["dims"] if d[0] == "space") for o in self.outputs]
+        return max(steps, key=lambda s: math.prod(s)) if steps else ()
+
+
+def _tuple(v, n: int) -> tuple[int, ...]:
+    if isinstance(v, (list, tuple)):
+        if len(v) == 1:
+            return tuple(int(v[0]) for _ in range(n))
+        if len(v) != n:
+            refuse(f"expected {n} values, got {v}")
+        return tuple(int(x) for x in v)
+    return tuple(int(v) for _ in range(n))
+
+
+class Rewriter:
+    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any], global_pool: str,
+                 output_stride: int | None = None):
+        if global_pool not in GLOBAL_POOL_MODES:
+            raise ValueError(global_pool)
+        self.output_stride = output_stride
+        self.gm = gm
+        self.values = values
+        self.mode = global_pool
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, Val] = {}
+        self.fields: dict[fx.Node, tuple[Field, ...]] = {}
+        self.plan = Plan()
+        self.node: fx.Node | None = None
+
+    # -- driver ---------------------------------------------------------------------------
+
+    def run(self) -> tuple[fx.Graph, Plan]:
+        for node in self.gm.graph.nodes:
+            self.node = node
+            try:
+                self.env[node] = val = self._rewrite(node)
+                if self.plan.records and self.plan.records[-1].fx_name == node.name \
+                        and val.layout is not None:
+                    r = self.plan.records[-1]
+                    r.base_shape = val.layout.base
+                    r.dense_shape = val.layout.dense_shape()
+                if val.layout is not None and val.layout.dense_numel() > self.plan.peak_elements:
+                    self.plan.peak_elements = val.layout.dense_numel()
+                    self.plan.peak_node = node_name(node)
+                if node not in self.fields:
+                    self.fields[node] = self._inherited_field(node)
+                self._note_node(node, val)
+            except Refusal as r:
+                raise UnsupportedLayerError(node_name(node), r.reason,
+                                            r.hint or self._until_hint(node)) from None
+            except UnsupportedLayerError:
+                raise
+            except (IndexError, TypeError, ValueError) as e:
+                raise UnsupportedLayerError(
+                    node_name(node), f"unexpected arguments ({type(e).__name__}: {e})"
+                ) from e
+        self.graph.lint()
+        return self.graph, self.plan
+
+    def _note_node(self, node: fx.Node, val: Val) -> None:
+        lay = val.layout
+        if lay is None or not isinstance(val.node, fx.Node) or not (lay.has_space or lay.n_extra):
+            return
+        self.plan.nodes[node.name] = {
+            "dense": val.node.name, "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
+            "n_extra": lay.n_extra, "flat": bool(lay.fold or lay.merged)}
+
+    def _until_hint(self, refused: fx.Node) -> str:
+        """``--until`` the last top-level module that ran before the refused node (and does
+        not contain it): its output is a dense feature map the user can have."""
+        inside = module_path(refused).split(".")[0]
+        last = ""
+        for node in self.gm.graph.nodes:
+            if node is refused:
+                break
+            top = module_path(node).split(".")[0]
+            if top and top != inside:
+                last = top
+        if not last:
+            return ""
+        return f"densify the part before it with --until {last}"
+
+    def _inherited_field(self, node: fx.Node) -> tuple[Field, ...]:
+        """A layer with no window sees what its inputs see (the largest, per axis)."""
+        found = [self.fields[n] for n in node.all_input_nodes if self.fields.get(n)]
+        if not found:
+            return ()
+        return tuple(Field.merge(fs) for fs in zip(*found))
+
+    def _rewrite(self, node: fx.Node) -> Val:
+        if node.op == "placeholder":
+            return self._placeholder(node)
+        if node.op == "get_attr":
+            v = self.values[node]
+            n = self.graph.get_attr(node.target)
+            return Val(n, Layout.plain(v.shape) if isinstance(v, torch.Tensor) else None)
+        if node.op == "output":
+            return self._output(node)
+        if node.op == "call_module":
+            refuse(_module_reason(self.gm.get_submodule(node.target)))
+        if node.op == "call_function":
+            rule = FUNCTIONS.get(node.target) or _refused_by_name(node.target)
+        else:
+            rule = METHODS.get(node.target)
+        from econv_convert.torch.rewrite.global_pool import _on_merged
+        from econv_convert.torch.rewrite.pointwise import _unary
+
+        if rule is not _unary and any(
+                v.layout is not None and v.layout.merged for v in self.tensor_inputs(node)):
+            return _on_merged(self, node)
+        if rule is not None:
+            return rule(self, node)
+        return self._unknown(node)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def v(self, a: Any) -> Val:
+        """The dense value of a baseline argument (constants pass through)."""
+        if isinstance(a, fx.Node):
+            return self.env[a]
+        if isinstance(a, (list, tuple)):
+            items = tuple(self.v(x) for x in a)
+            return Val(type(a)(i.node for i in items), items=items,
+                       spatial=any(i.spatial for i in items))
+        return Val(a)
+
+    def dense_args(self, a: Any) -> Any:
+        """Baseline args with nodes replaced by dense nodes (constants unchanged)."""
+        return fx.node.map_arg(a, lambda n: self.env[n].node)
+
+    def lay(self, a: Any) -> Layout:
+        val = self.v(a)
+        if val.layout is None:
+            refuse("expected a tensor argument")
+        return val.layout
+
+    def base(self, node: fx.Node) -> Any:
+        return self.values[node]
+
+    def call(self, fn: Callable, *args, **kwargs) -> fx.Node:
+        """Emit a call of ``fn``, which must be a registered target (:mod:`targets`): what a
+        rule emits is what a dense checkpoint can store."""
+        assert fn in _EMITTED or targets.admits(fn), f"{fn} is not a registered target"
+        return self.graph.call_function(fn, args, kwargs)
+
+    def same(self, node: fx.Node) -> fx.Node:
+        """Emit the baseline node unchanged (with dense arguments)."""
+        args, kwargs = self.dense_args(node.args), self.dense_args(node.kwargs)
+        return self.graph.create_node(node.op, node.target, args, kwargs, node.name)
+
+    def result(self, node: fx.Node, dense: Any, dims: Sequence[Dim],
+               like: Layout | None = None) -> Val:
+        """Wrap a tensor result: baseline shape from the trace, the given base dims, and the
+        extras of ``like``."""
+        base = self.base(node)
+        if not isinstance(base, torch.Tensor):
+            refuse("expected a tensor result")
+        extras = like.extras if like is not None else ()
+        dims = tuple(dims) + tuple(extras)
+        return Val(dense, Layout(tuple(base.shape), dims, len(extras)))
+
+    def field_of(self, a: Any) -> tuple[Field, ...]:
+        return self.fields.get(a, ()) if isinstance(a, fx.Node) else ()
+
+    def record(self, dense: fx.Node, rec: rules.Record) -> None:
+        """Note a rewritten layer (the core's record, with this graph's names)."""
+        node = self.node
+        self.plan.records.append(LayerRecord(
+            node_name(node), rec.kind, rec.before, rec.after, tuple(rec.step_in),
+            tuple(rec.step_out), tuple(rec.field), node.name, dense.name, rec.note,
+            int(rec.cost)))
+
+    def tensor_inputs(self, node: fx.Node) -> list[Val]:
+        found: list[Val] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(self.env[n]))
+        return found
+
+    # -- placeholders and outputs ---------------------------------------------------------
+
+    def _placeholder(self, node: fx.Node) -> Val:
+        v = self.base(node)
+        n = self.graph.placeholder(node.target)
+        if not isinstance(v, torch.Tensor) or v.dim() < 3:
+            refuse("the model input must be a batched tensor (N, C, spatial...) with 1 to 3 "
+                   "spatial dims")
+        self.fields[node] = tuple(Field() for _ in range(v.dim() - 2))
+        return Val(n, rules.input_layout(tuple(v.shape)))
+
+    def _output(self, node: fx.Node) -> Val:
+        found = []
+
+        def visit(a):
+            val = self.v(a)
+            if val.items is not None and isinstance(a, fx.Node):  # a model's output class
+                for item in val.items:
+                    visit_val(item)
+                return val.node
+            if val.layout is not None and val.layout.fold:
+                val = self._flat_output(val)
+            visit_val(val)
+            return val.node
+
+        def visit_val(val):
+            if val.layout is not None:
+                lay = val.layout
+                if lay.fold:
+                    refuse("the output is a flatten over spatial positions; only a Linear "
+                           "layer may consume such a flatten")
+                if lay.merged:
+                    refuse("the output merges spatial positions into one dim; only a "
+                           "reduction over them may consume it")
+                found.append({
+                    "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
+                    "base_ndim": lay.base_ndim,
+                })
+
+        args = fx.node.map_aggregate(node.args[0], visit)
+        self.plan.outputs = found
+        self.plan.out_field = [list(astuple(f)) for f in self._inherited_field(node)]
+        self.graph.output(args)
+        return Val(None)
+
+    def _flat_output(self, val: Val) -> Val:
+        """An output that flattens a map of one position at the example (``x.view(n, -1)``
+        after a pool as large as the map): with ``window`` pooling, one output per window
+        position (the flattened dims become trailing positions, as a window-pooled head's
+        do); with ``lattice``, the baseline's own flatten of the lattice points, at every
+        size. Other modes have no form for it."""
+        lay = val.layout
+        if any(n != 1 for n in lay.fold_shape):
+            return val  # refused by the caller: a flatten over several positions
+        if self.mode == "window":
+            self.plan.global_pools += 1  # a window pool of one position
+            return Val(val.node, Layout(lay.base, lay.dims, lay.fold))
+        if self.mode == "lattice":
+            steps = tuple(d.step for d in lay.fold_dims)
+            n = self.call(ops.lattice_flatten, val.node, steps)
+            return Val(n, Layout.plain(lay.base))
+        refuse(f"the output flattens a map of one position at the example (--global-pool "
+               f"{self.mode} has no form for it: at larger inputs it has more positions)",
+               "--global-pool window gives one output per window position; lattice gives "
+               "the baseline's own output")
+
+    # -- the default: nothing spatial reaches the node ------------------------------------
+
+    def _unknown(self, node: fx.Node) -> Val:
+        """Nothing spatial reaches the node: it computes what it computes in the baseline.
+        (Sizes read off a map are the baseline's sizes, so a value computed from them is the
+        baseline's value too; a tensor made from them is refused where it meets a map.)"""
+        ins = self.tensor_inputs(node)
+        what = _describe(node)
+        if any(i.layout is not None and not i.layout.is_plain for i in ins):
+            refuse(f"no rule for {what} on a spatial map; it may mix positions, which would "
+                   "break equivalence on the lattice")
+        return self.wrap(node, self.same(node), spatial=any(i.spatial for i in ins))
+
+    def wrap(self, node: fx.Node, dense: fx.Node, spatial: bool = False) -> Val:
+        """A value that is the same in the baseline and the dense model (``spatial``: a
+        number computed from a spatial size)."""
+        base = self.base(node)
+        if isinstance(base, torch.Tensor):
+            return Val(dense, Layout.plain(base.shape))
+        if isinstance(base, (tuple, list)) and all(isinstance(b, torch.Tensor) for b in base):
+            items = tuple(Val(None, Layout.plain(b.shape)) for b in base)
+            return Val(dense, items=items)
+        return Val(dense, spatial=spatial)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+FUNCTIONS: dict[Any, Callable[[Rewriter, fx.Node], Val]] = {}
+METHODS: dict[str, Callable[[Rewriter, fx.Node], Val]] = {}
+
+
+def rule(*handled):
+    """Register a rule for call targets (functions, or tensor method names). A rule may emit
+    its target as it is, so each function is also admitted in dense graphs."""
+    def register(fn):
+        for t in handled:
+            if isinstance(t, str):
+                METHODS[t] = fn
+            else:
+                FUNCTIONS[t] = fn
+                targets.register(t)
+        return fn
+
+    return register
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _per_extra(rw: Rewriter, node: fx.Node, x: Val) -> Val:
+    """Apply the baseline op unchanged at each extra position (phase dims, head positions)."""
+    args = list(rw.dense_args(node.args))
+    n = rw.call(ops.per_position, targets.qualified_name(node.target), args[0],
+                x.layout.n_extra, *args[1:], **rw.dense_args(node.kwargs))
+    base = rw.base(node)
+    return Val(n, Layout(tuple(base.shape), tuple(PLAIN for _ in base.shape) + x.layout.extras,
+                         x.layout.n_extra))
+
+
+# -- refusals with reasons -------------------------------------------------------------------
+
+_REFUSED = {
+    F.interpolate: "upsampling", F.upsample: "upsampling", F.grid_sample: "sampling",
+    F.pixel_shuffle: "depth_to_space", F.conv_transpose1d: "transposed_convolution",
+    F.conv_transpose2d: "transposed_convolution", F.conv_transpose3d: "transposed_convolution",
+    F.scaled_dot_product_attention: "attention", F.multi_head_attention_forward: "attention",
+    F.unfold: "im2col", F.fold: "col2im", F.lp_pool1d: "lp_pool", F.lp_pool2d: "lp_pool",
+    F.fractional_max_pool2d: "random_pooling",
+}
+
+
+def _refused(kind):
+    return lambda rw, node: rules.refuse_kind(kind)
+
+
+for _fn, _kind in _REFUSED.items():
+    FUNCTIONS[_fn] = _refused(_kind)
+
+# the same layers as torch.export spells them (aten operators, or their torch bindings), by
+# name: one reason per kind of layer, whichever capture met it
+_REFUSED_NAMES = (("upsample", "upsampling"), ("_upsample", "upsampling"),
+                  ("conv_transpose", "transposed_convolution"),
+                  ("pixel_shuffle", "depth_to_space"), ("grid_sampler", "sampling"),
+                  ("scaled_dot_product", "attention"), ("_scaled_dot_product", "attention"),
+                  ("_native_multi_head_attention", "attention"), ("im2col", "im2col"),
+                  ("col2im", "col2im"), ("fractional_max_pool", "random_pooling"))
+
+
+def _refused_by_name(target: Any) -> Callable | None:
+    name = (target._schema.name.split("::", 1)[-1] if isinstance(target, torch._ops.OpOverload)
+            else getattr(target, "__name__", ""))
+    for prefix, kind in _REFUSED_NAMES:
+        if name.startswith(prefix):
+            return _refused(kind)
+    return None
+
+
+def _module_reason(m) -> str:
+    """Why a module left as a module (no lowering) is refused."""
+    name = type(m).__name__
+    kinds = {nn.ConvTranspose1d: "transposed_convolution", nn.ConvTranspose2d:
+             "transposed_convolution", nn.ConvTranspose3d: "transposed_convolution",
+             nn.Upsample: "upsampling", nn.UpsamplingNearest2d: "upsampling",
+             nn.UpsamplingBilinear2d: "upsampling", nn.MultiheadAttention: "attention",
+             nn.PixelShuffle: "depth_to_space", nn.Fold: "col2im", nn.Unfold: "im2col"}
+    kind = next((k for cls, k in kinds.items() if isinstance(m, cls)), None)
+    if kind is not None:
+        return f"{name}: {rules.REFUSED[kind]}"
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return f"{name} without running statistics normalizes over positions"
+    return f"no rule for module type {name}"
+
+
+def _describe(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"method '{node.target}'"
+    t = node.target
+    return f"'{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', t)}'".replace("'.", "'")
