@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +34,44 @@ class LayerRecord:
     cost: int = 0  # multiply-adds (or comparisons) per output element
     base_shape: tuple[int, ...] = ()  # the layer's output at the example input
     dense_shape: tuple[int, ...] = ()
+
+    @classmethod
+    def named(cls, rec: Any, node: str, fx_name: str, dense_name: str,
+              base_shape: Sequence[int] = (), dense_shape: Sequence[int] = ()) -> LayerRecord:
+        """The core's decision ``rec`` (:class:`econv_convert.core.rules.Record`) with the
+        names (and, where the backend knows them, the shapes) of one graph's node."""
+        return cls(node, rec.kind, rec.before, rec.after, tuple(rec.step_in),
+                   tuple(rec.step_out), tuple(rec.field), fx_name, dense_name, rec.note,
+                   int(rec.cost), tuple(base_shape), tuple(dense_shape))
+
+
+@dataclass
+class Rewritten:
+    """What one pass of a backend's rewriter found, besides the dense graph: the layers'
+    records, the outputs' lattice views and every value's dense form; the backends' APIs turn
+    it into a :class:`DenseInfo`."""
+
+    records: list[LayerRecord] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # lattice views per output
+    notes: list[str] = field(default_factory=list)
+    has_padding: bool = False  # any zero/reflect padding or ceil-mode window: no shift check
+    global_pools: int = 0
+    specialized: dict[str, list[int]] = field(default_factory=dict)  # node -> traced size
+    peak_elements: int = 0  # the largest dense tensor at the example input
+    peak_node: str = ""
+    kept_stride: tuple[int, ...] = ()  # cumulative stride kept under an output stride
+    # baseline node -> the dense node holding its value and what each dense dim means, for
+    # every value that carries a map (the per-node phase proof reads it)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per input axis, the outputs' receptive field, step and padding reach (size, step, lo, hi)
+    out_field: list[list[int]] = field(default_factory=list)
+    support: list[list[int]] = field(default_factory=list)  # window pooling's, if any
+    graph: Any = None  # the dense graph, where the backend builds it beside the walk (ONNX)
+
+    @property
+    def total_step(self) -> tuple[int, ...]:
+        steps = [tuple(d[1] for d in o["dims"] if d[0] == "space") for o in self.outputs]
+        return max(steps, key=lambda s: math.prod(s)) if steps else ()
 
 
 @dataclass

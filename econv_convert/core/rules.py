@@ -73,12 +73,45 @@ REFUSED = {
     "im2col": "unfolding windows into channels (im2col) has no rule",
     "col2im": "folding channels into positions (col2im) is not translation-equivariant",
     "random_pooling": "fractional pooling is random and not equivariant",
-    "lp_pool": "LpPool has no rule on the PyTorch path yet",
+    "lp_pool": "power-average pooling (lp_pool) as a PyTorch function has no rule yet (its "
+               "ONNX form, LpPool, converts)",
+    "expand": "expanding a spatial map repeats positions",
+    "dropout_mask": "dropout's mask output is used (it is random at every position)",
 }
 
 
 def refuse_kind(kind: str) -> NoReturn:
     refuse(REFUSED[kind])
+
+
+# -- refusals every backend words the same way: the backend names the node ------------------
+
+
+def no_rule(what: str) -> NoReturn:
+    """A node with no rule that a map reaches."""
+    refuse(f"no rule for {what} on a spatial map; it may mix positions, which would break "
+           "equivalence on the lattice")
+
+
+def on_merged(what: str) -> NoReturn:
+    """A node other than a reduction over spatial positions merged into one dim (a
+    flatten(2) before a mean, say)."""
+    refuse(f"{what} on merged spatial positions (only a mean, max, min or sum over them has a "
+           "rule: global pooling)")
+
+
+def output_view(x: Layout, linear: str) -> dict[str, Any]:
+    """What each dim of a model output means (kind, lattice step, input axis): the lattice
+    view of the dense output. Refused: outputs that are no map (a flatten over positions
+    that only ``linear``, the backend's linear layer, may consume; positions merged into one
+    dim)."""
+    if x.fold:
+        refuse(f"the output is a flatten over spatial positions; only {linear} may consume "
+               "such a flatten")
+    if x.merged:
+        refuse("the output merges spatial positions into one dim; only a reduction over them "
+               "may consume it")
+    return {"dims": [(d.kind, d.step, d.axis) for d in x.dims], "base_ndim": x.base_ndim}
 
 
 @dataclass(frozen=True)

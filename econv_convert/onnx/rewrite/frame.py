@@ -18,7 +18,7 @@ constants are ``Constant`` nodes), so weights move back by name (:func:`onnx_api
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import onnx
@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 from econv_convert.core import rules
 from econv_convert.core.lattice import Field
 from econv_convert.core.layout import PLAIN, Layout
-from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord
+from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord, Rewritten
 from econv_convert.core.rules import Refusal, refuse
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.onnx.graph import Builder
@@ -59,22 +59,9 @@ class Val:
         return self.tainted or bool(self.sizes and any(self.sizes))
 
 
-@dataclass
-class Result:
-    graph: onnx.GraphProto
-    records: list[LayerRecord] = field(default_factory=list)
-    outputs: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    has_padding: bool = False
-    global_pools: int = 0
-    kept_stride: tuple[int, ...] = ()
-    peak_elements: int = 0
-    peak_node: str = ""
-    # per input axis, the outputs' receptive field: [size, step, reach lo, reach hi]
-    out_field: list[list[int]] = field(default_factory=list)
-    support: list[list[int]] = field(default_factory=list)  # window pooling's, if any
-    # value -> its dense value and dims, for every value that carries a map (DenseInfo.nodes)
-    nodes: dict[str, dict] = field(default_factory=dict)
+# what the walk found besides the dense graph (built in ``graph``): one record, shared with
+# the PyTorch backend
+Result = Rewritten
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -111,7 +98,7 @@ class OnnxRewriter:
         self.b = Builder(used, opset)
         self.env: dict[str, Val] = {}
         self.fields: dict[str, tuple[Field, ...]] = {}
-        self.result = Result(onnx.GraphProto())
+        self.result = Result(graph=onnx.GraphProto())
         self.node: onnx.NodeProto | None = None
 
     # -- driver -------------------------------------------------------------------------
@@ -265,8 +252,7 @@ class OnnxRewriter:
         for i in node.input:
             v = self.v(i) if i else Val(None)
             if v.layout is not None and not v.layout.is_plain:
-                refuse(f"no rule for {node.op_type} on a spatial map; it may mix positions, "
-                       "which would break equivalence on the lattice")
+                rules.no_rule(node.op_type)
             if v.spatial_size:
                 refuse(f"{node.op_type} makes a tensor from a spatial size (a tensor indexed by "
                        "positions is not translation-equivariant)")
@@ -290,15 +276,15 @@ class OnnxRewriter:
             for o in node.output:
                 self.fields.setdefault(o, f)
 
-    def record(self, rec: rules.Record) -> None:
-        """Note a rewritten layer (the core's record, with this graph's names and shapes)."""
+    def record(self, rec: rules.Record, out: str | None = None) -> None:
+        """Note a rewritten layer (the core's record, with this graph's names and shapes);
+        ``out``: the value it made, if not the node's first output."""
         node = self.node
-        out = node.output[0]
+        out = out or node.output[0]
         lay = self.env[out].layout if out in self.env else None
-        self.result.records.append(LayerRecord(
-            node_label(node), rec.kind, rec.before, rec.after, tuple(rec.step_in),
-            tuple(rec.step_out), tuple(rec.field), node.name, out, rec.note, int(rec.cost),
-            lay.base if lay else (), lay.dense_shape() if lay else ()))
+        self.result.records.append(LayerRecord.named(
+            rec, node_label(node), node.name, out, lay.base if lay else (),
+            lay.dense_shape() if lay else ()))
 
     def fill(self, name: str, value: float) -> str:
         """A scalar of ``name``'s element type (a Pad value)."""
@@ -306,19 +292,11 @@ class OnnxRewriter:
 
     def _outputs(self) -> None:
         for o in self.g.output:
-            lay = self.lay(o.name)
-            if lay.fold:
-                raise UnsupportedLayerError(o.name, "the output is a flatten over spatial "
-                                            "positions; only Gemm/MatMul may consume it")
-            if lay.merged:
-                raise UnsupportedLayerError(o.name, "the output merges spatial positions into "
-                                            "one dim; only a reduction over them may "
-                                            "consume it")
-            self.result.outputs.append({
-                "name": o.name,
-                "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
-                "base_ndim": lay.base_ndim,
-            })
+            try:
+                view = rules.output_view(self.lay(o.name), "Gemm or MatMul")
+            except Refusal as r:
+                raise UnsupportedLayerError(o.name, r.reason) from None
+            self.result.outputs.append({"name": o.name, **view})
         found = [self.fields[o.name] for o in self.g.output if self.fields.get(o.name)]
         self.result.out_field = [list(astuple(Field.merge(fs))) for fs in zip(*found)]
 

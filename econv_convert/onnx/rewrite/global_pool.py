@@ -14,9 +14,8 @@ from onnx import TensorProto
 
 from econv_convert.core import rules
 from econv_convert.core.layout import PLAIN, Layout
-from econv_convert.core.records import LayerRecord
 from econv_convert.core.rules import refuse
-from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, node_label, rule
+from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, rule
 from econv_convert.onnx.rewrite.pointwise import _SCALAR_PARAMS, UNARY
 
 _REDUCE = {"ReduceMean": "mean", "ReduceMax": "max", "ReduceMin": "min", "ReduceSum": "sum",
@@ -115,10 +114,7 @@ def _emit_global(rw: OnnxRewriter, x: str, plan: rules.GlobalPlan, out: str,
     if plan.support:
         rw.result.support = [list(s) for s in plan.support]
     rw.result.global_pools += 1
-    rw.result.records.append(LayerRecord(
-        node_label(rw.node), plan.record.kind, plan.record.before, plan.record.after,
-        plan.record.step_in, plan.record.step_out, plan.record.field, rw.node.name, out,
-        plan.record.note))
+    rw.record(plan.record, out)
 
 
 @rule("GlobalAveragePool", "GlobalMaxPool")
@@ -188,15 +184,14 @@ def _on_merged(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
             refuse(f"{op} with a parameter on merged spatial positions")
         if op == "Dropout":
             if len(node.output) > 1 and node.output[1]:
-                refuse("dropout's mask output is used")
+                rules.refuse_kind("dropout_mask")
             rw.b.op1("Identity", [x], node.output[0])
         else:
             rw.emit(node, list(node.input))
         rw.env[node.output[0]] = Val(lay)
         return
     if op not in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum"):
-        refuse(f"{op} on merged spatial positions (only a mean, max, min or sum over them "
-               "has a rule)")
+        rules.on_merged(op)
     rank = lay.base_ndim - lay.merged + 1  # the baseline's rank
     a = attrs(node)
     space = rules.merged_reduction(lay, _axes_of(rw, node, a, 1), rank)

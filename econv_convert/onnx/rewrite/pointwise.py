@@ -54,7 +54,7 @@ def _unary(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
 @rule("Dropout")
 def _dropout(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if len(node.output) > 1 and node.output[1]:
-        refuse("dropout's mask output is used")
+        rules.refuse_kind("dropout_mask")
     rw.b.op1("Identity", [node.input[0]], node.output[0])
     rw.env[node.output[0]] = rw.v(node.input[0])
     rw.inherit_field(node)
@@ -152,7 +152,7 @@ def _expand(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         return rw._same(node)
     lay = rw.lay(node.input[0])
     if lay.fold or any(d.spatial for d in lay.base_dims):
-        refuse("expanding a spatial map")
+        rules.refuse_kind("expand")
     if not target.spatial_size:
         refuse("expanding a value with extra dims to a fixed shape")
     out = rw.base_shape(node.output[0])

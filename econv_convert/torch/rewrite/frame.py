@@ -11,10 +11,9 @@ becomes and emit that as fx nodes whose run-time work is done by
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from econv_convert.core import rules
 from econv_convert.core.lattice import Field
 from econv_convert.core.layout import PLAIN, Dim, Layout
-from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord
+from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord, Rewritten
 from econv_convert.core.rules import Refusal, refuse
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.torch import ops, targets
@@ -48,28 +47,8 @@ class Val:
     spatial: bool = False  # a number that depends on a spatial size
 
 
-@dataclass
-class Plan:
-    records: list[LayerRecord] = field(default_factory=list)
-    outputs: list[dict[str, Any]] = field(default_factory=list)  # lattice views per output
-    notes: list[str] = field(default_factory=list)
-    has_padding: bool = False  # any zero/reflect padding or ceil-mode window: no shift check
-    global_pools: int = 0
-    specialized: dict[str, list[int]] = field(default_factory=dict)  # node -> traced size
-    peak_elements: int = 0  # the largest dense tensor at the example input
-    peak_node: str = ""
-    kept_stride: tuple[int, ...] = ()  # cumulative stride kept under an output stride
-    # baseline node -> the dense node holding its value and what each dense dim means, for
-    # every value that carries a map (the per-node phase proof reads it)
-    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # per input axis, the outputs' receptive field, step and padding reach (size, step, lo, hi)
-    out_field: list[list[int]] = field(default_factory=list)
-    support: list[list[int]] = field(default_factory=list)  # window pooling's, if any
-
-    @property
-    def total_step(self) -> tuple[int, ...]:
-        steps = [tuple(d[1] for d in o["dims"] if d[0] == "space") for o in self.outputs]
-        return max(steps, key=lambda s: math.prod(s)) if steps else ()
+# what the walk found besides the dense graph: one record, shared with the ONNX backend
+Plan = Rewritten
 
 
 def _tuple(v, n: int) -> tuple[int, ...]:
@@ -235,10 +214,7 @@ class Rewriter:
     def record(self, dense: fx.Node, rec: rules.Record) -> None:
         """Note a rewritten layer (the core's record, with this graph's names)."""
         node = self.node
-        self.plan.records.append(LayerRecord(
-            node_name(node), rec.kind, rec.before, rec.after, tuple(rec.step_in),
-            tuple(rec.step_out), tuple(rec.field), node.name, dense.name, rec.note,
-            int(rec.cost)))
+        self.plan.records.append(LayerRecord.named(rec, node_name(node), node.name, dense.name))
 
     def tensor_inputs(self, node: fx.Node) -> list[Val]:
         found: list[Val] = []
@@ -272,17 +248,7 @@ class Rewriter:
 
         def visit_val(val):
             if val.layout is not None:
-                lay = val.layout
-                if lay.fold:
-                    refuse("the output is a flatten over spatial positions; only a Linear "
-                           "layer may consume such a flatten")
-                if lay.merged:
-                    refuse("the output merges spatial positions into one dim; only a "
-                           "reduction over them may consume it")
-                found.append({
-                    "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
-                    "base_ndim": lay.base_ndim,
-                })
+                found.append(rules.output_view(val.layout, "a Linear layer"))
 
         args = fx.node.map_aggregate(node.args[0], visit)
         self.plan.outputs = found
@@ -320,8 +286,7 @@ class Rewriter:
         ins = self.tensor_inputs(node)
         what = _describe(node)
         if any(i.layout is not None and not i.layout.is_plain for i in ins):
-            refuse(f"no rule for {what} on a spatial map; it may mix positions, which would "
-                   "break equivalence on the lattice")
+            rules.no_rule(what)
         return self.wrap(node, self.same(node), spatial=any(i.spatial for i in ins))
 
     def wrap(self, node: fx.Node, dense: fx.Node, spatial: bool = False) -> Val:

@@ -61,8 +61,7 @@ def _on_merged(rw: Rewriter, node: fx.Node) -> Val:
     lay = x.layout
     if name is None or lay is None or not lay.merged or any(
             v.layout is not None and v.layout.merged for v in rw.tensor_inputs(node)[1:]):
-        refuse(f"{_describe(node)} on merged spatial positions (only a mean, sum or amax over "
-               "them has a rule: global pooling)")
+        rules.on_merged(_describe(node))
     if node.kwargs.get("dtype"):
         refuse(f"{_describe(node)} with a dtype over merged spatial positions")
     rank = lay.base_ndim - lay.merged + 1  # the baseline's rank

@@ -128,7 +128,7 @@ def _expand(rw: Rewriter, node: fx.Node) -> Val:
     if y.layout is None or (y.layout.is_plain and not target_spatial):
         return rw.wrap(node, rw.same(node))
     if y.layout.has_space or y.layout.fold:
-        refuse("expanding a spatial map")
+        rules.refuse_kind("expand")
     binary = {t for t in _BINARY if not isinstance(t, str)}
     if not all((u.op == "call_function" and u.target in binary)
                or (u.op == "call_method" and u.target in _BINARY) for u in node.users):
