@@ -265,3 +265,9 @@ def lead_margin(pad_lo: int, stride: int, j: int) -> int:
     """Leading outputs of phase ``j > 0`` where the sliced sub-map reads its own padding and
     the dense op the points before it: ``ceil(pad_lo / stride)`` (0 for ``j == 0``)."""
     return 0 if j == 0 else -(-pad_lo // stride)
+
+
+def effective_dilation(kernel: Sequence[int], dws: Sequence[DenseWindow]) -> list[int]:
+    """The dilation to emit per axis: dilation has no effect along an axis with one tap
+    (1 x 1 convolutions), and 1 there lets a runtime pick its plain kernels."""
+    return [d.dilation if k > 1 else 1 for k, d in zip(kernel, dws, strict=True)]

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from econv_convert.core.lattice import Window, dense_window
+from econv_convert.core.lattice import Window, dense_window, effective_dilation
 from econv_convert.errors import InvalidInputError
 from econv_convert.run.resources import estimate_bytes
 from econv_convert.torch import ops
@@ -252,7 +252,7 @@ def dilation_overhead(dense: nn.Module, x: torch.Tensor, device: torch.device, r
         nd = len(steps)
         dws = [dense_window(Window(kk, t, a, b, d), s)
                for kk, t, a, b, d, s in zip(k, stride, lo, hi, dil, steps)]
-        dil_t = ops._effective_dilation(k, dws)
+        dil_t = effective_dilation(k, dws)
         if all(d == 1 for d in dil_t):
             continue  # nothing dilated (a 1 x 1 convolution, or the first layers)
         pad = []

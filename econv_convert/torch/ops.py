@@ -22,6 +22,7 @@ from econv_convert.core.lattice import (
     Window,
     avg_divisor_bounds,
     dense_window,
+    effective_dilation,
     lattice_count,
     out_size,
     tight,
@@ -71,12 +72,6 @@ def _crop(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     for i, n in enumerate(sizes):
         x = x.index_select(x.dim() - nd + i, torch.arange(n, device=x.device))
     return x
-
-
-def _effective_dilation(kernel, dws) -> list[int]:
-    """Dilation has no effect along an axis with one tap (1 x 1 convolutions); passing 1 there
-    lets PyTorch pick its plain kernels."""
-    return [d.dilation if k > 1 else 1 for k, d in zip(kernel, dws, strict=True)]
 
 
 def _crop_strided(y: torch.Tensor, x: torch.Tensor, steps, windows) -> torch.Tensor:
@@ -136,7 +131,7 @@ def conv(
     dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
     lo = [d.pad_lo for d in dws]
     hi = [d.pad_hi for d in dws]
-    dil = _effective_dilation(k, dws)
+    dil = effective_dilation(k, dws)
     if pad_mode == "constant" and lo == hi:
         y = _CONV[nd](x, weight, bias, 1, lo, dil, groups)
     else:

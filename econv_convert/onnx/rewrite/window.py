@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from econv_convert.core import rules
-from econv_convert.core.lattice import Window, dense_out
+from econv_convert.core.lattice import Window, dense_out, effective_dilation
 from econv_convert.core.layout import Layout, LayoutError
 from econv_convert.core.rules import refuse
 from econv_convert.onnx.graph import SymInt
@@ -155,10 +155,6 @@ def _nonzero(values) -> bool:
     return any(not _static(v) or v for v in values)
 
 
-def _effective_dilation(kernel, dws) -> list[int]:
-    return [d.dilation if k > 1 else 1 for k, d in zip(kernel, dws)]
-
-
 @rule("Conv")
 def _conv(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     x, w_name = node.input[0], node.input[1]
@@ -180,7 +176,7 @@ def _conv(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     strided = any(w.stride > 1 for w in plan.windows)
     y = rw.b.op1("Conv", [src, *node.input[1:]], None if strided else node.output[0],
                  kernel_shape=list(kernel), strides=[1] * nd, pads=conv_pads,
-                 dilations=_effective_dilation(kernel, plan.dense),
+                 dilations=effective_dilation(kernel, plan.dense),
                  group=int(attrs(node).get("group", 1)))
     _crop(rw, y, x, plan.steps, plan.windows, node.output[0] if strided else None)
     _done(rw, node, plan)
