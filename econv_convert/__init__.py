@@ -20,12 +20,20 @@ from econv_convert.torch.api import densify, inverse, lattice_view
 from econv_convert.torch.module import freeze_batchnorm
 from econv_convert.torch.storage import load_dense, save_dense
 from econv_convert.torch.verify import verify
+from econv_convert.workflow import (
+    CheckOptions,
+    LoadOptions,
+    densify_file,
+    inverse_file,
+    verify_file,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DenseInfo", "EConvError", "EquivalenceError", "InvalidInputError", "InvalidModelError",
-    "TransferError", "UnsafeCheckpointError", "UnsupportedLayerError", "VerifyReport",
-    "__version__", "densify", "freeze_batchnorm", "inverse", "lattice_view", "load_dense",
-    "save_dense", "verify",
+    "CheckOptions", "DenseInfo", "EConvError", "EquivalenceError", "InvalidInputError",
+    "InvalidModelError", "LoadOptions", "TransferError", "UnsafeCheckpointError",
+    "UnsupportedLayerError", "VerifyReport", "__version__", "densify", "densify_file",
+    "freeze_batchnorm", "inverse", "inverse_file", "lattice_view", "load_dense", "save_dense",
+    "verify", "verify_file",
 ]

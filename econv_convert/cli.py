@@ -7,13 +7,12 @@ run again with ``--debug`` for the traceback and report it).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,11 +21,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from econv_convert import __version__
+from econv_convert import __version__, workflow
 from econv_convert.errors import EConvError, EquivalenceError, InvalidInputError, describe
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "fixtures" / "patch_classifier.pt"
-DEFAULT_SHAPE = [1, 3, 224, 224]
+DEFAULT_MODEL = workflow.DEFAULT_MODEL
 
 app = typer.Typer(
     name="econv-convert",
@@ -54,42 +52,9 @@ class Precision(str, Enum):
     model = "model"
 
 
-@dataclass(frozen=True)
-class Load:
-    """How MODEL is loaded and densified (the options densify, verify, inspect and bench
-    share)."""
-
-    arch: str | None = None
-    arch_kwargs: str | None = None
-    trust_pickle: bool = False
-    input_shape: str | None = None
-    global_pool: GlobalPool = GlobalPool.phase
-    until: str | None = None
-    output_stride: int | None = None
-    input_name: str | None = None
-
-    def torch_only(self) -> None:
-        """Refuse the options an ONNX graph has no use for."""
-        given = {"arch": self.arch, "arch_kwargs": self.arch_kwargs,
-                 "trust_pickle": self.trust_pickle, "input_name": self.input_name}
-        used = [k for k, v in given.items() if v]
-        if used:
-            opt = "--" + used[0].replace("_", "-")
-            raise InvalidInputError(f"{opt} is for PyTorch models; an ONNX graph carries its "
-                                    "own structure and weights")
-
-
-@dataclass(frozen=True)
-class Check:
-    """How a dense model is checked (the verification options)."""
-
-    trials: int = 1
-    seed: int = 0
-    atol: float | None = None
-    rtol: float | None = None
-    near: bool = False
-    precision: Precision = Precision.float64
-    outputs: tuple[str, ...] = ()
+# the options as plain data the workflows take (the CLI's enums become their values)
+Load = workflow.LoadOptions
+Check = workflow.CheckOptions
 
 
 def _version(value: bool) -> None:
@@ -189,107 +154,44 @@ ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Run even where the memory estimate exceeds the available memory.")]
 
 
-def _model_path(model: Path | None) -> Path:
-    if model is not None:
-        return model
-    if not DEFAULT_MODEL.exists():
-        raise InvalidInputError("no MODEL given and the bundled fixture is not installed here; "
-                                "name a model file")
-    return DEFAULT_MODEL
-
-
-def _load(model: Path | None, how: Load):
-    from econv_convert.torch.loading import load_model, parse_kwargs
-
-    path = _model_path(model)
-    return path, load_model(path, arch=how.arch, arch_kwargs=parse_kwargs(how.arch_kwargs),
-                            trust_pickle=how.trust_pickle)
-
-
-def _densified(model: Path | None, how: Load):
-    """Load MODEL and densify it at the example input: what densify, verify, inspect and
-    bench all start with."""
-    from econv_convert.torch import api
-
-    path, loaded = _load(model, how)
-    shape = _shape(how.input_shape, loaded.input_shape)
-    dense = api.densify(loaded.model, shape, global_pool=how.global_pool.value, until=how.until,
-                        output_stride=how.output_stride, input_name=how.input_name)
-    dense.econv.arch = loaded.arch
-    dense.econv.arch_kwargs = dict(loaded.arch_kwargs or {})
-    return path, loaded, dense
-
-
-def _shape(text: str | None, recorded: list[int] | None) -> list[int]:
-    from econv_convert.torch.loading import parse_shape
-
-    if text:
-        return parse_shape(text)
-    return list(recorded) if recorded else list(DEFAULT_SHAPE)
-
-
-def _check_output(output: Path, inputs: list[Path]) -> None:
-    if output.exists() and output.is_dir():
-        raise InvalidInputError(f"{output}: is a directory; give a file name")
-    folder = output.parent
-    if not folder.is_dir():
-        raise InvalidInputError(f"{output}: the folder {folder} does not exist")
-    for i in inputs:
-        if i.exists() and output.exists() and output.resolve() == i.resolve():
-            raise InvalidInputError(f"{output}: the output would overwrite the input")
-
-
-def _guard_memory(dense, force: bool, *, verifying: bool = True, exporting: bool = False,
-                  near: bool = False) -> None:
-    """Refuse before running the dense model at sizes that would not fit in memory: the
-    sizes this command will run it at (verification, an export's trace and check)."""
-    from econv_convert.check import default_shapes
-    from econv_convert.run.resources import check_memory
-
-    meta = getattr(dense, "econv", dense)
-    runs: list[tuple[tuple[int, ...], str]] = []
-    if verifying:
-        runs += [(tuple(s), "the largest input the equivalence check runs")
-                 for s in default_shapes(meta, near)[0]]
-    if exporting:
-        from econv_convert.torch.exports import export_shapes
-
-        runs += [(tuple(s), "the input the export is traced and re-checked at")
-                 for s in export_shapes(dense)]
-    if not runs:
+@contextlib.contextmanager
+def _checking(quiet: bool):
+    """A progress callback for the equivalence checks, drawing a bar on stderr (None when
+    ``quiet``): a line per check above the bar. The bar starts with the first check, so
+    what comes before it (loading, errors) prints as if there were none."""
+    if quiet:
+        yield None
         return
-    shape, why = max(runs, key=lambda r: math.prod(r[0][:1]) * math.prod(r[0][2:]))
-    check_memory(meta, shape, force=force, why=why)
+    columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.description}"), TimeElapsedColumn())
+    bar = Progress(*columns, console=err, transient=True)
+    task: list[Any] = []
+    since = [time.perf_counter()]
+
+    def progress(done: int, total: int, what: str) -> None:
+        if not task:
+            bar.start()
+            task.append(bar.add_task("", total=None))
+            since[0] = time.perf_counter()
+        # a line per check (the shifted windows as one), above the bar
+        if not what.startswith("shift") or done == total:
+            label = "shifted windows" if what.startswith("shift") else what
+            bar.console.print(f"[dim]checked {label} "
+                              f"({time.perf_counter() - since[0]:.1f} s)[/]")
+            since[0] = time.perf_counter()
+        bar.update(task[0], completed=done, total=total, description=what)
+
+    try:
+        yield progress
+    finally:
+        if task:
+            bar.stop()
 
 
 def _verify(baseline, dense, how: Check, *, quiet: bool):
     """Run the checks (PyTorch models, or ONNX graphs in onnxruntime) with a progress bar."""
-    if isinstance(dense, _onnx_model_type()):
-        from econv_convert.onnx.api import verify
-    else:
-        from econv_convert.torch.verify import verify
-
-    kwargs = dict(trials=how.trials, seed=how.seed, atol=how.atol, rtol=how.rtol,
-                  near_example=how.near, precision=how.precision.value,
-                  outputs=list(how.outputs) or None)
-    if quiet:
-        return verify(baseline, dense, **kwargs)
-    columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("", total=None)
-        since = [time.perf_counter()]
-
-        def progress(done: int, total: int, what: str) -> None:
-            # a line per check (the shifted windows as one), above the bar
-            if not what.startswith("shift") or done == total:
-                label = "shifted windows" if what.startswith("shift") else what
-                bar.console.print(f"[dim]checked {label} "
-                                  f"({time.perf_counter() - since[0]:.1f} s)[/]")
-                since[0] = time.perf_counter()
-            bar.update(task, completed=done, total=total, description=what)
-
-        return verify(baseline, dense, progress=progress, **kwargs)
+    with _checking(quiet) as progress:
+        return workflow.run_checks(baseline, dense, how, progress)
 
 
 def _emit_json(payload: dict[str, Any]) -> None:
@@ -425,42 +327,23 @@ def densify(
     json_out: JsonOpt = False,
 ) -> None:
     """Rewrite MODEL into its dense equivalent, verify it and write it to OUTPUT."""
-    from econv_convert.torch import exports
-
     how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
                input_name)
     checking = None if no_verify else Check(trials, seed, atol, rtol, at_example_size, precision)
-    if _is_onnx(model):
-        how.torch_only()
-        if freeze_batchnorm:
-            raise InvalidInputError("--freeze-batchnorm is for PyTorch models: an ONNX dense "
-                                    "graph is for inference only")
-        return _densify_onnx(model, output, how, checking, allow_mismatch, force, json_out)
-    if output is not None:
-        exports.check_suffix(output)
-        _check_output(output, [_model_path(model)])
-    path, loaded, dense = _densified(model, how)
-    if freeze_batchnorm:
-        from econv_convert.torch.module import freeze_batchnorm as freeze
-
-        freeze(dense)
-    _guard_memory(dense, force, verifying=checking is not None,
-                  exporting=output is not None and output.suffix != ".pt",
-                  near=at_example_size)
-    result = None
-    if checking is not None:
-        result = _verify(loaded.model, dense, checking, quiet=json_out)
-    failed = result is not None and not result.ok
-    check = None
-    written = output is not None and (not failed or allow_mismatch)
-    if written:
-        check = exports.write(dense, output)
+    with _checking(json_out) as progress:
+        done = workflow.densify_file(model, output, load_options=how, check=checking,
+                                     allow_mismatch=allow_mismatch, force=force,
+                                     freeze_batchnorm=freeze_batchnorm, progress=progress)
+    check = done.export_check
     extra = None
     if check is not None:
         extra = (f"{check.format} export re-run at {'x'.join(map(str, check.shape))}: "
                  f"max |error| {check.max_abs:.2e}")
-    _densify_report(path, output, written, dense.econv, result, json_out,
-                    {"export_check": check.__dict__ if check else None}, extra)
+    note = (" (dynamic batch and spatial axes; checked with onnx.checker and strict shape "
+            "inference)") if workflow.is_onnx(done.source) else ""
+    _densify_report(done.source, output, done.written, done.info, done.verification, json_out,
+                    {"export_check": check.__dict__ if check else None} if not note else {},
+                    extra, note)
 
 
 @app.command()
@@ -491,40 +374,13 @@ def verify(
     json_out: JsonOpt = False,
 ) -> None:
     """Check that a dense model reproduces MODEL on random inputs (exit 0 equal, 1 not)."""
-    from econv_convert.torch import api, storage
-
     how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
                input_name)
     checking = Check(trials, seed, atol, rtol, at_example_size, precision, tuple(compared or ()))
-    if _is_onnx(model) or (model is None and _is_onnx(dense)):
-        how.torch_only()
-        return _verify_onnx(model, dense, how, checking, force, json_out)
-    notes = []
-    if dense is not None:
-        from econv_convert.torch.loading import check_file
-
-        if _is_onnx(dense):
-            raise InvalidInputError(
-                f"--dense {dense}: a dense ONNX graph exported from a PyTorch model is checked "
-                "against the dense model when densify writes it; verify takes the dense .pt "
-                "(densify -o dense.pt) against a PyTorch MODEL")
-        check_file(dense)
-        dense_model = storage.load_dense(dense)
-        if model is None:
-            baseline = api.inverse(dense_model)
-            notes.append("no MODEL given: checked against the baseline graph recorded in the "
-                         "dense checkpoint")
-            path = dense
-        else:
-            path, loaded = _load(model, how)
-            baseline = loaded.model
-    else:
-        path, loaded, dense_model = _densified(model, how)
-        baseline = loaded.model
-    _guard_memory(dense_model, force, near=at_example_size)
-    result = _verify(baseline, dense_model, checking, quiet=json_out)
-    result.notes[:0] = notes
-    _verify_report(path, dense, dense_model.econv, result, json_out)
+    with _checking(json_out) as progress:
+        done = workflow.verify_file(model, dense, load_options=how, check=checking, force=force,
+                                    progress=progress)
+    _verify_report(done.source, dense, done.info, done.verification, json_out)
 
 
 @app.command()
@@ -544,44 +400,10 @@ def inverse(
 ) -> None:
     """Inverse transfer: write the baseline's weights taken from a dense model, after checking
     that the baseline with them equals the dense model on the lattice."""
-    from econv_convert.files import atomic_write
-    from econv_convert.torch.api import inverse as invert
-    from econv_convert.torch.loading import build_arch, check_file
-    from econv_convert.torch.state import load_weights_into, portable_state_dict
-    from econv_convert.torch.storage import load_dense
-
     checking = Check(trials, seed, atol, rtol, precision=precision)
-    check_file(dense)
-    if _is_onnx(dense):
-        return _inverse_onnx(dense, output, checking, json_out)
-    suffix = output.suffix.lower()
-    if suffix not in (".pt", ".pth", ".safetensors"):
-        raise InvalidInputError(f"{output}: the output must end in .pt, .pth or .safetensors")
-    _check_output(output, [dense])
-    dense_model = load_dense(dense)
-    baseline = invert(dense_model)
-    meta = dense_model.econv
-    if getattr(meta, "arch", None):
-        # prove that the weights load into the user's own class, strictly
-        load_weights_into(build_arch(meta.arch, meta.arch_kwargs), baseline.state_dict(),
-                          f"the dense weights of {dense.name}")
-    result = _verify(baseline, dense_model, checking, quiet=json_out)
-    if result.ok:
-        weights = portable_state_dict(baseline)  # with module versions (_metadata)
-        if suffix == ".safetensors":
-            from safetensors.torch import save
-
-            from econv_convert.torch.loading import SAFETENSORS_METADATA
-
-            versions = json.dumps(getattr(weights, "_metadata", {}))
-            data = save(dict(weights), metadata={SAFETENSORS_METADATA: versions})
-            atomic_write(output, lambda f: f.write(data))
-        else:
-            import torch
-
-            atomic_write(output, lambda f: torch.save(weights, f))
-    _inverse_report(dense, output, result, json_out,
-                    f"{len(baseline.state_dict())} tensors, the baseline's keys and shapes")
+    with _checking(json_out) as progress:
+        done = workflow.inverse_file(dense, output, check=checking, progress=progress)
+    _inverse_report(dense, output, done.verification, json_out, done.what)
 
 
 @app.command()
@@ -606,12 +428,12 @@ def inspect(
 
     how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
                input_name)
-    if _is_onnx(model):
+    if workflow.is_onnx(model):
         how.torch_only()
         path = model
-        _, _, meta = _onnx_densified(model, how)
+        _, _, meta = workflow.onnx_densified(model, how)
     else:
-        path, loaded, dense = _densified(model, how)
+        path, loaded, dense = workflow.densified(model, how)
         meta = dense.econv
     plan = costs.plan(meta)
     if json_out:
@@ -656,13 +478,13 @@ def bench(
 
         if not torch.cuda.is_available():
             raise InvalidInputError("--device cuda: no CUDA device is available here")
-    path, loaded, dense = _densified(model, Load(arch, arch_kwargs, trust_pickle,
+    path, loaded, dense = workflow.densified(model, Load(arch, arch_kwargs, trust_pickle,
                                                  global_pool=global_pool,
                                                  output_stride=output_stride,
                                                  input_name=input_name))
     example = dense.econv.example_shape
     if input_shape:
-        shape = _shape(input_shape, None)
+        shape = workflow.example_shape(input_shape, None)
     elif timing._patch_size(dense) is not None:
         shape = [1, example[1]] + [512] * (len(example) - 2)
     else:
@@ -901,19 +723,19 @@ def _dense_for_predict(model: Path, how: Load, no_verify: bool, quiet: bool):
     from econv_convert import onnx_api
     from econv_convert.torch import storage
 
-    if _is_onnx(model):
-        graph = _load_onnx(model)
+    if workflow.is_onnx(model):
+        graph = workflow.load_onnx(model)
         if onnx_api.is_dense(graph):
             return None, onnx_api.info(graph), None
         how.torch_only()
-        baseline, dense, meta = _onnx_densified(model, how)
+        baseline, dense, meta = workflow.onnx_densified(model, how)
         if not no_verify:
             _require_ok(_verify(baseline, dense, Check(), quiet=quiet))
         return None, meta, lambda p: onnx_api.save(dense, p)
     if storage.is_dense_checkpoint(model):
         dense = storage.load_dense(model)
         return dense, dense.econv, None
-    _, loaded, dense = _densified(model, how)
+    _, loaded, dense = workflow.densified(model, how)
     if not no_verify:
         _require_ok(_verify(loaded.model, dense, Check(), quiet=quiet))
     return dense, dense.econv, lambda p: storage.save_dense(dense, p)
@@ -951,7 +773,7 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
     from econv_convert.torch.loading import check_file
 
     check_file(model)
-    _check_output(output, [model, input])
+    workflow.check_output(output, [model, input])
     dense, meta, save = _dense_for_predict(model, how, no_verify, json_out)
     geo = scene.geometry(meta)
     mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
@@ -1021,106 +843,6 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
 
 
 # -- ONNX graphs ------------------------------------------------------------------------------
-
-
-def _is_onnx(path: Path | None) -> bool:
-    return path is not None and path.suffix.lower() == ".onnx"
-
-
-def _onnx_model_type():
-    import onnx
-
-    return onnx.ModelProto
-
-
-def _load_onnx(path: Path):
-    from econv_convert import onnx_api
-    from econv_convert.torch.loading import check_file
-
-    check_file(path)
-    return onnx_api.load(path)
-
-
-def _onnx_densified(model: Path, how: Load):
-    from econv_convert import onnx_api
-    from econv_convert.torch.loading import parse_shape
-
-    baseline = _load_onnx(model)
-    if onnx_api.is_dense(baseline):
-        raise InvalidInputError(f"{model}: is already a dense model made by econv-convert")
-    if how.until is not None:  # the baseline to check against is the part before the cut
-        baseline = onnx_api.cut(baseline, how.until)
-    shape = parse_shape(how.input_shape) if how.input_shape else None
-    dense, meta = onnx_api.densify(baseline, shape, global_pool=how.global_pool.value,
-                                   output_stride=how.output_stride, until=how.until)
-    return baseline, dense, meta
-
-
-def _densify_onnx(model: Path, output: Path | None, how: Load, checking: Check | None,
-                  allow_mismatch: bool, force: bool, json_out: bool) -> None:
-    from econv_convert import onnx_api
-
-    if output is not None:
-        if output.suffix.lower() != ".onnx":
-            raise InvalidInputError(f"{output}: an ONNX model densifies to an ONNX model: the "
-                                    "output must end in .onnx")
-        _check_output(output, [model])
-    baseline, dense, meta = _onnx_densified(model, how)
-    _guard_memory(meta, force, verifying=checking is not None,
-                  near=checking is not None and checking.near)
-    result = None
-    if checking is not None:
-        result = _verify(baseline, dense, checking, quiet=json_out)
-    failed = result is not None and not result.ok
-    written = output is not None and (not failed or allow_mismatch)
-    if written:
-        onnx_api.save(dense, output)
-    _densify_report(model, output, written, meta, result, json_out, {}, None,
-                    " (dynamic batch and spatial axes; checked with onnx.checker and strict "
-                    "shape inference)")
-
-
-def _verify_onnx(model: Path | None, dense: Path | None, how: Load, checking: Check,
-                 force: bool, json_out: bool) -> None:
-    from econv_convert import onnx_api
-
-    notes = []
-    if dense is not None:
-        if dense.suffix.lower() != ".onnx":
-            raise InvalidInputError(f"{dense}: an ONNX baseline is checked against a dense "
-                                    ".onnx model")
-        dense_model = _load_onnx(dense)
-        meta = onnx_api.info(dense_model)
-        if model is None:
-            baseline = onnx_api.inverse(dense_model)
-            notes.append("no MODEL given: checked against the baseline graph recorded in the "
-                         "dense model")
-        else:
-            baseline = _load_onnx(model)
-        path = model or dense
-    else:
-        baseline, dense_model, meta = _onnx_densified(model, how)
-        path = model
-    _guard_memory(meta, force, near=checking.near)
-    result = _verify(baseline, dense_model, checking, quiet=json_out)
-    result.notes[:0] = notes
-    _verify_report(path, dense, meta, result, json_out)
-
-
-def _inverse_onnx(dense: Path, output: Path, checking: Check, json_out: bool) -> None:
-    from econv_convert import onnx_api
-
-    if output.suffix.lower() != ".onnx":
-        raise InvalidInputError(f"{output}: a dense ONNX model inverts to an ONNX baseline: the "
-                                "output must end in .onnx")
-    _check_output(output, [dense])
-    dense_model = _load_onnx(dense)
-    baseline = onnx_api.inverse(dense_model)
-    result = _verify(baseline, dense_model, checking, quiet=json_out)
-    if result.ok:
-        onnx_api.save(baseline, output)
-    _inverse_report(dense, output, result, json_out, "the baseline graph with the dense "
-                    f"model's {len(baseline.graph.initializer)} initializers")
 
 
 def main() -> None:

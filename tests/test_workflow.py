@@ -1,0 +1,59 @@
+"""The workflows the commands run, as a Python user calls them (econv_convert.workflow):
+either backend chosen by the file, the write-only-if-verified policy, typed errors, results
+as data."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from conftest import FIXTURES
+
+from econv_convert import workflow
+from econv_convert.errors import InvalidInputError
+from econv_convert.torch.storage import load_dense
+
+
+@pytest.mark.parametrize("kind", ["pt", "onnx"])
+def test_densify_verify_and_inverse_files_of_either_backend(tmp_path, kind):
+    baseline = FIXTURES / f"patch_classifier.{kind}"
+    dense = tmp_path / f"dense.{kind}"
+    calls = []
+    done = workflow.densify_file(baseline, dense,
+                                 progress=lambda *a: calls.append(a))
+    assert done.written and done.ok and dense.exists() and calls
+    assert done.to_dict()["output"] == str(dense) and done.info.total_step == (8, 8)
+    if kind == "pt":
+        assert load_dense(dense).econv.total_step == (8, 8)
+    checked = workflow.verify_file(baseline, dense)
+    assert checked.ok and checked.to_dict()["verification"]["ok"]
+    recorded = workflow.verify_file(None, dense)  # against the baseline the file records
+    assert recorded.ok and "no MODEL given" in recorded.verification.notes[0]
+    back = tmp_path / ("baseline.onnx" if kind == "onnx" else "baseline.safetensors")
+    inverted = workflow.inverse_file(dense, back)
+    assert inverted.ok and back.exists() and inverted.to_dict()["output"] == str(back)
+
+
+def test_a_dense_model_that_does_not_verify_is_not_written_unless_asked(tmp_path,
+                                                                        monkeypatch):
+    failed = SimpleNamespace(ok=False, to_dict=lambda: {"ok": False})
+    monkeypatch.setattr(workflow, "run_checks", lambda *a, **k: failed)
+    out = tmp_path / "dense.pt"
+    done = workflow.densify_file(FIXTURES / "patch_classifier.pt", out)
+    assert not done.written and not done.ok and not out.exists()
+    assert done.to_dict()["output"] is None
+    done = workflow.densify_file(FIXTURES / "patch_classifier.pt", out, allow_mismatch=True)
+    assert done.written and out.exists()
+    inverted = workflow.inverse_file(out, tmp_path / "b.pt")
+    assert not inverted.ok and not (tmp_path / "b.pt").exists()
+
+
+def test_options_and_outputs_are_checked_before_anything_runs(tmp_path):
+    with pytest.raises(InvalidInputError, match="must end in .onnx"):
+        workflow.densify_file(FIXTURES / "patch_classifier.onnx", tmp_path / "d.pt")
+    with pytest.raises(InvalidInputError, match="--arch is for PyTorch models"):
+        workflow.densify_file(FIXTURES / "patch_classifier.onnx",
+                              load_options=workflow.LoadOptions(arch="m:f"))
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        workflow.densify_file(FIXTURES / "patch_classifier.pt", tmp_path / "no" / "d.pt")
+    assert list(tmp_path.iterdir()) == []
