@@ -29,6 +29,7 @@ from econv_convert.core.lattice import Field
 from econv_convert.core.layout import PLAIN, Layout
 from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord, Rewritten
 from econv_convert.core.rules import Refusal, refuse
+from econv_convert.core.walk import Walk
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.onnx.graph import Builder
 
@@ -73,7 +74,7 @@ def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-class OnnxRewriter:
+class OnnxRewriter(Walk):
     """Rewrite ``model`` (opset >= 13, default domain) whose baseline shapes at the example
     input are ``shapes`` and whose constant tensors are ``consts``. ``channels_last``: the
     image input is (N, spatial..., C)."""
@@ -98,7 +99,7 @@ class OnnxRewriter:
         self.b = Builder(used, opset)
         self.env: dict[str, Val] = {}
         self.fields: dict[str, tuple[Field, ...]] = {}
-        self.result = Result(graph=onnx.GraphProto())
+        self.result = self.rewritten = Result(graph=onnx.GraphProto())
         self.node: onnx.NodeProto | None = None
 
     # -- driver -------------------------------------------------------------------------
@@ -118,45 +119,31 @@ class OnnxRewriter:
                                         "1 to 3 spatial dims")
         self.env[x.name] = Val(rules.input_layout(shape, self.channels_last))
         self.fields[x.name] = tuple(Field() for _ in shape[2:])
-        self._note_value(x.name)
-        consumed = {i for n in self.g.node for i in n.input} | {o.name for o in self.g.output}
-        for node in self.g.node:
-            node = _without_unused_outputs(node, consumed, self.b.opset)
-            self.node = node
-            try:
-                self._rewrite(node)
-            except Refusal as r:
-                raise UnsupportedLayerError(node_label(node), r.reason,
-                                            r.hint or self._until_hint(node)) from None
-            except UnsupportedLayerError:
-                raise
-            except (KeyError, IndexError, TypeError, ValueError) as e:
-                raise UnsupportedLayerError(
-                    node_label(node), f"unexpected attributes or inputs ({type(e).__name__}: "
-                    f"{e})") from e
-            for out in node.output:
-                v = self.env.get(out)
-                if v is not None and v.layout is not None and not v.layout.is_plain:
-                    n = v.layout.dense_numel()
-                    if n > self.result.peak_elements:
-                        self.result.peak_elements, self.result.peak_node = n, node_label(node)
-                self._note_value(out)
+        self.note(x.name, x.name, self.env[x.name].layout, x.name)
+        self.walk()
         self._outputs()
         self.result.graph.node.extend(self.b.nodes)
         return self.result
 
-    def _note_value(self, name: str) -> None:
-        """The node map the per-node proof reads: a value that carries a map, and what its
-        dense dims mean (its dense value has the same name)."""
-        v = self.env.get(name)
-        lay = v.layout if v is not None else None
-        if lay is None or not (lay.has_space or lay.n_extra):
-            return
-        self.result.nodes[name] = {
-            "dense": name, "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
-            "n_extra": lay.n_extra, "flat": bool(lay.fold or lay.merged)}
+    # -- what the walk asks of a backend (core/walk.py) ----------------------------------
 
-    def _until_hint(self, refused: onnx.NodeProto) -> str:
+    def nodes(self):
+        consumed = {i for n in self.g.node for i in n.input} | {o.name for o in self.g.output}
+        for node in self.g.node:
+            yield _without_unused_outputs(node, consumed, self.b.opset)
+
+    def label(self, node: onnx.NodeProto) -> str:
+        return node_label(node)
+
+    def rewrite(self, node: onnx.NodeProto) -> None:
+        self._rewrite(node)
+
+    def made(self, node: onnx.NodeProto):
+        for out in node.output:
+            v = self.env.get(out)
+            yield out, out, v.layout if v is not None else None  # dense values keep names
+
+    def until_hint(self, refused: onnx.NodeProto) -> str:
         """``--until`` the map the refused node reads (or the last map before it, for a
         flatten of positions), where a node makes it."""
         producer = {o: n for n in self.g.node for o in n.output}

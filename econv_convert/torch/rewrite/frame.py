@@ -25,8 +25,8 @@ from econv_convert.core import rules
 from econv_convert.core.lattice import Field
 from econv_convert.core.layout import PLAIN, Dim, Layout
 from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord, Rewritten
-from econv_convert.core.rules import Refusal, refuse
-from econv_convert.errors import UnsupportedLayerError
+from econv_convert.core.rules import refuse
+from econv_convert.core.walk import Walk
 from econv_convert.torch import ops, targets
 from econv_convert.torch.capture import module_path, node_name
 
@@ -61,7 +61,7 @@ def _tuple(v, n: int) -> tuple[int, ...]:
     return tuple(int(v) for _ in range(n))
 
 
-class Rewriter:
+class Rewriter(Walk):
     def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any], global_pool: str,
                  output_stride: int | None = None):
         if global_pool not in GLOBAL_POOL_MODES:
@@ -73,48 +73,40 @@ class Rewriter:
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Val] = {}
         self.fields: dict[fx.Node, tuple[Field, ...]] = {}
-        self.plan = Plan()
+        self.plan = self.rewritten = Plan()
         self.node: fx.Node | None = None
 
     # -- driver ---------------------------------------------------------------------------
 
     def run(self) -> tuple[fx.Graph, Plan]:
-        for node in self.gm.graph.nodes:
-            self.node = node
-            try:
-                self.env[node] = val = self._rewrite(node)
-                if self.plan.records and self.plan.records[-1].fx_name == node.name \
-                        and val.layout is not None:
-                    r = self.plan.records[-1]
-                    r.base_shape = val.layout.base
-                    r.dense_shape = val.layout.dense_shape()
-                if val.layout is not None and val.layout.dense_numel() > self.plan.peak_elements:
-                    self.plan.peak_elements = val.layout.dense_numel()
-                    self.plan.peak_node = node_name(node)
-                if node not in self.fields:
-                    self.fields[node] = self._inherited_field(node)
-                self._note_node(node, val)
-            except Refusal as r:
-                raise UnsupportedLayerError(node_name(node), r.reason,
-                                            r.hint or self._until_hint(node)) from None
-            except UnsupportedLayerError:
-                raise
-            except (IndexError, TypeError, ValueError) as e:
-                raise UnsupportedLayerError(
-                    node_name(node), f"unexpected arguments ({type(e).__name__}: {e})"
-                ) from e
+        self.walk()
         self.graph.lint()
         return self.graph, self.plan
 
-    def _note_node(self, node: fx.Node, val: Val) -> None:
-        lay = val.layout
-        if lay is None or not isinstance(val.node, fx.Node) or not (lay.has_space or lay.n_extra):
-            return
-        self.plan.nodes[node.name] = {
-            "dense": val.node.name, "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
-            "n_extra": lay.n_extra, "flat": bool(lay.fold or lay.merged)}
+    # -- what the walk asks of a backend (core/walk.py) ----------------------------------
 
-    def _until_hint(self, refused: fx.Node) -> str:
+    def nodes(self):
+        return self.gm.graph.nodes
+
+    def label(self, node: fx.Node) -> str:
+        return node_name(node)
+
+    def rewrite(self, node: fx.Node) -> None:
+        self.env[node] = val = self._rewrite(node)
+        if self.plan.records and self.plan.records[-1].fx_name == node.name \
+                and val.layout is not None:
+            r = self.plan.records[-1]
+            r.base_shape = val.layout.base
+            r.dense_shape = val.layout.dense_shape()
+        if node not in self.fields:
+            self.fields[node] = self._inherited_field(node)
+
+    def made(self, node: fx.Node):
+        val = self.env[node]
+        dense = val.node.name if isinstance(val.node, fx.Node) else None
+        yield node.name, dense, val.layout
+
+    def until_hint(self, refused: fx.Node) -> str:
         """``--until`` the last top-level module that ran before the refused node (and does
         not contain it): its output is a dense feature map the user can have."""
         inside = module_path(refused).split(".")[0]
