@@ -1,0 +1,89 @@
+"""Capturing a PyTorch model as a functional torch.fx graph the rewrite rules read.
+
+``capture`` tries torch.fx symbolic tracing (:mod:`.fx_trace`) and, where it fails,
+torch.export (:mod:`.export`). ``torch.nn`` layers are then *lowered* (:mod:`.lower`) to the
+functional calls they stand for (``nn.MaxPool2d`` -> ``F.max_pool2d``, parameters as
+``get_attr`` nodes), so the rules see one form for ``nn.Conv2d`` and ``F.conv2d`` alike; a
+leaf module with no lowering stays a ``call_module`` node and the rules refuse it by name.
+Stochastic layers are found and recorded (:mod:`.stochastic`); names, paths and the captured
+record are shared (:mod:`.common`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from econv_convert.errors import InvalidInputError, InvalidModelError
+from econv_convert.torch.capture.common import (  # noqa: F401  (the package's public face)
+    NAME,
+    PREFIX,
+    Captured,
+    _short,
+    module_of_error,
+    module_path,
+    node_name,
+    shape_prop,
+)
+from econv_convert.torch.capture.export import _capture_export, from_exported  # noqa: F401
+from econv_convert.torch.capture.fx_trace import _capture_fx
+from econv_convert.torch.capture.stochastic import _export_notes, stochastic_depth
+
+CAPTURES = ("auto", "torch.fx", "torch.export")
+
+
+def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None,
+            input_name: str | None = None, method: str = "auto") -> Captured:
+    """``model`` (in eval mode) as a lowered, functional graph of its computation on
+    ``example``-like inputs.
+
+    torch.fx first: it traces every input size symbolically and keeps module calls. A model
+    whose ``forward()`` branches on sizes or values cannot be traced so; then
+    ``torch.export`` (non-strict, spatial and batch sizes dynamic), which runs the Python
+    code at the example input: where a branch depends on the input size, the size condition
+    it took is kept in the graph and checked whenever the dense model runs. Only when both
+    fail is the model refused, with torch.fx's reason first.
+
+    With ``until``, the graph returns the output of module ``until`` (a name from
+    ``named_modules()``). With ``input_name``, the model is called as
+    ``model(**{input_name: x})``. ``method`` ``torch.fx`` or ``torch.export`` uses that
+    capture only (``auto``: the order above).
+    """
+    if method not in CAPTURES:
+        raise InvalidInputError(f"capture '{method}' is not one of {', '.join(CAPTURES)}")
+    if until is not None and until not in dict(model.named_modules()):
+        raise InvalidModelError(f"--until: the model has no module named '{until}'")
+    drops, off = stochastic_depth(model, example, input_name)
+    if method == "torch.export":
+        captured = _capture_export(model, example, until, input_name)
+        captured.notes += _export_notes(drops) + off
+        return captured
+    try:
+        captured = _capture_fx(model, until, input_name, drops)
+        captured.notes += [
+            f"'{d.name}' is stochastic depth (drop rate {d.p:.4g} per "
+            f"{'sample' if d.per_sample else 'batch'}): it drops when the dense model trains"
+            for d in drops.values()] + off
+        return captured
+    except InvalidModelError as e:
+        if e.__cause__ is None or method == "torch.fx":
+            raise  # ours (--until, outputs): the same with any capture
+        fx_error = e
+    try:
+        captured = _capture_export(model, example, until, input_name)
+    except InvalidModelError as e:
+        raise InvalidModelError(
+            f"{fx_error}; torch.export fails too ({e}). Make the forward() of that module "
+            "depend on attributes rather than on tensor values, or stop before it with "
+            "--until") from fx_error
+    captured.notes.append(
+        f"torch.fx could not trace the model ({_short(fx_error)}); captured with "
+        "torch.export: Python control flow is fixed at the example input, and where it "
+        "depends on the input size the dense model checks that the size takes the same "
+        "branch")
+    captured.notes += _export_notes(drops) + off
+    return captured
+
+
+__all__ = ["CAPTURES", "NAME", "PREFIX", "Captured", "capture", "from_exported",
+           "module_of_error", "module_path", "node_name", "shape_prop", "stochastic_depth"]
