@@ -151,13 +151,13 @@ def test_trained_weights_and_statistics_come_back_by_inverse_transfer():
     assert verify(model, dense).ok
 
 
-def _ddp_rank(rank: int, world: int, port: int, model_path: str, data_path: str,
+def _ddp_rank(rank: int, world: int, rendezvous: str, model_path: str, data_path: str,
               out_path: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world)
     try:
         dense = freeze_batchnorm(load_dense(model_path)).train()
@@ -173,8 +173,6 @@ def _ddp_rank(rank: int, world: int, port: int, model_path: str, data_path: str,
 
 @pytest.mark.slow
 def test_distributed_data_parallel_gives_the_single_process_gradients(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     dense = densify(net(), (1, 3, 32, 32))
@@ -183,11 +181,11 @@ def test_distributed_data_parallel_gives_the_single_process_gradients(tmp_path):
     with torch.no_grad():
         target = torch.randn_like(dense(x))
     torch.save((x, target), tmp_path / "data.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path / "d.pt"), str(tmp_path / "data.pt"),
-                              str(tmp_path / "grads.pt")), nprocs=2, join=True)
+    # a file to meet at, not a free port: a port found free can be taken by another test's
+    # cluster before the ranks bind it
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "d.pt"),
+                              str(tmp_path / "data.pt"), str(tmp_path / "grads.pt")), nprocs=2,
+             join=True)
     got = torch.load(tmp_path / "grads.pt")
     single = freeze_batchnorm(load_dense(tmp_path / "d.pt")).train()
     ((single(x) - target) ** 2).mean().backward()

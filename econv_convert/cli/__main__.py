@@ -1,0 +1,5 @@
+"""``python -m econv_convert.cli``: the command line."""
+
+from econv_convert.cli import main
+
+main()

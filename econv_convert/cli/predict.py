@@ -1,0 +1,356 @@
+"""``econv-convert predict``: dense predictions over an image of any size, block by block
+(:mod:`econv_convert.run.scene`), or into an array in memory for ``.npy`` outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from econv_convert import workflow
+from econv_convert.cli import (
+    ArchKwargsOpt,
+    ArchOpt,
+    Check,
+    GlobalPool,
+    InputNameOpt,
+    JsonOpt,
+    Load,
+    OutputStrideOpt,
+    ShapeOpt,
+    TrustOpt,
+    UntilOpt,
+    _emit_json,
+    _guarded,
+    _verify,
+    app,
+    err,
+    out,
+)
+from econv_convert.errors import EquivalenceError, InvalidInputError
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"{what} '{text}': expected numbers like 0.485,0.456,0.406") \
+            from None
+
+
+def _bytes(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise InvalidInputError(f"--max-memory '{text}': expected a size like 2G or 512M") \
+            from None
+
+
+@app.command()
+@_guarded
+def predict(
+    model: Annotated[Path, typer.Argument(
+        help="A baseline checkpoint or ONNX graph (densified in memory with the options "
+             "below), a dense checkpoint (.pt from densify) or a dense .onnx.",
+        show_default=False)],
+    input: Annotated[Path, typer.Argument(
+        help="The image, read window by window: TIFF/BigTIFF/OME-TIFF (tiled, any codec; "
+             "--level for pyramids), a .zarr array or OME-Zarr, a slide (.svs, .ndpi, .mrxs, "
+             "...: pip install 'econv-convert[slides]'), a .npy array (memory-mapped; C,H,W "
+             "or H,W,C) or PNG/JPEG (decoded whole).", show_default=False)],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="OUT.zarr: a chunked (C, H', W') float32 array written block "
+                               "by block, with an overview OUT.png beside it. OUT.npy: the "
+                               "whole result in memory, for small inputs.")],
+    arch: ArchOpt = None,
+    arch_kwargs: ArchKwargsOpt = None,
+    input_shape: ShapeOpt = None,
+    input_name: InputNameOpt = None,
+    global_pool: Annotated[GlobalPool, typer.Option(
+        "--global-pool", help="How a baseline's global pool is densified; the default, "
+                              "window, makes a classifier of patches of the example size a "
+                              "heat map: one prediction per window position.")]
+    = GlobalPool.window,
+    until: UntilOpt = None,
+    output_stride: OutputStrideOpt = None,
+    trust_pickle: TrustOpt = False,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip checking a model densified here.")] = False,
+    level: Annotated[int, typer.Option("--level", min=0, help="Pyramid level of a TIFF, "
+                                       "slide or OME-Zarr (0: full resolution).")] = 0,
+    mpp: Annotated[float | None, typer.Option(
+        "--mpp", help="Read the pyramid level whose pixel size is nearest to this many "
+                      "micrometres per pixel, at or finer (the file must record its pixel "
+                      "size); instead of --level.")] = None,
+    layout: Annotated[str, typer.Option("--layout", help="Channel axis of 3-D arrays: auto "
+                                        "(from the file, else the model's channels), chw or "
+                                        "hwc.")] = "auto",
+    mean: Annotated[str | None, typer.Option(
+        "--mean", help="Per-channel mean to subtract, like 0.485,0.456,0.406. Integer images "
+                       "are scaled to [0, 1] by their type's maximum first; RGBA loses its "
+                       "alpha.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Per-channel std to divide by.")]
+    = None,
+    block: Annotated[int | None, typer.Option(
+        "--block", "--tile", help="Output positions per block side (one zarr chunk, one "
+                                  "task). Default: the largest that fits --max-memory.")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget of all workers together, like 8G (default: half "
+                             "of the available memory).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=0, help="Worker processes of the embedded Dask cluster (default: one "
+                                 "per two cores); 0 runs in this process.")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", help="Run on an existing Dask cluster, like tcp://HOST:8786 (its "
+                            "workers need this package and the input and output paths).")]
+    = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda (each worker on its "
+                                        "own GPU).")] = "cpu",
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Finish an interrupted OUT.zarr: only the missing blocks are "
+                         "computed; refused if the model or options differ.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing "
+                                            "output.")] = False,
+    channel: Annotated[int | None, typer.Option(
+        "--channel", help="Overview of this output channel (default: the arg-max "
+                          "class).")] = None,
+    mask: Annotated[str, typer.Option(
+        "--mask", help="Skip background: auto (a tissue mask by Otsu's threshold on a "
+                       "low-resolution view; the default for slides and pyramids), none (the "
+                       "default for other inputs), or PATH, a binary image of any size with "
+                       "the input's aspect ratio. Skipped outputs are NaN.")] = "default",
+    ngff_version: Annotated[str, typer.Option(
+        "--ngff", help="OME-NGFF version of OUT.zarr: 0.5 (zarr v3) or 0.4 (zarr v2, for "
+                       "viewers that read only 0.4).")] = "0.5",
+    json_out: JsonOpt = False,
+) -> None:
+    """Dense predictions over an image of any size: exact at every position, block by block
+    in bounded memory, on an embedded Dask cluster or an existing one. OUT.zarr is an
+    OME-Zarr image at the input's physical scale (a pyramid, the arg-max class as a label
+    image)."""
+    from econv_convert.run import scene
+    from econv_convert.run.sources import SourceSpec
+    from econv_convert.torch.loading import check_file
+
+    if not input.is_dir():  # a zarr input is a folder
+        check_file(input)
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
+    if output.suffix.lower() == ".npy":
+        how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until,
+                   output_stride, input_name)
+        return _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, std,
+                            channel, level, layout, json_out)
+    if output.suffix.lower() != ".zarr":
+        raise InvalidInputError(f"{output}: the output must end in .zarr (or .npy for a small "
+                                "result in memory)")
+    if not output.parent.is_dir():
+        raise InvalidInputError(f"{output}: the folder {output.parent} does not exist")
+    if resume and overwrite:
+        raise InvalidInputError("--resume and --overwrite: choose one")
+    if mpp is not None and level:
+        raise InvalidInputError("--mpp and --level: choose one")
+    from econv_convert.run import ngff
+
+    ngff.zarr_format(ngff_version)
+    how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
+               input_name)
+    check_file(model)
+    dense, meta, save = _dense_for_predict(model, how, no_verify, json_out)
+    mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
+    channels = meta.canonical(meta.example_shape)[1]
+    source = SourceSpec(str(input), channels, level, layout)
+    if mpp is not None:
+        from econv_convert.run.sources import level_for_mpp
+
+        level, level_mpp = level_for_mpp(source, mpp)
+        source = SourceSpec(str(input), channels, level, layout)
+        if not json_out:
+            err.print(f"--mpp {mpp:g}: level {level} "
+                      f"({' x '.join(f'{m:.4g}' for m in level_mpp)} um per pixel)")
+    record = {"model": str(model), "model_sha256": scene.checksum(model),
+              "options": {"global_pool": global_pool.value, "until": until,
+                          "output_stride": output_stride, "input_shape": input_shape,
+                          "level": level, "mpp": mpp, "layout": layout, "mean": mean_v,
+                          "std": std_v, "input": str(input)}}
+    # the model the workers load: the given dense file, or the one densified here, saved
+    # inside the output (read back before it is used)
+    where = Path(str(output) + ".model" + (".onnx" if dense is None else ".pt"))
+    model_file = model if save is None else where
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
+        task = bar.add_task("blocks", total=None)
+
+        def started(where_: str, dashboard: str | None) -> None:
+            if not json_out:
+                err.print(f"running on {where_}" + (f"; dashboard {dashboard}" if dashboard
+                                                     else ""))
+
+        if save is not None:
+            scene.claim_output(output, resume=resume, overwrite=overwrite)
+            save(where)
+        report = scene.predict_scene(
+            scene.ModelSpec(str(model_file), device), source, output, record=record,
+            block=block, mean=mean_v, std=std_v, workers=workers, scheduler=scheduler,
+            resume=resume, overwrite=overwrite, max_memory=_bytes(max_memory), meta=meta,
+            progress=lambda d, t: bar.update(task, completed=d, total=t),
+            on_start=started, overview_channel=channel, ngff_version=ngff_version,
+            mask=mask)
+    data = report.to_dict()
+    if json_out:
+        _emit_json({"model": str(model), **data})
+        return
+    g = report.geometry
+    masked = (f", {report.blocks_masked} without tissue skipped "
+              f"({report.mask['tissue_fraction']:.0%} tissue)" if report.mask else "")
+    out.print(f"{report.blocks_total} blocks of {g['block']}x{g['block']} outputs "
+              f"({report.blocks_skipped} already done{masked}) on {report.scheduler} with "
+              f"{report.workers} worker{'s' if report.workers != 1 else ''} in "
+              f"{report.seconds:.1f} s; output {'x'.join(map(str, report.shape))}, one per "
+              f"{'x'.join(map(str, g['step']))} input pixels, window "
+              f"{'x'.join(map(str, g['window']))}")
+    physical = (f"{' x '.join(f'{v:.4g}' for v in report.scale)} um per output pixel"
+                if report.unit else "pixel units (the input records no pixel size)")
+    out.print(f"OME-NGFF {report.ngff}, {report.levels} level"
+              f"{'s' if report.levels != 1 else ''}, {physical}")
+    out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{report.overview}[/]"
+                                            if report.overview else ""))
+
+
+def _dense_for_predict(model: Path, how: Load, no_verify: bool, quiet: bool):
+    """MODEL as a dense model: ``(dense torch module or None for ONNX, its DenseInfo, save)``
+    where ``save(path)`` writes a model densified here (None when MODEL is dense already)."""
+    from econv_convert import onnx_api
+    from econv_convert.torch import storage
+
+    if workflow.is_onnx(model):
+        graph = workflow.load_onnx(model)
+        if onnx_api.is_dense(graph):
+            return None, onnx_api.info(graph), None
+        how.torch_only()
+        baseline, dense, meta = workflow.onnx_densified(model, how)
+        if not no_verify:
+            _require_ok(_verify(baseline, dense, Check(), quiet=quiet))
+        return None, meta, lambda p: onnx_api.save(dense, p)
+    if storage.is_dense_checkpoint(model):
+        dense = storage.load_dense(model)
+        return dense, dense.econv, None
+    _, loaded, dense = workflow.densified(model, how)
+    if not no_verify:
+        _require_ok(_verify(loaded.model, dense, Check(), quiet=quiet))
+    return dense, dense.econv, lambda p: storage.save_dense(dense, p)
+
+
+def _require_ok(result) -> None:
+    """Exit 1 naming the worst failed check; nothing is written."""
+    if not result.ok:
+        failed = result.failures()
+        worst = max(failed, key=lambda c: c.max_abs / c.scale if c.scale > 0 else c.max_abs,
+                    default=None)
+        what = ""
+        if worst is not None:
+            where = "x".join(map(str, worst.shape[2:]))
+            what = f" ({worst.check} at {where}: {worst.detail})" if worst.detail else ""
+        elif not result.checked:
+            what = " (no input size could be checked)"
+        raise EquivalenceError("the dense model is NOT equivalent to the baseline" + what
+                               + "; nothing was predicted")
+
+
+def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, std, channel,
+                 level, layout, json_out):
+    """The whole result in memory (small inputs), computed by the block engine of OUT.zarr
+    (:func:`econv_convert.run.scene.block_output`) in this process: any model kind, any
+    input kind (a batch from an N,C,H,W .npy)."""
+    import tempfile
+
+    import numpy as np
+
+    from econv_convert.files import atomic_write
+    from econv_convert.run import predict as tiled
+    from econv_convert.run import scene
+    from econv_convert.run.sources import InMemorySource, SourceSpec, kind_of, open_source
+    from econv_convert.torch.loading import check_file
+
+    check_file(model)
+    workflow.check_output(output, [model, input])
+    dense, meta, save = _dense_for_predict(model, how, no_verify, json_out)
+    geo = scene.geometry(meta)
+    mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
+    channels = meta.canonical(meta.example_shape)[1]
+    nd = len(geo.step)
+    lead: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if dense is not None:
+            run = scene.module_runner(dense, nd, lead=lead)
+        else:
+            path = model
+            if save is not None:  # an ONNX baseline densified here: run from a file
+                path = Path(tmp) / "dense.onnx"
+                save(path)
+            onnx_run = scene.runner(scene.ModelSpec(str(path)))
+
+            def run(a):
+                y = onnx_run(a)
+                lead[:] = y.shape[1:-nd]
+                return y
+        norm = (mean_v, std_v)
+        image = kind_of(input) != "npy"  # a picture of the result beside it
+        batch = np.load(input, mmap_mode="r") if not image else None
+        if batch is not None and batch.ndim == 4 and batch.shape[0] > 1:  # N,C,H,W
+            if batch.shape[1] != channels:
+                raise InvalidInputError(f"{input}: a batch of shape {tuple(batch.shape)}; "
+                                        f"expected N,{channels},H,W")
+            items = [InMemorySource(np.asarray(batch[n])) for n in range(batch.shape[0])]
+        else:  # one image, read as OUT.zarr reads it
+            items = [open_source(SourceSpec(str(input), channels, level, layout))]
+        size = scene.block_size(meta, geo, items[0].shape, block, _bytes(max_memory), 1)
+        columns = (TextColumn("blocks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        ys, blocks = [], 0
+        with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
+            task = bar.add_task("", total=None)
+            for src in items:
+                shape = scene.output_size(run, src, geo, *norm)
+                job = scene.Job(None, None, "", shape, (size,) * nd, geo.step, geo.unit,
+                                geo.halo, *norm, halo_after=geo.halo_after)
+                blocks += len(job.blocks())
+                ys.append(scene.in_memory(job, src, run, progress=lambda d, t: bar.update(
+                    task, completed=d, total=t)))
+    data = np.stack(ys)
+    data = data.reshape(data.shape[0], *lead, *data.shape[2:])
+    if channel is not None and not 0 <= channel < data.shape[1]:
+        raise InvalidInputError(f"--channel {channel}: the output has {data.shape[1]} channels")
+    atomic_write(output, lambda f: np.save(f, data))
+    picture = None
+    if image and data.ndim == 4:
+        import torch
+        from PIL import Image
+
+        picture = output.with_suffix(".png")
+        rgb = tiled.heat_map(torch.from_numpy(np.nan_to_num(data)), channel).numpy()
+        atomic_write(picture, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
+    if json_out:
+        _emit_json({"output": str(output), "heat_map": str(picture) if picture else None,
+                    "shape": list(data.shape), "blocks": blocks, "block": [size] * nd,
+                    "halo": list(geo.halo), "halo_after": list(geo.halo_after),
+                    "step": list(geo.step)})
+    else:
+        out.print(f"{blocks} blocks of {'x'.join([str(size)] * nd)} outputs (halo "
+                  f"{'x'.join(map(str, geo.halo))} pixels); output "
+                  f"{'x'.join(map(str, data.shape))}, one per "
+                  f"{'x'.join(map(str, geo.step))} input pixels")
+        out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{picture}[/]" if picture else ""))
+
+
+# -- ONNX graphs ------------------------------------------------------------------------------
