@@ -6,7 +6,7 @@
 """
 
 from econv_convert.check import VerifyReport
-from econv_convert.core.records import DenseInfo
+from econv_convert.core.records import DenseInfo, info
 from econv_convert.errors import (
     EConvError,
     EquivalenceError,
@@ -16,7 +16,7 @@ from econv_convert.errors import (
     UnsafeCheckpointError,
     UnsupportedLayerError,
 )
-from econv_convert.torch.api import densify, inverse, lattice_view
+from econv_convert.torch.api import densify, inverse, is_dense, lattice_view
 from econv_convert.torch.module import freeze_batchnorm
 from econv_convert.torch.storage import load_dense, save_dense
 from econv_convert.torch.verify import verify
@@ -34,6 +34,6 @@ __all__ = [
     "CheckOptions", "DenseInfo", "EConvError", "EquivalenceError", "InvalidInputError",
     "InvalidModelError", "LoadOptions", "TransferError", "UnsafeCheckpointError",
     "UnsupportedLayerError", "VerifyReport", "__version__", "densify", "densify_file",
-    "freeze_batchnorm", "inverse", "inverse_file", "lattice_view", "load_dense", "save_dense",
-    "verify", "verify_file",
+    "freeze_batchnorm", "info", "inverse", "inverse_file", "is_dense", "lattice_view",
+    "load_dense", "save_dense", "verify", "verify_file",
 ]

@@ -476,7 +476,7 @@ def _lattice_case(meta, run_baseline: RunBaseline, run_dense: RunDense, x, tol,
     if len(b) != len(dense) or len(dense) != len(meta.outputs):
         return Case("lattice", shape, ok=False, detail=f"{len(dense)} dense outputs vs "
                     f"{len(b)} baseline outputs")
-    d = [lattice_view(y, spec["dims"], spec["base_ndim"])
+    d = [read_lattice(y, spec["dims"], spec["base_ndim"])
          for y, spec in zip(dense, meta.outputs)]
     return _compare("lattice", shape, b, d, tol, names)
 
@@ -560,7 +560,7 @@ def _compare(check, shape, base: list[torch.Tensor], dense: list[torch.Tensor], 
     return worst
 
 
-def lattice_view(y: torch.Tensor, dims: Sequence[Sequence], base_ndim: int) -> torch.Tensor:
+def read_lattice(y: torch.Tensor, dims: Sequence[Sequence], base_ndim: int) -> torch.Tensor:
     """The baseline's output read off a dense output.
 
     ``dims`` gives each dense dim's ``(kind, step, axis)``: ``plain``, ``space`` (every

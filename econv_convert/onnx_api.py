@@ -2,6 +2,17 @@
 
 The public face of :mod:`econv_convert.onnx.api`, at the path the README documents."""
 
-from econv_convert.onnx.api import cut, densify, info, inverse, is_dense, load, save, verify
+from econv_convert.onnx.api import (
+    cut,
+    densify,
+    info,
+    inverse,
+    is_dense,
+    lattice_view,
+    load,
+    save,
+    verify,
+)
 
-__all__ = ["cut", "densify", "info", "inverse", "is_dense", "load", "save", "verify"]
+__all__ = ["cut", "densify", "info", "inverse", "is_dense", "lattice_view", "load", "save",
+           "verify"]

@@ -57,3 +57,32 @@ def test_options_and_outputs_are_checked_before_anything_runs(tmp_path):
     with pytest.raises(InvalidInputError, match="does not exist"):
         workflow.densify_file(FIXTURES / "patch_classifier.pt", tmp_path / "no" / "d.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_both_backends_answer_is_dense_info_and_lattice_view_alike(tmp_path):
+    """The same questions, the same answers: is this dense, how was it made, what would the
+    baseline have output (for modules, ONNX graphs and the files of both)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from econv_convert import info, is_dense, lattice_view, onnx_api
+
+    workflow.densify_file(FIXTURES / "patch_classifier.pt", tmp_path / "d.pt", check=None)
+    workflow.densify_file(FIXTURES / "patch_classifier.pt", tmp_path / "d.pt2", check=None)
+    workflow.densify_file(FIXTURES / "patch_classifier.onnx", tmp_path / "d.onnx", check=None)
+    for path in ("d.pt", "d.pt2", "d.onnx"):
+        assert is_dense(tmp_path / path), path
+    for path in (FIXTURES / "patch_classifier.pt", FIXTURES / "patch_classifier.onnx"):
+        assert not is_dense(path)
+    dense_pt, dense_onnx = load_dense(tmp_path / "d.pt"), onnx_api.load(tmp_path / "d.onnx")
+    assert is_dense(dense_pt) and is_dense(dense_onnx)
+    assert info(dense_pt).total_step == onnx_api.info(dense_onnx).total_step == (8, 8)
+    x = torch.randn(1, 3, 71, 67)
+    session = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    y_onnx = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = lattice_view(dense_pt, dense_pt(x)).numpy()
+    got = onnx_api.lattice_view(dense_onnx, y_onnx)
+    assert isinstance(got, list) and got[0].shape == expected.shape
+    np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-5)

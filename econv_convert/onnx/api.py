@@ -442,6 +442,21 @@ def is_dense(model: onnx.ModelProto) -> bool:
     return any(p.key == INFO_KEY for p in model.metadata_props)
 
 
+def lattice_view(dense: onnx.ModelProto | DenseInfo, out):
+    """The baseline's outputs read off the dense graph's outputs (``out``: one array, or the
+    list onnxruntime returns; lattice points, phase 0), as numpy arrays in the same
+    structure."""
+    import torch
+
+    from econv_convert.check import read_lattice
+
+    specs = (dense if isinstance(dense, DenseInfo) else info(dense)).outputs
+    arrays = out if isinstance(out, (list, tuple)) else [out]
+    views = [read_lattice(torch.as_tensor(np.asarray(a)), s["dims"], s["base_ndim"]).numpy()
+             for a, s in zip(arrays, specs, strict=True)]
+    return views if isinstance(out, (list, tuple)) else views[0]
+
+
 def inverse(dense: onnx.ModelProto) -> onnx.ModelProto:
     """The baseline graph recorded in ``dense``, with ``dense``'s initializers (and
     ``Constant`` values of the same names): the inverse weight transfer."""

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from econv_convert.check import lattice_view as read_lattice
+from econv_convert.check import read_lattice
 from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo, info
 from econv_convert.errors import (
     EConvError,
@@ -159,6 +161,33 @@ def lattice_view(dense: nn.Module, out: Any) -> Any:
     specs = info(dense).outputs
     return outputs.map_tensors(
         out, lambda i, t: read_lattice(t, specs[i]["dims"], specs[i]["base_ndim"]))
+
+
+def is_dense(model: Any) -> bool:
+    """Whether ``model`` is a dense model made by econv-convert: a module with its record, a
+    dense ONNX graph, or a file of either (a dense checkpoint, a dense ``.pt2`` or ``.onnx``;
+    no code is read)."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if path.suffix.lower() == ".onnx":
+            from econv_convert.onnx import api as onnx_api
+
+            try:
+                return onnx_api.is_dense(onnx_api.load(path))
+            except Exception:
+                return False
+        if path.suffix.lower() == ".pt2":
+            from econv_convert.torch.loading import dense_pt2_record
+
+            return dense_pt2_record(path) is not None
+        from econv_convert.torch.storage import is_dense_checkpoint
+
+        return is_dense_checkpoint(path)
+    if hasattr(model, "metadata_props"):  # an onnx.ModelProto
+        from econv_convert.onnx import api as onnx_api
+
+        return onnx_api.is_dense(model)
+    return isinstance(getattr(model, "econv", None), DenseInfo)
 
 
 def inverse(dense: nn.Module) -> fx.GraphModule:
