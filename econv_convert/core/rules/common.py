@@ -1,0 +1,119 @@
+"""What every rule shares: refusals (a reason, and what the user can do) and the words both
+backends use for them, the record a rewritten layer leaves for reports, receptive fields
+through windows, the model input's layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from econv_convert.core.lattice import (
+    Field,
+    Window,
+)
+from econv_convert.core.layout import PLAIN, Dim, Layout
+
+
+class Refusal(Exception):
+    """A layer with no dense form; ``reason`` says why and ``hint`` what the user can do,
+    where an option helps (the backend adds the node's name, and by default suggests
+    densifying the part before it)."""
+
+    def __init__(self, reason: str, hint: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.hint = hint
+
+
+def refuse(reason: str, hint: str = "") -> NoReturn:
+    raise Refusal(reason, hint)
+
+
+# layer kinds that are not translation-equivariant on the lattice, whatever their geometry;
+# each backend maps its own ops to these
+REFUSED = {
+    "upsampling": "upsampling is not translation-equivariant on the lattice",
+    "transposed_convolution": "a transposed convolution upsamples, which is not "
+                              "translation-equivariant on the lattice",
+    "depth_to_space": "depth to space (pixel shuffle) moves channels into positions: it "
+                      "upsamples",
+    "attention": "attention over positions mixes the whole map",
+    "sampling": "sampling at computed positions (grid sampling) is not "
+                "translation-equivariant",
+    "region_pooling": "region pooling reads absolute positions",
+    "unpooling": "unpooling writes absolute positions",
+    "detection": "detection post-processing reads absolute positions",
+    "subgraph": "a subgraph (If/Loop/Scan) is not supported",
+    "im2col": "unfolding windows into channels (im2col) has no rule",
+    "col2im": "folding channels into positions (col2im) is not translation-equivariant",
+    "random_pooling": "fractional pooling is random and not equivariant",
+    "lp_pool": "power-average pooling (lp_pool) as a PyTorch function has no rule yet (its "
+               "ONNX form, LpPool, converts)",
+    "expand": "expanding a spatial map repeats positions",
+    "dropout_mask": "dropout's mask output is used (it is random at every position)",
+}
+
+
+def refuse_kind(kind: str) -> NoReturn:
+    refuse(REFUSED[kind])
+
+
+# -- refusals every backend words the same way: the backend names the node ------------------
+
+
+def no_rule(what: str) -> NoReturn:
+    """A node with no rule that a map reaches."""
+    refuse(f"no rule for {what} on a spatial map; it may mix positions, which would break "
+           "equivalence on the lattice")
+
+
+def on_merged(what: str) -> NoReturn:
+    """A node other than a reduction over spatial positions merged into one dim (a
+    flatten(2) before a mean, say)."""
+    refuse(f"{what} on merged spatial positions (only a mean, max, min or sum over them has a "
+           "rule: global pooling)")
+
+
+def output_view(x: Layout, linear_layer: str) -> dict[str, Any]:
+    """What each dim of a model output means (kind, lattice step, input axis): the lattice
+    view of the dense output. Refused: outputs that are no map (a flatten over positions
+    that only ``linear_layer``, the backend's linear layer, may consume; positions merged into one
+    dim)."""
+    if x.fold:
+        refuse(f"the output is a flatten over spatial positions; only {linear_layer} may consume "
+               "such a flatten")
+    if x.merged:
+        refuse("the output merges spatial positions into one dim; only a reduction over them "
+               "may consume it")
+    return {"dims": [(d.kind, d.step, d.axis) for d in x.dims], "base_ndim": x.base_ndim}
+
+
+@dataclass(frozen=True)
+class Record:
+    """A rewritten layer as reports show it (the backend adds node names and shapes)."""
+
+    kind: str
+    before: dict[str, Any]
+    after: dict[str, Any]
+    step_in: tuple[int, ...]
+    step_out: tuple[int, ...]
+    field: tuple[int, ...]
+    note: str = ""
+    cost: int = 0  # multiply-adds (or comparisons) per output element
+
+
+def fields_through(fields: Sequence[Field], windows: Sequence[Window]) -> tuple[Field, ...]:
+    """Receptive fields and steps after window layers ``windows`` (one per spatial axis)."""
+    fields = fields or tuple(Field() for _ in windows)
+    return tuple(f.through(w) for f, w in zip(fields, windows, strict=True))
+
+
+def input_layout(shape: Sequence[int], channels_last: bool = False) -> Layout:
+    """The model input: batch, channels, and every other dim spatial on lattice step 1
+    (``channels_last``: batch, spatial..., channels)."""
+    nd = len(shape) - 2
+    space = tuple(Dim("space", i, 1) for i in range(nd))
+    dims = (PLAIN, *space, PLAIN) if channels_last else (PLAIN, PLAIN, *space)
+    return Layout(tuple(shape), dims)
