@@ -1,4 +1,4 @@
-"""Both backends decide each layer kind in one place (``core/rules.py``), so the same baseline
+"""Both backends decide each layer kind in one place (``core/rules/``), so the same baseline
 as a PyTorch module and as its ONNX export must give the same dense model: the whole dense
 output (every position, not only the lattice) compared at odd sizes larger than the example,
 over convolution and pooling geometry and every global-pool mode."""
