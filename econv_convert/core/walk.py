@@ -22,6 +22,10 @@ from econv_convert.core.records import Rewritten
 from econv_convert.core.rules import Refusal
 from econv_convert.errors import UnsupportedLayerError
 
+# the layer families every backend groups its rules by, one module each, named alike in
+# ``core/rules/`` (``shape_values`` has no core decisions: sizes are values, not maps)
+FAMILIES = ("window", "global_pool", "pointwise", "norm", "linear", "reshape", "shape_values")
+
 # what a rule reading arguments it did not foresee raises: a refusal of that node, not a crash
 UNFORESEEN = (KeyError, IndexError, TypeError, ValueError)
 

@@ -7,15 +7,12 @@ reductions), :mod:`.pointwise`, :mod:`.norm`, :mod:`.linear`, :mod:`.reshape` (i
 reshaping, padding) and :mod:`.shape_values` (sizes as values).
 """
 
-from econv_convert.onnx.rewrite import (  # noqa: F401  (importing them registers their rules)
-    global_pool,
-    linear,
-    norm,
-    pointwise,
-    reshape,
-    shape_values,
-    window,
-)
+import importlib
+
+from econv_convert.core.walk import FAMILIES
 from econv_convert.onnx.rewrite.frame import RULES, OnnxRewriter, Result, Val, rule
 
 __all__ = ["RULES", "OnnxRewriter", "Result", "Val", "rule"]
+
+for _family in FAMILIES:  # importing a family's module registers its rules
+    importlib.import_module(f"{__name__}.{_family}")

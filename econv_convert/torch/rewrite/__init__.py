@@ -9,15 +9,12 @@ decision in :mod:`econv_convert.core.rules` and one rule in the family's module 
 the ONNX backend.
 """
 
-from econv_convert.torch.rewrite import (  # noqa: F401  (importing them registers their rules)
-    global_pool,
-    linear,
-    norm,
-    pointwise,
-    reshape,
-    shape_values,
-    window,
-)
+import importlib
+
+from econv_convert.core.walk import FAMILIES
 from econv_convert.torch.rewrite.frame import FUNCTIONS, METHODS, Plan, Rewriter, Val, rule
 
 __all__ = ["FUNCTIONS", "METHODS", "Plan", "Rewriter", "Val", "rule"]
+
+for _family in FAMILIES:  # importing a family's module registers its rules
+    importlib.import_module(f"{__name__}.{_family}")
