@@ -18,20 +18,28 @@ HEAD_KIND = "fc_to_conv"  # the record kind of a Flatten + fully connected head 
 
 
 @dataclass
-class LayerRecord:
-    """One rewritten layer, for reports and ``inspect``."""
+class Record:
+    """What the core decided a layer becomes, as reports show it (:mod:`.rules` returns it;
+    the backend adds node names and shapes: :class:`LayerRecord`)."""
 
-    node: str
     kind: str
     before: dict[str, Any]
     after: dict[str, Any]
     step_in: tuple[int, ...]
     step_out: tuple[int, ...]
     field: tuple[int, ...]
-    fx_name: str = ""  # the baseline graph's node
-    dense_name: str = ""  # the dense graph's node
     note: str = ""
     cost: int = 0  # multiply-adds (or comparisons) per output element
+
+
+@dataclass
+class LayerRecord(Record):
+    """One rewritten layer, for reports and ``inspect``: the core's :class:`Record` with one
+    graph's names and shapes."""
+
+    node: str = ""
+    fx_name: str = ""  # the baseline graph's node
+    dense_name: str = ""  # the dense graph's node
     base_shape: tuple[int, ...] = ()  # the layer's output at the example input
     dense_shape: tuple[int, ...] = ()
 
@@ -40,9 +48,10 @@ class LayerRecord:
               base_shape: Sequence[int] = (), dense_shape: Sequence[int] = ()) -> LayerRecord:
         """The core's decision ``rec`` (:class:`econv_convert.core.rules.Record`) with the
         names (and, where the backend knows them, the shapes) of one graph's node."""
-        return cls(node, rec.kind, rec.before, rec.after, tuple(rec.step_in),
-                   tuple(rec.step_out), tuple(rec.field), fx_name, dense_name, rec.note,
-                   int(rec.cost), tuple(base_shape), tuple(dense_shape))
+        return cls(rec.kind, rec.before, rec.after, tuple(rec.step_in), tuple(rec.step_out),
+                   tuple(rec.field), rec.note, int(rec.cost), node=node, fx_name=fx_name,
+                   dense_name=dense_name, base_shape=tuple(base_shape),
+                   dense_shape=tuple(dense_shape))
 
 
 @dataclass

@@ -6,7 +6,6 @@ through windows, the model input's layout.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from econv_convert.core.lattice import (
@@ -14,6 +13,7 @@ from econv_convert.core.lattice import (
     Window,
 )
 from econv_convert.core.layout import PLAIN, Dim, Layout
+from econv_convert.core.records import Record  # noqa: F401  (rules return it)
 
 
 class Refusal(Exception):
@@ -88,20 +88,6 @@ def output_view(x: Layout, linear_layer: str) -> dict[str, Any]:
         refuse("the output merges spatial positions into one dim; only a reduction over them "
                "may consume it")
     return {"dims": [(d.kind, d.step, d.axis) for d in x.dims], "base_ndim": x.base_ndim}
-
-
-@dataclass(frozen=True)
-class Record:
-    """A rewritten layer as reports show it (the backend adds node names and shapes)."""
-
-    kind: str
-    before: dict[str, Any]
-    after: dict[str, Any]
-    step_in: tuple[int, ...]
-    step_out: tuple[int, ...]
-    field: tuple[int, ...]
-    note: str = ""
-    cost: int = 0  # multiply-adds (or comparisons) per output element
 
 
 def fields_through(fields: Sequence[Field], windows: Sequence[Window]) -> tuple[Field, ...]:
