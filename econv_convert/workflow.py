@@ -146,16 +146,14 @@ def load_onnx(path: Path):
 
 
 def onnx_densified(model: Path, how: LoadOptions):
-    """``(baseline, dense, info)`` of an ONNX graph file (the baseline cut where ``until``
-    says: the part the dense graph is checked against)."""
+    """``(baseline, dense, info)`` of an ONNX graph file. ``densify`` and ``verify`` cut the
+    baseline where ``until`` says themselves, so the baseline is returned whole."""
     from econv_convert import onnx_api
     from econv_convert.torch.loading import parse_shape
 
     baseline = load_onnx(model)
     if onnx_api.is_dense(baseline):
         raise InvalidInputError(f"{model}: is already a dense model made by econv-convert")
-    if how.until is not None:
-        baseline = onnx_api.cut(baseline, how.until)
     shape = parse_shape(how.input_shape) if how.input_shape else None
     dense, meta = onnx_api.densify(baseline, shape, global_pool=how.global_pool,
                                    output_stride=how.output_stride, until=how.until)
