@@ -339,11 +339,13 @@ def densify(
     if check is not None:
         extra = (f"{check.format} export re-run at {'x'.join(map(str, check.shape))}: "
                  f"max |error| {check.max_abs:.2e}")
-    note = (" (dynamic batch and spatial axes; checked with onnx.checker and strict shape "
-            "inference)") if workflow.is_onnx(done.source) else ""
-    _densify_report(done.source, output, done.written, done.info, done.verification, json_out,
-                    {"export_check": check.__dict__ if check else None} if not note else {},
-                    extra, note)
+    if workflow.is_onnx(done.source):
+        _densify_report(done.source, output, done.written, done.info, done.verification,
+                        json_out, {}, extra, " (dynamic batch and spatial axes; checked with "
+                        "onnx.checker and strict shape inference)")
+    else:
+        _densify_report(done.source, output, done.written, done.info, done.verification,
+                        json_out, {"export_check": check.__dict__ if check else None}, extra)
 
 
 @app.command()
