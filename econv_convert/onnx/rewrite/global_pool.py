@@ -59,15 +59,24 @@ def _emit_global(rw: OnnxRewriter, x: str, plan: rules.GlobalPlan, out: str,
             y = b.op1(combine, taps) if m > 1 else taps[0]
             if plan.reduce == "mean" and m > 1:
                 y = b.op1("Mul", [y, rw.fill(x, 1.0 / m)])
-        # the positions go to the end; the pooled dims stay with size 1, then are reduced
-        # (with the other reduced dims) as the baseline does
+        # the positions go to the end; the pooled dims stay with size 1; the other reduced
+        # dims are reduced as the baseline does, and the pooled ones squeezed (not reduced
+        # again: a pass over the whole output)
         k = len(space)
         y = b.unsqueeze(y, list(range(rank, rank + k)))
         perm = list(range(rank + k))
         for j, d in enumerate(space):
             perm[d], perm[rank + j] = perm[rank + j], perm[d]
         y = b.transpose(y, perm)
-        b.reduce(op, y, axes, plan.keepdim, out)
+        if plan.keepdim:
+            if plan.others:
+                b.reduce(op, y, sorted(plan.others), True, out)
+            else:
+                b.op1("Identity", [y], out)
+        else:
+            if plan.others:
+                y = b.reduce(op, y, sorted(plan.others), True)
+            b.squeeze(y, axes, out)
         rw.fields[out] = plan.fields
     else:
         fill = {"mean": 0.0, "sum": 0.0, "max": -math.inf, "min": math.inf}[plan.reduce]
