@@ -93,7 +93,7 @@ def resolve(name: str) -> Callable[..., Any]:
         fn = getattr(ns, short, None)
         if callable(fn) and not isinstance(fn, type):
             return fn
-    raise InvalidInputError(f"the graph calls '{name}', which a dense checkpoint may not call")
+    raise InvalidInputError(f"the graph calls {name!r}, which a dense checkpoint may not call")
 
 
 def admits(fn: Callable[..., Any]) -> bool:
