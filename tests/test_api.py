@@ -40,6 +40,23 @@ def test_dense_checkpoint_round_trip(resnet, tmp_path):
     assert loaded.get_parameter("fc.weight").grad is not None
 
 
+def test_a_copy_of_a_dense_model_is_dense(resnet, tmp_path):
+    """``copy.deepcopy`` (as training loops keep a best model) keeps the record: the copy
+    saves, verifies and is told apart from a baseline."""
+    import copy
+
+    from econv_convert import is_dense
+
+    dense = densify(resnet, (1, 3, 48, 48))
+    twin = copy.deepcopy(dense)
+    assert is_dense(twin) and twin.econv == dense.econv and twin.econv is not dense.econv
+    x = torch.randn(1, 3, 53, 47)
+    torch.testing.assert_close(twin(x), dense(x))
+    assert verify(resnet, twin).ok
+    loaded = load_dense(save_dense(twin, tmp_path / "twin.pt"))
+    torch.testing.assert_close(loaded(x), dense(x))
+
+
 def test_dense_checkpoint_loads_with_weights_only(resnet, tmp_path):
     path = save_dense(densify(resnet, (1, 3, 48, 48)), tmp_path / "dense.pt")
     payload = torch.load(path, weights_only=True)  # no code is unpickled

@@ -11,6 +11,8 @@ for fine-tuning with small batches). Exports (``.pt2``, ``.onnx``) are made in e
 
 from __future__ import annotations
 
+import copy
+
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,6 +27,14 @@ _TRAINING_ARG = {ops.batch_norm: 5, ops.drop_path: 2, **{fn: 2 for fn in _DROPOU
 class DenseModule(fx.GraphModule):
     """A dense model: a graph module whose BatchNorm, dropout and stochastic depth follow its
     mode."""
+
+    def __deepcopy__(self, memo: dict) -> DenseModule:
+        # GraphModule's copy keeps modules, parameters and buffers, not other attributes:
+        # a copy without its record would no longer be known as dense
+        copied = super().__deepcopy__(memo)
+        if "econv" in self.__dict__:
+            copied.econv = copy.deepcopy(self.__dict__["econv"], memo)
+        return copied
 
     def train(self, mode: bool = True) -> DenseModule:
         super().train(mode)
