@@ -139,16 +139,18 @@ def profile() -> None:
 
     from econv_convert.run import ngff, scene
     from econv_convert.run.bench import memory_format
-    from econv_convert.run.fuse import fold_batchnorm
+    from econv_convert.run.fuse import prepare
+    from econv_convert.run.resources import keep_freed_memory
     from econv_convert.run.sources import SourceSpec, normalize, open_source
 
+    keep_freed_memory()  # as predict's block processes run
     torch.set_num_threads(2)
     loaded = load_model(MODEL)
     base = loaded.model.eval()
     dense = densify(base, loaded.input_shape, global_pool="window")
     geo = scene.geometry(dense.econv)
     fast = copy.deepcopy(dense)  # as predict runs it: BatchNorms folded
-    fold_batchnorm(fast)
+    prepare(fast)
     fmt = memory_format(4, True)
     window = geo.window[0] - 1
 

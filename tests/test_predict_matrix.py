@@ -222,3 +222,100 @@ def test_batchnorm_folded_for_prediction_changes_only_rounding(model, stride):
     with torch.no_grad():
         torch.testing.assert_close(copy_(x), dense(x), rtol=1e-4, atol=1e-5)
     assert sum(n.target is ops.batch_norm for n in dense.graph.nodes) == before
+
+
+class _InPlaceShapes(torch.nn.Module):
+    """The shapes element-wise layers take in library code: ``inplace=True`` ReLUs, a
+    residual ``+=``, a sum read twice, ``x + x``, a broadcast sum into a smaller map, and a
+    convolution whose output is read by two layers (which must not be overwritten)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, 2, 1)
+        self.b = torch.nn.Conv2d(8, 8, 3, 1, 1)
+        self.c = torch.nn.Conv2d(8, 8, 1)
+        self.d = torch.nn.Conv2d(8, 1, 1)
+        self.act = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.act(self.a(x))
+        shared = self.b(y)  # read by the ReLU and by the sum below
+        z = torch.relu(shared)
+        z = self.c(z) + shared
+        z = z + z
+        gate = self.d(z)  # one channel, broadcast over eight: cannot hold the sum
+        return torch.relu(gate + self.c(z))
+
+
+def test_element_wise_layers_in_place_for_prediction_change_nothing():
+    """Prediction writes a ReLU or a sum into its input where that input is a fresh map read
+    by nothing else: the same values bit for bit, a map read twice never overwritten, a sum
+    whose shape is not its first input's computed as a new tensor."""
+    import copy
+
+    from econv_convert.run.fuse import add_into, in_place, relu_into
+
+    model = _InPlaceShapes().eval()
+    dense = densify(model, (1, 3, 32, 32))
+    copy_ = copy.deepcopy(dense)
+    changed = in_place(copy_)
+    targets = [n.target for n in copy_.graph.nodes]
+    # a's ReLU, c + shared (c's output is fresh), gate + c(z) and its ReLU; not the ReLU of
+    # the shared map, not z + z
+    assert targets.count(relu_into) == 2 and targets.count(add_into) == 2 and changed == 4
+    x = torch.randn(1, 3, 61, 47)
+    with torch.no_grad():
+        assert torch.equal(copy_(x), dense(x))
+
+
+class _FlattenHead(torch.nn.Module):
+    """A GAP classifier head written as torchvision writes it (``AdaptiveAvgPool2d`` then
+    ``torch.flatten``) or as older code does (``x.view(x.size(0), -1)``)."""
+
+    def __init__(self, view: bool):
+        super().__init__()
+        self.view = view
+        self.conv = torch.nn.Conv2d(3, 12, 3, 2, 1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv(x)))
+        return self.fc(x.view(x.size(0), -1) if self.view else torch.flatten(x, 1))
+
+
+@pytest.mark.parametrize("case", ["gap-1", "gap-4", "gap-16", "flatten", "view", "map-2"])
+def test_linear_after_window_pooling_runs_first_for_prediction(case, monkeypatch):
+    """Prediction runs a GAP classifier's fully connected layer before its window mean pool
+    (a pool of the class scores, not of every feature channel): the head of every way of
+    writing it is rewritten, to float rounding; a phase-pooled map model has no such head; a
+    rewrite whose result differs on the example is put back."""
+    import copy
+
+    from econv_convert.run import fuse
+
+    if case.startswith(("gap", "map")):
+        model, stride = case.split("-")
+        dense = (dense_of(model, int(stride)) if int(stride) in strides(model)
+                 else densify(load_model(FIXTURES / "tiny_resnet.pt").model,
+                              (1, 3, 64, 64), global_pool="window", output_stride=4))
+    else:
+        dense = densify(_FlattenHead(case == "view").eval(), (1, 3, 32, 32),
+                        global_pool="window")
+    copy_ = copy.deepcopy(dense)
+    expected = 0 if case.startswith("map") else 1
+    assert fuse.linear_before_pool(copy_) == expected
+    assert any(n.target is fuse.linear_then_pool for n in copy_.graph.nodes) == bool(expected)
+    x = torch.randn(1, 3, 150, 141)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), dense(x), rtol=1e-4, atol=1e-5)
+    if expected:  # a wrong rewrite is caught on the example and undone
+        monkeypatch.setattr(fuse, "linear_then_pool",
+                            lambda *a: fuse.__dict__["ops"].global_pool(
+                                a[0], [2, 3], a[3], "window", "mean", True,
+                                extent=a[4]).squeeze((2, 3))[:, :5] * 0)
+        broken = copy.deepcopy(dense)
+        assert fuse.linear_before_pool(broken) == 0
+        assert not any(n.target is fuse.linear_then_pool for n in broken.graph.nodes)
+        with torch.no_grad():
+            torch.testing.assert_close(broken(x), dense(x))

@@ -68,7 +68,8 @@ def keep_freed_memory() -> bool:
     the system after every forward pass. glibc serves allocations over 32 MiB (every
     full-size map of a block) with fresh ``mmap`` pages that are faulted in, zeroed and
     unmapped on every pass: on a 1440-pixel block that doubled the time of a dense pass
-    (``benchmarks/scene.py --profile``). The peak memory is the same; it stays held while
+    (``benchmarks/scene.py --profile``). Maps up to 2 GiB are kept (a 64-channel map of a
+    2208-pixel window is 1.25 GiB: at a 1 GiB limit it ran 1.6x slower per pixel). The peak memory is the same; it stays held while
     the process runs. For processes that run blocks (``predict``'s own and its workers'), not
     for a library user's. Returns whether the setting took (glibc only)."""
     import ctypes
@@ -79,7 +80,7 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31))
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, (1 << 31) - 1)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
     except (OSError, AttributeError):
         return False

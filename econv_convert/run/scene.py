@@ -83,7 +83,7 @@ def _load_runner(spec: ModelSpec):
         return lambda x: session.run(None, {name: np.ascontiguousarray(x)})[0]
     import torch
 
-    from econv_convert.run.fuse import fold_batchnorm
+    from econv_convert.run.fuse import prepare
     from econv_convert.run.resources import keep_freed_memory
     from econv_convert.torch.storage import load_dense
 
@@ -91,7 +91,7 @@ def _load_runner(spec: ModelSpec):
     torch.set_num_threads(spec.threads or torch.get_num_threads())
     device = _device(spec.device)
     model = load_dense(spec.path).eval()
-    fold_batchnorm(model)  # this process's own copy, for inference only
+    prepare(model)  # this process's own copy, for inference only
     return module_runner(model.to(device), len(model.econv.example_shape) - 2, device)
 
 
