@@ -12,7 +12,13 @@ viewers that read only 0.4) in zarr v2.
 Level 0's ``scale`` is the input's pixel size times the output step, and its
 ``translation`` puts output ``q`` at the centre of the input window it reads: input pixel
 ``offset + q * step + (window - 1) / 2``. Every coarser level is the mean of 2 x 2 of the
-level above, so its pixels sit at the centres of those.
+level above (of those that are numbers), so its pixels sit at the centres of those.
+
+Each block writes its own part of every level whose chunks it fills whole (a block of ``b``
+outputs a side is ``b / 2**k`` at level ``k``, while that is a whole number of at least
+:data:`SMALLEST_CHUNK`), with their labels: no pass re-reads level 0, and workers never share
+a chunk. The few coarser levels are built at the end, a chunk at a time, from the last of
+those.
 
 What econv-convert needs to resume or read a result (model checksum, options, geometry,
 ``complete``) is the group attribute ``econv``.
@@ -20,7 +26,6 @@ What econv-convert needs to resume or read a result (model checksum, options, ge
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +39,7 @@ VERSIONS = ("0.5", "0.4")
 LEVEL0 = "0"
 LABELS, CLASSES = "labels", "classes"
 SMALLEST = 1024  # the pyramid stops once a level fits this many pixels a side
+SMALLEST_CHUNK = 64  # levels written by the blocks have chunks at least this large
 _PALETTE = ("FF0000", "00FF00", "0000FF", "FFFF00", "FF00FF", "00FFFF", "FF8000", "8000FF")
 
 
@@ -49,20 +55,46 @@ def _fmt(ngff: str):
     return FormatV05() if ngff == "0.5" else FormatV04()
 
 
+def level_shapes(shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """The shape ``(C, h, w)`` of each pyramid level: level 0, then each halved (rounded
+    down) while the level above is over :data:`SMALLEST` pixels a side."""
+    shapes = [tuple(shape)]
+    while max(shapes[-1][1:]) > SMALLEST and min(shapes[-1][1:]) >= 2:
+        shapes.append((shape[0], *(n // 2 for n in shapes[-1][1:])))
+    return shapes
+
+
+def block_levels(shape: Sequence[int], block: Sequence[int]) -> int:
+    """How many levels past 0 the blocks write themselves: those whose chunk (the block
+    halved ``k`` times) is whole and at least :data:`SMALLEST_CHUNK` a side."""
+    k = 0
+    while (k + 1 < len(level_shapes(shape))
+           and all(b % 2 ** (k + 1) == 0 and b // 2 ** (k + 1) >= SMALLEST_CHUNK
+                   for b in block)):
+        k += 1
+    return k
+
+
 def create(path: str | Path, shape: Sequence[int], block: Sequence[int], record: dict,
            ngff: str) -> None:
-    """The group with an empty level 0 (filled with NaN) and the ``econv`` record."""
+    """The group with empty levels 0 to :func:`block_levels` (filled with NaN; their labels
+    with 0) and the ``econv`` record."""
     import zarr
 
     group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format(ngff))
-    group.create_array(LEVEL0, shape=tuple(shape), chunks=(shape[0], *block), dtype="float32",
-                       fill_value=float("nan"), **_array_options(group, "cyx"))
-    if shape[0] > 1:  # the blocks write their classes as they go (see :func:`classes`)
-        classes = group.require_group(LABELS).require_group(CLASSES)
-        classes.create_array(LEVEL0, shape=tuple(shape[1:]), chunks=tuple(block),
-                             dtype=_label_dtype(shape[0]), fill_value=0,
-                             **_array_options(group, "yx"))
-    group.attrs["econv"] = record
+    shapes = level_shapes(shape)
+    written = block_levels(shape, block)
+    classes = group.require_group(LABELS).require_group(CLASSES) if shape[0] > 1 else None
+    for k in range(written + 1):
+        chunks = tuple(b // 2 ** k for b in block)
+        group.create_array(str(k), shape=shapes[k], chunks=(shape[0], *chunks),
+                           dtype="float32", fill_value=float("nan"),
+                           **_array_options(group, "cyx"))
+        if classes is not None:  # the blocks write their classes as they go (:func:`classes`)
+            classes.create_array(str(k), shape=shapes[k][1:], chunks=chunks,
+                                 dtype=_label_dtype(shape[0]), fill_value=0,
+                                 **_array_options(group, "yx"))
+    group.attrs["econv"] = {**record, "block_levels": written}
 
 
 def _label_dtype(channels: int):
@@ -72,27 +104,60 @@ def _label_dtype(channels: int):
 def classes(values: np.ndarray) -> np.ndarray:
     """The label of each output of ``values`` ``(C, ...)``: its arg-max class + 1, 0 where an
     output is not a number (not computed)."""
-    finite = np.isfinite(values)
-    arg = np.argmax(np.where(finite, values, -np.inf), axis=0) + 1
-    return np.where(finite.all(axis=0), arg, 0).astype(_label_dtype(values.shape[0]))
+    # along the channels as the last axis: a view, no copy, where the model gave channels
+    # last (as predict runs models); an output with a non-number has label 0 whatever its
+    # arg-max
+    last = np.moveaxis(values, 0, -1)
+    arg = np.argmax(last, axis=-1) + 1
+    return np.where(np.isfinite(last).all(axis=-1), arg, 0).astype(
+        _label_dtype(values.shape[0]))
 
 
 def write_block(path: str | Path, index: tuple, values: np.ndarray) -> None:
-    """One block of level 0, ``values`` at ``index`` ``(slice(None), y, x)``, and its labels."""
+    """One block of level 0, ``values`` at ``index`` ``(slice(None), y, x)``, its part of
+    the levels the blocks write (:func:`block_levels`) and the labels of each."""
     import zarr
 
     group = zarr.open_group(str(path), mode="r+")
-    group[LEVEL0][index] = values
-    if values.shape[0] > 1:
-        group[LABELS][CLASSES][LEVEL0][index[1:]] = classes(values)
+    labels = group[LABELS][CLASSES] if values.shape[0] > 1 else None
+    starts = [i.start for i in index[1:]]
+    for k in range(int(group.attrs["econv"].get("block_levels", 0)) + 1):
+        if k:
+            values = halve(values)
+        where = (slice(None), *(slice(a >> k, (a >> k) + n)
+                                for a, n in zip(starts, values.shape[1:])))
+        group[str(k)][where] = values
+        if labels is not None:
+            labels[str(k)][where[1:]] = classes(values)
+
+
+def halve(values: np.ndarray) -> np.ndarray:
+    """The mean of each 2 x 2 of the trailing two dims that are numbers (NaN where none is), an
+    odd last row or column dropped."""
+    h, w = (n // 2 * 2 for n in values.shape[-2:])
+    quads = values[..., :h, :w].reshape(*values.shape[:-2], h // 2, 2, w // 2, 2)
+    total = quads.sum(axis=(-3, -1), dtype=np.float32)
+    if np.isfinite(total).all():
+        return total * np.float32(0.25)
+    with warnings.catch_warnings():  # all-NaN quads (blocks skipped) are NaN, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(quads, axis=(-3, -1)).astype(np.float32)
 
 
 def _array_options(group, axes: str) -> dict[str, Any]:
     """How NGFF wants an array of ``axes`` stored: named dims in zarr v3 (0.5), "/"-separated
-    chunk keys in zarr v2 (0.4)."""
+    chunk keys in zarr v2 (0.4); Blosc LZ4 with byte shuffling, the codec every OME-Zarr
+    reader has (on model outputs: a quarter of the compression time of zarr's default zstd,
+    and smaller: ``benchmarks/scene.py --profile``)."""
     if group.metadata.zarr_format == 3:
-        return {"dimension_names": tuple(axes)}
-    return {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+        from zarr.codecs import BloscCodec
+
+        return {"dimension_names": tuple(axes),
+                "compressors": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")}
+    from numcodecs import Blosc
+
+    return {"chunk_key_encoding": {"name": "v2", "separator": "/"},
+            "compressors": Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)}
 
 
 def record(path: str | Path) -> dict | None:
@@ -119,6 +184,17 @@ def level0(path: str | Path, mode: str = "r"):
     return zarr.open_array(str(Path(path) / LEVEL0), mode=mode)
 
 
+def coarsest(path: str | Path):
+    """The smallest stored pyramid level ``(C, h, w)`` of an output."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r")
+    k = 0
+    while str(k + 1) in group:
+        k += 1
+    return group[str(k)]
+
+
 def transforms(scale: Sequence[float], translation: Sequence[float], level: int
                ) -> list[dict]:
     """Level ``level``'s coordinate transformations (``c, y, x``): each level halves the one
@@ -143,9 +219,9 @@ def placement(mpp: Sequence[float] | None, step: Sequence[int], offset: Sequence
 def finish(path: str | Path, *, ngff: str, scale: Sequence[float],
            translation: Sequence[float], unit: str | None, name: str,
            channel_names: Sequence[str] | None = None) -> int:
-    """Write the pyramid, the label images of its coarser levels and the NGFF metadata once
-    level 0 (and its labels: :func:`write_block`) is complete. Returns the number of
-    levels."""
+    """Write the coarsest pyramid levels with their labels (those the blocks did not write:
+    :func:`write_block`) and the NGFF metadata once the blocks are done. Returns the number
+    of levels."""
     import zarr
     from ome_zarr.writer import write_multiscales_metadata
 
@@ -167,43 +243,32 @@ def finish(path: str | Path, *, ngff: str, scale: Sequence[float],
     return len(levels)
 
 
-@contextlib.contextmanager
-def _lazily():
-    """Dask arrays computed here on threads, a chunk at a time (whatever Dask client the
-    caller holds), with the means of all-NaN chunks (skipped blocks) left NaN quietly."""
-    import dask
-
-    with dask.config.set(scheduler="threads"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
-
-
 def _pyramid(group) -> list:
-    """Level 0 and each 2 x 2 mean of the level above, stored, down to :data:`SMALLEST`
-    pixels a side (Dask is imported only when there is a level to compute)."""
-    levels = [group[LEVEL0]]
-    if max(levels[0].shape[1:]) <= SMALLEST:
-        return levels
-    import dask.array as da
-
-    with _lazily():
-        while max(levels[-1].shape[1:]) > SMALLEST and min(levels[-1].shape[1:]) >= 2:
-            above = da.from_zarr(levels[-1])
-            small = da.coarsen(np.nanmean, above, {1: 2, 2: 2}, trim_excess=True)
-            levels.append(_store(group, str(len(levels)), small, levels[0].chunks, "cyx"))
+    """Every level, stored: those the blocks wrote, then each coarser one from the level
+    above, a chunk at a time (chunks of the last level the blocks wrote)."""
+    shape = group[LEVEL0].shape
+    written = int(group.attrs["econv"].get("block_levels", 0))
+    levels = [group[str(k)] for k in range(written + 1)]
+    chunks = levels[-1].chunks
+    labels = group[LABELS][CLASSES] if shape[0] > 1 else None
+    for k, level_shape in enumerate(level_shapes(shape)[written + 1:], written + 1):
+        cut = tuple(min(c, n) for c, n in zip(chunks, level_shape))
+        level = group.create_array(str(k), shape=level_shape, chunks=cut, dtype="float32",
+                                   fill_value=float("nan"), overwrite=True,
+                                   **_array_options(group, "cyx"))
+        label = None if labels is None else labels.create_array(
+            str(k), shape=level_shape[1:], chunks=cut[1:], dtype=_label_dtype(shape[0]),
+            fill_value=0, overwrite=True, **_array_options(group, "yx"))
+        above = levels[-1]
+        for y in range(0, level_shape[1], cut[1]):
+            for x in range(0, level_shape[2], cut[2]):
+                h, w = min(cut[1], level_shape[1] - y), min(cut[2], level_shape[2] - x)
+                part = halve(np.asarray(above[:, 2 * y:2 * (y + h), 2 * x:2 * (x + w)]))
+                level[:, y:y + h, x:x + w] = part
+                if label is not None:
+                    label[y:y + h, x:x + w] = classes(part)
+        levels.append(level)
     return levels
-
-
-def _store(group, name: str, data, chunks, axes: str) -> Any:
-    """``data`` (a Dask array) written as array ``name`` of ``group``, a chunk at a time."""
-    import dask.array as da
-
-    array = group.create_array(name, shape=data.shape, dtype=data.dtype,
-                               chunks=tuple(min(c, n) for c, n in zip(chunks, data.shape)),
-                               fill_value=float("nan") if data.dtype.kind == "f" else 0,
-                               overwrite=True, **_array_options(group, axes))
-    da.store(data.rechunk(array.chunks), array, lock=False)
-    return array
 
 
 def _channel(k: int, values: np.ndarray, names) -> dict:
@@ -216,20 +281,14 @@ def _channel(k: int, values: np.ndarray, names) -> dict:
 
 
 def _labels(group, levels, datasets, axes, fmt, names) -> None:
-    """The arg-max class of each level (+1; 0 where the output is NaN) under
-    ``labels/classes``, with the image's transformations minus the channel axis."""
+    """The NGFF metadata of the label image ``labels/classes`` (the arg-max class of each
+    level, +1; 0 where the output is NaN), with the image's transformations minus the
+    channel axis."""
     from ome_zarr.writer import add_metadata, write_label_metadata, write_multiscales_metadata
 
     channels = levels[0].shape[0]
     labels = group.require_group(LABELS)
-    image = labels.require_group(CLASSES)
-    for k, level in enumerate(levels[1:], 1):  # level 0's: written with each block
-        import dask.array as da
-
-        with _lazily():
-            x = da.from_zarr(level)
-            label = x.map_blocks(classes, drop_axis=0, dtype=_label_dtype(channels))
-            _store(image, str(k), label, level.chunks[1:], "yx")
+    image = labels.require_group(CLASSES)  # every level's labels: written with its values
     spatial = [{"path": d["path"], "coordinateTransformations": [
         {"type": t["type"], t["type"]: t[t["type"]][1:]} for t in d["coordinateTransformations"]]}
         for d in datasets]

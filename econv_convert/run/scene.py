@@ -17,6 +17,7 @@ the pyramid and labels are built. So a killed run loses only the blocks in fligh
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import math
 import os
@@ -34,7 +35,7 @@ from econv_convert.run import ngff
 from econv_convert.run.sources import SourceSpec, cached_source, normalize, open_source
 
 FORMAT = "econv-convert dense prediction"
-WRITER = 2  # how the output is laid out; 2: level-0 labels written with each block
+WRITER = 3  # how the output is laid out; 3: the blocks write their part of the pyramid too
 MARKERS = ".econv-blocks"  # inside the zarr folder: one empty file per finished block
 
 Progress = Callable[[int, int], None]
@@ -280,10 +281,37 @@ def compute_block(job: Job, block: tuple[int, ...], read: tuple | None = None
                   ) -> tuple[int, ...]:
     """Read, run, write one block into the zarr output (a Dask task). Returns the block."""
     index, part = block_output(job, block, cached_source(job.source), runner(job.model), read)
+    return store_block(job, block, index, part)
+
+
+def store_block(job: Job, block: tuple[int, ...], index: tuple, part: np.ndarray
+                ) -> tuple[int, ...]:
+    """Write one computed block into the zarr output, then mark it done (for --resume)."""
     ngff.write_block(job.output, index, part)
     marker = Path(job.output) / MARKERS / "_".join(map(str, block))
     marker.touch()
     return block
+
+
+def _in_process(job: Job, blocks: Sequence[tuple[int, ...]], progress: Progress | None):
+    """The blocks in this process: each block's input read (in a thread) while the block
+    before it runs, and its output written (in another) while the block after it runs; a
+    block counts as done once written. The writer first imports the NGFF writer the job
+    needs at its end (over half a second of imports, hidden under the first block)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = cached_source(job.source)
+    with ThreadPoolExecutor(1) as writer:
+        pending = writer.submit(importlib.import_module, "ome_zarr.writer")
+        for k, (b, data) in enumerate(_read_ahead(job, list(blocks), source)):
+            index, part = block_output(job, b, source, runner(job.model), data)
+            pending.result()  # the write before this one (an error in it is raised here)
+            if progress and k:
+                progress(k, len(blocks))
+            pending = writer.submit(store_block, job, b, index, part)
+        pending.result()
+        if progress:
+            progress(len(blocks), len(blocks))
 
 
 def _read_ahead(job: Job, blocks: Sequence[tuple[int, ...]], source):
@@ -473,11 +501,7 @@ def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
     if workers == 0 and scheduler is None:
         if on_start:
             on_start("this process", None)
-        for k, (b, data) in enumerate(_read_ahead(job, list(blocks),
-                                                  cached_source(job.source)), 1):
-            compute_block(job, b, data)
-            if progress:
-                progress(k, total)
+        _in_process(job, blocks, progress)
         return "this process", 1
     from distributed import Client, LocalCluster, as_completed
 
@@ -666,7 +690,7 @@ def write_overview(output: str, picture: str, channel: int | None, longest: int 
     from econv_convert.files import atomic_write
     from econv_convert.run.predict import heat_map
 
-    array = ngff.level0(output)
+    array = ngff.coarsest(output)  # at most ngff.SMALLEST a side (or one pixel thin)
     if channel is not None and not 0 <= channel < array.shape[0]:
         raise InvalidInputError(f"--channel {channel}: the output has {array.shape[0]} channels")
     f = max(1, math.ceil(max(array.shape[1:]) / longest))
