@@ -69,9 +69,10 @@ def keep_freed_memory() -> bool:
     full-size map of a block) with fresh ``mmap`` pages that are faulted in, zeroed and
     unmapped on every pass: on a 1440-pixel block that doubled the time of a dense pass
     (``benchmarks/scene.py --profile``). Maps up to 2 GiB are kept (a 64-channel map of a
-    2208-pixel window is 1.25 GiB: at a 1 GiB limit it ran 1.6x slower per pixel). The peak memory is the same; it stays held while
-    the process runs. For processes that run blocks (``predict``'s own and its workers'), not
-    for a library user's. Returns whether the setting took (glibc only)."""
+    2208-pixel window is 1.25 GiB: at a 1 GiB limit it ran 1.6x slower per pixel). The peak
+    memory is the same; it stays held while the process runs. For processes that run blocks
+    (``predict``'s own and its workers'), not for a library user's. Returns whether the
+    setting took (glibc only)."""
     import ctypes
     import ctypes.util
 

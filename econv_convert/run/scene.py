@@ -277,11 +277,27 @@ def block_input(job: Job, block: Sequence[int], source) -> tuple:
     return out_range, in_range, x
 
 
-def compute_block(job: Job, block: tuple[int, ...], read: tuple | None = None
-                  ) -> tuple[int, ...]:
-    """Read, run, write one block into the zarr output (a Dask task). Returns the block."""
-    index, part = block_output(job, block, cached_source(job.source), runner(job.model), read)
-    return store_block(job, block, index, part)
+def compute_block(job: Job, block: tuple[int, ...], read: tuple | None = None) -> float:
+    """Read, run, write one block into the zarr output (a Dask task). Returns the seconds
+    its model took."""
+    run, seconds = timed(runner(job.model))
+    index, part = block_output(job, block, cached_source(job.source), run, read)
+    store_block(job, block, index, part)
+    return seconds[0]
+
+
+def timed(run: Callable[[np.ndarray], np.ndarray]):
+    """``run`` and a list whose one number adds up the seconds its calls take."""
+    seconds = [0.0]
+
+    def timed_run(x: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return run(x)
+        finally:
+            seconds[0] += time.perf_counter() - start
+
+    return timed_run, seconds
 
 
 def store_block(job: Job, block: tuple[int, ...], index: tuple, part: np.ndarray
@@ -293,7 +309,8 @@ def store_block(job: Job, block: tuple[int, ...], index: tuple, part: np.ndarray
     return block
 
 
-def _in_process(job: Job, blocks: Sequence[tuple[int, ...]], progress: Progress | None):
+def _in_process(job: Job, blocks: Sequence[tuple[int, ...]], progress: Progress | None
+                ) -> float:
     """The blocks in this process: each block's input read (in a thread) while the block
     before it runs, and its output written (in another) while the block after it runs; a
     block counts as done once written. The writer first imports the NGFF writer the job
@@ -301,10 +318,11 @@ def _in_process(job: Job, blocks: Sequence[tuple[int, ...]], progress: Progress 
     from concurrent.futures import ThreadPoolExecutor
 
     source = cached_source(job.source)
+    run, seconds = timed(runner(job.model))
     with ThreadPoolExecutor(1) as writer:
         pending = writer.submit(importlib.import_module, "ome_zarr.writer")
         for k, (b, data) in enumerate(_read_ahead(job, list(blocks), source)):
-            index, part = block_output(job, b, source, runner(job.model), data)
+            index, part = block_output(job, b, source, run, data)
             pending.result()  # the write before this one (an error in it is raised here)
             if progress and k:
                 progress(k, len(blocks))
@@ -312,6 +330,7 @@ def _in_process(job: Job, blocks: Sequence[tuple[int, ...]], progress: Progress 
         pending.result()
         if progress:
             progress(len(blocks), len(blocks))
+    return seconds[0]
 
 
 def _read_ahead(job: Job, blocks: Sequence[tuple[int, ...]], source):
@@ -481,7 +500,8 @@ class RunReport:
     blocks_masked: int = 0
     mask: dict[str, Any] | None = None
     # seconds: reading the mask and probing the output size, the blocks, the pyramid and
-    # label image, the overview picture
+    # label image, the overview picture; and the model's own time within the blocks (summed
+    # over the workers: CPU seconds of a kind, not a part of the wall time)
     timing: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -490,19 +510,20 @@ class RunReport:
 
 def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
                scheduler: str | None = None, progress: Progress | None = None,
-               on_start: Callable[[str, str | None], None] | None = None) -> tuple[str, int]:
+               on_start: Callable[[str, str | None], None] | None = None
+               ) -> tuple[str, int, float]:
     """Compute ``blocks``: in this process when ``workers`` is 0 and no scheduler is given,
     else on Dask (an embedded ``LocalCluster`` of ``workers`` processes, or the cluster at
     ``scheduler``). ``on_start(scheduler, dashboard)`` is called once the cluster is up.
-    Returns the scheduler's description and the number of workers."""
+    Returns the scheduler's description, the number of workers and the seconds the model
+    took, summed over the blocks."""
     total = len(blocks)
     if not blocks:
-        return "none", 0
+        return "none", 0, 0.0
     if workers == 0 and scheduler is None:
         if on_start:
             on_start("this process", None)
-        _in_process(job, blocks, progress)
-        return "this process", 1
+        return "this process", 1, _in_process(job, blocks, progress)
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
@@ -525,11 +546,12 @@ def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
         if on_start:
             on_start(where, client.dashboard_link if _has_dashboard() else None)
         futures = client.map(compute_block, [job] * total, blocks, pure=False)
+        model = 0.0
         for k, future in enumerate(as_completed(futures), 1):
-            future.result()  # an error in a task is raised here, as it was raised there
+            model += future.result()  # an error in a task is raised here, as it was there
             if progress:
                 progress(k, total)
-        return where, n
+        return where, n, model
     finally:
         client.close()
         if cluster is not None:
@@ -616,8 +638,8 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
     threads = model.threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
     job = replace(job, model=replace(model, threads=threads))
     timing = {"prepare": time.perf_counter() - start}
-    where, used = run_blocks(job, todo, workers=n_workers, scheduler=scheduler,
-                             progress=progress, on_start=on_start)
+    where, used, model_seconds = run_blocks(job, todo, workers=n_workers, scheduler=scheduler,
+                                            progress=progress, on_start=on_start)
     timing["blocks"] = time.perf_counter() - start - timing["prepare"]
     levels = finish_output(job, time.perf_counter() - start, ngff_version=ngff_version,
                            placement=placement)
@@ -633,7 +655,8 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
                                "halo_after": list(geo.halo_after), "block": size},
                      ngff=ngff_version, levels=levels, pixel_size=list(mpp) if mpp else None,
                      scale=placement[0], unit=placement[2], blocks_masked=len(masked),
-                     mask=full["mask"], timing={k: round(v, 3) for k, v in timing.items()})
+                     mask=full["mask"], timing={**{k: round(v, 3) for k, v in timing.items()},
+                                                "model_in_blocks": round(model_seconds, 3)})
 
 
 BLOCK_PIXELS = 1024  # input pixels a default block covers, per side
