@@ -335,3 +335,25 @@ def test_zarr_blocks_are_the_baseline_on_every_crop(tmp_path, image, output_stri
     x = torch.from_numpy(normalize(np.moveaxis(a, -1, 0), None, None))[None]
     assert_baseline_on_crops(loaded.model, out[:], x, (65, 65), attrs["step"],
                              attrs["offset"] or (0, 0))
+
+
+@pytest.mark.parametrize("stride", [1, 4, 16])
+def test_default_blocks_grow_where_the_maps_are_small(stride):
+    """About 1024 input pixels a side where a block's maps are large (output stride 1), up
+    to 4096 where they stay under GROW_BYTES (coarse strides): fewer halos to recompute; a
+    memory budget still shrinks them."""
+    from econv_convert.run.resources import estimate_bytes
+
+    loaded = load_model(FIXTURES / "tiny_resnet.pt")
+    meta = densify(loaded.model, loaded.input_shape, global_pool="window",
+                   output_stride=stride if stride > 1 else None).econv
+    geo = scene.geometry(meta)
+    image = (3, 20000, 20000)
+    size = scene.block_size(meta, geo, image, None, 64 * 2**30, 1)
+    pixels = size * geo.step[0]
+    window = [1, 3, *(pixels + h + t for h, t in zip(geo.halo, geo.halo_after))]
+    assert 1024 <= pixels <= 4096 and estimate_bytes(meta, window) <= max(
+        scene.GROW_BYTES, estimate_bytes(meta, [1, 3, 1024 + 160, 1024 + 160]))
+    assert (pixels == 1024) == (stride == 1)
+    small = scene.block_size(meta, geo, image, None, estimate_bytes(meta, window) // 2, 1)
+    assert small < size

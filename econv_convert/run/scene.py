@@ -660,6 +660,7 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
 
 
 BLOCK_PIXELS = 1024  # input pixels a default block covers, per side
+GROW_BYTES = 2**30  # up to 4x that where a block's maps still fit this (coarse strides)
 
 
 def block_size(meta, geo: Geometry, image, block: int | None, max_memory: int | None,
@@ -676,9 +677,10 @@ def block_size(meta, geo: Geometry, image, block: int | None, max_memory: int | 
 
 def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
     """Output positions per block side: about 1024 input pixels a side (larger blocks spend
-    less on halos but run slower per pixel once a dense map outgrows the caches:
-    ``benchmarks/scene.py --profile``), fewer if the memory budget shared by the workers
-    needs it, a whole number of lattice steps."""
+    less on halos but ran slower and less steadily per pixel here once a dense map is over a
+    gigabyte: ``benchmarks/scene.py --profile``), up to 4096 where the maps stay under
+    :data:`GROW_BYTES` (at a coarse output stride), fewer if the memory budget shared by the
+    workers needs it, a whole number of lattice steps."""
     from econv_convert.run.resources import available_bytes, estimate_bytes
 
     n = max(1, workers if workers is not None else default_workers())
@@ -693,6 +695,10 @@ def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
                  zip(image[1:], geo.step, geo.halo, geo.halo_after or geo.halo)]
         return estimate_bytes(meta, [1, image[0], *sides])
 
+    # where the maps are small (a coarse output stride), larger blocks spend less on halos
+    while (size * 2 * max(geo.step) <= 4 * BLOCK_PIXELS and size * 2 * geo.step[0] <= largest
+           and cost(size * 2) <= min(GROW_BYTES, budget)):
+        size *= 2
     while size > unit and (cost(size) > budget or size * geo.step[0] > 2 * largest):
         size = max(unit, size // 2 // unit * unit)
     if cost(size) > budget:
