@@ -24,10 +24,7 @@ def test_the_core_and_both_backends_have_the_same_layer_families():
 
 
 def test_no_module_is_much_over_600_lines():
-    # the two known exceptions, said in the README's layout: the prediction engine and the
-    # ONNX API (each one concern, a little over)
-    allowed = {"run/scene.py": 700, "onnx/api.py": 700}
     for path in PACKAGE.rglob("*.py"):
         name = path.relative_to(PACKAGE).as_posix()
         lines = len(path.read_text().splitlines())
-        assert lines <= allowed.get(name, 620), f"{name}: {lines} lines"
+        assert lines <= 620, f"{name}: {lines} lines"

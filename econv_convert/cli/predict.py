@@ -138,7 +138,7 @@ def predict(
     in bounded memory, on an embedded Dask cluster or an existing one. OUT.zarr is an
     OME-Zarr image at the input's physical scale (a pyramid, the arg-max class as a label
     image)."""
-    from econv_convert.run import scene
+    from econv_convert.run import runner, scene
     from econv_convert.run.sources import SourceSpec
     from econv_convert.torch.loading import check_file
 
@@ -201,7 +201,7 @@ def predict(
             scene.claim_output(output, resume=resume, overwrite=overwrite)
             save(where)
         report = scene.predict_scene(
-            scene.ModelSpec(str(model_file), device), source, output, record=record,
+            runner.ModelSpec(str(model_file), device), source, output, record=record,
             block=block, mean=mean_v, std=std_v, workers=workers, scheduler=scheduler,
             resume=resume, overwrite=overwrite, max_memory=_bytes(max_memory), meta=meta,
             progress=lambda d, t: bar.update(task, completed=d, total=t),
@@ -271,15 +271,15 @@ def _require_ok(result) -> None:
 def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, std, channel,
                  level, layout, json_out):
     """The whole result in memory (small inputs), computed by the block engine of OUT.zarr
-    (:func:`econv_convert.run.scene.block_output`) in this process: any model kind, any
+    (:func:`econv_convert.run.blocks.block_output`) in this process: any model kind, any
     input kind (a batch from an N,C,H,W .npy)."""
     import tempfile
 
     import numpy as np
 
     from econv_convert.files import atomic_write
+    from econv_convert.run import blocks, runner, scene
     from econv_convert.run import predict as tiled
-    from econv_convert.run import scene
     from econv_convert.run.sources import InMemorySource, SourceSpec, kind_of, open_source
     from econv_convert.torch.loading import check_file
 
@@ -293,13 +293,13 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
     lead: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         if dense is not None:
-            run = scene.module_runner(dense, nd, lead=lead)
+            run = runner.module_runner(dense, nd, lead=lead)
         else:
             path = model
             if save is not None:  # an ONNX baseline densified here: run from a file
                 path = Path(tmp) / "dense.onnx"
                 save(path)
-            onnx_run = scene.runner(scene.ModelSpec(str(path)))
+            onnx_run = runner.runner(runner.ModelSpec(str(path)))
 
             def run(a):
                 y = onnx_run(a)
@@ -317,15 +317,15 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
             items = [open_source(SourceSpec(str(input), channels, level, layout))]
         size = scene.block_size(meta, geo, items[0].shape, block, _bytes(max_memory), 1)
         columns = (TextColumn("blocks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        ys, blocks = [], 0
+        ys, count = [], 0
         with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
             task = bar.add_task("", total=None)
             for src in items:
                 shape = scene.output_size(run, src, geo, *norm)
-                job = scene.Job(None, None, "", shape, (size,) * nd, geo.step, geo.unit,
+                job = blocks.Job(None, None, "", shape, (size,) * nd, geo.step, geo.unit,
                                 geo.halo, *norm, halo_after=geo.halo_after)
-                blocks += len(job.blocks())
-                ys.append(scene.in_memory(job, src, run, progress=lambda d, t: bar.update(
+                count += len(job.blocks())
+                ys.append(blocks.in_memory(job, src, run, progress=lambda d, t: bar.update(
                     task, completed=d, total=t)))
     data = np.stack(ys)
     data = data.reshape(data.shape[0], *lead, *data.shape[2:])
@@ -342,11 +342,11 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
         atomic_write(picture, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
     if json_out:
         _emit_json({"output": str(output), "heat_map": str(picture) if picture else None,
-                    "shape": list(data.shape), "blocks": blocks, "block": [size] * nd,
+                    "shape": list(data.shape), "blocks": count, "block": [size] * nd,
                     "halo": list(geo.halo), "halo_after": list(geo.halo_after),
                     "step": list(geo.step)})
     else:
-        out.print(f"{blocks} blocks of {'x'.join([str(size)] * nd)} outputs (halo "
+        out.print(f"{count} blocks of {'x'.join([str(size)] * nd)} outputs (halo "
                   f"{'x'.join(map(str, geo.halo))} pixels); output "
                   f"{'x'.join(map(str, data.shape))}, one per "
                   f"{'x'.join(map(str, geo.step))} input pixels")

@@ -96,29 +96,29 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
     """``dense(x)`` computed tile by tile; identical (fp32 tolerance) to one whole pass.
 
     The blocks are the ones ``econv-convert predict`` computes into zarr (the same engine,
-    :func:`econv_convert.run.scene.block_output`), here for every image of the batch in
+    :func:`econv_convert.run.blocks.block_output`), here for every image of the batch in
     this process, in float32. Tiles of 2-D and 3-D models run channels-last (faster dense
     convolutions on CPU; see :func:`econv_convert.run.bench.memory_format`)."""
     import numpy as np
 
-    from econv_convert.run import scene
+    from econv_convert.run import blocks, runner, scene
     from econv_convert.run.sources import InMemorySource
 
     plan = plan_tiles(dense, tuple(x.shape), tile=tile, max_memory=max_memory)
     geo = scene.geometry(info(dense))
     res = geo.step[0]  # outputs are this many pixels apart
     lead: list[int] = []
-    run = scene.module_runner(dense, x.dim() - 2, x.device, lead)
+    run = runner.module_runner(dense, x.dim() - 2, x.device, lead)
 
     outs = []
     for n in range(x.shape[0]):
         source = InMemorySource(x[n].detach().float().cpu().numpy())
         shape = scene.output_size(run, source, geo, None, None)
-        job = scene.Job(None, None, "", shape, tuple(t // res for t in plan.tile), geo.step,
+        job = blocks.Job(None, None, "", shape, tuple(t // res for t in plan.tile), geo.step,
                         geo.unit, geo.halo, halo_after=geo.halo_after)
         done = n * len(job.blocks())
         total = x.shape[0] * len(job.blocks())
-        outs.append(scene.in_memory(job, source, run, progress=None if progress is None else
+        outs.append(blocks.in_memory(job, source, run, progress=None if progress is None else
                                     (lambda k, _, d=done: progress(d + k, total))))
     y = np.stack(outs)
     return torch.from_numpy(y.reshape(x.shape[0], *lead, *y.shape[2:])).to(x.dtype)

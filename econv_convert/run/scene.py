@@ -1,12 +1,12 @@
-"""Dense predictions over images larger than memory, block by block, on Dask.
+"""Dense predictions over images larger than memory: the job around the blocks.
 
 The output is an OME-Zarr image (:mod:`econv_convert.run.ngff`) whose full-resolution array
-``(C, H', W')`` is written block by block. Each output block is one chunk and one task: it
-reads its own lattice-aligned input window plus a halo from the source, runs the dense model,
-keeps its block and writes that whole chunk, so no two tasks write the same bytes and no
-array of the whole image exists anywhere. A block is exact (the whole-image
-dense output there) for the reason tiles are (:mod:`econv_convert.run.predict`): the window
-starts on the image's lattice and its halo holds a receptive field.
+``(C, H', W')`` is written block by block (:mod:`econv_convert.run.blocks`: one chunk and
+one task per block, on Dask or in this process; :mod:`econv_convert.run.runner`: the model
+as each process runs it). Here: the geometry of the blocks, the output's size, the output
+claimed, created, resumed and finished, the default block size. A block is exact (the
+whole-image dense output there) for the reason tiles are (:mod:`econv_convert.run.predict`):
+the window starts on the image's lattice and its halo holds a receptive field.
 
 A finished block leaves a marker file; the group attribute ``econv`` records the model's
 checksum and the options, and ``complete`` becomes true only when every block is written and
@@ -17,13 +17,10 @@ the pyramid and labels are built. So a killed run loses only the blocks in fligh
 from __future__ import annotations
 
 import hashlib
-import importlib
-import itertools
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,120 +29,23 @@ import numpy as np
 
 from econv_convert.errors import InvalidInputError, describe
 from econv_convert.run import ngff
-from econv_convert.run.sources import SourceSpec, cached_source, normalize, open_source
+from econv_convert.run.blocks import (  # noqa: F401  (compute_block: for callers of scene)
+    MARKERS,
+    Job,
+    Progress,
+    compute_block,
+    default_workers,
+    run_blocks,
+)
+from econv_convert.run.runner import ModelSpec, runner
+from econv_convert.run.sources import SourceSpec, normalize, open_source
 
 FORMAT = "econv-convert dense prediction"
 WRITER = 3  # how the output is laid out; 3: the blocks write their part of the pyramid too
-MARKERS = ".econv-blocks"  # inside the zarr folder: one empty file per finished block
-
-Progress = Callable[[int, int], None]
 
 
 class OutputExistsError(InvalidInputError):
     """The output exists and neither resume nor overwrite was asked for, or it differs."""
-
-
-# -- the model, as each worker runs it ------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A dense model file (``.pt`` from ``save_dense`` or a dense ``.onnx``) and how to run it."""
-
-    path: str
-    device: str = "cpu"
-    threads: int = 0  # torch / onnxruntime threads per worker; 0: the cores shared out
-
-
-_MODELS: dict[tuple[str, str], Any] = {}
-
-
-def runner(spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
-    """``f(x) -> y`` for ``(1, C, h, w)`` float32 arrays; loaded once per process and file
-    (the first load's thread count stays: the output-size probe and the blocks run in this
-    process share one model)."""
-    key = (spec.path, spec.device)
-    if key not in _MODELS:
-        _MODELS[key] = _load_runner(spec)
-    return _MODELS[key]
-
-
-def _load_runner(spec: ModelSpec):
-    if spec.path.lower().endswith(".onnx"):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = spec.threads
-        options.inter_op_num_threads = 1
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
-                     if spec.device.startswith("cuda") else ["CPUExecutionProvider"])
-        session = ort.InferenceSession(spec.path, options, providers=providers)
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: np.ascontiguousarray(x)})[0]
-    import torch
-
-    from econv_convert.run.fuse import prepare
-    from econv_convert.run.resources import keep_freed_memory
-    from econv_convert.torch.storage import load_dense
-
-    keep_freed_memory()
-    torch.set_num_threads(spec.threads or torch.get_num_threads())
-    device = _device(spec.device)
-    model = load_dense(spec.path).eval()
-    prepare(model)  # this process's own copy, for inference only
-    return module_runner(model.to(device), len(model.econv.example_shape) - 2, device)
-
-
-def module_runner(model, nd: int, device: Any = "cpu", lead: list | None = None):
-    """``f(x) -> y`` on numpy arrays for a dense module of ``nd`` spatial axes (channels-last
-    for 2-D and 3-D maps, the output as float32 on the CPU); ``lead``, when given, receives
-    the output's dims before the spatial ones."""
-    import torch
-
-    from econv_convert.run.bench import memory_format
-
-    fmt = memory_format(nd + 2, True)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(x)
-        if t.shape[0] == 1:
-            # numpy gives a new axis of one stride 0, which sends channels-last convolutions
-            # down a path 2x slower: the stride of one whole image, as torch would give it
-            t = t.as_strided(t.shape, (t[0].numel(), *t.stride()[1:]))
-        with torch.no_grad():
-            y = model(t.to(device).contiguous(memory_format=fmt))
-        y = y if isinstance(y, torch.Tensor) else _only_tensor(y)
-        if lead is not None:
-            lead[:] = y.shape[1:-nd]
-        return y.float().cpu().numpy()
-
-    return run
-
-
-def _device(name: str) -> str:
-    """``cuda``: each Dask worker on its own GPU (worker k on GPU k modulo their number)."""
-    if name != "cuda":
-        return name
-    import torch
-
-    if not torch.cuda.is_available():
-        raise InvalidInputError("--device cuda: no CUDA device is available here")
-    try:
-        from distributed import get_worker
-
-        index = int(get_worker().name)
-    except (ImportError, ValueError, TypeError):
-        index = 0
-    return f"cuda:{index % torch.cuda.device_count()}"
-
-
-def _only_tensor(y):
-    from econv_convert.torch.outputs import flatten
-
-    leaves = flatten(y)
-    if len(leaves) != 1:
-        raise InvalidInputError("prediction needs a model with one output map")
-    return leaves[0]
 
 
 # -- geometry --------------------------------------------------------------------------------
@@ -212,163 +112,6 @@ def _support(meta, windowed: bool, nd: int) -> list[tuple[int, int]] | None:
     if any(b < 0 or b >= UNKNOWN_REACH or n < 1 for b, n in found):
         return None
     return found
-
-
-# -- the job ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Job:
-    """Everything a block task needs: plain data, sent once to every worker. ``model`` and
-    ``source`` are None when the blocks run in this process on a model and image in memory
-    (:func:`in_memory`)."""
-
-    model: ModelSpec | None
-    source: SourceSpec | None
-    output: str
-    shape: tuple[int, ...]  # (C, *spatial) of the output
-    block: tuple[int, ...]  # output positions per block (and chunk), per spatial axis
-    step: tuple[int, ...]
-    unit: tuple[int, ...]
-    halo: tuple[int, ...]
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    halo_after: tuple[int, ...] = ()  # () : the same as ``halo``
-
-    def blocks(self) -> list[tuple[int, ...]]:
-        counts = [range(math.ceil(n / b)) for n, b in zip(self.shape[1:], self.block)]
-        return list(itertools.product(*counts))
-
-    def window(self, block: Sequence[int], size: Sequence[int]):
-        """The output range of ``block`` and the input window it reads, per axis."""
-        out, inp = [], []
-        after = self.halo_after or self.halo
-        for k, n, b, s, h, t, extent in zip(block, self.shape[1:], self.block, self.step,
-                                            self.halo, after, size):
-            a, e = k * b, min(n, (k + 1) * b)
-            out.append((a, e))
-            inp.append((max(0, a * s - h), min(extent, e * s + t)))
-        return out, inp
-
-
-def block_output(job: Job, block: Sequence[int], source, run,
-                 read: tuple | None = None) -> tuple[tuple, np.ndarray]:
-    """One block of the output: its index into the whole output and its values. The one
-    computation every sink shares (a zarr chunk, an array in memory). ``read``: the block's
-    input from :func:`block_input`, when it was read ahead."""
-    out_range, in_range, x = read if read is not None else block_input(job, block, source)
-    y = _as_map(run(x), job.shape[0], len(in_range))
-    # the window's output index q is the image's index lo / step + q
-    starts = [a - lo // s for (a, _), (lo, _), s in zip(out_range, in_range, job.step)]
-    if any(r + (e - a) > n for r, (a, e), n in zip(starts, out_range, y.shape[1:])):
-        raise RuntimeError(f"block {tuple(block)}: the window's output {y.shape[1:]} does not "
-                           f"reach the block's end; the halo {job.halo} is too small")
-    part = y[(slice(None),) + tuple(slice(r, r + e - a) for r, (a, e) in zip(starts, out_range))]
-    return (slice(None),) + tuple(slice(a, e) for a, e in out_range), part
-
-
-def block_input(job: Job, block: Sequence[int], source) -> tuple:
-    """The output range of ``block``, the input window it reads and that window read and
-    normalized, ``(1, C, ...)`` float32."""
-    out_range, in_range = job.window(block, source.shape[1:])
-    # in the memory order the file gives (channels last for RGB), which is the order the
-    # model runs in: no copy to (C, h, w) order and back
-    x = normalize(source.read_window(in_range), job.mean, job.std)[None]
-    return out_range, in_range, x
-
-
-def compute_block(job: Job, block: tuple[int, ...], read: tuple | None = None) -> float:
-    """Read, run, write one block into the zarr output (a Dask task). Returns the seconds
-    its model took."""
-    run, seconds = timed(runner(job.model))
-    index, part = block_output(job, block, cached_source(job.source), run, read)
-    store_block(job, block, index, part)
-    return seconds[0]
-
-
-def timed(run: Callable[[np.ndarray], np.ndarray]):
-    """``run`` and a list whose one number adds up the seconds its calls take."""
-    seconds = [0.0]
-
-    def timed_run(x: np.ndarray) -> np.ndarray:
-        start = time.perf_counter()
-        try:
-            return run(x)
-        finally:
-            seconds[0] += time.perf_counter() - start
-
-    return timed_run, seconds
-
-
-def store_block(job: Job, block: tuple[int, ...], index: tuple, part: np.ndarray
-                ) -> tuple[int, ...]:
-    """Write one computed block into the zarr output, then mark it done (for --resume)."""
-    ngff.write_block(job.output, index, part)
-    marker = Path(job.output) / MARKERS / "_".join(map(str, block))
-    marker.touch()
-    return block
-
-
-def _in_process(job: Job, blocks: Sequence[tuple[int, ...]], progress: Progress | None
-                ) -> float:
-    """The blocks in this process: each block's input read (in a thread) while the block
-    before it runs, and its output written (in another) while the block after it runs; a
-    block counts as done once written. The writer first imports the NGFF writer the job
-    needs at its end (over half a second of imports, hidden under the first block)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    source = cached_source(job.source)
-    run, seconds = timed(runner(job.model))
-    with ThreadPoolExecutor(1) as writer:
-        pending = writer.submit(importlib.import_module, "ome_zarr.writer")
-        for k, (b, data) in enumerate(_read_ahead(job, list(blocks), source)):
-            index, part = block_output(job, b, source, run, data)
-            pending.result()  # the write before this one (an error in it is raised here)
-            if progress and k:
-                progress(k, len(blocks))
-            pending = writer.submit(store_block, job, b, index, part)
-        pending.result()
-        if progress:
-            progress(len(blocks), len(blocks))
-    return seconds[0]
-
-
-def _read_ahead(job: Job, blocks: Sequence[tuple[int, ...]], source):
-    """``(block, its input)`` in order, each block's input read and decoded in a thread while
-    the one before it runs (reading and decoding release the GIL, as the model does)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if not blocks:
-        return
-    with ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(block_input, job, blocks[0], source)
-        for k, b in enumerate(blocks):
-            data = ahead.result()
-            if k + 1 < len(blocks):
-                ahead = pool.submit(block_input, job, blocks[k + 1], source)
-            yield b, data
-
-
-def in_memory(job: Job, source, run, blocks: Sequence[tuple[int, ...]] | None = None,
-              progress: Progress | None = None) -> np.ndarray:
-    """The output as an array in memory, block by block in this process (NaN where a block
-    is not in ``blocks``)."""
-    out = np.full(job.shape, np.nan, dtype=np.float32)
-    todo = job.blocks() if blocks is None else list(blocks)
-    for k, (b, data) in enumerate(_read_ahead(job, todo, source), 1):
-        index, part = block_output(job, b, source, run, data)
-        out[index] = part
-        if progress:
-            progress(k, len(todo))
-    return out
-
-
-def _as_map(y: np.ndarray, channels: int, nd: int = 2) -> np.ndarray:
-    """A model output ``(1, ..., *spatial)`` as ``(C, *spatial)``."""
-    if y.shape[0] != 1 or math.prod(y.shape[1:-nd]) != channels:
-        raise InvalidInputError(f"the model's output {tuple(y.shape)} is not a map of "
-                                f"{channels} channels")
-    return y.reshape(channels, *y.shape[-nd:])
 
 
 def output_size(model, source, geo: Geometry, mean, std) -> tuple[int, ...]:
@@ -477,7 +220,7 @@ def finish_output(job: Job, seconds: float, *, ngff_version: str = "0.5",
     return levels
 
 
-# -- running the blocks ----------------------------------------------------------------------
+# -- the report ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -506,74 +249,6 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
-               scheduler: str | None = None, progress: Progress | None = None,
-               on_start: Callable[[str, str | None], None] | None = None
-               ) -> tuple[str, int, float]:
-    """Compute ``blocks``: in this process when ``workers`` is 0 and no scheduler is given,
-    else on Dask (an embedded ``LocalCluster`` of ``workers`` processes, or the cluster at
-    ``scheduler``). ``on_start(scheduler, dashboard)`` is called once the cluster is up.
-    Returns the scheduler's description, the number of workers and the seconds the model
-    took, summed over the blocks."""
-    total = len(blocks)
-    if not blocks:
-        return "none", 0, 0.0
-    if workers == 0 and scheduler is None:
-        if on_start:
-            on_start("this process", None)
-        return "this process", 1, _in_process(job, blocks, progress)
-    from distributed import Client, LocalCluster, as_completed
-
-    cluster = None
-    try:
-        if scheduler is None:
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   host="127.0.0.1", dashboard_address=_DASHBOARD,
-                                   silence_logs=40)
-            client = Client(cluster)
-        else:
-            client = Client(scheduler, timeout="20s")
-    except OSError as e:
-        if cluster is not None:
-            cluster.close()
-        raise InvalidInputError(f"--scheduler {scheduler}: cannot connect ({describe(e)})") \
-            from None
-    try:
-        where = scheduler or "embedded LocalCluster"
-        n = len(client.scheduler_info(n_workers=-1)["workers"])
-        if on_start:
-            on_start(where, client.dashboard_link if _has_dashboard() else None)
-        futures = client.map(compute_block, [job] * total, blocks, pure=False)
-        model = 0.0
-        for k, future in enumerate(as_completed(futures), 1):
-            model += future.result()  # an error in a task is raised here, as it was there
-            if progress:
-                progress(k, total)
-        return where, n, model
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
-# a free port on this machine only (None would mean the default, 8787, on every address)
-_DASHBOARD = "127.0.0.1:0"
-
-
-def _has_dashboard() -> bool:
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def default_workers() -> int:
-    """Worker processes for the embedded cluster: one per two cores (each runs its torch
-    threads on the other), at least one."""
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
