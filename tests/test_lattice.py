@@ -65,3 +65,25 @@ def test_same_padding_matches_pytorch(k, d):
 def test_receptive_field_grows_with_the_step():
     f = Field().through(Window(3, 2)).through(Window(3, 1))
     assert (f.size, f.step) == (7, 2)
+
+
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("kernel,stride,pad,dilation,ceil", [
+    (3, 2, 1, 1, False), (3, 2, 1, 1, True), (2, 2, 0, 1, True), (5, 3, 2, 1, True),
+    (3, 1, 1, 2, False), (3, 2, 2, 3, True), (4, 4, 1, 1, True), (1, 2, 0, 1, False)])
+@pytest.mark.parametrize("step", [1, 2, 3])
+def test_avg_tap_counts_is_the_count_of_taps_inside(kernel, stride, pad, dilation, ceil,
+                                                    step, include):
+    """The average-pool divisor both backends evaluate: at every dense position, the number
+    of window taps within the counted range, counted one by one here."""
+    from econv_convert.core.lattice import avg_divisor_bounds, avg_tap_counts
+
+    w = Window(kernel, stride, pad, pad, dilation, ceil)
+    for h in range(1, 12):
+        lo, hi = avg_divisor_bounds(h, w, include)
+        n = (h - 1) * step + 1 + 2 * step
+        got = [avg_tap_counts(q, h, w, step, include, minimum=min, maximum=max)
+               for q in range(n)]
+        want = [sum(lo * step <= q + (k * dilation - pad) * step <= hi * step
+                    for k in range(kernel)) for q in range(n)]
+        assert got == want, (h, got, want)

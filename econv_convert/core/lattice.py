@@ -168,6 +168,28 @@ def avg_divisor_bounds(h: int, w: Window, count_include_pad: bool) -> tuple[int,
     return 0, h - 1
 
 
+def avg_tap_counts(q, h, w: Window, step: int, count_include_pad: bool, *, minimum, maximum):
+    """How many taps of the window at dense output position ``q`` (an integer, or a vector of
+    them: a tensor of either backend) an average pool's divisor counts, on a map of ``h``
+    baseline positions: the one formula both backends evaluate (PyTorch on tensors, ONNX on
+    graph values through ``SymInt``; ``minimum``/``maximum`` are element-wise).
+
+    Tap ``k`` of the window at ``q`` reads dense position ``q + (k * dilation - pad_lo) *
+    step``; it counts when that lies in ``[lo * step, hi * step]`` (:func:`avg_divisor_bounds`),
+    that is for ``k * dilation`` from ``a = lo + pad_lo - floor(q / step)`` to ``b = hi + pad_lo
+    - ceil(q / step)``, with ``0 <= k < kernel``. Every division here is of a non-negative
+    integer (``q >= 0``; ``a`` and ``b`` are clipped first), so truncating and flooring
+    division agree (ONNX's ``Div`` truncates).
+    """
+    lo, hi = avg_divisor_bounds(h, w, count_include_pad)
+    d = w.dilation
+    a = maximum(lo + w.pad_lo - q // step, 0)
+    b = minimum(hi + w.pad_lo - (q + (step - 1)) // step, (w.kernel - 1) * d)
+    first = (a + (d - 1)) // d  # the first tap at or after a
+    last = maximum(b + d, 0) // d - 1  # the last tap at or before b (-1: none)
+    return maximum(last - first + 1, 0)
+
+
 # padding whose amount is computed when the model runs (TensorFlow's "same" done by hand):
 # its reach is not known, so no position counts as away from the borders
 UNKNOWN_REACH = 10**9

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from econv_convert.core.lattice import (
     Window,
-    avg_divisor_bounds,
+    avg_tap_counts,
     dense_window,
     effective_dilation,
     lattice_count,
@@ -200,15 +200,19 @@ def avg_pool(
     divisor = None
     for i, (w, s, n) in enumerate(zip(ws, steps, dense_out, strict=True)):
         h = lattice_count(x.shape[x.dim() - nd + i], s)
-        lo, hi = avg_divisor_bounds(h, w, count_include_pad)
-        # dense positions of each window's taps, relative to the unpadded map
-        taps = torch.arange(n, device=x.device)[:, None] + (
-            torch.arange(w.kernel, device=x.device)[None, :] - w.pad_lo
-        ) * s
-        count = ((taps >= lo * s) & (taps <= hi * s)).sum(1).to(y.dtype)
+        count = avg_tap_counts(torch.arange(n, device=x.device), h, w, s, count_include_pad,
+                               minimum=_clamp_max, maximum=_clamp_min).to(y.dtype)
         count = count.reshape([n if j == i else 1 for j in range(nd)])
         divisor = count if divisor is None else divisor * count
     return (y / divisor).reshape(*lead, channels, *y.shape[2:])
+
+
+def _clamp_max(t: torch.Tensor, bound) -> torch.Tensor:
+    return torch.clamp(t, max=bound)
+
+
+def _clamp_min(t: torch.Tensor, bound) -> torch.Tensor:
+    return torch.clamp(t, min=bound)
 
 
 def batch_norm(x: torch.Tensor, running_mean, running_var, weight, bias, training: bool,

@@ -13,7 +13,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from econv_convert.core import rules
-from econv_convert.core.lattice import Window, dense_out, effective_dilation
+from econv_convert.core.lattice import Window, avg_tap_counts, dense_out, effective_dilation
 from econv_convert.core.layout import Layout, LayoutError
 from econv_convert.core.rules import refuse
 from econv_convert.onnx.graph import SymInt
@@ -247,23 +247,26 @@ def _avg_pool(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         rw.b.op1("Pow", [total, rw.b.scalar(1.0 / p, dtype)], node.output[0])
         _done(rw, node, plan)
         return
-    # the divisor map, from a map of ones shaped like one channel of x
-    one_shape = rw.b.op1("Concat", [rw.b.const([1, 1]), rw.b.shape_slice(x, 2, 2 + nd)], axis=0)
-    ones = rw.b.op1("ConstantOfShape", [one_shape],
-                    value=helper.make_tensor("one", dtype, [1], [1]))
-    if include:
-        real_hi = [w.pad_hi * s for w, s in zip(ws, steps)]
-        ones = rw.b.pad(ones, nd + 2, axes, lo, real_hi, rw.fill(x, 1.0)) \
-            if _nonzero(lo + real_hi) else ones
-        ceil_extra = [h - r for h, r in zip(hi, real_hi)]
-        if _nonzero(ceil_extra):
-            ones = rw.b.pad(ones, nd + 2, axes, [0] * nd, ceil_extra, rw.fill(x, 0.0))
-    elif _nonzero(lo + hi):
-        ones = rw.b.pad(ones, nd + 2, axes, lo, hi, rw.fill(x, 0.0))
-    count = _crop(rw, _window_sum(rw, ones, 1, kernel, dws, dtype), x, steps, ws, None)
-    rw.b.op1("Div", [total, count], node.output[0])
+    # the divisor: how many taps of each window the baseline counts, per axis (the core's
+    # formula, on graph values), multiplied over the axes
+    divisor = None
+    for i, (w, s) in enumerate(zip(ws, steps)):
+        q = SymInt(rw.b, _arange(rw, rw.b.dim(total, 2 + i)))
+        count = avg_tap_counts(q, _lattice_size(rw, x, i, s), w, s, include,
+                               minimum=rw.b.minimum, maximum=rw.b.maximum)
+        shape = [1] * (nd + 2)
+        shape[2 + i] = -1
+        c = rw.b.reshape(rw.b.op1("Cast", [rw.b.int_tensor(count)], to=dtype), shape)
+        divisor = c if divisor is None else rw.b.op1("Mul", [divisor, c])
+    rw.b.op1("Div", [total, divisor], node.output[0])
     _done(rw, node, replace(plan, record=replace(
-        plan.record, note="depthwise Conv of ones / divisor map (any opset)")))
+        plan.record, note="depthwise Conv of ones / taps counted (any opset)")))
+
+
+def _arange(rw: OnnxRewriter, n: SymInt | int) -> str:
+    """``0, 1, ..., n - 1`` as a 1-D int64 tensor, when the graph runs."""
+    scalar = rw.b.op1("Squeeze", [rw.b.int_tensor(n)])
+    return rw.b.op1("Range", [rw.b.const(0, shape=()), scalar, rw.b.const(1, shape=())])
 
 
 @rule("SpaceToDepth")
