@@ -23,7 +23,9 @@ from econv_convert.torch.verify import verify
 from econv_convert.workflow import (
     CheckOptions,
     LoadOptions,
+    bench_file,
     densify_file,
+    inspect_file,
     inverse_file,
     verify_file,
 )
@@ -33,7 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckOptions", "DenseInfo", "EConvError", "EquivalenceError", "InvalidInputError",
     "InvalidModelError", "LoadOptions", "TransferError", "UnsafeCheckpointError",
-    "UnsupportedLayerError", "VerifyReport", "__version__", "densify", "densify_file",
-    "freeze_batchnorm", "info", "inverse", "inverse_file", "is_dense", "lattice_view",
+    "UnsupportedLayerError", "VerifyReport", "__version__", "bench_file", "densify",
+    "densify_file", "freeze_batchnorm", "info", "inspect_file", "inverse", "inverse_file",
+    "is_dense", "lattice_view",
     "load_dense", "save_dense", "verify", "verify_file",
 ]

@@ -1,5 +1,6 @@
-"""Workflows over model files, for either backend: what the ``densify``, ``verify`` and
-``inverse`` commands do, as functions that return results instead of printing.
+"""Workflows over model files, for either backend: what the ``densify``, ``verify``,
+``inverse``, ``inspect`` and ``bench`` commands do, as functions that return results instead
+of printing (``predict``'s job is :func:`econv_convert.run.scene.predict_scene`).
 
 A file's suffix picks the backend (``.onnx``: ONNX graphs in onnxruntime; anything else: a
 PyTorch checkpoint), the options are plain data (:class:`LoadOptions`, :class:`CheckOptions`),
@@ -265,7 +266,98 @@ class Inverted:
                 "verification": self.verification.to_dict()}
 
 
+@dataclass
+class Inspected:
+    """What :func:`inspect_file` planned: how the dense model is made (``info``) and, per
+    layer, its lattice step, field, sizes and multiply-adds (``plan``); nothing was run."""
+
+    source: Path
+    info: Any
+    plan: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": str(self.source), "dense": info_dict(self.info),
+                "plan": self.plan.to_dict()}
+
+
+@dataclass
+class Benched:
+    """What :func:`bench_file` timed, at input ``shape``."""
+
+    source: Path
+    shape: list[int]
+    result: Any  # econv_convert.run.bench.BenchResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": str(self.source), **self.result.to_dict()}
+
+
+def info_dict(meta) -> dict[str, Any]:
+    """The parts of a dense record a report shows, as plain data."""
+    from econv_convert import report
+
+    return {
+        "global_pool": meta.global_pool,
+        "until": meta.until,
+        "output_stride": meta.output_stride,
+        "total_step": list(meta.total_step),
+        "example_shape": meta.example_shape,
+        "layers": meta.records,
+        "outputs": meta.outputs,
+        "notes": meta.notes,
+        "training": report.training_mode(meta),
+    }
+
+
 # -- workflows ----------------------------------------------------------------------------------
+
+
+def inspect_file(model: Path | str | None, *,
+                 load_options: LoadOptions = LoadOptions()) -> Inspected:
+    """The plan of densifying the model file ``model`` (the bundled one if None), per layer,
+    without running the dense model: quick for any model size."""
+    from econv_convert.core import costs
+
+    if is_onnx(model):
+        load_options.torch_only()
+        _, _, meta = onnx_densified(Path(model), load_options)
+        path = Path(model)
+    else:
+        path, _, dense = densified(model, load_options)
+        meta = dense.econv
+    return Inspected(path, meta, costs.plan(meta))
+
+
+def bench_file(model: Path | str | None, *, load_options: LoadOptions = LoadOptions(),
+               input_shape: list[int] | None = None, device: str = "cpu", runs: int = 5,
+               warmup: int = 1, channels_last: bool = True, force: bool = False,
+               progress: Callable[[str], None] | None = None) -> Benched:
+    """Time the baseline, the dense model, shift-and-stitch and (patch classifiers) the sliding
+    window on one input (``input_shape``; default: the example, or 512 pixels a side for a
+    patch classifier), median of ``runs`` after ``warmup``, on ``device`` (``cpu``/``cuda``).
+    PyTorch models only. ``progress(case)`` is called as each case starts."""
+    from econv_convert.run import bench as timing
+    from econv_convert.run.resources import check_memory
+
+    if device not in ("cpu", "cuda"):
+        raise InvalidInputError(f"device '{device}': expected cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidInputError("device cuda: no CUDA device is available here")
+    path, loaded, dense = densified(model, load_options)
+    example = dense.econv.example_shape
+    if input_shape:
+        shape = list(input_shape)
+    elif timing._patch_size(dense) is not None:
+        shape = [1, example[1]] + [512] * (len(example) - 2)
+    else:
+        shape = list(example)
+    check_memory(dense.econv, shape, force=force, why="the input to time at")
+    result = timing.bench(loaded.model, dense, shape, device=device, runs=runs, warmup=warmup,
+                          channels_last=channels_last, progress=progress)
+    return Benched(path, shape, result)
 
 
 def densify_file(model: Path | str | None, output: Path | str | None = None, *,

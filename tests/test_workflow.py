@@ -86,3 +86,24 @@ def test_both_backends_answer_is_dense_info_and_lattice_view_alike(tmp_path):
     got = onnx_api.lattice_view(dense_onnx, y_onnx)
     assert isinstance(got, list) and got[0].shape == expected.shape
     np.testing.assert_allclose(got[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_and_bench_are_workflows_too(tmp_path):
+    """What ``inspect`` and ``bench`` print, as results: the plan of a PyTorch model and of an
+    ONNX graph alike (nothing run), and the timings, each with ``to_dict``."""
+    from econv_convert import workflow
+    from econv_convert.workflow import LoadOptions
+
+    for name in ("tiny_resnet.pt", "tiny_resnet.onnx"):
+        done = workflow.inspect_file(FIXTURES / name,
+                                     load_options=LoadOptions(global_pool="window"))
+        data = done.to_dict()
+        assert data["dense"]["global_pool"] == "window" and data["plan"]["layers"]
+        assert done.plan.layers and list(done.info.total_step) == [16, 16]
+    timed = workflow.bench_file(FIXTURES / "tiny_resnet.pt", input_shape=[1, 3, 96, 96],
+                                runs=1, warmup=0,
+                                load_options=LoadOptions(global_pool="window"))
+    assert timed.shape == [1, 3, 96, 96]
+    assert {"baseline", "dense"} <= set(timed.to_dict()["timings"])
+    with pytest.raises(InvalidInputError, match="device 'tpu'"):
+        workflow.bench_file(FIXTURES / "tiny_resnet.pt", device="tpu")

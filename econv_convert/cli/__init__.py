@@ -207,19 +207,7 @@ def _jsonable(v: Any) -> Any:
 
 
 def _info_dict(meta) -> dict[str, Any]:
-    from econv_convert import report
-
-    return {
-        "global_pool": meta.global_pool,
-        "until": meta.until,
-        "output_stride": meta.output_stride,
-        "total_step": list(meta.total_step),
-        "example_shape": meta.example_shape,
-        "layers": meta.records,
-        "outputs": meta.outputs,
-        "notes": meta.notes,
-        "training": report.training_mode(meta),
-    }
+    return workflow.info_dict(meta)
 
 
 # -- reports shared by PyTorch models and ONNX graphs -------------------------------------------
@@ -426,23 +414,15 @@ def inspect(
     output sizes and multiply-adds, baseline vs dense. The dense model is never run (no
     memory guard is needed), so this is quick for any model size."""
     from econv_convert import report
-    from econv_convert.core import costs
 
     how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
                input_name)
-    if workflow.is_onnx(model):
-        how.torch_only()
-        path = model
-        _, _, meta = workflow.onnx_densified(model, how)
-    else:
-        path, loaded, dense = workflow.densified(model, how)
-        meta = dense.econv
-    plan = costs.plan(meta)
+    done = workflow.inspect_file(model, load_options=how)
     if json_out:
-        _emit_json({"model": str(path), "dense": _info_dict(meta), "plan": plan.to_dict()})
+        _emit_json(done.to_dict())
         return
-    out.print(report.plan_table(plan))
-    report.print_summary(out, meta)
+    out.print(report.plan_table(done.plan))
+    report.print_summary(out, done.info)
 
 
 @app.command()
@@ -470,9 +450,6 @@ def bench(
 ) -> None:
     """Time the baseline, the dense model, shift-and-stitch and (patch classifiers) the sliding
     window, in one run, with multiply-adds and ratios."""
-    from econv_convert.run import bench as timing
-    from econv_convert.run.resources import check_memory
-
     if device not in ("cpu", "cuda"):
         raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
     if device == "cuda":
@@ -480,22 +457,15 @@ def bench(
 
         if not torch.cuda.is_available():
             raise InvalidInputError("--device cuda: no CUDA device is available here")
-    path, loaded, dense = workflow.densified(model, Load(arch, arch_kwargs, trust_pickle,
-                                                 global_pool=global_pool,
-                                                 output_stride=output_stride,
-                                                 input_name=input_name))
-    example = dense.econv.example_shape
-    if input_shape:
-        shape = workflow.example_shape(input_shape, None)
-    elif timing._patch_size(dense) is not None:
-        shape = [1, example[1]] + [512] * (len(example) - 2)
-    else:
-        shape = example
-    check_memory(dense.econv, shape, force=force, why="the input to time at")
+    how = Load(arch, arch_kwargs, trust_pickle, global_pool=global_pool,
+               output_stride=output_stride, input_name=input_name)
+    shape = workflow.example_shape(input_shape, None) if input_shape else None
     with err.status("timing", spinner="dots") as status:
-        result = timing.bench(loaded.model, dense, shape, device=device, runs=runs,
-                              warmup=warmup, channels_last=channels_last,
-                              progress=lambda name: status.update(f"timing {name}"))
+        done = workflow.bench_file(model, load_options=how, input_shape=shape, device=device,
+                                   runs=runs, warmup=warmup, channels_last=channels_last,
+                                   force=force,
+                                   progress=lambda name: status.update(f"timing {name}"))
+    path, shape, result = done.source, done.shape, done.result
     data = result.to_dict()
     if json_out:
         _emit_json({"model": str(path), **data})
