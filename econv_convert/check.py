@@ -271,7 +271,7 @@ def check(
     all_names = [o.get("name") or f"output {k}" for k, o in enumerate(meta.outputs)]
     unknown = [n for n in select or () if n not in all_names]
     if unknown:
-        raise InvalidInputError(f"--output {unknown[0]}: the model's outputs are "
+        raise InvalidInputError(f"output={unknown[0]}: the model's outputs are "
                                 f"{', '.join(all_names)}")
     names = _names(meta, select or ())
     note = ""

@@ -1,7 +1,9 @@
 """Typed errors. The library raises these; only the CLI turns them into messages and exit codes.
 
 Every message is one line that says what is wrong and where (the node or file), so the CLI can
-print it as it is.
+print it as it is. A message names an option as the API argument it is, followed by ``=``
+(``until=layer3``, ``input_shape=...``, ``force=True``); the CLI shows those as its flags
+(``--until layer3``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class UnsupportedLayerError(EConvError):
     """A layer is not translation-equivariant on the lattice, or has no rule yet.
 
     ``node`` names the graph node (and module path where there is one); ``reason`` says why;
-    ``hint`` what the user can do (an option, or ``--until`` to densify the part before it).
+    ``hint`` what the user can do (an option, or ``until=`` to densify the part before it).
     """
 
     def __init__(self, node: str, reason: str, hint: str = "") -> None:

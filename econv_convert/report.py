@@ -167,7 +167,7 @@ def verify_summary(console: Console, report: VerifyReport) -> None:
                       f"tolerance atol {report.atol:g} x scale + rtol {report.rtol:g})")
     elif not n:
         console.print("[bold red]nothing checked[/]: the baseline accepted none of the input "
-                      "sizes; give --input-shape")
+                      "sizes; give input_shape=...")
     else:
         bad = report.failures()
         console.print(f"[bold red]NOT equivalent[/] in {report.precision}: {len(bad)} of {n} "

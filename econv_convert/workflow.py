@@ -56,9 +56,8 @@ class LoadOptions:
                  "trust_pickle": self.trust_pickle, "input_name": self.input_name}
         used = [k for k, v in given.items() if v]
         if used:
-            opt = "--" + used[0].replace("_", "-")
-            raise InvalidInputError(f"{opt} is for PyTorch models; an ONNX graph carries its "
-                                    "own structure and weights")
+            raise InvalidInputError(f"{used[0]}=... is for PyTorch models; an ONNX graph carries "
+                                    "its own structure and weights")
 
 
 @dataclass(frozen=True)
@@ -399,7 +398,7 @@ def _densify_onnx(model: Path, output: Path | None, how: LoadOptions,
 
     how.torch_only()
     if freeze_batchnorm:
-        raise InvalidInputError("--freeze-batchnorm is for PyTorch models: an ONNX dense graph "
+        raise InvalidInputError("freeze_batchnorm=True is for PyTorch models: an ONNX dense graph "
                                 "is for inference only")
     if output is not None:
         if output.suffix.lower() != ".onnx":
@@ -434,7 +433,7 @@ def verify_file(model: Path | str | None, dense: Path | str | None = None, *,
 
         if is_onnx(dense):
             raise InvalidInputError(
-                f"--dense {dense}: a dense ONNX graph exported from a PyTorch model is checked "
+                f"dense={dense}: a dense ONNX graph exported from a PyTorch model is checked "
                 "against the dense model when densify writes it; verify takes the dense .pt "
                 "(densify -o dense.pt) against a PyTorch MODEL")
         check_file(dense)

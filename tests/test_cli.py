@@ -177,3 +177,23 @@ def test_unsupported_layer_exits_2_naming_the_node(tmp_path, monkeypatch):
 def test_debug_shows_the_traceback():
     result = runner.invoke(app, ["--debug", "densify", "nope.pt"])
     assert result.exit_code != 0 and result.exception is not None
+
+
+def test_library_messages_name_api_arguments_and_the_cli_shows_flags():
+    """The library names options as the API arguments they are (``output_stride=3``); the
+    command line shows its own flags for them (``--output-stride 3``), brackets and all."""
+    from econv_convert import densify
+    from econv_convert.cli import cli_words
+    from econv_convert.errors import InvalidInputError
+    from econv_convert.torch.loading import load_model
+
+    loaded = load_model(FIXTURES / "tiny_resnet.pt")
+    with pytest.raises(InvalidInputError, match=r"output_stride=3 cannot be reached"):
+        densify(loaded.model, loaded.input_shape, output_stride=3)
+    result = run("densify", FIXTURES / "tiny_resnet.pt", "--output-stride", "3", "--no-verify")
+    assert result.exit_code == 2
+    assert "--output-stride 3 cannot be reached" in result.stderr
+    assert "output_stride=" not in result.stderr
+    assert cli_words("give input_shape=... or force=True; until=layer3 [1, 2]") == (
+        "give --input-shape or --force; --until layer3 [1, 2]")
+    assert cli_words("model(NAME=x), x.until=1") == "model(NAME=x), x.until=1"

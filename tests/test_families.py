@@ -83,7 +83,7 @@ def test_non_equivariant_families_are_refused_naming_the_node(name):
     assert "\n" not in str(err.value)
     # and what to do: densify the part before it (which then works), or an option
     assert "; to go on: " in str(err.value) and err.value.hint
-    prefix = "densify the part before it with --until "
+    prefix = "densify the part before it with until="
     if err.value.hint.startswith(prefix):
         model = rand_bn(build_fn())
         assert verify(model, densify(model, shape, until=err.value.hint[len(prefix):])).ok

@@ -332,7 +332,7 @@ def _refused(build, match):
     with pytest.raises(UnsupportedLayerError, match=match) as err:
         onnx_api.densify(g.model())
     # what to do: the part before it densifies
-    until = err.value.hint.removeprefix("densify the part before it with --until ")
+    until = err.value.hint.removeprefix("densify the part before it with until=")
     dense, _ = onnx_api.densify(g.model(), until=until)
     assert [o.name for o in dense.graph.output] == [until]
 

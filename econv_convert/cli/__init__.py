@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import sys
 import time
 from enum import Enum
@@ -19,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from econv_convert import __version__, workflow
@@ -72,6 +74,26 @@ def _main(
     _state["debug"] = debug or bool(os.environ.get("ECONV_DEBUG"))  # per invocation
 
 
+# API arguments as the library's messages name them (``until=layer3``), and the flags that set
+# them here
+FLAGS = {"until": "--until", "input_shape": "--input-shape", "arch": "--arch",
+         "arch_kwargs": "--arch-kwargs", "global_pool": "--global-pool",
+         "output_stride": "--output-stride", "trust_pickle": "--trust-pickle",
+         "input_name": "--input-name", "force": "--force", "near": "--at-example-size",
+         "output": "--output", "dense": "--dense", "freeze_batchnorm": "--freeze-batchnorm"}
+_ARGUMENT = re.compile(r"(?<![\w.])(" + "|".join(sorted(FLAGS, key=len, reverse=True))
+                       + r")=(True\b|\.\.\.)?")
+
+
+def cli_words(message: str) -> str:
+    """A library message in this command line's words: ``until=layer3`` becomes ``--until
+    layer3``, ``force=True`` ``--force``, ``input_shape=...`` ``--input-shape``."""
+    def flag(m: re.Match) -> str:
+        return FLAGS[m.group(1)] + ("" if m.group(2) else " ")
+
+    return _ARGUMENT.sub(flag, message)
+
+
 def _guarded(fn):
     """Run a command; turn library errors into one line on stderr and an exit code."""
 
@@ -84,7 +106,7 @@ def _guarded(fn):
         except EConvError as e:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error[/]: {e}", soft_wrap=True)
+            err.print(f"[bold red]error[/]: {escape(cli_words(str(e)))}", soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]: nothing was written")

@@ -106,7 +106,7 @@ def densify(
     if output_stride is not None:
         got = result.kept_stride or (1,)
         if max(got) != output_stride:
-            raise InvalidInputError(f"--output-stride {output_stride} is not reachable: the "
+            raise InvalidInputError(f"output_stride={output_stride} is not reachable: the "
                                     f"strides kept give output stride {max(got)}")
     dense = _assemble(model, result, example, last)
     meta = DenseInfo(
@@ -130,7 +130,7 @@ def cut(model: onnx.ModelProto, value: str) -> onnx.ModelProto:
     producer = {o: n for n in g.node for o in n.output}
     if value not in producer:
         made = [n.output[0] for n in g.node if n.output][:3]
-        raise InvalidInputError(f"--until {value}: no node of the graph makes a value of that "
+        raise InvalidInputError(f"until={value}: no node of the graph makes a value of that "
                                 f"name (node outputs are named like {', '.join(made)})")
     needed, todo = set(), [value]
     while todo:

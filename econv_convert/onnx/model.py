@@ -82,8 +82,8 @@ def example_shape(model: onnx.ModelProto, given: Sequence[int] | None = None) ->
     if given:
         shape = [int(v) for v in given]
         if dims and len(shape) != len(dims):
-            raise InvalidInputError(f"--input-shape has {len(shape)} dims; the graph's input "
-                                    f"'{x.name}' has {len(dims)}")
+            raise InvalidInputError(f"input_shape={','.join(map(str, shape))} has {len(shape)} "
+                                    f"dims; the graph's input '{x.name}' has {len(dims)}")
         return shape
     if len(dims) < 3:
         raise InvalidInputError(f"the graph's input '{x.name}' has rank {len(dims)}; expected "
@@ -94,7 +94,7 @@ def example_shape(model: onnx.ModelProto, given: Sequence[int] | None = None) ->
             shape.append(int(d.dim_value))
         elif i == channel:
             raise InvalidInputError(f"the graph's input '{x.name}' has no static channel "
-                                    "count; give --input-shape")
+                                    "count; give input_shape=...")
         else:
             shape.append(1 if i == 0 else DEFAULT_SPATIAL)
     return shape
@@ -206,7 +206,7 @@ def _run_shapes(model: onnx.ModelProto, example, names: list[str], types: dict[s
         x = np.random.default_rng(0).standard_normal(example).astype(_input_dtype(m))
         outs = sess.run(known, {_image_input(m).name: x})
     except Exception as e:
-        hint = "; its input has symbolic sizes: give --input-shape" if symbolic else ""
+        hint = "; its input has symbolic sizes: give input_shape=..." if symbolic else ""
         raise InvalidModelError(f"the baseline does not run in onnxruntime at input "
                                 f"{tuple(example)} ({describe(e, 120)}){hint}") from e
     return {n: tuple(o.shape) for n, o in zip(known, outs)}

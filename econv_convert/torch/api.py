@@ -83,7 +83,7 @@ def densify(
         raise InvalidInputError(
             f"global pool mode '{global_pool}' is not one of {', '.join(GLOBAL_POOL_MODES)}")
     if output_stride is not None and output_stride < 1:
-        raise InvalidInputError(f"--output-stride must be a positive integer, not {output_stride}")
+        raise InvalidInputError(f"output_stride={output_stride}: must be a positive integer")
     notes = []
     if model.training:
         notes.append("the model was in training mode: densified in eval mode (BatchNorm uses "
@@ -103,7 +103,7 @@ def densify(
         raise InvalidModelError(
             f"econv-convert could not process the model{module_of_error(e, baseline)} "
             f"({describe(e, 160)}); this is a limit of econv-convert: please report it, "
-            "or densify the part before that module with --until") from e
+            "or densify the part before that module with until=...") from e
     if not plan.outputs:
         raise InvalidModelError("the model returns no tensor: nothing to densify")
     if output_stride is not None:
@@ -146,7 +146,7 @@ def _check_output_stride(k: int, plan, rewriter: Rewriter) -> None:
     kept = max(plan.kept_stride, default=1)
     if total % k or kept != min(k, total) or k > total:
         raise InvalidInputError(
-            f"--output-stride {k} cannot be reached: the model's total stride is {total}; "
+            f"output_stride={k} cannot be reached: the model's total stride is {total}; "
             f"reachable output strides: {', '.join(map(str, sorted(cumulative)))}")
 
 

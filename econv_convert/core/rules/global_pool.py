@@ -63,7 +63,7 @@ def global_pool(x: Layout, dims: Sequence[int], reduce: str, mode: str,
     if x.n_extra or x.fold:
         refuse("global pooling of a map that already has extra dims (a second global pool "
                "after a phase- or window-pooled one)",
-               "--global-pool lattice pools the lattice only")
+               "global_pool=lattice pools the lattice only")
     dims = sorted(x.norm_dim(d) for d in dims)
     space = tuple(d for d in dims if x.base_dims[d].kind == "space")
     steps = tuple(x.base_dims[d].step for d in space)

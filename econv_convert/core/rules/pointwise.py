@@ -88,7 +88,7 @@ def broadcast(layouts: Sequence[Layout], out_rank: int) -> BroadcastPlan:
         refuse("a window-pooled value meets the map it was pooled from (as in "
                "squeeze-and-excitation): each position would need its own window of the map, "
                "which has no dense form",
-               "--global-pool phase keeps one value per lattice phase")
+               "global_pool=phase keeps one value per lattice phase")
     extras = max((lay.extras for lay in views), key=len)
     for k, lay in enumerate(views):
         if lay.extras and lay.extras != extras:

@@ -116,7 +116,7 @@ def adaptive_pool(x: Layout, output_size: Sequence[int | None]) -> tuple[str, tu
     if any(n % o for n, o in zip(h, out)):
         refuse(f"adaptive pooling from {tuple(h)} to {out}: the windows depend on the input "
                "size and are not translation-equivariant on the lattice",
-               "give an --input-shape at which the map there is a multiple of " f"{out}")
+               "give an input_shape=... at which the map there is a multiple of " f"{out}")
     return "window", tuple(n // o for n, o in zip(h, out))
 
 

@@ -144,7 +144,7 @@ class OnnxRewriter(Walk):
             yield out, out, v.layout if v is not None else None  # dense values keep names
 
     def until_hint(self, refused: onnx.NodeProto) -> str:
-        """``--until`` the map the refused node reads (or the last map before it, for a
+        """``until=`` the map the refused node reads (or the last map before it, for a
         flatten of positions), where a node makes it."""
         producer = {o: n for n in self.g.node for o in n.output}
         x = next((i for i in refused.input if i in self.env and i in producer
@@ -153,7 +153,7 @@ class OnnxRewriter(Walk):
         while x is not None and (self.env[x].layout.merged or self.env[x].layout.fold):
             x = producer[x].input[0] if x in producer else None
             x = x if x in producer and x in self.env else None
-        return f"densify the part before it with --until {x}" if x else ""
+        return f"densify the part before it with until={x}" if x else ""
 
     def _rewrite(self, node: onnx.NodeProto) -> None:
         if node.domain not in ("", "ai.onnx"):

@@ -52,7 +52,7 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
     if method not in CAPTURES:
         raise InvalidInputError(f"capture '{method}' is not one of {', '.join(CAPTURES)}")
     if until is not None and until not in dict(model.named_modules()):
-        raise InvalidModelError(f"--until: the model has no module named '{until}'")
+        raise InvalidModelError(f"until={until}: the model has no module named '{until}'")
     drops, off = stochastic_depth(model, example, input_name)
     if method == "torch.export":
         captured = _capture_export(model, example, until, input_name)
@@ -75,7 +75,7 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
         raise InvalidModelError(
             f"{fx_error}; torch.export fails too ({e}). Make the forward() of that module "
             "depend on attributes rather than on tensor values, or stop before it with "
-            "--until") from fx_error
+            "until=...") from fx_error
     captured.notes.append(
         f"torch.fx could not trace the model ({_short(fx_error)}); captured with "
         "torch.export: Python control flow is fixed at the example input, and where it "

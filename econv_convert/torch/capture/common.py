@@ -60,7 +60,8 @@ class _Capture(nn.Module):
                 handle.remove()
         if self.until is not None:
             if not self.captured:
-                raise InvalidModelError(f"--until: module '{self.until}' is never called")
+                raise InvalidModelError(
+                    f"until={self.until}: module '{self.until}' is never called")
             out = self.captured[0]
         leaves, self.spec = outputs.flatten(out)
         return tuple(leaves)

@@ -107,7 +107,7 @@ class Rewriter(Walk):
         yield node.name, dense, val.layout
 
     def until_hint(self, refused: fx.Node) -> str:
-        """``--until`` the last top-level module that ran before the refused node (and does
+        """``until=`` the last top-level module that ran before the refused node (and does
         not contain it): its output is a dense feature map the user can have."""
         inside = module_path(refused).split(".")[0]
         last = ""
@@ -119,7 +119,7 @@ class Rewriter(Walk):
                 last = top
         if not last:
             return ""
-        return f"densify the part before it with --until {last}"
+        return f"densify the part before it with until={last}"
 
     def _inherited_field(self, node: fx.Node) -> tuple[Field, ...]:
         """A layer with no window sees what its inputs see (the largest, per axis)."""
@@ -264,9 +264,9 @@ class Rewriter(Walk):
             steps = tuple(d.step for d in lay.fold_dims)
             n = self.call(ops.lattice_flatten, val.node, steps)
             return Val(n, Layout.plain(lay.base))
-        refuse(f"the output flattens a map of one position at the example (--global-pool "
+        refuse(f"the output flattens a map of one position at the example (global_pool="
                f"{self.mode} has no form for it: at larger inputs it has more positions)",
-               "--global-pool window gives one output per window position; lattice gives "
+               "global_pool=window gives one output per window position; lattice gives "
                "the baseline's own output")
 
     # -- the default: nothing spatial reaches the node ------------------------------------
