@@ -29,7 +29,7 @@ def write_evil(path, target):
 def test_code_in_a_checkpoint_never_runs_without_trust_pickle(tmp_path):
     target = tmp_path / "pwned"
     write_evil(tmp_path / "evil.pt", target)
-    with pytest.raises(UnsafeCheckpointError, match="--trust-pickle"):
+    with pytest.raises(UnsafeCheckpointError, match="trust_pickle=True"):
         load_model(tmp_path / "evil.pt")
     assert not target.exists()
 
@@ -53,7 +53,7 @@ def test_whole_pickled_module_needs_trust_pickle(tmp_path):
 def test_state_dict_with_arch(tmp_path):
     state = torch.load(FIXTURES / "patch_classifier.pt", weights_only=True)["state_dict"]
     torch.save(state, tmp_path / "sd.pth")
-    with pytest.raises(InvalidInputError, match="--arch"):
+    with pytest.raises(InvalidInputError, match="arch=MODULE:CALLABLE"):
         load_model(tmp_path / "sd.pth")
     loaded = load_model(tmp_path / "sd.pth", arch="econv_convert.examples:patch_classifier")
     assert not loaded.model.training
@@ -100,11 +100,11 @@ def test_input_shape():
 
 @pytest.mark.parametrize("text", ["1,3", "a,b,c,d", "1,3,0,4", "1,3,4,4,4,4"])
 def test_bad_input_shapes(text):
-    with pytest.raises(InvalidInputError, match="--input-shape"):
+    with pytest.raises(InvalidInputError, match="input_shape="):
         parse_shape(text)
 
 
 @pytest.mark.parametrize("text", ["{", "[1, 2]"])
 def test_bad_arch_kwargs(text):
-    with pytest.raises(InvalidInputError, match="--arch-kwargs"):
+    with pytest.raises(InvalidInputError, match="arch_kwargs="):
         parse_kwargs(text)

@@ -45,7 +45,7 @@ def test_tile_size_follows_the_memory_budget():
     small = plan_tiles(dense, (1, 3, 512, 512), max_memory=100 * 2**20)
     large = plan_tiles(dense, (1, 3, 512, 512), max_memory=2**30)
     assert small.tile < large.tile and small.estimate_bytes <= 100 * 2**20
-    with pytest.raises(InvalidInputError, match="smallest tile.*raise --max-memory"):
+    with pytest.raises(InvalidInputError, match=r"smallest tile.*raise max_memory=\.\.\."):
         plan_tiles(dense, (1, 3, 512, 512), max_memory=8 * 2**20)
 
 

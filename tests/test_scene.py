@@ -132,7 +132,7 @@ def test_a_killed_run_resumes_with_only_the_missing_blocks(tmp_path, classifier,
     for b in job.blocks()[:5]:
         scene.compute_block(job, b)
     assert not ngff.record(out)["complete"]
-    with pytest.raises(scene.OutputExistsError, match="exists; --resume"):
+    with pytest.raises(scene.OutputExistsError, match="exists; resume=True"):
         run(path, tif, out, block=32)
     with pytest.raises(scene.OutputExistsError, match="another options"):
         run(path, tif, out, block=32, resume=True, options={"mean": [0.5]})
@@ -155,7 +155,7 @@ def test_an_existing_folder_that_is_not_ours_is_never_removed(tmp_path, classifi
 
 def test_phase_pooled_models_are_refused_with_what_to_do(tmp_path):
     meta = dense_model("tiny_resnet", "phase").econv
-    with pytest.raises(InvalidInputError, match="--global-pool window"):
+    with pytest.raises(InvalidInputError, match="global_pool=window"):
         scene.geometry(meta)
 
 

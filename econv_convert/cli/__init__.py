@@ -80,7 +80,12 @@ FLAGS = {"until": "--until", "input_shape": "--input-shape", "arch": "--arch",
          "arch_kwargs": "--arch-kwargs", "global_pool": "--global-pool",
          "output_stride": "--output-stride", "trust_pickle": "--trust-pickle",
          "input_name": "--input-name", "force": "--force", "near": "--at-example-size",
-         "output": "--output", "dense": "--dense", "freeze_batchnorm": "--freeze-batchnorm"}
+         "output": "--output", "dense": "--dense", "freeze_batchnorm": "--freeze-batchnorm",
+         # predict's
+         "mask": "--mask", "scheduler": "--scheduler", "ngff_version": "--ngff", "tile": "--tile",
+         "max_memory": "--max-memory", "device": "--device", "resume": "--resume",
+         "overwrite": "--overwrite", "block": "--block", "workers": "--workers",
+         "channel": "--channel", "layout": "--layout", "level": "--level", "mpp": "--mpp"}
 _ARGUMENT = re.compile(r"(?<![\w.])(" + "|".join(sorted(FLAGS, key=len, reverse=True))
                        + r")=(True\b|\.\.\.)?")
 

@@ -101,7 +101,7 @@ def compute_block(job: Job, block: tuple[int, ...], read: tuple | None = None) -
 
 def store_block(job: Job, block: tuple[int, ...], index: tuple, part: np.ndarray
                 ) -> tuple[int, ...]:
-    """Write one computed block into the zarr output, then mark it done (for --resume)."""
+    """Write one computed block into the zarr output, then mark it done (for resume)."""
     ngff.write_block(job.output, index, part)
     marker = Path(job.output) / MARKERS / "_".join(map(str, block))
     marker.touch()
@@ -200,7 +200,7 @@ def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
     except OSError as e:
         if cluster is not None:
             cluster.close()
-        raise InvalidInputError(f"--scheduler {scheduler}: cannot connect ({describe(e)})") \
+        raise InvalidInputError(f"scheduler={scheduler}: cannot connect ({describe(e)})") \
             from None
     try:
         where = scheduler or "embedded LocalCluster"

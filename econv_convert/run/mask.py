@@ -79,7 +79,7 @@ def make(choice: str, spec: SourceSpec, image: tuple[int, int], levels: int) -> 
 def read_mask(path: Path, image: tuple[int, int]) -> Mask:
     """A binary image (nonzero = tissue) of any size with the input's aspect ratio."""
     if not path.exists():
-        raise InvalidInputError(f"--mask {path}: no such file")
+        raise InvalidInputError(f"mask={path}: no such file")
     try:
         if path.suffix.lower() == ".npy":
             a = np.load(path, allow_pickle=False)
@@ -90,17 +90,17 @@ def read_mask(path: Path, image: tuple[int, int]) -> Mask:
             with Image.open(path) as img:
                 a = np.asarray(img)
     except Exception as e:
-        raise InvalidInputError(f"--mask {path}: not a readable image ({describe(e)})") \
+        raise InvalidInputError(f"mask={path}: not a readable image ({describe(e)})") \
             from None
     if a.ndim == 3:
         a = a.max(axis=-1)
     if a.ndim != 2 or min(a.shape) < 1:
-        raise InvalidInputError(f"--mask {path}: expected a 2-D binary image, got shape "
+        raise InvalidInputError(f"mask={path}: expected a 2-D binary image, got shape "
                                 f"{tuple(a.shape)}")
     fy, fx = image[0] / a.shape[0], image[1] / a.shape[1]
     if abs(fy - fx) > 0.02 * max(fy, fx) + max(fy, fx) / min(a.shape):
         raise InvalidInputError(
-            f"--mask {path}: its aspect ratio ({a.shape[1]}x{a.shape[0]}) is not the image's "
+            f"mask={path}: its aspect ratio ({a.shape[1]}x{a.shape[0]}) is not the image's "
             f"({image[1]}x{image[0]})")
     return Mask(a != 0, image, str(path))
 

@@ -45,7 +45,7 @@ _PALETTE = ("FF0000", "00FF00", "0000FF", "FFFF00", "FF00FF", "00FFFF", "FF8000"
 
 def zarr_format(ngff: str) -> int:
     if ngff not in VERSIONS:
-        raise InvalidInputError(f"--ngff {ngff}: expected one of {', '.join(VERSIONS)}")
+        raise InvalidInputError(f"ngff_version={ngff}: expected one of {', '.join(VERSIONS)}")
     return 3 if ngff == "0.5" else 2
 
 

@@ -40,9 +40,10 @@ def map_field(meta) -> tuple[int, ...]:
         raise InvalidInputError("prediction needs a model with one output map")
     if meta.global_pools and meta.global_pool != "window":
         raise InvalidInputError(
-            "this dense model pools over the whole image (--global-pool "
+            "this dense model pools over the whole image (global_pool="
             f"{meta.global_pool}), so no output depends on a window only; densify it with "
-            "--global-pool window (a heat map of the classifier) or cut before the pool (--until)")
+            "global_pool=window (a heat map of the classifier) or cut before the pool "
+            "(until=...)")
     nd = len(meta.example_shape) - 2
     dims = meta.outputs[0]["dims"]
     if len(dims) < nd or any(kind != "space" for kind, *_ in dims[-nd:]):
@@ -82,10 +83,10 @@ def plan_tiles(dense: nn.Module, shape: Sequence[int], *, tile: int | None = Non
             raise ResourceError(
                 f"even the smallest tile ({t} pixels plus a halo of {max(halo)}) needs about "
                 f"{cost(t) / 2**20:.0f} MiB, over the budget of {budget / 2**20:.0f} MiB; "
-                "raise --max-memory")
+                "raise max_memory=...")
         tile = t
     elif tile < unit or tile % unit:
-        raise InvalidInputError(f"--tile {tile} must be a positive multiple of the lattice "
+        raise InvalidInputError(f"tile={tile} must be a positive multiple of the lattice "
                                 f"step {unit}")
     count = shape[0] * math.prod(math.ceil(n / tile) for n in sizes)
     return TilePlan(tuple(tile for _ in sizes), halo, count, cost(tile))

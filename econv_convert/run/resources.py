@@ -52,7 +52,7 @@ def check_memory(meta: DenseInfo, shape: Sequence[int], *, force: bool = False,
         raise ResourceError(
             f"a dense forward pass at input {'x'.join(map(str, shape))}{reason} needs about "
             f"{_gib(need)} (largest map: {meta.peak_node}), but only {_gib(have)} is available; "
-            "use a smaller --input-shape, or --force to try anyway")
+            "use a smaller input_shape=..., or force=True to try anyway")
     return need
 
 

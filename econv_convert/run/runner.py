@@ -96,7 +96,7 @@ def _device(name: str) -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise InvalidInputError("--device cuda: no CUDA device is available here")
+        raise InvalidInputError("device=cuda: no CUDA device is available here")
     try:
         from distributed import get_worker
 

@@ -175,7 +175,7 @@ def claim_output(output: str | Path, *, resume: bool, overwrite: bool) -> None:
             raise OutputExistsError(f"{path}: exists and is not an output of econv-convert "
                                     "predict; choose another -o")
         if not resume and not overwrite:
-            raise OutputExistsError(f"{path}: exists; --resume to finish it, --overwrite to "
+            raise OutputExistsError(f"{path}: exists; resume=True to finish it, overwrite=True to "
                                     "replace it")
     elif resume:
         raise InvalidInputError(f"{path}: nothing to resume (no such output)")
@@ -195,7 +195,7 @@ def prepare_output(job: Job, record: dict[str, Any], *, resume: bool,
                 if old.get(key) != record.get(key):
                     raise OutputExistsError(
                         f"{path}: was started with another {key.replace('_', ' ')} "
-                        f"({old.get(key)} vs {record.get(key)}); --overwrite to start again")
+                        f"({old.get(key)} vs {record.get(key)}); overwrite=True to start again")
             if old.get("complete"):
                 return set(job.blocks())
             done = set()
@@ -345,7 +345,7 @@ def block_size(meta, geo: Geometry, image, block: int | None, max_memory: int | 
     size = block or _default_block(meta, geo, image, max_memory, workers)
     if size < 1 or any((size * s) % u for s, u in zip(geo.step, geo.unit)):
         unit = math.lcm(*(u // math.gcd(u, s) for u, s in zip(geo.unit, geo.step)))
-        raise InvalidInputError(f"--block {size}: must be a positive multiple of {unit} "
+        raise InvalidInputError(f"block={size}: must be a positive multiple of {unit} "
                                 "(output positions per lattice step)")
     return size
 
@@ -382,7 +382,7 @@ def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
         raise ResourceError(f"even the smallest block ({unit} outputs plus a halo of "
                             f"{max(geo.halo)} pixels) needs about {cost(size) / 2**20:.0f} MiB, "
                             f"over the budget of {budget / 2**20:.0f} MiB per worker; raise "
-                            "--max-memory or use fewer --workers")
+                            "max_memory=... or use fewer workers=...")
     return size
 
 
@@ -396,7 +396,7 @@ def write_overview(output: str, picture: str, channel: int | None, longest: int 
 
     array = ngff.coarsest(output)  # at most ngff.SMALLEST a side (or one pixel thin)
     if channel is not None and not 0 <= channel < array.shape[0]:
-        raise InvalidInputError(f"--channel {channel}: the output has {array.shape[0]} channels")
+        raise InvalidInputError(f"channel={channel}: the output has {array.shape[0]} channels")
     f = max(1, math.ceil(max(array.shape[1:]) / longest))
     small = np.asarray(array[:, ::f, ::f])
     rgb = heat_map(torch.from_numpy(np.nan_to_num(small))[None], channel).numpy()

@@ -132,7 +132,7 @@ def _channels_kept(have: int, want: int, where: str) -> int:
     if have == 4 and want == 3:  # RGBA: the alpha channel is dropped
         return 3
     raise InvalidInputError(f"{where}: the image has {have} channels, the model takes {want} "
-                            "(give --layout if the channel axis was guessed wrong)")
+                            "(give layout=... if the channel axis was guessed wrong)")
 
 
 def _guess_layout(shape, channels: int, layout: str, axes: str | None, where: str) -> str:
@@ -153,7 +153,7 @@ def _guess_layout(shape, channels: int, layout: str, axes: str | None, where: st
     if last and first:
         return "hwc" if shape[-1] <= shape[0] else "chw"
     raise InvalidInputError(f"{where}: cannot tell the channel axis of shape {tuple(shape)} "
-                            f"for a model of {channels} channels; give --layout chw or hwc")
+                            f"for a model of {channels} channels; give layout=chw or layout=hwc")
 
 
 def _open_tiff(spec: SourceSpec) -> Source:
@@ -172,7 +172,7 @@ def _open_tiff(spec: SourceSpec) -> Source:
         levels = len(series.levels)
         if not 0 <= spec.level < levels:
             tif.close()
-            raise InvalidInputError(f"{where}: --level {spec.level}, but the file has "
+            raise InvalidInputError(f"{where}: level={spec.level}, but the file has "
                                     f"{levels} level{'s' if levels > 1 else ''}")
         axes = series.levels[spec.level].axes
         tiles = TiffTiles.of(tif, series.levels[spec.level])
@@ -355,7 +355,7 @@ def _open_zarr(spec: SourceSpec) -> Source:
             node = _Indexed(node, index)
         axes = "".join(a for a in axes.upper() if a in "CYX")
     elif spec.level:
-        raise InvalidInputError(f"{where}: --level {spec.level}, but this is a single array")
+        raise InvalidInputError(f"{where}: level={spec.level}, but this is a single array")
     else:
         mpp_levels = None
     layout = _guess_layout(node.shape, spec.channels, spec.layout, axes, where)
@@ -410,7 +410,7 @@ def _open_npy(spec: SourceSpec) -> Source:
     if array.ndim == 4 and array.shape[0] == 1:
         array = array[0]
     if spec.level:
-        raise InvalidInputError(f"{spec.path}: --level {spec.level}, but this is one array")
+        raise InvalidInputError(f"{spec.path}: level={spec.level}, but this is one array")
     return ArraySource(array, _guess_layout(array.shape, spec.channels, spec.layout, None,
                                             spec.path), spec.channels, spec.path)
 
@@ -426,7 +426,7 @@ def _open_picture(spec: SourceSpec) -> Source:
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InvalidInputError(f"{spec.path}: not a readable image ({describe(e)})") from None
     if spec.level:
-        raise InvalidInputError(f"{spec.path}: --level {spec.level}, but a picture has one")
+        raise InvalidInputError(f"{spec.path}: level={spec.level}, but a picture has one")
     layout = "hwc" if array.ndim == 3 else "auto"
     return ArraySource(array, layout, spec.channels, spec.path)
 
@@ -448,7 +448,7 @@ class SlideSource(Source):
             raise InvalidInputError(f"{spec.path}: not a readable slide ({describe(e)})") \
                 from None
         if not 0 <= spec.level < self.slide.level_count:
-            raise InvalidInputError(f"{spec.path}: --level {spec.level}, but the slide has "
+            raise InvalidInputError(f"{spec.path}: level={spec.level}, but the slide has "
                                     f"{self.slide.level_count} levels")
         _channels_kept(4, spec.channels, spec.path)
         props = self.slide.properties
@@ -485,7 +485,7 @@ _OPENERS = {"tiff": _open_tiff, "zarr": _open_zarr, "npy": _open_npy,
 def open_source(spec: SourceSpec) -> Source:
     """A reader for ``spec`` (a new one; see :func:`cached_source` in workers)."""
     if spec.layout not in LAYOUTS:
-        raise InvalidInputError(f"--layout {spec.layout}: expected one of {', '.join(LAYOUTS)}")
+        raise InvalidInputError(f"layout={spec.layout}: expected one of {', '.join(LAYOUTS)}")
     if not Path(spec.path).exists():
         raise InvalidInputError(f"{spec.path}: no such file")
     return _OPENERS[kind_of(spec.path)](spec)
@@ -501,14 +501,14 @@ def level_for_mpp(spec: SourceSpec, mpp: float) -> tuple[int, tuple[float, float
         if hasattr(source, "close"):
             source.close()
     if mpp <= 0:
-        raise InvalidInputError(f"--mpp {mpp}: must be positive")
+        raise InvalidInputError(f"mpp={mpp}: must be positive")
     if any(m is None for _, m in levels):
-        raise InvalidInputError(f"{spec.path}: the file records no pixel size; --mpp needs "
-                                "one (choose a --level instead)")
+        raise InvalidInputError(f"{spec.path}: the file records no pixel size; mpp=... needs "
+                                "one (choose a level=... instead)")
     fine = [(i, m) for i, (_, m) in enumerate(levels) if max(m) <= mpp * 1.01]
     if not fine:
         finest = min(max(m) for _, m in levels)
-        raise InvalidInputError(f"{spec.path}: --mpp {mpp}: the finest level is "
+        raise InvalidInputError(f"{spec.path}: mpp={mpp}: the finest level is "
                                 f"{finest:.4g} um per pixel")
     return max(fine, key=lambda im: max(im[1]))
 

@@ -54,10 +54,10 @@ def parse_shape(text: str) -> list[int]:
     try:
         shape = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
     except ValueError:
-        raise InvalidInputError(f"--input-shape '{text}': expected integers like 1,3,224,224") \
+        raise InvalidInputError(f"input_shape={text}: expected integers like 1,3,224,224") \
             from None
     if len(shape) < 3 or len(shape) > 5 or any(v < 1 for v in shape):
-        raise InvalidInputError(f"--input-shape '{text}': expected N,C and 1 to 3 positive "
+        raise InvalidInputError(f"input_shape={text}: expected N,C and 1 to 3 positive "
                                 "spatial sizes, like 1,3,224,224")
     return shape
 
@@ -68,9 +68,10 @@ def parse_kwargs(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise InvalidInputError(f"--arch-kwargs is not valid JSON ({e})") from None
+        raise InvalidInputError(f"arch_kwargs=... is not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise InvalidInputError("--arch-kwargs must be a JSON object, like '{\"num_classes\": 10}'")
+        raise InvalidInputError("arch_kwargs=... must be a JSON object, like "
+                                "'{\"num_classes\": 10}'")
     return value
 
 
@@ -78,7 +79,7 @@ def build_arch(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Import ``module:callable`` (only that module) and call it to build a model."""
     module_name, sep, attr = arch.partition(":")
     if not sep or not module_name or not attr:
-        raise InvalidInputError(f"--arch '{arch}': expected MODULE:CALLABLE, like "
+        raise InvalidInputError(f"arch={arch}: expected MODULE:CALLABLE, like "
                                 "mypackage.models:resnet18")
     cwd = os.getcwd()
     if cwd not in sys.path:
@@ -86,22 +87,22 @@ def build_arch(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:
-        raise InvalidInputError(f"--arch: cannot import module '{module_name}' "
+        raise InvalidInputError(f"arch={arch}: cannot import module '{module_name}' "
                                 f"({type(e).__name__}: {e})") from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise InvalidInputError(f"--arch: module '{module_name}' has no '{attr}'")
+            raise InvalidInputError(f"arch={arch}: module '{module_name}' has no '{attr}'")
     if not callable(fn):
-        raise InvalidInputError(f"--arch: '{arch}' is not callable")
+        raise InvalidInputError(f"arch={arch}: '{arch}' is not callable")
     try:
         model = fn(**(kwargs or {}))
     except Exception as e:
-        raise InvalidModelError(f"--arch: calling '{arch}' failed ({type(e).__name__}: {e})") \
+        raise InvalidModelError(f"arch={arch}: calling it failed ({type(e).__name__}: {e})") \
             from None
     if not isinstance(model, nn.Module):
-        raise InvalidInputError(f"--arch: '{arch}' returned {type(model).__name__}, "
+        raise InvalidInputError(f"arch={arch}: it returned {type(model).__name__}, "
                                 "not a torch.nn.Module")
     return model
 
@@ -139,13 +140,13 @@ def load_model(
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
         if arch:
-            raise InvalidInputError(f"{path}: holds a whole model; --arch is not used with it")
+            raise InvalidInputError(f"{path}: holds a whole model; arch=... is not used with it")
         return Loaded(obj, None, None)
     if not isinstance(obj, dict):
         raise InvalidInputError(f"{path}: holds a {type(obj).__name__}, not a state dict or "
                                 "checkpoint dict")
     if obj.get("format") == FORMAT:
-        raise InvalidInputError(f"{path}: is a dense checkpoint; use it as --dense (verify) or "
+        raise InvalidInputError(f"{path}: is a dense checkpoint; use it as dense=... (verify) or "
                                 "with inverse")
     state = obj
     input_shape = None
@@ -180,8 +181,8 @@ def _from_state(path, state, arch, arch_kwargs, input_shape) -> Loaded:
         raise InvalidInputError(f"{path}: not a state dict (expected a mapping of names to "
                                 "tensors)")
     if not arch:
-        raise InvalidInputError(f"{path}: holds weights only; name the architecture with --arch "
-                                "MODULE:CALLABLE")
+        raise InvalidInputError(f"{path}: holds weights only; name the architecture with "
+                                "arch=MODULE:CALLABLE")
     model = build_arch(arch, arch_kwargs)
     try:
         load_weights_into(model, tensors, f"the weights in {path.name}")
@@ -203,7 +204,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         if not trust_pickle:
             raise UnsafeCheckpointError(
                 f"{path}: loading needs to run code stored in the file ({_global_of(e)}); "
-                "if you trust its origin, pass --trust-pickle") from None
+                "if you trust its origin, pass trust_pickle=True") from None
     except Exception as e:
         raise InvalidInputError(f"{path}: cannot read the checkpoint ({describe(e)})") from None
     try:
