@@ -210,7 +210,7 @@ def default_shapes(meta, near_example: bool = False,
     sizes = "x".join(map(str, small))
     return shapes, (f"checked at small sizes from {sizes} ({lattice_points} lattice points): "
                     "the model takes any size and its dense graph is the same at every size; "
-                    "--at-example-size checks around the example instead")
+                    "near=True checks around the example instead")
 
 
 def spare_shapes(meta, used: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:

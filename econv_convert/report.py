@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from econv_convert.check import VerifyReport
 from econv_convert.core.costs import Plan
 from econv_convert.core.records import DenseInfo
+
+# API arguments as the library's messages name them (``until=layer3``), and the flags that set
+# them here
+FLAGS = {"until": "--until", "input_shape": "--input-shape", "arch": "--arch",
+         "arch_kwargs": "--arch-kwargs", "global_pool": "--global-pool",
+         "output_stride": "--output-stride", "trust_pickle": "--trust-pickle",
+         "input_name": "--input-name", "force": "--force", "near": "--at-example-size",
+         "output": "--output", "dense": "--dense", "freeze_batchnorm": "--freeze-batchnorm",
+         # predict's
+         "mask": "--mask", "scheduler": "--scheduler", "ngff_version": "--ngff", "tile": "--tile",
+         "max_memory": "--max-memory", "device": "--device", "resume": "--resume",
+         "overwrite": "--overwrite", "block": "--block", "workers": "--workers",
+         "channel": "--channel", "layout": "--layout", "level": "--level", "mpp": "--mpp"}
+_ARGUMENT = re.compile(r"(?<![\w.])(" + "|".join(sorted(FLAGS, key=len, reverse=True))
+                       + r")=(True\b|\.\.\.)?")
+
+
+def cli_words(message: str) -> str:
+    """A library message in this command line's words: ``until=layer3`` becomes ``--until
+    layer3``, ``force=True`` ``--force``, ``input_shape=...`` ``--input-shape``."""
+    def flag(m: re.Match) -> str:
+        return FLAGS[m.group(1)] + ("" if m.group(2) else " ")
+
+    return _ARGUMENT.sub(flag, message)
+
 
 
 def _t(v: Any) -> str:
@@ -143,7 +170,7 @@ def print_summary(console: Console, meta: DenseInfo) -> None:
                   f"[bold]{step}[/]   example input: {'x'.join(map(str, meta.example_shape))}")
     console.print(f"training: {training_mode(meta)}")
     for note in meta.notes:
-        console.print(f"[yellow]note[/]: {note}")
+        console.print(f"[yellow]note[/]: {escape(cli_words(note))}")
 
 
 def training_mode(meta: DenseInfo) -> str:
@@ -157,7 +184,7 @@ def training_mode(meta: DenseInfo) -> str:
 
 def verify_summary(console: Console, report: VerifyReport) -> None:
     for note in report.notes:
-        console.print(f"[yellow]note[/]: {note}")
+        console.print(f"[yellow]note[/]: {escape(cli_words(note))}")
     n = len(report.checked)
     if len(report.outputs) > 1:
         console.print(f"outputs compared: {', '.join(report.outputs)}")
@@ -167,7 +194,7 @@ def verify_summary(console: Console, report: VerifyReport) -> None:
                       f"tolerance atol {report.atol:g} x scale + rtol {report.rtol:g})")
     elif not n:
         console.print("[bold red]nothing checked[/]: the baseline accepted none of the input "
-                      "sizes; give input_shape=...")
+                      "sizes; give --input-shape")
     else:
         bad = report.failures()
         console.print(f"[bold red]NOT equivalent[/] in {report.precision}: {len(bad)} of {n} "

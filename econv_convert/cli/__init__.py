@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import sys
 import time
 from enum import Enum
@@ -25,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from econv_convert import __version__, workflow
 from econv_convert.errors import EConvError, InvalidInputError, describe
+from econv_convert.report import cli_words
 
 DEFAULT_MODEL = workflow.DEFAULT_MODEL
 
@@ -72,31 +72,6 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
     _state["debug"] = debug or bool(os.environ.get("ECONV_DEBUG"))  # per invocation
-
-
-# API arguments as the library's messages name them (``until=layer3``), and the flags that set
-# them here
-FLAGS = {"until": "--until", "input_shape": "--input-shape", "arch": "--arch",
-         "arch_kwargs": "--arch-kwargs", "global_pool": "--global-pool",
-         "output_stride": "--output-stride", "trust_pickle": "--trust-pickle",
-         "input_name": "--input-name", "force": "--force", "near": "--at-example-size",
-         "output": "--output", "dense": "--dense", "freeze_batchnorm": "--freeze-batchnorm",
-         # predict's
-         "mask": "--mask", "scheduler": "--scheduler", "ngff_version": "--ngff", "tile": "--tile",
-         "max_memory": "--max-memory", "device": "--device", "resume": "--resume",
-         "overwrite": "--overwrite", "block": "--block", "workers": "--workers",
-         "channel": "--channel", "layout": "--layout", "level": "--level", "mpp": "--mpp"}
-_ARGUMENT = re.compile(r"(?<![\w.])(" + "|".join(sorted(FLAGS, key=len, reverse=True))
-                       + r")=(True\b|\.\.\.)?")
-
-
-def cli_words(message: str) -> str:
-    """A library message in this command line's words: ``until=layer3`` becomes ``--until
-    layer3``, ``force=True`` ``--force``, ``input_shape=...`` ``--input-shape``."""
-    def flag(m: re.Match) -> str:
-        return FLAGS[m.group(1)] + ("" if m.group(2) else " ")
-
-    return _ARGUMENT.sub(flag, message)
 
 
 def _guarded(fn):
