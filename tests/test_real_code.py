@@ -112,6 +112,56 @@ def test_past_the_pools_kernel_the_dense_model_stops():
             dense(torch.randn(1, 3, 140, 140))
 
 
+def test_past_the_pools_kernel_both_backends_stop_and_a_block_says_so():
+    """The same decision on both paths: a pool that covered its map at the example stops the
+    run past its kernel, never a number: PyTorch raises SizeNotCovered, the dense ONNX graph
+    fails (its guard), econv-convert's own ONNX runs raise SizeNotCovered in the same words,
+    and a block of predict past it is an input error in one line."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx_graphs import export
+
+    from econv_convert import onnx_api
+    from econv_convert.errors import SizeNotCovered
+    from econv_convert.onnx.model import _session, run
+
+    torch.manual_seed(0)
+    model = rand_bn(TFPortNet(hidden_dim=8)).eval()
+    graph = export(model, (1, 3, 64, 64))
+    dense_onnx, _ = onnx_api.densify(graph)
+    dense = densify(model, (1, 3, 64, 64))
+    session = _session(dense_onnx)
+    name = session.get_inputs()[0].name
+    fits, past = np.random.rand(1, 3, 120, 120), np.random.rand(1, 3, 140, 140)
+    got = run(session, None, {name: fits.astype(np.float32)})[0]
+    with torch.no_grad():
+        want = dense(torch.from_numpy(fits).float()).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SizeNotCovered, match="too large for this dense model.*kernel of 8"):
+        run(session, None, {name: past.astype(np.float32)})
+    with pytest.raises(SizeNotCovered, match="too large for this dense model.*kernel of 8"):
+        dense(torch.from_numpy(past).float())
+    raw = ort.InferenceSession(dense_onnx.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="econv_past_cover"):  # a bare runtime stops too
+        raw.run(None, {name: past.astype(np.float32)})
+    # predict's blocks: a size the dense model does not cover is the user's to fix, in one line
+    from econv_convert.errors import InvalidInputError
+    from econv_convert.run import blocks
+    from econv_convert.run.sources import InMemorySource
+
+    job = blocks.Job(None, None, "", (3, 400, 400), (200, 200), (1, 1), (1, 1), (8, 8))
+
+    def stops(x):
+        raise SizeNotCovered(past_cover("pooler", [8], 9))
+
+    from econv_convert.core.rules.window import past_cover
+
+    with pytest.raises(InvalidInputError, match=r"block \(0, 1\) .*too large.*block=") as e:
+        blocks.block_output(job, (0, 1), InMemorySource(np.zeros((3, 400, 400), np.float32)),
+                            stops)
+    assert "\n" not in str(e.value)
+
+
 def test_the_memory_guard_names_the_size_it_checked(tmp_path, monkeypatch):
     torch.manual_seed(0)
     path = tmp_path / "tf.pt"

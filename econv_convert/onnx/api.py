@@ -31,6 +31,7 @@ from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo
 from econv_convert.errors import (
     InvalidInputError,
     InvalidModelError,
+    SizeNotCovered,
     TransferError,
     describe,
 )
@@ -46,6 +47,7 @@ from econv_convert.onnx.model import (
     _with_input_shape,
     channels_last,
     example_shape,
+    run,
 )
 from econv_convert.onnx.phases import prove_graphs
 from econv_convert.onnx.rewrite import OnnxRewriter
@@ -376,7 +378,9 @@ class _OrtRuns:
 
     def dense(self, t: torch.Tensor):
         try:
-            outs = self.dense_sess.run(None, {self.in_dense: t.numpy()})
+            outs = run(self.dense_sess, None, {self.in_dense: t.numpy()})
+        except SizeNotCovered:
+            raise
         except Exception as e:
             raise InvalidModelError(f"the dense model fails on an input of shape "
                                     f"{tuple(t.shape)} ({describe(e, 160)})") from e

@@ -6,15 +6,18 @@ onnxruntime run), and onnxruntime sessions that run it as written (no graph opti
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from econv_convert.core.rules.window import PAST_COVER, past_cover
 from econv_convert.errors import (
     InvalidInputError,
     InvalidModelError,
+    SizeNotCovered,
     UnsupportedLayerError,
     describe,
 )
@@ -219,6 +222,20 @@ def static_input(model: onnx.ModelProto) -> bool:
 
 def _input_dtype(model: onnx.ModelProto):
     return helper.tensor_dtype_to_np_dtype(_image_input(model).type.tensor_type.elem_type)
+
+
+def run(session, outputs, feed: dict) -> list:
+    """``session.run``, with a run stopped by a covering pool past its kernel (its guard node:
+    :data:`~econv_convert.core.rules.window.PAST_COVER`) raised as :class:`SizeNotCovered`
+    in the core's words, as the PyTorch path raises it."""
+    try:
+        return session.run(outputs, feed)
+    except Exception as e:
+        found = re.search(re.escape(PAST_COVER) + r"\|(.*?)\|([\d,]+)\|", str(e))
+        if found is None:
+            raise
+        limits = [int(v) for v in found.group(2).split(",")]
+        raise SizeNotCovered(past_cover(found.group(1), limits)) from None
 
 
 def _session(model: onnx.ModelProto):

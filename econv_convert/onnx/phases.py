@@ -19,6 +19,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from econv_convert.errors import describe
+from econv_convert.onnx.model import run
 from econv_convert.proof import NotProven, PhaseProof, check_node, map_inputs
 
 # ops that move or merge the batch dim: folding phases into it would not be the same op
@@ -91,7 +92,7 @@ def _run(model: onnx.ModelProto, x: torch.Tensor, names: list[str],
     sess = session(m)
     image = next(i.name for i in sess.get_inputs())
     outs = [o.name for o in sess.get_outputs() if o.name in set(names)]
-    got = sess.run(outs, {image: x.numpy()})
+    got = run(sess, outs, {image: x.numpy()})
     return {n: torch.from_numpy(np.asarray(v)) for n, v in zip(outs, got)}
 
 

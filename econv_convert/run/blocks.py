@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from econv_convert.errors import InvalidInputError, describe
+from econv_convert.errors import InvalidInputError, SizeNotCovered, describe
 from econv_convert.run import ngff
 from econv_convert.run.runner import ModelSpec, runner, timed
 from econv_convert.run.sources import SourceSpec, cached_source, normalize
@@ -70,7 +70,12 @@ def block_output(job: Job, block: Sequence[int], source, run,
     computation every sink shares (a zarr chunk, an array in memory). ``read``: the block's
     input from :func:`block_input`, when it was read ahead."""
     out_range, in_range, x = read if read is not None else block_input(job, block, source)
-    y = _as_map(run(x), job.shape[0], len(in_range))
+    try:
+        y = _as_map(run(x), job.shape[0], len(in_range))
+    except SizeNotCovered as e:  # a size this dense model has no value for: the user's to fix
+        shape = "x".join(str(e - a) for a, e in in_range)
+        raise InvalidInputError(f"block {tuple(block)} (an input window of {shape}): {e}; "
+                                "smaller blocks (block=...) may stay within it") from None
     # the window's output index q is the image's index lo / step + q
     starts = [a - lo // s for (a, _), (lo, _), s in zip(out_range, in_range, job.step)]
     if any(r + (e - a) > n for r, (a, e), n in zip(starts, out_range, y.shape[1:])):

@@ -48,7 +48,9 @@ def _load_runner(spec: ModelSpec):
                      if spec.device.startswith("cuda") else ["CPUExecutionProvider"])
         session = ort.InferenceSession(spec.path, options, providers=providers)
         name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: np.ascontiguousarray(x)})[0]
+        from econv_convert.onnx.model import run
+
+        return lambda x: run(session, None, {name: np.ascontiguousarray(x)})[0]
     import torch
 
     from econv_convert.run.fuse import prepare

@@ -30,6 +30,7 @@ from econv_convert.core.lattice import (
 from econv_convert.core.lattice import (
     dense_out as dense_out_size,
 )
+from econv_convert.core.rules.window import past_cover
 from econv_convert.errors import SizeNotCovered
 from econv_convert.torch import targets
 
@@ -249,9 +250,8 @@ def within(x: torch.Tensor, steps: Sequence[int], limits: Sequence[int], what: s
     nd = len(steps)
     for i, (s, limit) in enumerate(zip(steps, limits, strict=True)):
         n = lattice_count(x.shape[x.dim() - nd + i], s)
-        _check(n <= limit, lambda n=n, limit=limit: (
-            f"{what}: the input is too large for this dense model (the pool there reads a map "
-            f"of {n} positions, more than its kernel of {limit} covers)"))
+        _check(n <= limit, lambda n=n, limit=limit: past_cover(what, [limit], n),
+               SizeNotCovered)
     return x
 
 

@@ -105,6 +105,20 @@ def window(kind: str, x: Layout, windows: Sequence[Window], fields: Sequence[Fie
                       padded, note=note)
 
 
+# A pool whose one window covered its whole map at the example is a global pool while the map
+# fits in that window. Past it the baseline would slide the window: the dense model has no value
+# there, and both backends stop the run with these words (PyTorch with SizeNotCovered; an ONNX
+# graph with a Reshape named PAST_COVER that fails, which econv-convert's runs turn into
+# SizeNotCovered): never a number.
+PAST_COVER = "econv_past_cover"
+
+
+def past_cover(what: str, limits: Sequence[int], n: int | None = None) -> str:
+    reads = f"a map of {n} positions" if n is not None else "a larger map"
+    return (f"{what}: the input is too large for this dense model (the pool there reads "
+            f"{reads}, more than its kernel of {', '.join(map(str, limits))} covers)")
+
+
 def adaptive_pool(x: Layout, output_size: Sequence[int | None]) -> tuple[str, tuple[int, ...]]:
     """An adaptive pool: ``("global", ())`` when it pools to size 1; ``("window", kernel)``
     when the map's size at the example is a multiple of the output size (a plain pool of that

@@ -16,6 +16,7 @@ from econv_convert.core import rules
 from econv_convert.core.lattice import Window, avg_tap_counts, dense_out, effective_dilation
 from econv_convert.core.layout import Layout, LayoutError
 from econv_convert.core.rules import refuse
+from econv_convert.core.rules.window import PAST_COVER
 from econv_convert.onnx.graph import SymInt
 from econv_convert.onnx.rewrite.frame import OnnxRewriter, _per_extra, attrs, node_label, rule
 from econv_convert.onnx.rewrite.global_pool import _emit_global
@@ -113,7 +114,9 @@ def _done(rw: OnnxRewriter, node: onnx.NodeProto, plan: rules.WindowPlan) -> Non
 
 def _covering_pool(rw: OnnxRewriter, node: onnx.NodeProto, x: str, plan: rules.WindowPlan):
     """A pool whose one window covers its whole input is a global pool while the map fits in
-    the kernel; past that the output is NaN (ONNX has no assertion to stop the run with)."""
+    the kernel; past that the run stops (:data:`~econv_convert.core.rules.window.PAST_COVER`):
+    ONNX has no assertion, so a Reshape to an impossible shape (two -1s) named after the node
+    and its limits fails there."""
     b = rw.b
     pooled = b.fresh("pooled")
     _emit_global(rw, x, plan.pool, pooled, rw.base_shape(node.output[0]))
@@ -122,12 +125,16 @@ def _covering_pool(rw: OnnxRewriter, node: onnx.NodeProto, x: str, plan: rules.W
         n = _lattice_size(rw, x, i, s)
         ok = b.op1("LessOrEqual", [b.int_tensor(n), b.const([limit])])
         fits = ok if fits is None else b.op1("And", [fits, ok])
-    dtype = rw.types.get(x, TensorProto.FLOAT)
     out = node.output[0]
-    b.op1("Where", [fits, pooled, b.scalar(math.nan, dtype)], out)
+    shape = b.op1("Shape", [pooled])  # past the limit: every dim -1 (rank >= 3), impossible
+    stop = b.op1("Sub", [b.op1("Mul", [shape, b.const([0])]), b.const([1])])
+    shape = b.op1("Where", [fits, shape, stop])
+    b.op("Reshape", [pooled, shape], [out])
+    b.nodes[-1].name = b.fresh(f"{PAST_COVER}|{node_label(node)}|"
+                               + ",".join(map(str, plan.limits)) + "|")
     rw.env[out] = rw.env[pooled]
     rw.fields[out] = rw.field_of(x)
-    rw.result.notes.append(f"{node_label(node)}: {plan.note} (NaN past that)")
+    rw.result.notes.append(f"{node_label(node)}: {plan.note} (the run stops past that)")
 
 
 def _lattice_size(rw: OnnxRewriter, x: str, i: int, step: int):
