@@ -27,6 +27,7 @@ from econv_convert.workflow import (
     densify_file,
     inspect_file,
     inverse_file,
+    predict_file,
     verify_file,
 )
 
@@ -37,6 +38,6 @@ __all__ = [
     "InvalidModelError", "LoadOptions", "TransferError", "UnsafeCheckpointError",
     "UnsupportedLayerError", "VerifyReport", "__version__", "bench_file", "densify",
     "densify_file", "freeze_batchnorm", "info", "inspect_file", "inverse", "inverse_file",
-    "is_dense", "lattice_view",
+    "is_dense", "lattice_view", "predict_file",
     "load_dense", "save_dense", "verify", "verify_file",
 ]

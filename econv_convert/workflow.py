@@ -1,6 +1,6 @@
 """Workflows over model files, for either backend: what the ``densify``, ``verify``,
-``inverse``, ``inspect`` and ``bench`` commands do, as functions that return results instead
-of printing (``predict``'s job is :func:`econv_convert.run.scene.predict_scene`).
+``inverse``, ``inspect``, ``bench`` and ``predict`` (into OME-Zarr) commands do, as functions
+that return results instead of printing.
 
 A file's suffix picks the backend (``.onnx``: ONNX graphs in onnxruntime; anything else: a
 PyTorch checkpoint), the options are plain data (:class:`LoadOptions`, :class:`CheckOptions`),
@@ -17,11 +17,19 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from econv_convert.errors import InvalidInputError
+from econv_convert.results import (  # noqa: F401  (the result types, read from here too)
+    Benched,
+    Densified,
+    Inspected,
+    Inverted,
+    Verified,
+    info_dict,
+)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "fixtures" / "patch_classifier.pt"
 DEFAULT_SHAPE = [1, 3, 224, 224]
@@ -194,118 +202,6 @@ def run_checks(baseline, dense, how: CheckOptions, progress: Progress | None = N
     return verify(baseline, dense, trials=how.trials, seed=how.seed, atol=how.atol,
                   rtol=how.rtol, near_example=how.near, precision=how.precision,
                   outputs=list(how.outputs) or None, progress=progress)
-
-
-# -- results ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Densified:
-    """What :func:`densify_file` made: the dense model (``dense``, a module or an ONNX
-    graph), how it was made (``info``), its verification, whether ``output`` was written and,
-    for ``.pt2``/``.onnx`` exports of a PyTorch model, the export's re-check."""
-
-    source: Path
-    output: Path | None
-    written: bool
-    info: Any
-    verification: Any = None
-    export_check: Any = None
-    dense: Any = field(default=None, repr=False)
-
-    @property
-    def ok(self) -> bool:
-        return self.verification is None or self.verification.ok
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": str(self.source),
-                "output": str(self.output) if self.written else None,
-                "verification": self.verification.to_dict() if self.verification else None,
-                "export_check": self.export_check.__dict__ if self.export_check else None}
-
-
-@dataclass
-class Verified:
-    """What :func:`verify_file` found: ``model`` against ``dense`` (a file, or MODEL densified
-    in memory when None)."""
-
-    source: Path
-    dense_path: Path | None
-    info: Any
-    verification: Any
-
-    @property
-    def ok(self) -> bool:
-        return self.verification.ok
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": str(self.source),
-                "dense": str(self.dense_path) if self.dense_path else None,
-                "verification": self.verification.to_dict()}
-
-
-@dataclass
-class Inverted:
-    """What :func:`inverse_file` wrote: the baseline's weights (PyTorch) or graph (ONNX) taken
-    from the dense model, written only if the baseline reproduces it; ``what`` says what the
-    file holds."""
-
-    dense_path: Path
-    output: Path
-    verification: Any
-    what: str
-
-    @property
-    def ok(self) -> bool:
-        return self.verification.ok
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"dense": str(self.dense_path),
-                "output": str(self.output) if self.ok else None,
-                "verification": self.verification.to_dict()}
-
-
-@dataclass
-class Inspected:
-    """What :func:`inspect_file` planned: how the dense model is made (``info``) and, per
-    layer, its lattice step, field, sizes and multiply-adds (``plan``); nothing was run."""
-
-    source: Path
-    info: Any
-    plan: Any
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": str(self.source), "dense": info_dict(self.info),
-                "plan": self.plan.to_dict()}
-
-
-@dataclass
-class Benched:
-    """What :func:`bench_file` timed, at input ``shape``."""
-
-    source: Path
-    shape: list[int]
-    result: Any  # econv_convert.run.bench.BenchResult
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": str(self.source), **self.result.to_dict()}
-
-
-def info_dict(meta) -> dict[str, Any]:
-    """The parts of a dense record a report shows, as plain data."""
-    from econv_convert import report
-
-    return {
-        "global_pool": meta.global_pool,
-        "until": meta.until,
-        "output_stride": meta.output_stride,
-        "total_step": list(meta.total_step),
-        "example_shape": meta.example_shape,
-        "layers": meta.records,
-        "outputs": meta.outputs,
-        "notes": meta.notes,
-        "training": report.training_mode(meta),
-    }
 
 
 # -- workflows ----------------------------------------------------------------------------------
@@ -546,3 +442,115 @@ def _inverse_onnx(dense: Path, output: Path, check: CheckOptions,
         onnx_api.save(baseline, output)
     return Inverted(dense, output, result, "the baseline graph with the dense model's "
                     f"{len(baseline.graph.initializer)} initializers")
+
+
+def require_equivalent(result) -> None:
+    """Raise :class:`EquivalenceError` naming the worst failed check unless ``result`` (a
+    verification report) passed."""
+    from econv_convert.errors import EquivalenceError
+
+    if result.ok:
+        return
+    failed = result.failures()
+    worst = max(failed, key=lambda c: c.max_abs / c.scale if c.scale > 0 else c.max_abs,
+                default=None)
+    what = ""
+    if worst is not None:
+        where = "x".join(map(str, worst.shape[2:]))
+        what = f" ({worst.check} at {where}: {worst.detail})" if worst.detail else ""
+    elif not result.checked:
+        what = " (no input size could be checked)"
+    raise EquivalenceError("the dense model is NOT equivalent to the baseline" + what
+                           + "; nothing was predicted")
+
+
+def dense_for_predict(model: Path, how: LoadOptions, verify: bool,
+                      progress: Progress | None = None):
+    """MODEL as a dense model: ``(dense torch module or None for ONNX, its DenseInfo, save)``
+    where ``save(path)`` writes a model densified here (None when MODEL is dense already);
+    a model densified here is verified first unless ``verify`` is False."""
+    from econv_convert import onnx_api
+    from econv_convert.torch import storage
+
+    if is_onnx(model):
+        graph = load_onnx(model)
+        if onnx_api.is_dense(graph):
+            return None, onnx_api.info(graph), None
+        how.torch_only()
+        baseline, dense, meta = onnx_densified(model, how)
+        if verify:
+            require_equivalent(run_checks(baseline, dense, CheckOptions(), progress))
+        return None, meta, lambda p: onnx_api.save(dense, p)
+    if storage.is_dense_checkpoint(model):
+        dense = storage.load_dense(model)
+        return dense, dense.econv, None
+    _, loaded, dense = densified(model, how)
+    if verify:
+        require_equivalent(run_checks(loaded.model, dense, CheckOptions(), progress))
+    return dense, dense.econv, lambda p: storage.save_dense(dense, p)
+
+
+def predict_file(model: Path | str, image: Path | str, output: Path | str, *,
+                 load_options: LoadOptions = LoadOptions(), verify: bool = True,
+                 level: int = 0, mpp: float | None = None, layout: str = "auto",
+                 mean: list[float] | None = None, std: list[float] | None = None,
+                 block: int | None = None, max_memory: int | None = None,
+                 workers: int | None = None, scheduler: str | None = None,
+                 device: str = "cpu", resume: bool = False, overwrite: bool = False,
+                 channel: int | None = None, ngff_version: str = "0.5",
+                 mask: str = "default", check_progress: Progress | None = None,
+                 on_level: Callable[[int, Any], None] | None = None, **run_options):
+    """Dense predictions of the model file ``model`` (a dense ``.pt``/``.onnx``, or a baseline,
+    densified here and verified unless ``verify`` is False) over the image file ``image``, into
+    the OME-Zarr image ``output`` (``.zarr``), block by block
+    (:func:`econv_convert.run.scene.predict_scene`, which takes ``run_options``: progress,
+    on_start). ``mpp`` picks the pyramid level nearest to that pixel size (reported through
+    ``on_level(level, its pixel size)``) instead of ``level``. Returns its
+    :class:`~econv_convert.run.scene.RunReport`."""
+    from econv_convert.run import ngff, runner, scene
+    from econv_convert.run.sources import SourceSpec, level_for_mpp
+    from econv_convert.torch.loading import check_file
+
+    model, image, output = Path(model), Path(image), Path(output)
+    if not image.is_dir():  # a zarr input is a folder
+        check_file(image)
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InvalidInputError(f"device={device}: expected cpu or cuda")
+    if output.suffix.lower() != ".zarr":
+        raise InvalidInputError(f"output={output}: must end in .zarr (a small result in "
+                                "memory: econv_convert.predict, or the command's .npy)")
+    if not output.parent.is_dir():
+        raise InvalidInputError(f"{output}: the folder {output.parent} does not exist")
+    if resume and overwrite:
+        raise InvalidInputError("resume=True and overwrite=True: choose one")
+    if mpp is not None and level:
+        raise InvalidInputError("mpp=... and level=...: choose one")
+    ngff.zarr_format(ngff_version)
+    check_file(model)
+    scene.claim_output(output, resume=resume, overwrite=overwrite)  # before anything runs
+    how = load_options
+    dense, meta, save = dense_for_predict(model, how, verify, check_progress)
+    channels = meta.canonical(meta.example_shape)[1]
+    source = SourceSpec(str(image), channels, level, layout)
+    if mpp is not None:
+        level, level_mpp = level_for_mpp(source, mpp)
+        source = SourceSpec(str(image), channels, level, layout)
+        if on_level:
+            on_level(level, level_mpp)
+    pool = how.global_pool
+    record = {"model": str(model), "model_sha256": scene.checksum(model),
+              "options": {"global_pool": getattr(pool, "value", pool), "until": how.until,
+                          "output_stride": how.output_stride, "input_shape": how.input_shape,
+                          "level": level, "mpp": mpp, "layout": layout, "mean": mean,
+                          "std": std, "input": str(image)}}
+    # the model the workers load: the given dense file, or the one densified here, saved
+    # inside the output (read back before it is used)
+    where = Path(str(output) + ".model" + (".onnx" if dense is None else ".pt"))
+    if save is not None:
+        scene.claim_output(output, resume=resume, overwrite=overwrite)
+        save(where)
+    return scene.predict_scene(
+        runner.ModelSpec(str(model if save is None else where), device), source, output,
+        record=record, block=block, mean=mean, std=std, workers=workers, scheduler=scheduler,
+        resume=resume, overwrite=overwrite, max_memory=max_memory, meta=meta,
+        overview_channel=channel, ngff_version=ngff_version, mask=mask, **run_options)

@@ -107,3 +107,32 @@ def test_inspect_and_bench_are_workflows_too(tmp_path):
     assert {"baseline", "dense"} <= set(timed.to_dict()["timings"])
     with pytest.raises(InvalidInputError, match="device 'tpu'"):
         workflow.bench_file(FIXTURES / "tiny_resnet.pt", device="tpu")
+
+
+def test_predict_is_a_workflow_too(tmp_path):
+    """``predict`` into OME-Zarr as a function: a baseline densified (and verified) here, the
+    blocks, the report; equal to one whole-image pass; an existing output refused before
+    anything runs."""
+    import numpy as np
+    from conftest import whole
+
+    from econv_convert import densify
+    from econv_convert.run import scene
+    from econv_convert.torch.loading import load_model
+    from econv_convert.workflow import LoadOptions
+
+    a = np.random.default_rng(0).integers(0, 256, (150, 141, 3), dtype=np.uint8)
+    np.save(tmp_path / "image.npy", a)
+    how = LoadOptions(global_pool="window", output_stride=4)
+    report = workflow.predict_file(FIXTURES / "tiny_resnet.pt", tmp_path / "image.npy",
+                                   tmp_path / "out.zarr", load_options=how, block=16,
+                                   workers=0, mask="none")
+    loaded = load_model(FIXTURES / "tiny_resnet.pt")
+    dense = densify(loaded.model, loaded.input_shape, global_pool="window", output_stride=4)
+    expected = whole(dense, a)
+    assert report.blocks_total > 1 and tuple(report.shape) == expected.shape
+    np.testing.assert_allclose(scene.result_array(tmp_path / "out.zarr")[:], expected,
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(InvalidInputError, match="resume=True"):
+        workflow.predict_file(FIXTURES / "tiny_resnet.pt", tmp_path / "image.npy",
+                              tmp_path / "out.zarr", load_options=how)

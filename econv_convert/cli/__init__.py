@@ -183,11 +183,15 @@ def _checking(quiet: bool):
             since[0] = time.perf_counter()
         bar.update(task[0], completed=done, total=total, description=what)
 
+    def stop() -> None:  # before another live display takes stderr
+        if task:
+            bar.stop()
+
+    progress.stop = stop  # type: ignore[attr-defined]
     try:
         yield progress
     finally:
-        if task:
-            bar.stop()
+        stop()
 
 
 def _verify(baseline, dense, how: Check, *, quiet: bool):

@@ -13,7 +13,6 @@ from econv_convert import workflow
 from econv_convert.cli import (
     ArchKwargsOpt,
     ArchOpt,
-    Check,
     GlobalPool,
     InputNameOpt,
     JsonOpt,
@@ -22,14 +21,14 @@ from econv_convert.cli import (
     ShapeOpt,
     TrustOpt,
     UntilOpt,
+    _checking,
     _emit_json,
     _guarded,
-    _verify,
     app,
     err,
     out,
 )
-from econv_convert.errors import EquivalenceError, InvalidInputError
+from econv_convert.errors import InvalidInputError
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -138,75 +137,59 @@ def predict(
     in bounded memory, on an embedded Dask cluster or an existing one. OUT.zarr is an
     OME-Zarr image at the input's physical scale (a pyramid, the arg-max class as a label
     image)."""
-    from econv_convert.run import runner, scene
-    from econv_convert.run.sources import SourceSpec
-    from econv_convert.torch.loading import check_file
-
-    if not input.is_dir():  # a zarr input is a folder
-        check_file(input)
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
     if output.suffix.lower() == ".npy":
+        from econv_convert.torch.loading import check_file
+
+        if not input.is_dir():  # a zarr input is a folder
+            check_file(input)
+        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
         how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until,
                    output_stride, input_name)
         return _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, std,
                             channel, level, layout, json_out)
-    if output.suffix.lower() != ".zarr":
-        raise InvalidInputError(f"{output}: the output must end in .zarr (or .npy for a small "
-                                "result in memory)")
-    if not output.parent.is_dir():
-        raise InvalidInputError(f"{output}: the folder {output.parent} does not exist")
-    if resume and overwrite:
-        raise InvalidInputError("--resume and --overwrite: choose one")
-    if mpp is not None and level:
-        raise InvalidInputError("--mpp and --level: choose one")
-    from econv_convert.run import ngff
-
-    ngff.zarr_format(ngff_version)
     how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
                input_name)
-    check_file(model)
-    dense, meta, save = _dense_for_predict(model, how, no_verify, json_out)
-    mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
-    channels = meta.canonical(meta.example_shape)[1]
-    source = SourceSpec(str(input), channels, level, layout)
-    if mpp is not None:
-        from econv_convert.run.sources import level_for_mpp
-
-        level, level_mpp = level_for_mpp(source, mpp)
-        source = SourceSpec(str(input), channels, level, layout)
-        if not json_out:
-            err.print(f"--mpp {mpp:g}: level {level} "
-                      f"({' x '.join(f'{m:.4g}' for m in level_mpp)} um per pixel)")
-    record = {"model": str(model), "model_sha256": scene.checksum(model),
-              "options": {"global_pool": global_pool.value, "until": until,
-                          "output_stride": output_stride, "input_shape": input_shape,
-                          "level": level, "mpp": mpp, "layout": layout, "mean": mean_v,
-                          "std": std_v, "input": str(input)}}
-    # the model the workers load: the given dense file, or the one densified here, saved
-    # inside the output (read back before it is used)
-    where = Path(str(output) + ".model" + (".onnx" if dense is None else ".pt"))
-    model_file = model if save is None else where
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
-        task = bar.add_task("blocks", total=None)
+    bar = Progress(*columns, console=err, transient=True, disable=json_out)
+    task: list = []
+    with _checking(json_out) as check_progress:
+
+        def blocks_bar() -> None:  # once the checks are done: one live display at a time
+            if not task:
+                if check_progress is not None:
+                    check_progress.stop()
+                bar.start()
+                task.append(bar.add_task("blocks", total=None))
 
         def started(where_: str, dashboard: str | None) -> None:
+            blocks_bar()
             if not json_out:
                 err.print(f"running on {where_}" + (f"; dashboard {dashboard}" if dashboard
                                                      else ""))
 
-        if save is not None:
-            scene.claim_output(output, resume=resume, overwrite=overwrite)
-            save(where)
-        report = scene.predict_scene(
-            runner.ModelSpec(str(model_file), device), source, output, record=record,
-            block=block, mean=mean_v, std=std_v, workers=workers, scheduler=scheduler,
-            resume=resume, overwrite=overwrite, max_memory=_bytes(max_memory), meta=meta,
-            progress=lambda d, t: bar.update(task, completed=d, total=t),
-            on_start=started, overview_channel=channel, ngff_version=ngff_version,
-            mask=mask)
+        def advanced(done: int, total: int) -> None:
+            blocks_bar()
+            bar.update(task[0], completed=done, total=total)
+
+        def chosen(level_: int, level_mpp) -> None:
+            if not json_out:
+                err.print(f"--mpp {mpp:g}: level {level_} "
+                          f"({' x '.join(f'{m:.4g}' for m in level_mpp)} um per pixel)")
+
+        try:
+            report = workflow.predict_file(
+                model, input, output, load_options=how, verify=not no_verify, level=level,
+                mpp=mpp, layout=layout, mean=_floats(mean, "--mean"),
+                std=_floats(std, "--std"), block=block, max_memory=_bytes(max_memory),
+                workers=workers, scheduler=scheduler, device=device, resume=resume,
+                overwrite=overwrite, channel=channel, ngff_version=ngff_version, mask=mask,
+                check_progress=check_progress, on_level=chosen, progress=advanced,
+                on_start=started)
+        finally:
+            if task:
+                bar.stop()
     data = report.to_dict()
     if json_out:
         _emit_json({"model": str(model), **data})
@@ -228,46 +211,6 @@ def predict(
                                             if report.overview else ""))
 
 
-def _dense_for_predict(model: Path, how: Load, no_verify: bool, quiet: bool):
-    """MODEL as a dense model: ``(dense torch module or None for ONNX, its DenseInfo, save)``
-    where ``save(path)`` writes a model densified here (None when MODEL is dense already)."""
-    from econv_convert import onnx_api
-    from econv_convert.torch import storage
-
-    if workflow.is_onnx(model):
-        graph = workflow.load_onnx(model)
-        if onnx_api.is_dense(graph):
-            return None, onnx_api.info(graph), None
-        how.torch_only()
-        baseline, dense, meta = workflow.onnx_densified(model, how)
-        if not no_verify:
-            _require_ok(_verify(baseline, dense, Check(), quiet=quiet))
-        return None, meta, lambda p: onnx_api.save(dense, p)
-    if storage.is_dense_checkpoint(model):
-        dense = storage.load_dense(model)
-        return dense, dense.econv, None
-    _, loaded, dense = workflow.densified(model, how)
-    if not no_verify:
-        _require_ok(_verify(loaded.model, dense, Check(), quiet=quiet))
-    return dense, dense.econv, lambda p: storage.save_dense(dense, p)
-
-
-def _require_ok(result) -> None:
-    """Exit 1 naming the worst failed check; nothing is written."""
-    if not result.ok:
-        failed = result.failures()
-        worst = max(failed, key=lambda c: c.max_abs / c.scale if c.scale > 0 else c.max_abs,
-                    default=None)
-        what = ""
-        if worst is not None:
-            where = "x".join(map(str, worst.shape[2:]))
-            what = f" ({worst.check} at {where}: {worst.detail})" if worst.detail else ""
-        elif not result.checked:
-            what = " (no input size could be checked)"
-        raise EquivalenceError("the dense model is NOT equivalent to the baseline" + what
-                               + "; nothing was predicted")
-
-
 def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, std, channel,
                  level, layout, json_out):
     """The whole result in memory (small inputs), computed by the block engine of OUT.zarr
@@ -285,7 +228,8 @@ def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, 
 
     check_file(model)
     workflow.check_output(output, [model, input])
-    dense, meta, save = _dense_for_predict(model, how, no_verify, json_out)
+    with _checking(json_out) as progress:
+        dense, meta, save = workflow.dense_for_predict(model, how, not no_verify, progress)
     geo = scene.geometry(meta)
     mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
     channels = meta.canonical(meta.example_shape)[1]
