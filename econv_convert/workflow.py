@@ -235,12 +235,12 @@ def bench_file(model: Path | str | None, *, load_options: LoadOptions = LoadOpti
     from econv_convert.run.resources import check_memory
 
     if device not in ("cpu", "cuda"):
-        raise InvalidInputError(f"device '{device}': expected cpu or cuda")
+        raise InvalidInputError(f"device={device}: expected cpu or cuda")
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            raise InvalidInputError("device cuda: no CUDA device is available here")
+            raise InvalidInputError("device=cuda: no CUDA device is available here")
     path, loaded, dense = densified(model, load_options)
     example = dense.econv.example_shape
     if input_shape:
@@ -546,8 +546,7 @@ def predict_file(model: Path | str, image: Path | str, output: Path | str, *,
     # the model the workers load: the given dense file, or the one densified here, saved
     # inside the output (read back before it is used)
     where = Path(str(output) + ".model" + (".onnx" if dense is None else ".pt"))
-    if save is not None:
-        scene.claim_output(output, resume=resume, overwrite=overwrite)
+    if save is not None:  # the output was claimed above
         save(where)
     return scene.predict_scene(
         runner.ModelSpec(str(model if save is None else where), device), source, output,

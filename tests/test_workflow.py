@@ -105,7 +105,7 @@ def test_inspect_and_bench_are_workflows_too(tmp_path):
                                 load_options=LoadOptions(global_pool="window"))
     assert timed.shape == [1, 3, 96, 96]
     assert {"baseline", "dense"} <= set(timed.to_dict()["timings"])
-    with pytest.raises(InvalidInputError, match="device 'tpu'"):
+    with pytest.raises(InvalidInputError, match="device=tpu: expected cpu or cuda"):
         workflow.bench_file(FIXTURES / "tiny_resnet.pt", device="tpu")
 
 

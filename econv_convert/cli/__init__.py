@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from econv_convert import __version__, workflow
-from econv_convert.errors import EConvError, InvalidInputError, describe
+from econv_convert.errors import EConvError, describe
 from econv_convert.report import cli_words
 
 DEFAULT_MODEL = workflow.DEFAULT_MODEL
@@ -456,13 +456,6 @@ def bench(
 ) -> None:
     """Time the baseline, the dense model, shift-and-stitch and (patch classifiers) the sliding
     window, in one run, with multiply-adds and ratios."""
-    if device not in ("cpu", "cuda"):
-        raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InvalidInputError("--device cuda: no CUDA device is available here")
     how = Load(arch, arch_kwargs, trust_pickle, global_pool=global_pool,
                output_stride=output_stride, input_name=input_name)
     shape = workflow.example_shape(input_shape, None) if input_shape else None
