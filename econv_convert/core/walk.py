@@ -14,12 +14,14 @@ the memory guard, every value that carries a map for the per-node proof).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from econv_convert.core.layout import Layout
+from econv_convert.core.layout import Dim, Layout
 from econv_convert.core.records import Rewritten
 from econv_convert.core.rules import Refusal
+from econv_convert.core.rules.window import WindowPlan
 from econv_convert.errors import UnsupportedLayerError
 
 # the layer families every backend groups its rules by, one module each, named alike in
@@ -28,6 +30,29 @@ FAMILIES = ("window", "global_pool", "pointwise", "norm", "linear", "reshape", "
 
 # what a rule reading arguments it did not foresee raises: a refusal of that node, not a crash
 UNFORESEEN = (KeyError, IndexError, TypeError, ValueError)
+
+
+@dataclass
+class Val:
+    """A value of the dense graph and what it means, as both backends keep it.
+
+    ``node``: the dense graph's node (PyTorch: an fx node, or a constant passed through; ONNX
+    values keep their baseline names, so it stays None there). ``layout``: what a tensor's
+    dense dims mean. ``items``: the values of a tuple or list (chunk, split, a model's output
+    class). ``sizes``: a shape read off a map (a ``torch.Size``, an ONNX ``Shape``), what each
+    entry measures; a size query reads the baseline's sizes, so these are the baseline's
+    values. ``spatial``: a number computed from a spatial size."""
+
+    node: Any = None
+    layout: Layout | None = None
+    items: tuple[Val, ...] | None = None
+    sizes: tuple[Dim, ...] | None = None
+    spatial: bool = False
+
+    @property
+    def spatial_size(self) -> bool:
+        """A spatial size, or computed from one."""
+        return self.spatial or any(d.spatial for d in self.sizes or ())
 
 
 class Walk:
@@ -52,6 +77,55 @@ class Walk:
 
     def until_hint(self, refused: Any) -> str:
         return ""
+
+    # what the window switch asks of a backend: each returns what the backend's rules return
+    def as_is(self, node: Any) -> Any:
+        """The node unchanged: nothing spatial reaches it."""
+        raise NotImplementedError
+
+    def per_extra(self, node: Any) -> Any:
+        """The node unchanged at each extra position (phase dims, head positions)."""
+        raise NotImplementedError
+
+    def covering_pool(self, node: Any, plan: WindowPlan) -> Any:
+        """A pool covering its whole map: ``plan.pool``, which stops the run past
+        ``plan.limits`` (:data:`~econv_convert.core.rules.window.PAST_COVER`)."""
+        raise NotImplementedError
+
+    def kept(self, node: Any) -> Any:
+        """Emit the node unchanged (its stride kept); returns the dense value."""
+        raise NotImplementedError
+
+    def window_done(self, node: Any, dense: Any, plan: WindowPlan) -> Any:
+        """Record the rewritten layer and its output's layout, ``plan.out_dims``."""
+        raise NotImplementedError
+
+    def set_fields(self, node: Any, fields: tuple) -> None:
+        raise NotImplementedError
+
+    def window_layer(self, node: Any, plan: WindowPlan, emit: Callable[[WindowPlan], Any]
+                     ) -> Any:
+        """A convolution or pool in the form the core planned (:func:`rules.window`), for
+        every backend: as it is (plain), at each extra position, a global pool (a window
+        covering its map), its stride kept (under an output stride), or dense (stride 1, the
+        dense windows: ``emit(plan)`` emits it and returns the dense value)."""
+        if plan.form == "plain":
+            return self.as_is(node)
+        if plan.form == "extra":
+            return self.per_extra(node)
+        self.rewritten.has_padding |= plan.padded
+        if plan.form == "global":
+            self.rewritten.notes.append(f"{self.label(node)}: {plan.note} (the run stops "
+                                        "past that)")
+            return self.covering_pool(node, plan)
+        self.set_fields(node, plan.fields)
+        if plan.form == "kept":
+            if plan.kept_stride is not None:
+                self.rewritten.kept_stride = plan.kept_stride
+            dense = self.kept(node)
+        else:
+            dense = emit(plan)
+        return self.window_done(node, dense, plan)
 
     def walk(self) -> None:
         for node in self.nodes():

@@ -18,7 +18,7 @@ constants are ``Constant`` nodes), so weights move back by name (:func:`onnx_api
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple
 
 import numpy as np
 import onnx
@@ -29,7 +29,7 @@ from econv_convert.core.lattice import Field
 from econv_convert.core.layout import PLAIN, Layout
 from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord, Rewritten
 from econv_convert.core.rules import Refusal, refuse
-from econv_convert.core.walk import Walk
+from econv_convert.core.walk import Val, Walk
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.onnx.graph import Builder
 
@@ -43,21 +43,6 @@ REFUSED = {
 _SHAPE_PLUMBING = {"Squeeze", "Unsqueeze", "Slice", "Gather", "Cast", "Identity", "Reshape",
                    "Flatten"}
 _BIG = 2**62
-
-
-@dataclass
-class Val:
-    """A value of the dense graph: its layout, or, for a shape-derived integer tensor, which
-    of its entries are spatial sizes (a size query reads the baseline's sizes, so these are
-    the baseline's values)."""
-
-    layout: Layout | None
-    sizes: tuple[bool, ...] | None = None  # per entry of a 1-D shape tensor: a spatial size?
-    tainted: bool = False  # computed from a spatial size
-
-    @property
-    def spatial_size(self) -> bool:
-        return self.tainted or bool(self.sizes and any(self.sizes))
 
 
 # what the walk found besides the dense graph (built in ``graph``): one record, shared with
@@ -106,7 +91,7 @@ class OnnxRewriter(Walk):
 
     def run(self) -> Result:
         for init in self.g.initializer:
-            self.env[init.name] = Val(Layout.plain(tuple(init.dims)))
+            self.env[init.name] = Val(layout=Layout.plain(tuple(init.dims)))
         inputs = [i for i in self.g.input if i.name not in self.env]
         if len(inputs) != 1:
             raise UnsupportedLayerError(
@@ -117,7 +102,7 @@ class OnnxRewriter(Walk):
         if len(shape) < 3:
             raise UnsupportedLayerError(x.name, "the model input must be N, C, spatial... with "
                                         "1 to 3 spatial dims")
-        self.env[x.name] = Val(rules.input_layout(shape, self.channels_last))
+        self.env[x.name] = Val(layout=rules.input_layout(shape, self.channels_last))
         self.fields[x.name] = tuple(Field() for _ in shape[2:])
         self.note(x.name, x.name, self.env[x.name].layout, x.name)
         self.walk()
@@ -155,6 +140,30 @@ class OnnxRewriter(Walk):
             x = x if x in producer and x in self.env else None
         return f"densify the part before it with until={x}" if x else ""
 
+    # -- what the window switch asks (core/walk.py) -------------------------------------
+
+    def as_is(self, node: onnx.NodeProto) -> None:
+        self._same(node)
+
+    def per_extra(self, node: onnx.NodeProto) -> None:
+        _per_extra(self, node, node.input[0], self.lay(node.input[0]))
+
+    def covering_pool(self, node: onnx.NodeProto, plan: rules.WindowPlan) -> None:
+        from econv_convert.onnx.rewrite.window import covering_pool
+
+        covering_pool(self, node, plan)
+
+    def kept(self, node: onnx.NodeProto) -> str:
+        self._same(node)
+        return node.output[0]
+
+    def window_done(self, node: onnx.NodeProto, dense: str, plan: rules.WindowPlan) -> None:
+        self.set(dense, Layout(self.base_shape(dense), plan.out_dims))
+        self.record(plan.record, dense)
+
+    def set_fields(self, node: onnx.NodeProto, fields: tuple[Field, ...]) -> None:
+        self.fields[node.output[0]] = fields
+
     def _rewrite(self, node: onnx.NodeProto) -> None:
         if node.domain not in ("", "ai.onnx"):
             if self._any_spatial(node):
@@ -166,13 +175,13 @@ class OnnxRewriter(Walk):
             from econv_convert.onnx.rewrite.global_pool import _on_merged
 
             return _on_merged(self, node)
-        if op in _SHAPE_PLUMBING and vals and vals[0].tainted and vals[0].layout is not None \
+        if op in _SHAPE_PLUMBING and vals and vals[0].spatial and vals[0].layout is not None \
                 and vals[0].layout.is_plain:
             # integer plumbing on a value computed from spatial sizes: it stays such a value
             self.emit(node, list(node.input))
             for o in node.output:
                 self.set(o, Layout.plain(self.shapes[o]) if o in self.shapes else None,
-                         tainted=True)
+                         spatial=True)
             return None
         if op in REFUSED:
             if self._any_spatial(node) or REFUSED[op] == "subgraph":
@@ -187,10 +196,10 @@ class OnnxRewriter(Walk):
 
     def v(self, name: str) -> Val:
         if name == "":
-            return Val(None)
+            return Val()
         if name not in self.env:
             if name in self.consts:
-                return Val(Layout.plain(self.consts[name].shape))
+                return Val(layout=Layout.plain(self.consts[name].shape))
             refuse(f"input '{name}' is not produced by any node")
         return self.env[name]
 
@@ -215,10 +224,10 @@ class OnnxRewriter(Walk):
         return c
 
     def set(self, name: str, layout: Layout | None, **kw) -> None:
-        self.env[name] = Val(layout, **kw)
+        self.env[name] = Val(layout=layout, **kw)
 
     def set_plain(self, name: str) -> None:
-        self.env[name] = Val(Layout.plain(self.shapes[name]) if name in self.shapes else None)
+        self.set(name, Layout.plain(self.shapes[name]) if name in self.shapes else None)
 
     def _any_spatial(self, node: onnx.NodeProto) -> bool:
         for i in node.input:
@@ -237,7 +246,7 @@ class OnnxRewriter(Walk):
 
     def _unknown(self, node: onnx.NodeProto) -> None:
         for i in node.input:
-            v = self.v(i) if i else Val(None)
+            v = self.v(i) if i else Val()
             if v.layout is not None and not v.layout.is_plain:
                 rules.no_rule(node.op_type)
             if v.spatial_size:

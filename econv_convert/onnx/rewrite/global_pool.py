@@ -197,7 +197,7 @@ def _on_merged(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
             rw.b.op1("Identity", [x], node.output[0])
         else:
             rw.emit(node, list(node.input))
-        rw.env[node.output[0]] = Val(lay)
+        rw.env[node.output[0]] = Val(layout=lay)
         return
     if op not in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum"):
         rules.on_merged(op)

@@ -45,9 +45,9 @@ def _unary(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     x = node.input[0]
     v = rw.v(x)
     rw.emit(node, list(node.input))
-    rw.env[node.output[0]] = Val(v.layout, v.sizes, v.tainted)
+    rw.env[node.output[0]] = Val(layout=v.layout, sizes=v.sizes, spatial=v.spatial)
     if v.layout is not None and v.layout.base != rw.shapes.get(node.output[0], v.layout.base):
-        rw.env[node.output[0]] = Val(Layout.plain(rw.shapes[node.output[0]]))
+        rw.env[node.output[0]] = Val(layout=Layout.plain(rw.shapes[node.output[0]]))
     rw.inherit_field(node)
 
 
@@ -65,7 +65,7 @@ def _broadcast(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     vals = [rw.v(i) for i in node.input if i]
     if any(v.spatial_size for v in vals):
         for o in node.output:
-            rw.set(o, Layout.plain(rw.shapes[o]) if o in rw.shapes else None, tainted=True)
+            rw.set(o, Layout.plain(rw.shapes[o]) if o in rw.shapes else None, spatial=True)
         rw.emit(node, list(node.input))
         return
     lays = [v.layout for v in vals]
@@ -159,7 +159,7 @@ def _expand(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if len(out) != lay.base_ndim or any(a != b and a != 1 for a, b in zip(lay.base, out)):
         refuse(f"expanding {lay.base} to {out} changes more than size-1 dims")
     rw.b.op1("Identity", [node.input[0]], node.output[0])
-    rw.env[node.output[0]] = Val(lay)
+    rw.env[node.output[0]] = Val(layout=lay)
 
 
 # every op that is the same function at every position, unless a rule of its own says more

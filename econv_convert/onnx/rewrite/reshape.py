@@ -32,7 +32,7 @@ def _reshape_to(rw: OnnxRewriter, node: onnx.NodeProto, x: str, out_shape) -> No
         return rw._same(node)
     if plan.kind in ("same", "merge", "fold"):
         b.op1("Identity", [x], out)
-        rw.env[out] = Val(plan.layout)
+        rw.env[out] = Val(layout=plan.layout)
         rw.inherit_field(node)
         return
     if plan.kind == "unfold":
@@ -95,7 +95,7 @@ def _transpose(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
 @rule("Concat")
 def _concat(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     vals = [rw.v(i) for i in node.input]
-    if any(v.sizes is not None or v.tainted for v in vals):
+    if any(v.sizes is not None or v.spatial for v in vals):
         return _shape_concat(rw, node, vals)
     lays = [rw.lay(i) for i in node.input]
     if all(lay.is_plain for lay in lays):
@@ -138,9 +138,9 @@ def _slice(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if v.sizes is not None:
         return _shape_slice(rw, node, v)
     lay = rw.lay(x)
-    if lay.is_plain and not v.tainted:
+    if lay.is_plain and not v.spatial:
         return rw._same(node)
-    if v.tainted:
+    if v.spatial:
         refuse("slicing a value computed from a spatial size")
     if lay.fold:
         refuse("a slice of a flatten of spatial positions")
@@ -265,13 +265,13 @@ def _squeeze(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     v = rw.v(node.input[0])
     if v.sizes is not None:
         rw.emit(node, list(node.input))
-        rw.env[node.output[0]] = Val(Layout.plain(rw.shapes.get(node.output[0], ())),
-                                     sizes=v.sizes, tainted=v.tainted)
+        rw.env[node.output[0]] = Val(layout=Layout.plain(rw.shapes.get(node.output[0], ())),
+                                     sizes=v.sizes, spatial=v.spatial)
         return
     lay = rw.lay(node.input[0])
-    if lay.is_plain and not v.tainted:
+    if lay.is_plain and not v.spatial:
         return rw._same(node)
-    if v.tainted:
+    if v.spatial:
         refuse(f"{node.op_type} of a value computed from a spatial size")
     axes = _axes_of(rw, node, attrs(node), 1)
     if node.op_type == "Squeeze":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from econv_convert.core.layout import PLAIN, Layout
+from econv_convert.core.layout import PLAIN, Dim, Layout
 from econv_convert.core.rules import refuse
 from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, rule
 
@@ -32,8 +32,8 @@ def _shape(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         entries.append((size - 1) // dim.step + 1 if dim.kind == "space" and dim.step > 1
                        else size)
     rw.b.op1("Identity", [rw.b.ints(entries)], node.output[0])
-    sizes = tuple(d.spatial for d in lay.base_dims[start:end])
-    rw.env[node.output[0]] = Val(Layout.plain((end - start,)), sizes=sizes)
+    sizes = lay.base_dims[start:end]
+    rw.env[node.output[0]] = Val(layout=Layout.plain((end - start,)), sizes=sizes)
 
 
 def _shape_slice(rw: OnnxRewriter, node: onnx.NodeProto, v: Val) -> None:
@@ -44,8 +44,8 @@ def _shape_slice(rw: OnnxRewriter, node: onnx.NodeProto, v: Val) -> None:
     if starts is not None and ends is not None and len(node.input) <= 4:
         picked = sizes[slice(int(starts.reshape(-1)[0]), int(min(ends.reshape(-1)[0], _BIG)))]
     rw.emit(node, list(node.input))
-    rw.env[node.output[0]] = Val(Layout.plain(rw.shapes.get(node.output[0], ())),
-                                 sizes=picked, tainted=picked is None and any(sizes))
+    rw.env[node.output[0]] = Val(layout=Layout.plain(rw.shapes.get(node.output[0], ())),
+                                 sizes=picked, spatial=picked is None and v.spatial_size)
 
 
 @rule("Gather")
@@ -57,11 +57,11 @@ def _gather(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         if idx is not None:
             picked = tuple(v.sizes[int(i)] for i in idx.reshape(-1))
         rw.emit(node, list(node.input))
-        rw.env[node.output[0]] = Val(Layout.plain(rw.shapes.get(node.output[0], ())),
-                                     sizes=picked, tainted=picked is None and any(v.sizes))
+        rw.env[node.output[0]] = Val(layout=Layout.plain(rw.shapes.get(node.output[0], ())),
+                                     sizes=picked, spatial=picked is None and v.spatial_size)
         return
     lay = rw.lay(node.input[0])
-    if lay.is_plain and not v.tainted:
+    if lay.is_plain and not v.spatial:
         return rw._same(node)
     axis = _norm(int(attrs(node).get("axis", 0)), lay.base_ndim)
     if lay.fold or lay.base_dims[axis].spatial or not rw.lay(node.input[1]).is_plain:
@@ -74,11 +74,11 @@ def _gather(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
 
 
 def _shape_concat(rw: OnnxRewriter, node: onnx.NodeProto, vals: list[Val]) -> None:
-    sizes: list[bool] | None = []
+    sizes: list[Dim] | None = []
     for i, v in zip(node.input, vals):
         if v.sizes is not None:
             sizes += v.sizes
-        elif v.tainted:
+        elif v.spatial:
             sizes = None
             break
         else:
@@ -86,11 +86,11 @@ def _shape_concat(rw: OnnxRewriter, node: onnx.NodeProto, vals: list[Val]) -> No
             if shape is None or len(shape) != 1:
                 sizes = None
                 break
-            sizes += [False] * shape[0]
+            sizes += [PLAIN] * shape[0]
     rw.emit(node, list(node.input))
-    rw.env[node.output[0]] = Val(Layout.plain(rw.shapes.get(node.output[0], ())),
+    rw.env[node.output[0]] = Val(layout=Layout.plain(rw.shapes.get(node.output[0], ())),
                                  sizes=tuple(sizes) if sizes is not None else None,
-                                 tainted=sizes is None)
+                                 spatial=sizes is None)
 
 
 @rule("Constant")

@@ -5,8 +5,7 @@ say.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -18,7 +17,7 @@ from econv_convert.core.layout import Layout, LayoutError
 from econv_convert.core.rules import refuse
 from econv_convert.core.rules.window import PAST_COVER
 from econv_convert.onnx.graph import SymInt
-from econv_convert.onnx.rewrite.frame import OnnxRewriter, _per_extra, attrs, node_label, rule
+from econv_convert.onnx.rewrite.frame import OnnxRewriter, attrs, node_label, rule
 from econv_convert.onnx.rewrite.global_pool import _emit_global
 
 # -- window layers -----------------------------------------------------------------------
@@ -70,10 +69,9 @@ def _static(v) -> bool:
 
 
 def _window_layer(rw: OnnxRewriter, node: onnx.NodeProto, kind: str, kernel: Sequence[int],
-                  cost: int, **kw) -> rules.WindowPlan | None:
-    """Shared start of every window rule: the core's plan, with the plain, extra, kept-stride
-    and global forms emitted here. Returns the plan when the dense form is the rule's to emit
-    (its output layout is set and recorded by :func:`_done`), else None."""
+                  cost: int, emit: Callable[[rules.WindowPlan], str], **kw) -> None:
+    """A Conv or pool: the core's plan, in the form the walk picks; ``emit(plan)`` emits the
+    dense form (the node's output) and returns its name."""
     x = node.input[0]
     lay = rw.lay(x)
     nd = len(kernel)
@@ -86,37 +84,15 @@ def _window_layer(rw: OnnxRewriter, node: onnx.NodeProto, kind: str, kernel: Seq
     windows = _window_attrs(rw, node, kernel, h)
     plan = rules.window(kind, lay, windows, rw.field_of(x), output_stride=rw.output_stride,
                         cost=cost, mode=rw.mode, **kw)
-    if plan.form == "plain":
-        rw._same(node)
-        return None
-    if plan.form == "extra":
-        _per_extra(rw, node, x, lay)
-        return None
-    rw.result.has_padding |= plan.padded
-    if plan.form == "global":
-        _covering_pool(rw, node, x, plan)
-        return None
-    rw.fields[node.output[0]] = plan.fields
-    if plan.form == "kept":
-        if plan.kept_stride is not None:
-            rw.result.kept_stride = plan.kept_stride
-        rw._same(node)
-        _done(rw, node, plan)
-        return None
-    return plan
+    rw.window_layer(node, plan, emit)
 
 
-def _done(rw: OnnxRewriter, node: onnx.NodeProto, plan: rules.WindowPlan) -> None:
-    out = node.output[0]
-    rw.set(out, Layout(rw.base_shape(out), plan.out_dims))
-    rw.record(plan.record)
-
-
-def _covering_pool(rw: OnnxRewriter, node: onnx.NodeProto, x: str, plan: rules.WindowPlan):
+def covering_pool(rw: OnnxRewriter, node: onnx.NodeProto, plan: rules.WindowPlan) -> None:
     """A pool whose one window covers its whole input is a global pool while the map fits in
     the kernel; past that the run stops (:data:`~econv_convert.core.rules.window.PAST_COVER`):
     ONNX has no assertion, so a Reshape to an impossible shape (two -1s) named after the node
     and its limits fails there."""
+    x = node.input[0]
     b = rw.b
     pooled = b.fresh("pooled")
     _emit_global(rw, x, plan.pool, pooled, rw.base_shape(node.output[0]))
@@ -134,7 +110,6 @@ def _covering_pool(rw: OnnxRewriter, node: onnx.NodeProto, x: str, plan: rules.W
                                + ",".join(map(str, plan.limits)) + "|")
     rw.env[out] = rw.env[pooled]
     rw.fields[out] = rw.field_of(x)
-    rw.result.notes.append(f"{node_label(node)}: {plan.note} (the run stops past that)")
 
 
 def _lattice_size(rw: OnnxRewriter, x: str, i: int, step: int):
@@ -169,24 +144,24 @@ def _conv(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     kernel = tuple(wshape[2:])
     if rw.v(w_name).layout is not None and not rw.v(w_name).layout.is_plain:
         refuse("the convolution's weight depends on positions")
-    plan = _window_layer(rw, node, "conv", kernel, wshape[1] * math.prod(kernel))
-    if plan is None:
-        return
     nd = len(kernel)
-    lo, hi = _pad_lists(plan.dense)
-    src = x
-    if all(_static(v) for v in lo + hi):
-        conv_pads = lo + hi
-    else:
-        src = rw.b.pad(x, nd + 2, list(range(2, 2 + nd)), lo, hi)
-        conv_pads = [0] * (2 * nd)
-    strided = any(w.stride > 1 for w in plan.windows)
-    y = rw.b.op1("Conv", [src, *node.input[1:]], None if strided else node.output[0],
-                 kernel_shape=list(kernel), strides=[1] * nd, pads=conv_pads,
-                 dilations=effective_dilation(kernel, plan.dense),
-                 group=int(attrs(node).get("group", 1)))
-    _crop(rw, y, x, plan.steps, plan.windows, node.output[0] if strided else None)
-    _done(rw, node, plan)
+
+    def emit(plan: rules.WindowPlan) -> str:
+        lo, hi = _pad_lists(plan.dense)
+        src = x
+        if all(_static(v) for v in lo + hi):
+            conv_pads = lo + hi
+        else:
+            src = rw.b.pad(x, nd + 2, list(range(2, 2 + nd)), lo, hi)
+            conv_pads = [0] * (2 * nd)
+        strided = any(w.stride > 1 for w in plan.windows)
+        y = rw.b.op1("Conv", [src, *node.input[1:]], None if strided else node.output[0],
+                     kernel_shape=list(kernel), strides=[1] * nd, pads=conv_pads,
+                     dilations=effective_dilation(kernel, plan.dense),
+                     group=int(attrs(node).get("group", 1)))
+        return _crop(rw, y, x, plan.steps, plan.windows, node.output[0] if strided else None)
+
+    _window_layer(rw, node, "conv", kernel, wshape[1] * math.prod(kernel), emit)
 
 
 @rule("MaxPool")
@@ -194,24 +169,25 @@ def _max_pool(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if len(node.output) > 1 and node.output[1]:
         refuse("max pooling with indices (the indices are positions, not features)")
     kernel = tuple(int(k) for k in attrs(node)["kernel_shape"])
-    plan = _window_layer(rw, node, "max_pool", kernel, math.prod(kernel), reduce="max")
-    if plan is None:
-        return
     x = node.input[0]
     nd = len(kernel)
-    lo, hi = _pad_lists(plan.dense)
-    # explicit padding (pooling pads must stay below the kernel in onnxruntime) with the
-    # lowest finite value: onnxruntime's max over a window of padding only is that, not -inf
-    lowest = float(np.finfo(helper.tensor_dtype_to_np_dtype(
-        rw.types.get(x, TensorProto.FLOAT))).min)
-    src = rw.b.pad(x, nd + 2, list(range(2, 2 + nd)), lo, hi, rw.fill(x, lowest)) \
-        if _nonzero(lo + hi) else x
-    strided = any(w.stride > 1 for w in plan.windows)
-    y = rw.b.op1("MaxPool", [src], None if strided else node.output[0],
-                 kernel_shape=list(kernel), strides=[1] * nd, pads=[0] * (2 * nd),
-                 dilations=[d.dilation for d in plan.dense])
-    _crop(rw, y, x, plan.steps, plan.windows, node.output[0] if strided else None)
-    _done(rw, node, plan)
+
+    def emit(plan: rules.WindowPlan) -> str:
+        lo, hi = _pad_lists(plan.dense)
+        # explicit padding (pooling pads must stay below the kernel in onnxruntime) with the
+        # lowest finite value: onnxruntime's max over a window of padding only is that, not
+        # -inf
+        lowest = float(np.finfo(helper.tensor_dtype_to_np_dtype(
+            rw.types.get(x, TensorProto.FLOAT))).min)
+        src = rw.b.pad(x, nd + 2, list(range(2, 2 + nd)), lo, hi, rw.fill(x, lowest)) \
+            if _nonzero(lo + hi) else x
+        strided = any(w.stride > 1 for w in plan.windows)
+        y = rw.b.op1("MaxPool", [src], None if strided else node.output[0],
+                     kernel_shape=list(kernel), strides=[1] * nd, pads=[0] * (2 * nd),
+                     dilations=[d.dilation for d in plan.dense])
+        return _crop(rw, y, x, plan.steps, plan.windows, node.output[0] if strided else None)
+
+    _window_layer(rw, node, "max_pool", kernel, math.prod(kernel), emit, reduce="max")
 
 
 def _window_sum(rw: OnnxRewriter, src: str, channels: int, kernel, dws, dtype: int) -> str:
@@ -224,50 +200,47 @@ def _window_sum(rw: OnnxRewriter, src: str, channels: int, kernel, dws, dtype: i
 
 @rule("AveragePool", "LpPool")
 def _avg_pool(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
-    """Average (and Lp) pooling as a depthwise convolution of ones, dilated, divided by a
-    divisor map: the same window sum applied to a map of ones padded the way the baseline
-    counts (the padding too with ``count_include_pad``, never the ceil-mode extension). Runs
-    in every opset (AveragePool has ``dilations`` only from opset 19)."""
+    """Average (and Lp) pooling as a depthwise convolution of ones, dilated, divided by the
+    taps each window counts (:func:`~econv_convert.core.lattice.avg_tap_counts`, on graph
+    values). Runs in every opset (AveragePool has ``dilations`` only from opset 19)."""
     a = attrs(node)
     lp = node.op_type == "LpPool"
     kernel = tuple(int(k) for k in a["kernel_shape"])
     include = bool(a.get("count_include_pad", 0))
-    plan = _window_layer(rw, node, "lp_pool" if lp else "avg_pool", kernel, math.prod(kernel),
-                         reduce=None if lp else "mean", count_include_pad=include)
-    if plan is None:
-        return
     x = node.input[0]
-    steps, ws, dws = plan.steps, plan.windows, plan.dense
     nd = len(kernel)
-    channels = rw.lay(x).base[1]
-    dtype = rw.types.get(x, TensorProto.FLOAT)
-    axes = list(range(2, 2 + nd))
-    lo, hi = _pad_lists(dws)
-    src = x
-    if lp:
-        p = float(a.get("p", 2))
-        src = rw.b.op1("Pow", [rw.b.op1("Abs", [x]), rw.b.scalar(p, dtype)])
-    if _nonzero(lo + hi):
-        src = rw.b.pad(src, nd + 2, axes, lo, hi, rw.fill(x, 0.0))
-    total = _crop(rw, _window_sum(rw, src, channels, kernel, dws, dtype), x, steps, ws, None)
-    if lp:
-        rw.b.op1("Pow", [total, rw.b.scalar(1.0 / p, dtype)], node.output[0])
-        _done(rw, node, plan)
-        return
-    # the divisor: how many taps of each window the baseline counts, per axis (the core's
-    # formula, on graph values), multiplied over the axes
-    divisor = None
-    for i, (w, s) in enumerate(zip(ws, steps)):
-        q = SymInt(rw.b, _arange(rw, rw.b.dim(total, 2 + i)))
-        count = avg_tap_counts(q, _lattice_size(rw, x, i, s), w, s, include,
-                               minimum=rw.b.minimum, maximum=rw.b.maximum)
-        shape = [1] * (nd + 2)
-        shape[2 + i] = -1
-        c = rw.b.reshape(rw.b.op1("Cast", [rw.b.int_tensor(count)], to=dtype), shape)
-        divisor = c if divisor is None else rw.b.op1("Mul", [divisor, c])
-    rw.b.op1("Div", [total, divisor], node.output[0])
-    _done(rw, node, replace(plan, record=replace(
-        plan.record, note="depthwise Conv of ones / taps counted (any opset)")))
+
+    def emit(plan: rules.WindowPlan) -> str:
+        steps, ws, dws = plan.steps, plan.windows, plan.dense
+        channels = rw.lay(x).base[1]
+        dtype = rw.types.get(x, TensorProto.FLOAT)
+        lo, hi = _pad_lists(dws)
+        src = x
+        if lp:
+            p = float(a.get("p", 2))
+            src = rw.b.op1("Pow", [rw.b.op1("Abs", [x]), rw.b.scalar(p, dtype)])
+        if _nonzero(lo + hi):
+            src = rw.b.pad(src, nd + 2, list(range(2, 2 + nd)), lo, hi, rw.fill(x, 0.0))
+        total = _crop(rw, _window_sum(rw, src, channels, kernel, dws, dtype), x, steps, ws,
+                      None)
+        if lp:
+            return rw.b.op1("Pow", [total, rw.b.scalar(1.0 / p, dtype)], node.output[0])
+        # the divisor: how many taps of each window the baseline counts, per axis (the
+        # core's formula, on graph values), multiplied over the axes
+        divisor = None
+        for i, (w, s) in enumerate(zip(ws, steps)):
+            q = SymInt(rw.b, _arange(rw, rw.b.dim(total, 2 + i)))
+            count = avg_tap_counts(q, _lattice_size(rw, x, i, s), w, s, include,
+                                   minimum=rw.b.minimum, maximum=rw.b.maximum)
+            shape = [1] * (nd + 2)
+            shape[2 + i] = -1
+            c = rw.b.reshape(rw.b.op1("Cast", [rw.b.int_tensor(count)], to=dtype), shape)
+            divisor = c if divisor is None else rw.b.op1("Mul", [divisor, c])
+        return rw.b.op1("Div", [total, divisor], node.output[0])
+
+    _window_layer(rw, node, "lp_pool" if lp else "avg_pool", kernel, math.prod(kernel), emit,
+                  reduce=None if lp else "mean", count_include_pad=include,
+                  note="" if lp else "depthwise Conv of ones / taps counted (any opset)")
 
 
 def _arange(rw: OnnxRewriter, n: SymInt | int) -> str:

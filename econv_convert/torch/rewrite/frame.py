@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from econv_convert.core.lattice import Field
 from econv_convert.core.layout import PLAIN, Dim, Layout
 from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord, Rewritten
 from econv_convert.core.rules import refuse
-from econv_convert.core.walk import Walk
+from econv_convert.core.walk import Val, Walk
 from econv_convert.torch import ops, targets
 from econv_convert.torch.capture import module_path, node_name
 
@@ -34,17 +34,6 @@ from econv_convert.torch.capture import module_path, node_name
 _EMITTED = (torch.mean, torch.sum, torch.amax, torch.unsqueeze, torch.squeeze, torch.permute,
             F.pad, operator.getitem, torch.chunk, torch.tensor_split, torch.unbind)
 targets.register(*_EMITTED)
-
-
-@dataclass
-class Val:
-    """A dense value: the dense graph's node (or a constant) and what it means."""
-
-    node: Any
-    layout: Layout | None = None  # tensors
-    items: tuple[Val, ...] | None = None  # tuples and lists (chunk, split, ...)
-    sizes: tuple[Dim, ...] | None = None  # torch.Size: what each entry measures
-    spatial: bool = False  # a number that depends on a spatial size
 
 
 # what the walk found besides the dense graph: one record, shared with the ONNX backend
@@ -120,6 +109,31 @@ class Rewriter(Walk):
         if not last:
             return ""
         return f"densify the part before it with until={last}"
+
+    # -- what the window switch asks (core/walk.py) -------------------------------------
+
+    def as_is(self, node: fx.Node) -> Val:
+        return self.wrap(node, self.same(node))
+
+    def per_extra(self, node: fx.Node) -> Val:
+        return _per_extra(self, node, self.v(node.args[0]))
+
+    def covering_pool(self, node: fx.Node, plan: rules.WindowPlan) -> Val:
+        from econv_convert.torch.rewrite.global_pool import _emit_global
+
+        x = self.v(node.args[0])
+        checked = self.call(ops.within, x.node, plan.steps, plan.limits, node_name(node))
+        return _emit_global(self, node, Val(checked, x.layout), plan.pool)
+
+    def kept(self, node: fx.Node) -> fx.Node:
+        return self.same(node)
+
+    def window_done(self, node: fx.Node, dense: fx.Node, plan: rules.WindowPlan) -> Val:
+        self.record(dense, plan.record)
+        return self.result(node, dense, plan.out_dims)
+
+    def set_fields(self, node: fx.Node, fields: tuple[Field, ...]) -> None:
+        self.fields[node] = fields
 
     def _inherited_field(self, node: fx.Node) -> tuple[Field, ...]:
         """A layer with no window sees what its inputs see (the largest, per axis)."""

@@ -19,36 +19,18 @@ from econv_convert.core.rules import refuse
 from econv_convert.torch import ops
 from econv_convert.torch.capture import node_name
 from econv_convert.torch.rewrite.frame import Rewriter, Val, _arg, _per_extra, _tuple, rule
-from econv_convert.torch.rewrite.global_pool import _emit_global, _global
+from econv_convert.torch.rewrite.global_pool import _global
 
 # -- window layers ------------------------------------------------------------------------------
 
 
 def _window_layer(rw: Rewriter, node: fx.Node, kind: str, windows: Sequence[Window],
                   cost: int, emit: Callable[[rules.WindowPlan], fx.Node], **kw) -> Val:
-    """A convolution or pool: the core's plan, emitted in this graph; ``emit(plan)`` emits
-    the dense form."""
-    x = rw.v(node.args[0])
-    plan = rules.window(kind, x.layout, windows, rw.field_of(node.args[0]),
+    """A convolution or pool: the core's plan, in the form the walk picks; ``emit(plan)``
+    emits the dense form."""
+    plan = rules.window(kind, rw.lay(node.args[0]), windows, rw.field_of(node.args[0]),
                         output_stride=rw.output_stride, cost=cost, mode=rw.mode, **kw)
-    if plan.form == "plain":
-        return rw.wrap(node, rw.same(node))
-    if plan.form == "extra":
-        return _per_extra(rw, node, x)
-    rw.plan.has_padding |= plan.padded
-    if plan.form == "global":
-        checked = rw.call(ops.within, x.node, plan.steps, plan.limits, node_name(node))
-        rw.plan.notes.append(f"{node_name(node)}: {plan.note}")
-        return _emit_global(rw, node, Val(checked, x.layout), plan.pool)
-    rw.fields[node] = plan.fields
-    if plan.form == "kept":
-        if plan.kept_stride is not None:
-            rw.plan.kept_stride = plan.kept_stride
-        n = rw.same(node)
-    else:
-        n = emit(plan)
-    rw.record(n, plan.record)
-    return rw.result(node, n, plan.out_dims)
+    return rw.window_layer(node, plan, emit)
 
 
 @rule(F.conv1d, F.conv2d, F.conv3d)
