@@ -163,9 +163,9 @@ def onnx_densified(model: Path, how: LoadOptions):
     if onnx_api.is_dense(baseline):
         raise InvalidInputError(f"{model}: is already a dense model made by econv-convert")
     shape = parse_shape(how.input_shape) if how.input_shape else None
-    dense, meta = onnx_api.densify(baseline, shape, global_pool=how.global_pool,
-                                   output_stride=how.output_stride, until=how.until)
-    return baseline, dense, meta
+    dense = onnx_api.densify(baseline, shape, global_pool=how.global_pool,
+                             output_stride=how.output_stride, until=how.until)
+    return baseline, dense, onnx_api.info(dense)
 
 
 def guard_memory(dense, force: bool, *, verifying: bool = True, exporting: bool = False,

@@ -102,7 +102,8 @@ def assert_onnx_equivalent(model: onnx.ModelProto, sizes: Sequence[Sequence[int]
                            global_pool: str = "phase", seed: int = 0, **kw):
     """Densify ``model`` and check ``baseline(x) == lattice(dense(x))`` in onnxruntime at the
     example input and at each spatial size in ``sizes``."""
-    dense, meta = onnx_api.densify(model, global_pool=global_pool, **kw)
+    dense = onnx_api.densify(model, global_pool=global_pool, **kw)
+    meta = onnx_api.info(dense)
     base = free(model)
     rng = np.random.default_rng(seed)
     example = meta.example_shape

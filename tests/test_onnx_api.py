@@ -38,7 +38,8 @@ def test_exported_family_matches_pytorch_path(name):
     torch.manual_seed(0)
     model = rand_bn(build())
     graph = export(model, shape, dynamic=name in ("shufflenetv2", "mobilenetv3"))
-    dense, meta = onnx_api.densify(graph)
+    dense = onnx_api.densify(graph)
+    meta = onnx_api.info(dense)
     report = onnx_api.verify(graph, dense)
     assert report.ok, report.failures()
     assert max(meta.axis_steps) == stride
@@ -55,7 +56,7 @@ def test_dynamo_export_with_dynamic_shapes(name):
     build, shape, _ = FAMILIES[name]
     torch.manual_seed(0)
     graph = export(rand_bn(build()), shape, dynamo=True, dynamic=True)
-    dense, meta = onnx_api.densify(graph, shape)
+    dense = onnx_api.densify(graph, shape)
     report = onnx_api.verify(graph, dense)
     assert report.ok and len(report.checked) >= 3, report.failures()
 
@@ -63,7 +64,7 @@ def test_dynamo_export_with_dynamic_shapes(name):
 @pytest.mark.parametrize("mode", ["phase", "lattice"])
 def test_global_pool_modes_on_fixture(mode):
     graph = onnx_api.load(RESNET)
-    dense, meta = onnx_api.densify(graph, global_pool=mode)
+    dense = onnx_api.densify(graph, global_pool=mode)
     assert onnx_api.verify(graph, dense).ok
     x = np.zeros((1, 3, 64, 64), np.float32)
     assert run(dense, x)[0].shape == ((1, 10, 16, 16) if mode == "phase" else (1, 10))
@@ -71,7 +72,8 @@ def test_global_pool_modes_on_fixture(mode):
 
 def test_output_stride_keeps_early_strides():
     graph = onnx_api.load(RESNET)
-    dense, meta = onnx_api.densify(graph, output_stride=8)
+    dense = onnx_api.densify(graph, output_stride=8)
+    meta = onnx_api.info(dense)
     assert onnx_api.verify(graph, dense).ok
     assert meta.axis_steps == (2, 2)  # the dense part: 16 / 8
     with pytest.raises(InvalidInputError, match="not reachable"):
@@ -80,7 +82,7 @@ def test_output_stride_keeps_early_strides():
 
 def test_patch_classifier_predicts_every_pixel():
     graph = onnx_api.load(PATCH)
-    dense, meta = onnx_api.densify(graph)
+    dense = onnx_api.densify(graph)
     report = onnx_api.verify(graph, dense)
     assert report.ok and any(c.check == "shift" for c in report.checked), report.failures()
     y = run(dense, np.zeros((2, 3, 80, 90), np.float32))[0]
@@ -93,7 +95,7 @@ def test_patch_classifier_predicts_every_pixel():
 
 def test_dense_graph_keeps_initializers_and_is_dynamic():
     graph = onnx_api.load(RESNET)
-    dense, meta = onnx_api.densify(graph)
+    dense = onnx_api.densify(graph)
     assert [(i.name, i.raw_data) for i in dense.graph.initializer] == \
         [(i.name, i.raw_data) for i in graph.graph.initializer]
     onnx.checker.check_model(dense, full_check=True)
@@ -107,7 +109,7 @@ def test_dense_graph_keeps_initializers_and_is_dynamic():
 
 def test_inverse_round_trip_and_fine_tuned_weights(tmp_path):
     graph = onnx_api.load(RESNET)
-    dense, _ = onnx_api.densify(graph)
+    dense = onnx_api.densify(graph)
     back = onnx_api.inverse(dense)
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
     np.testing.assert_array_equal(run(back, x)[0], run(graph, x)[0])
@@ -230,7 +232,7 @@ def test_half_precision_graph_verifies_with_half_tolerances():
         torch.onnx.export(model, (torch.randn(shape).half(),), buf, dynamo=False,
                           opset_version=17)
     graph = onnx.load_from_string(buf.getvalue())
-    dense, _ = onnx_api.densify(graph)
+    dense = onnx_api.densify(graph)
     report = onnx_api.verify(graph, dense)
     assert report.ok and (report.atol, report.rtol) == (1e-2, 1e-2), report.failures()
     assert report.max_rel < 1e-2
@@ -245,7 +247,7 @@ def test_fixture_onnx_export_matches_the_pytorch_fixture(name):
 
     loaded = load_model(FIXTURES / f"{name}.pt")
     graph = onnx_api.load(FIXTURES / f"{name}.onnx")
-    dense, _ = onnx_api.densify(graph)
+    dense = onnx_api.densify(graph)
     x = torch.randn(1, 3, 71, 77)
     got = torch.from_numpy(run(dense, x.numpy())[0])
     with torch.no_grad():
@@ -258,7 +260,8 @@ def test_until_cuts_an_onnx_graph_at_a_value(tmp_path):
     feature extractor, as --until a module is for PyTorch models)."""
     model = onnx_api.load(RESNET)
     value = next(n.output[0] for n in model.graph.node if n.op_type == "Relu")
-    dense, meta = onnx_api.densify(model, until=value)
+    dense = onnx_api.densify(model, until=value)
+    meta = onnx_api.info(dense)
     assert [o.name for o in dense.graph.output] == [value] and meta.until == value
     report = onnx_api.verify(onnx_api.inverse(dense), dense)
     assert report.ok, report.failures()

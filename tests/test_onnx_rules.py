@@ -127,7 +127,7 @@ def test_global_pool_phase_gives_every_shift():
     g.x = g.node("Conv", [g.x, g.weight((5, 4, 3, 3))], kernel_shape=[3, 3], strides=[2, 2])
     g.x = g.node("GlobalAveragePool", [g.x])
     model = g.model()
-    dense, _ = onnx_api.densify(model, global_pool="phase")
+    dense = onnx_api.densify(model, global_pool="phase")
     x = np.random.default_rng(0).standard_normal((1, 3, 31, 35)).astype(np.float32)
     y = run(dense, x)[0]
     assert y.shape == (1, 5, 1, 1, 4, 4)
@@ -141,7 +141,7 @@ def test_global_pool_phase_gives_every_shift():
 
 def test_global_pool_dense_mode_is_a_different_function():
     model = _pooled("GlobalAveragePool").model()
-    dense, meta = onnx_api.densify(model, global_pool="dense")
+    dense = onnx_api.densify(model, global_pool="dense")
     x = np.random.default_rng(0).standard_normal((1, 3, 17, 19)).astype(np.float32)
     assert not np.allclose(run(dense, x)[0], run(model, x)[0], atol=1e-4)
     assert not onnx_api.verify(model, dense).ok
@@ -333,7 +333,7 @@ def _refused(build, match):
         onnx_api.densify(g.model())
     # what to do: the part before it densifies
     until = err.value.hint.removeprefix("densify the part before it with until=")
-    dense, _ = onnx_api.densify(g.model(), until=until)
+    dense = onnx_api.densify(g.model(), until=until)
     assert [o.name for o in dense.graph.output] == [until]
 
 
@@ -469,7 +469,8 @@ def test_channels_last_input_as_tf2onnx_writes_it():
     g.x = g.node("ReduceMean", [x], axes=[1, 2], keepdims=0)
     model = g.model()
     for mode in ("phase", "lattice"):
-        dense, meta = onnx_api.densify(model, global_pool=mode)
+        dense = onnx_api.densify(model, global_pool=mode)
+        meta = onnx_api.info(dense)
         assert meta.input_layout == "channels_last" and meta.total_step == (4, 4)
         report = onnx_api.verify(model, dense)
         assert report.ok and len(report.checked) >= 3, (report.notes, report.failures())

@@ -53,7 +53,8 @@ def test_both_backends_pool_globally_alike(mode, conv):
 
 def _same(model: nn.Module, example, mode: str) -> None:
     graph = export(model, example, dynamic=True)
-    dense_graph, meta = onnx_api.densify(graph, example, global_pool=mode)
+    dense_graph = onnx_api.densify(graph, example, global_pool=mode)
+    meta = onnx_api.info(dense_graph)
     dense = densify(model, example, global_pool=mode)
     assert [[list(d) for d in o["dims"]] for o in meta.outputs] == \
         [o["dims"] for o in dense.econv.outputs]

@@ -52,6 +52,33 @@ def test_avg_pool2d_geometry(k, stride, pad, ceil, include):
     assert_lattice_equal(model, (1, 3, 29, 31), [(33, 26), (37, 41), (30, 30)])
 
 
+LPPOOL = [(p, k, t, c) for p, k, t, c in itertools.product(
+    (1, 2, 3.5, float("inf")), (2, 3), (1, 2, 3), (False, True))]
+
+
+@pytest.mark.parametrize("p,k,stride,ceil", LPPOOL,
+                         ids=[f"p{p}-k{k}-s{t}-{'ceil' if c else 'floor'}"
+                              for p, k, t, c in LPPOOL])
+def test_lp_pool2d_geometry(p, k, stride, ceil):
+    """Power-average pooling (added as a layer kind: the core's window plan of kind lp_pool,
+    one rule in torch/rewrite/window.py; the ONNX LpPool rule beside it)."""
+    model = rand_bn(nn.Sequential(*prefix(), nn.LPPool2d(p, k, stride, ceil_mode=ceil),
+                                  nn.Conv2d(4, 3, 2, 2)))
+    assert_lattice_equal(model, (1, 3, 29, 31), [(33, 26), (37, 41), (30, 30)])
+
+
+@pytest.mark.parametrize("pool", [nn.LPPool1d(2, 3, 2, ceil_mode=True),
+                                  nn.LPPool3d(1, 2, 2, ceil_mode=True)], ids=["1d", "3d"])
+def test_lp_pool_1d_3d(pool):
+    nd = 1 if isinstance(pool, nn.LPPool1d) else 3
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
+    bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[nd - 1]
+    model = rand_bn(nn.Sequential(conv(2, 4, 3, 2, 1), bn(4), pool, conv(4, 2, 2)))
+    shape = (1, 2, 50) if nd == 1 else (1, 2, 11, 13, 12)
+    sizes = [(51,), (39,)] if nd == 1 else [(13, 10, 14)]
+    assert_lattice_equal(model, shape, sizes)
+
+
 @pytest.mark.parametrize("divisor", [1, 3, 7])
 def test_avg_pool2d_divisor_override(divisor):
     model = rand_bn(nn.Sequential(*prefix(), nn.AvgPool2d(3, 2, 1, ceil_mode=True,

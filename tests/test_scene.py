@@ -271,7 +271,7 @@ def test_a_dense_onnx_model_runs_in_onnxruntime(tmp_path, image):
     a, tif = image
     loaded = load_model(FIXTURES / "tiny_resnet.pt")
     graph = export(loaded.model.eval(), loaded.input_shape, dynamic=True)
-    dense_graph, _ = onnx_api.densify(graph, loaded.input_shape, global_pool="window")
+    dense_graph = onnx_api.densify(graph, loaded.input_shape, global_pool="window")
     onnx_api.save(dense_graph, tmp_path / "dense.onnx")
     out = tmp_path / "o.zarr"
     result = CliRunner().invoke(app, ["predict", str(tmp_path / "dense.onnx"), str(tif), "-o",

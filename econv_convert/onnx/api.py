@@ -81,10 +81,10 @@ def densify(
     global_pool: str = "phase",
     output_stride: int | None = None,
     until: str | None = None,
-) -> tuple[onnx.ModelProto, DenseInfo]:
-    """The dense equivalent of a baseline ONNX graph, and how it was made. ``until`` names a
-    value of the graph (a node's output): the graph is cut there, and that value is its output
-    (a dense feature extractor).
+) -> onnx.ModelProto:
+    """The dense equivalent of a baseline ONNX graph; how it was made is in its metadata
+    (:func:`info`). ``until`` names a value of the graph (a node's output): the graph is cut
+    there, and that value is its output (a dense feature extractor).
 
     Raises :class:`UnsupportedLayerError` naming the first node that is not translation-
     equivariant on the lattice (or has no rule)."""
@@ -123,7 +123,7 @@ def densify(
         nodes=json.loads(json.dumps(result.nodes)))
     _store(dense, meta, model)
     _check_dense(dense)
-    return dense, meta
+    return dense
 
 
 def cut(model: onnx.ModelProto, value: str) -> onnx.ModelProto:

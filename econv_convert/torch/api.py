@@ -1,4 +1,4 @@
-"""The PyTorch API: densify, inverse, lattice_view (dense checkpoints: :mod:`.storage`).
+"""The PyTorch API: densify, inverse, lattice_view, cut (dense checkpoints: :mod:`.storage`).
 
 A dense model is a ``torch.fx.GraphModule`` whose ``state_dict()`` has exactly the baseline's
 keys and shapes (fully connected heads keep their Parameter; it is reshaped at run time), and
@@ -155,12 +155,52 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def lattice_view(dense: nn.Module, out: Any) -> Any:
+def lattice_view(dense: nn.Module | DenseInfo, out: Any) -> Any:
     """The baseline's outputs read off the dense model's outputs (lattice points, phase 0),
-    in the same structure."""
-    specs = info(dense).outputs
+    in the same structure. ``dense``: the dense model, or its :class:`DenseInfo`."""
+    specs = (dense if isinstance(dense, DenseInfo) else info(dense)).outputs
     return outputs.map_tensors(
         out, lambda i, t: read_lattice(t, specs[i]["dims"], specs[i]["base_ndim"]))
+
+
+class _Reached(Exception):
+    """Raised by :class:`Cut`'s hook once the module it cuts at has run."""
+
+
+class Cut(nn.Module):
+    """``model`` up to its module ``until``: the output of that module, and nothing of the
+    model after it runs (a head that only accepts one size does not matter). The weights are
+    the model's own, under ``model.``."""
+
+    def __init__(self, model: nn.Module, until: str) -> None:
+        super().__init__()
+        if until not in dict(model.named_modules()):
+            raise InvalidInputError(f"until={until}: the model has no module named '{until}'")
+        self.model, self.until = model, until
+        self.econv_ends_at = until  # as a baseline: its output is already that module's
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        reached: list[Any] = []
+
+        def stop(module, inputs, out):
+            reached.append(out)
+            raise _Reached
+
+        handle = self.model.get_submodule(self.until).register_forward_hook(stop)
+        try:
+            self.model(*args, **kwargs)
+        except _Reached:
+            return reached[0]
+        finally:
+            handle.remove()
+        raise InvalidInputError(f"until={self.until}: the model ran without calling that "
+                                "module")
+
+
+def cut(model: nn.Module, until: str) -> Cut:
+    """The part of ``model`` that computes the output of its module ``until`` (a name from
+    ``named_modules()``): the baseline a dense model made with ``until=`` reproduces."""
+    return Cut(model, until)
 
 
 def is_dense(model: Any) -> bool:

@@ -208,6 +208,28 @@ def avg_pool(
     return (y / divisor).reshape(*lead, channels, *y.shape[2:])
 
 
+def lp_pool(
+    x: torch.Tensor,
+    steps: Sequence[int],
+    norm_type: float,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    ceil_mode: bool,
+) -> torch.Tensor:
+    """Dense power-average pooling, the arithmetic of ``F.lp_pool{1,2,3}d``: the average pool
+    of ``x ** p`` (the windows' taps counted as the baseline counts them, ceil mode included)
+    times the kernel's size, to the power ``1 / p``; the max of ``|x|`` for ``p = inf``."""
+    nd = len(steps)
+    zeros, ones = [0] * nd, [1] * nd
+    if norm_type == float("inf"):
+        return max_pool(x.abs(), steps, kernel, stride, zeros, zeros, ones, ceil_mode)
+    if norm_type == -float("inf"):
+        return -max_pool(-x.abs(), steps, kernel, stride, zeros, zeros, ones, ceil_mode)
+    out = avg_pool(x.pow(norm_type), steps, kernel, stride, zeros, ceil_mode, True, None)
+    return (torch.sign(out) * F.relu(torch.abs(out))).mul(math.prod(kernel)).pow(
+        1.0 / norm_type)
+
+
 def _clamp_max(t: torch.Tensor, bound) -> torch.Tensor:
     return torch.clamp(t, max=bound)
 

@@ -49,8 +49,6 @@ REFUSED = {
     "im2col": "unfolding windows into channels (im2col) has no rule",
     "col2im": "folding channels into positions (col2im) is not translation-equivariant",
     "random_pooling": "fractional pooling is random and not equivariant",
-    "lp_pool": "power-average pooling (lp_pool) as a PyTorch function has no rule yet (its "
-               "ONNX form, LpPool, converts)",
     "expand": "expanding a spatial map repeats positions",
     "dropout_mask": "dropout's mask output is used (it is random at every position)",
 }

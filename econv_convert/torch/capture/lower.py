@@ -73,6 +73,11 @@ def _avgpool(m, x, attr):
     return fn, args, {}
 
 
+def _lppool(m, x, attr):
+    fn = {nn.LPPool1d: F.lp_pool1d, nn.LPPool2d: F.lp_pool2d, nn.LPPool3d: F.lp_pool3d}
+    return fn[type(m)], (x, m.norm_type, m.kernel_size, m.stride, m.ceil_mode), {}
+
+
 def _adaptive(m, x, attr):
     fn = {
         nn.AdaptiveAvgPool1d: F.adaptive_avg_pool1d,
@@ -114,6 +119,7 @@ _LOWER: dict[type, Callable] = {
     nn.InstanceNorm3d: _instance_norm,
     nn.MaxPool1d: _maxpool, nn.MaxPool2d: _maxpool, nn.MaxPool3d: _maxpool,
     nn.AvgPool1d: _avgpool, nn.AvgPool2d: _avgpool, nn.AvgPool3d: _avgpool,
+    nn.LPPool1d: _lppool, nn.LPPool2d: _lppool, nn.LPPool3d: _lppool,
     nn.Identity: lambda m, x, attr: ("identity", (x,), {}),
     nn.Flatten: lambda m, x, attr: (torch.flatten, (x, m.start_dim, m.end_dim), {}),
     nn.Unflatten: lambda m, x, attr: ("method:unflatten", (x, m.dim, tuple(m.unflattened_size)),

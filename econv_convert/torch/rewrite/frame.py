@@ -352,7 +352,7 @@ _REFUSED = {
     F.pixel_shuffle: "depth_to_space", F.conv_transpose1d: "transposed_convolution",
     F.conv_transpose2d: "transposed_convolution", F.conv_transpose3d: "transposed_convolution",
     F.scaled_dot_product_attention: "attention", F.multi_head_attention_forward: "attention",
-    F.unfold: "im2col", F.fold: "col2im", F.lp_pool1d: "lp_pool", F.lp_pool2d: "lp_pool",
+    F.unfold: "im2col", F.fold: "col2im",
     F.fractional_max_pool2d: "random_pooling",
 }
 

@@ -120,6 +120,25 @@ def _avg_pool_of(rw: Rewriter, node: fx.Node, windows: Sequence[Window], include
                          divisor_override=bool(divisor), note=note)
 
 
+@rule(F.lp_pool1d, F.lp_pool2d, F.lp_pool3d)
+def _lp_pool(rw: Rewriter, node: fx.Node) -> Val:
+    """Power-average pooling: a window of no padding whose dense form pools ``x ** p``."""
+    nd = len(rw.lay(node.args[0]).base) - 2
+    p = _arg(node, 1, "norm_type")
+    if not isinstance(p, (int, float)):
+        refuse("power-average pooling with a computed norm_type")
+    k = _tuple(_arg(node, 2, "kernel_size"), nd)
+    stride = _arg(node, 3, "stride", None)
+    stride = k if stride is None or stride == [] or stride == () else _tuple(stride, nd)
+    ceil = bool(_arg(node, 4, "ceil_mode", False))
+    windows = [Window(kk, t, 0, 0, 1, ceil) for kk, t in zip(k, stride)]
+
+    def emit(plan: rules.WindowPlan) -> fx.Node:
+        return rw.call(ops.lp_pool, rw.v(node.args[0]).node, plan.steps, p, k, stride, ceil)
+
+    return _window_layer(rw, node, "lp_pool", windows, math.prod(k), emit)
+
+
 _ADAPTIVE_AVG = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 
 
