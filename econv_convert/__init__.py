@@ -7,6 +7,7 @@
 
 from econv_convert.check import VerifyReport
 from econv_convert.core.records import DenseInfo, info
+from econv_convert.equivalence import verify
 from econv_convert.errors import (
     EConvError,
     EquivalenceError,
@@ -19,7 +20,6 @@ from econv_convert.errors import (
 from econv_convert.torch.api import densify, inverse, is_dense, lattice_view
 from econv_convert.torch.module import freeze_batchnorm
 from econv_convert.torch.storage import load_dense, save_dense
-from econv_convert.torch.verify import verify
 from econv_convert.workflow import (
     CheckOptions,
     LoadOptions,

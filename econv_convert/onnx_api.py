@@ -2,6 +2,7 @@
 
 The public face of :mod:`econv_convert.onnx.api`, at the path the README documents."""
 
+from econv_convert.equivalence import verify
 from econv_convert.onnx.api import (
     cut,
     densify,
@@ -11,7 +12,6 @@ from econv_convert.onnx.api import (
     lattice_view,
     load,
     save,
-    verify,
 )
 
 __all__ = ["cut", "densify", "info", "inverse", "is_dense", "lattice_view", "load", "save",

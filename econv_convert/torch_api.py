@@ -7,10 +7,10 @@ The package's top level has these under the names it always had (``save_dense``,
 ``load_dense``)."""
 
 from econv_convert.core.records import info
+from econv_convert.equivalence import verify
 from econv_convert.torch.api import cut, densify, inverse, is_dense, lattice_view
 from econv_convert.torch.storage import load_dense as load
 from econv_convert.torch.storage import save_dense as save
-from econv_convert.torch.verify import verify
 
 __all__ = ["cut", "densify", "info", "inverse", "is_dense", "lattice_view", "load", "save",
            "verify"]

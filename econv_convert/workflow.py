@@ -193,12 +193,8 @@ def guard_memory(dense, force: bool, *, verifying: bool = True, exporting: bool 
 
 def run_checks(baseline, dense, how: CheckOptions, progress: Progress | None = None):
     """The equivalence checks of either backend's models (ONNX graphs in onnxruntime)."""
-    import onnx
+    from econv_convert.equivalence import verify
 
-    if isinstance(dense, onnx.ModelProto):
-        from econv_convert.onnx.api import verify
-    else:
-        from econv_convert.torch.verify import verify
     return verify(baseline, dense, trials=how.trials, seed=how.seed, atol=how.atol,
                   rtol=how.rtol, near_example=how.near, precision=how.precision,
                   outputs=list(how.outputs) or None, progress=progress)

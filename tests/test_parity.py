@@ -58,6 +58,9 @@ def _same(model: nn.Module, example, mode: str) -> None:
     dense = densify(model, example, global_pool=mode)
     assert [[list(d) for d in o["dims"]] for o in meta.outputs] == \
         [o["dims"] for o in dense.econv.outputs]
+    # the same receptive fields (predict's halos and window support come from them)
+    assert meta.out_field == dense.econv.out_field
+    assert meta.support == dense.econv.support
     big = (2, 3, example[2] + 19, example[3] + 12) if mode != "lattice" else (2, 3, 33, 35)
     for shape in {tuple(example[:1]) + (3, *example[2:]), big}:
         x = torch.randn(shape)

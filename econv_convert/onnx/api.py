@@ -25,9 +25,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from econv_convert.check import PRECISIONS, Progress, VerifyReport, check
+from econv_convert.check import VerifyReport, check
 from econv_convert.core.lattice import Window, out_size
 from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo
+from econv_convert.equivalence import Checks
 from econv_convert.errors import (
     InvalidInputError,
     InvalidModelError,
@@ -294,31 +295,11 @@ def inverse(dense: onnx.ModelProto) -> onnx.ModelProto:
     return baseline
 
 
-def verify(
-    baseline: onnx.ModelProto,
-    dense: onnx.ModelProto,
-    *,
-    shapes: Sequence[Sequence[int]] | None = None,
-    trials: int = 1,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
-    shift: bool = True,
-    progress: Progress | None = None,
-    near_example: bool = False,
-    precision: str = "float64",
-    outputs: Sequence[str] | None = None,
-) -> VerifyReport:
-    """Both graphs in onnxruntime (CPU provider, graph optimizations off), on random inputs
-    of several sizes; the same checks and report as :func:`econv_convert.verify.verify`.
-
-    With ``precision`` ``float64`` (default) both graphs are converted to double where
-    onnxruntime has a double kernel for every op; it has none for Conv, so most CNN graphs
-    are checked in their own dtype, with a tolerance that grows with the number of layers
-    (the report says which)."""
-    if precision not in PRECISIONS:
-        raise InvalidInputError(f"precision '{precision}' is not one of "
-                                f"{', '.join(PRECISIONS)}")
+def checked(baseline: onnx.ModelProto, dense: onnx.ModelProto, options: Checks
+            ) -> VerifyReport:
+    """:func:`econv_convert.equivalence.verify` of two ONNX graphs, in onnxruntime sessions
+    (converted to double where onnxruntime has a double kernel for every op)."""
+    precision = options.precision
     meta = info(dense)
     if meta.until is not None:  # the dense graph is the part of the baseline before it
         baseline = cut(baseline, meta.until)
@@ -344,10 +325,8 @@ def verify(
     np_dtype = np.float64 if wide else _input_dtype(baseline)
     dtype = torch.from_numpy(np.zeros(1, np_dtype)).dtype
     pair = (as_double(base_free), as_double(dense)) if wide else (base_free, dense)
-    report = check(meta, runs.baseline, runs.dense, shapes=shapes, trials=trials, seed=seed,
-                   atol=atol, rtol=rtol, shift=shift, progress=progress, dtype=dtype,
-                   batch=batch, near_example=near_example, select=outputs,
-                   depth=len(meta.records),
+    report = check(meta, runs.baseline, runs.dense, dtype=dtype, batch=batch,
+                   depth=len(meta.records), **options.check_kwargs(),
                    prove=lambda x, tol: prove_graphs(*pair, meta, x, tol, _session))
     report.notes[:0] = notes
     return report

@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from econv_convert.check import (
-    PRECISIONS,
-    Progress,
     VerifyReport,
     _lattice_case,
     _names,
     check,
     default_shapes,
 )
+from econv_convert.equivalence import Checks
 from econv_convert.errors import (
-    InvalidInputError,
     InvalidModelError,
     SizeNotCovered,
     describe,
@@ -31,41 +29,17 @@ from econv_convert.torch.api import info, inverse
 from econv_convert.torch.capture import shape_prop
 
 
-def verify(
-    baseline: nn.Module,
-    dense: nn.Module,
-    *,
-    shapes: Sequence[Sequence[int]] | None = None,
-    trials: int = 1,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
-    shift: bool = True,
-    progress: Progress | None = None,
-    near_example: bool = False,
-    precision: str = "float64",
-    outputs: Sequence[str] | None = None,
-) -> VerifyReport:
-    """Check ``dense`` against ``baseline`` on random inputs; never raises on a mismatch.
-
-    ``shapes`` defaults to :func:`default_shapes` (small sizes for models that take any size,
-    else around the example input; ``near_example`` forces the latter); sizes the baseline
-    does not accept (a fixed-size head) are replaced by others or reported as skipped.
-    ``precision`` ``float64`` (default) runs CPU copies of both models in float64; ``model``
-    runs them as they are. ``outputs`` names the outputs to compare (default: all).
-    """
-    if precision not in PRECISIONS:
-        raise InvalidInputError(f"precision '{precision}' is not one of "
-                                f"{', '.join(PRECISIONS)}")
+def checked(baseline: nn.Module, dense: nn.Module, options: Checks) -> VerifyReport:
+    """:func:`econv_convert.equivalence.verify` of two PyTorch modules: in float64 CPU copies
+    (``precision`` ``float64``) unless a kernel is missing, else as they are."""
+    precision = options.precision
     meta = info(dense)
     baseline, dense = baseline.eval(), dense.eval()
     ref = next(iter(dense.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     runs = _Runs(meta, baseline, dense)
-    kw = dict(shapes=shapes, trials=trials, seed=seed, atol=atol, rtol=rtol, shift=shift,
-              progress=progress, near_example=near_example, select=outputs,
-              depth=len(meta.records))
+    kw = dict(options.check_kwargs(), depth=len(meta.records))
     notes = []
     with torch.no_grad():
         if precision == "float64" and dtype != torch.float64:
@@ -78,7 +52,8 @@ def verify(
             else:
                 report = check(meta, wide.baseline, wide.dense, device="cpu",
                                dtype=torch.float64, prove=_prover(wide.dense_model), **kw)
-                report.native = _native_error(meta, runs, report, device, dtype, seed)
+                report.native = _native_error(meta, runs, report, device, dtype,
+                                               options.seed)
                 return report
         report = check(meta, runs.baseline, runs.dense, device=device, dtype=dtype,
                        prove=_prover(dense), **kw)

@@ -122,6 +122,7 @@ class OnnxRewriter(Walk):
 
     def rewrite(self, node: onnx.NodeProto) -> None:
         self._rewrite(node)
+        self.inherit_field(node)  # a layer with no window of its own sees what its inputs see
 
     def made(self, node: onnx.NodeProto):
         for out in node.output:

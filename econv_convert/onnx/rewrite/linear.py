@@ -71,7 +71,6 @@ def _per_position(rw: OnnxRewriter, node: onnx.NodeProto, x: str, lay: Layout, w
         y = b.op1("Add", [y, bb])
     b.transpose(y, list(np.argsort(perm)), node.output[0])
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), (PLAIN, PLAIN) + lay.extras, e))
-    rw.inherit_field(node)
 
 
 @rule("Gemm")
@@ -113,4 +112,3 @@ def _matmul(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         return _per_position(rw, node, x, lay, w, False, 1.0, None, 1.0)
     rw.emit(node, [x, w])
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), lay.base_dims[:-1] + (PLAIN,)))
-    rw.inherit_field(node)

@@ -22,7 +22,6 @@ def _batch_norm(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     rules.channel_axes(lay, [1] if lay.base_ndim > 1 else [], "batch normalization")
     rw.emit(node, list(node.input))
     rw.set(node.output[0], lay)
-    rw.inherit_field(node)
 
 
 # -- channels: axes that must not be spatial ---------------------------------------------------
@@ -44,7 +43,6 @@ def _channel_axis(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     else:
         rw.emit(node, list(node.input), axis=axis)
     rw.set(node.output[0], lay)
-    rw.inherit_field(node)
 
 
 @rule("InstanceNormalization", "GroupNormalization")
@@ -80,4 +78,3 @@ def _layer_norm(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
                      epsilon=float(attrs(node).get("epsilon", 1e-5)))
         rw.b.transpose(z, inv, node.output[0])
     rw.set(node.output[0], lay)
-    rw.inherit_field(node)

@@ -48,7 +48,6 @@ def _unary(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     rw.env[node.output[0]] = Val(layout=v.layout, sizes=v.sizes, spatial=v.spatial)
     if v.layout is not None and v.layout.base != rw.shapes.get(node.output[0], v.layout.base):
         rw.env[node.output[0]] = Val(layout=Layout.plain(rw.shapes[node.output[0]]))
-    rw.inherit_field(node)
 
 
 @rule("Dropout")
@@ -57,7 +56,6 @@ def _dropout(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         rules.refuse_kind("dropout_mask")
     rw.b.op1("Identity", [node.input[0]], node.output[0])
     rw.env[node.output[0]] = rw.v(node.input[0])
-    rw.inherit_field(node)
 
 
 def _broadcast(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
@@ -86,7 +84,6 @@ def _broadcast(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     rw.emit(node, _with_gaps(node.input, names))
     for o in node.output:
         rw.set(o, Layout(rw.base_shape(o), plan.out_dims + plan.extras, len(plan.extras)))
-    rw.inherit_field(node)
 
 
 def _with_gaps(original: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -139,7 +136,6 @@ def _quantize(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         rules.channel_axes(lay, [], "quantization")
         rw.emit(node, list(node.input))
     rw.set(node.output[0], lay)
-    rw.inherit_field(node)
 
 
 @rule("Expand")

@@ -33,7 +33,6 @@ def _reshape_to(rw: OnnxRewriter, node: onnx.NodeProto, x: str, out_shape) -> No
     if plan.kind in ("same", "merge", "fold"):
         b.op1("Identity", [x], out)
         rw.env[out] = Val(layout=plan.layout)
-        rw.inherit_field(node)
         return
     if plan.kind == "unfold":
         y = x
@@ -46,14 +45,12 @@ def _reshape_to(rw: OnnxRewriter, node: onnx.NodeProto, x: str, out_shape) -> No
         b.op1("Identity", [y], out)
         rw.result.has_padding = True  # its baseline needs whole blocks: the far border differs
         rw.set(out, plan.layout)
-        rw.inherit_field(node)
         return
     target = [b.dim(x, d) if d is not None else int(n)
               for d, n in zip(plan.from_dims, out_shape)]
     target += [b.dim(x, lay.base_ndim + k) for k in range(lay.n_extra)]
     b.reshape(x, target, out)
     rw.set(out, plan.layout)
-    rw.inherit_field(node)
 
 
 @rule("Flatten")
@@ -89,7 +86,6 @@ def _transpose(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     rw.emit(node, list(node.input), perm=perm + list(range(r, r + lay.n_extra)))
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), dims + lay.extras,
                                   lay.n_extra))
-    rw.inherit_field(node)
 
 
 @rule("Concat")
@@ -104,7 +100,6 @@ def _concat(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     out = rules.concat(lays, axis)
     rw.emit(node, list(node.input), axis=axis)
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), out.dims, out.n_extra))
-    rw.inherit_field(node)
 
 
 @rule("Split")
@@ -120,7 +115,6 @@ def _split(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     for o in node.output:
         if o:
             rw.set(o, Layout(rw.base_shape(o), lay.base_dims + lay.extras, lay.n_extra))
-    rw.inherit_field(node)
 
 
 def _computed(rw: OnnxRewriter, name: str, i: int):
@@ -157,7 +151,6 @@ def _slice(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         rw.emit(node, [i for i in inputs if i] if len(node.input) <= 4 else inputs)
         rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), lay.base_dims + lay.extras,
                                       lay.n_extra))
-        rw.inherit_field(node)
         return
     steps = (rw.need_const(node.input[4], "Slice steps").reshape(-1).tolist()
              if len(node.input) > 4 and node.input[4] else [1] * len(axes))
@@ -286,4 +279,3 @@ def _squeeze(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     rw.b.op1(node.op_type, [node.input[0], rw.b.const(axes)], node.output[0])
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), dims + lay.extras,
                                   lay.n_extra))
-    rw.inherit_field(node)
