@@ -502,7 +502,10 @@ def predict_file(model: Path | str, image: Path | str, output: Path | str, *,
     (:func:`econv_convert.run.scene.predict_scene`, which takes ``run_options``: progress,
     on_start). ``mpp`` picks the pyramid level nearest to that pixel size (reported through
     ``on_level(level, its pixel size)``) instead of ``level``. Returns its
-    :class:`~econv_convert.run.scene.RunReport`."""
+    :class:`~econv_convert.run.scene.RunReport`. A ``.npy`` output is the whole result in
+    memory, for small inputs (:func:`econv_convert.run.arrays.predict_array`: ``level``,
+    ``layout``, ``mean``, ``std``, ``block``, ``max_memory``, ``channel``, ``progress``);
+    the OME-Zarr options are refused with it."""
     from econv_convert.run import ngff, runner, scene
     from econv_convert.run.sources import SourceSpec, level_for_mpp
     from econv_convert.torch.loading import check_file
@@ -512,9 +515,20 @@ def predict_file(model: Path | str, image: Path | str, output: Path | str, *,
         check_file(image)
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise InvalidInputError(f"device={device}: expected cpu or cuda")
+    if output.suffix.lower() == ".npy":
+        given = {"resume": resume, "scheduler": scheduler, "mpp": mpp, "workers": workers,
+                 "mask": mask not in ("default", "none"), "ngff": ngff_version != "0.5"}
+        used = [k for k, v in given.items() if v]
+        if used:
+            raise InvalidInputError(f"{used[0]}=... is for OME-Zarr outputs (.zarr); a .npy "
+                                    "output is computed in this process, in memory")
+        return _predict_array(model, image, output, load_options, verify, check_progress,
+                              level=level, layout=layout, mean=mean, std=std, block=block,
+                              max_memory=max_memory, channel=channel,
+                              progress=run_options.get("progress"))
     if output.suffix.lower() != ".zarr":
-        raise InvalidInputError(f"output={output}: must end in .zarr (a small result in "
-                                "memory: econv_convert.predict, or the command's .npy)")
+        raise InvalidInputError(f"output={output}: must end in .zarr (an OME-Zarr image) or "
+                                ".npy (a small result in memory)")
     if not output.parent.is_dir():
         raise InvalidInputError(f"{output}: the folder {output.parent} does not exist")
     if resume and overwrite:
@@ -549,3 +563,14 @@ def predict_file(model: Path | str, image: Path | str, output: Path | str, *,
         record=record, block=block, mean=mean, std=std, workers=workers, scheduler=scheduler,
         resume=resume, overwrite=overwrite, max_memory=max_memory, meta=meta,
         overview_channel=channel, ngff_version=ngff_version, mask=mask, **run_options)
+
+
+def _predict_array(model: Path, image: Path, output: Path, how: LoadOptions, verify: bool,
+                   check_progress: Progress | None, **options):
+    from econv_convert.run.arrays import predict_array
+    from econv_convert.torch.loading import check_file
+
+    check_file(model)
+    check_output(output, [model, image])
+    dense, meta, save = dense_for_predict(model, how, verify, check_progress)
+    return predict_array(dense, meta, model, save, image, output, **options)

@@ -158,6 +158,32 @@ def test_npy_sink(tmp_path, files, model, stride, kind):
     check(model, stride, got[0].reshape(-1, *got.shape[-2:]))
 
 
+@pytest.mark.parametrize("suffix", [".npy", ".zarr"])
+def test_the_facade_writes_both_sinks(tmp_path, files, suffix):
+    """``predict_file`` (what the command calls) writes either sink from the same call."""
+    from econv_convert import predict_file
+
+    path, _ = files("gap", 2, "dense.pt")
+    out = tmp_path / f"o{suffix}"
+    report = predict_file(path, files.root / "image.npy", out, workers=0, mask="none",
+                          block=blocks("gap", 2, "many"))
+    got = np.load(out)[0] if suffix == ".npy" else scene.result_array(out)[:]
+    check("gap", 2, got.reshape(-1, *got.shape[-2:]))
+    assert list(report.to_dict()["shape"][-2:]) == list(got.shape[-2:])
+
+
+@pytest.mark.parametrize("option", [{"resume": True}, {"workers": 2}, {"mpp": 0.5},
+                                    {"mask": "auto"}, {"ngff_version": "0.4"}])
+def test_npy_refuses_what_only_ome_zarr_does(tmp_path, files, option):
+    from econv_convert import InvalidInputError, predict_file
+
+    path, _ = files("gap", 2, "dense.pt")
+    out = tmp_path / "o.npy"
+    with pytest.raises(InvalidInputError, match=r"is for OME-Zarr outputs \(\.zarr\)"):
+        predict_file(path, files.root / "image.npy", out, **option)
+    assert not out.exists()
+
+
 API = [(m, s, b) for m in MODELS for s in strides(m) for b in ("one", "many")]
 
 

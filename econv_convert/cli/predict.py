@@ -1,5 +1,5 @@
-"""``econv-convert predict``: dense predictions over an image of any size, block by block
-(:mod:`econv_convert.run.scene`), or into an array in memory for ``.npy`` outputs."""
+"""``econv-convert predict``: parse, call :func:`econv_convert.workflow.predict_file` (OME-Zarr
+block by block, or an array in memory for ``.npy`` outputs), print."""
 
 from __future__ import annotations
 
@@ -137,17 +137,6 @@ def predict(
     in bounded memory, on an embedded Dask cluster or an existing one. OUT.zarr is an
     OME-Zarr image at the input's physical scale (a pyramid, the arg-max class as a label
     image)."""
-    if output.suffix.lower() == ".npy":
-        from econv_convert.torch.loading import check_file
-
-        if not input.is_dir():  # a zarr input is a folder
-            check_file(input)
-        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            raise InvalidInputError(f"--device '{device}': expected cpu or cuda")
-        how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until,
-                   output_stride, input_name)
-        return _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, std,
-                            channel, level, layout, json_out)
     how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
                input_name)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -192,7 +181,15 @@ def predict(
                 bar.stop()
     data = report.to_dict()
     if json_out:
-        _emit_json({"model": str(model), **data})
+        _emit_json(data if output.suffix.lower() == ".npy" else {"model": str(model), **data})
+        return
+    if output.suffix.lower() == ".npy":
+        out.print(f"{report.blocks} blocks of {'x'.join(map(str, report.block))} outputs "
+                  f"(halo {'x'.join(map(str, report.halo))} pixels); output "
+                  f"{'x'.join(map(str, report.shape))}, one per "
+                  f"{'x'.join(map(str, report.step))} input pixels")
+        out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{report.heat_map}[/]"
+                                                if report.heat_map else ""))
         return
     g = report.geometry
     masked = (f", {report.blocks_masked} without tissue skipped "
@@ -209,92 +206,3 @@ def predict(
               f"{'s' if report.levels != 1 else ''}, {physical}")
     out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{report.overview}[/]"
                                             if report.overview else ""))
-
-
-def _predict_npy(model, input, output, how, no_verify, block, max_memory, mean, std, channel,
-                 level, layout, json_out):
-    """The whole result in memory (small inputs), computed by the block engine of OUT.zarr
-    (:func:`econv_convert.run.blocks.block_output`) in this process: any model kind, any
-    input kind (a batch from an N,C,H,W .npy)."""
-    import tempfile
-
-    import numpy as np
-
-    from econv_convert.files import atomic_write
-    from econv_convert.run import blocks, runner, scene
-    from econv_convert.run import predict as tiled
-    from econv_convert.run.sources import InMemorySource, SourceSpec, kind_of, open_source
-    from econv_convert.torch.loading import check_file
-
-    check_file(model)
-    workflow.check_output(output, [model, input])
-    with _checking(json_out) as progress:
-        dense, meta, save = workflow.dense_for_predict(model, how, not no_verify, progress)
-    geo = scene.geometry(meta)
-    mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
-    channels = meta.canonical(meta.example_shape)[1]
-    nd = len(geo.step)
-    lead: list[int] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        if dense is not None:
-            run = runner.module_runner(dense, nd, lead=lead)
-        else:
-            path = model
-            if save is not None:  # an ONNX baseline densified here: run from a file
-                path = Path(tmp) / "dense.onnx"
-                save(path)
-            onnx_run = runner.runner(runner.ModelSpec(str(path)))
-
-            def run(a):
-                y = onnx_run(a)
-                lead[:] = y.shape[1:-nd]
-                return y
-        norm = (mean_v, std_v)
-        image = kind_of(input) != "npy"  # a picture of the result beside it
-        batch = np.load(input, mmap_mode="r") if not image else None
-        if batch is not None and batch.ndim == 4 and batch.shape[0] > 1:  # N,C,H,W
-            if batch.shape[1] != channels:
-                raise InvalidInputError(f"{input}: a batch of shape {tuple(batch.shape)}; "
-                                        f"expected N,{channels},H,W")
-            items = [InMemorySource(np.asarray(batch[n])) for n in range(batch.shape[0])]
-        else:  # one image, read as OUT.zarr reads it
-            items = [open_source(SourceSpec(str(input), channels, level, layout))]
-        size = scene.block_size(meta, geo, items[0].shape, block, _bytes(max_memory), 1)
-        columns = (TextColumn("blocks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        ys, count = [], 0
-        with Progress(*columns, console=err, transient=True, disable=json_out) as bar:
-            task = bar.add_task("", total=None)
-            for src in items:
-                shape = scene.output_size(run, src, geo, *norm)
-                job = blocks.Job(None, None, "", shape, (size,) * nd, geo.step, geo.unit,
-                                geo.halo, *norm, halo_after=geo.halo_after)
-                count += len(job.blocks())
-                ys.append(blocks.in_memory(job, src, run, progress=lambda d, t: bar.update(
-                    task, completed=d, total=t)))
-    data = np.stack(ys)
-    data = data.reshape(data.shape[0], *lead, *data.shape[2:])
-    if channel is not None and not 0 <= channel < data.shape[1]:
-        raise InvalidInputError(f"--channel {channel}: the output has {data.shape[1]} channels")
-    atomic_write(output, lambda f: np.save(f, data))
-    picture = None
-    if image and data.ndim == 4:
-        import torch
-        from PIL import Image
-
-        picture = output.with_suffix(".png")
-        rgb = tiled.heat_map(torch.from_numpy(np.nan_to_num(data)), channel).numpy()
-        atomic_write(picture, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
-    if json_out:
-        _emit_json({"output": str(output), "heat_map": str(picture) if picture else None,
-                    "shape": list(data.shape), "blocks": count, "block": [size] * nd,
-                    "halo": list(geo.halo), "halo_after": list(geo.halo_after),
-                    "step": list(geo.step)})
-    else:
-        out.print(f"{count} blocks of {'x'.join([str(size)] * nd)} outputs (halo "
-                  f"{'x'.join(map(str, geo.halo))} pixels); output "
-                  f"{'x'.join(map(str, data.shape))}, one per "
-                  f"{'x'.join(map(str, geo.step))} input pixels")
-        out.print(f"wrote [bold]{output}[/]" + (f" and [bold]{picture}[/]" if picture else ""))
-
-
-# -- ONNX graphs ------------------------------------------------------------------------------
