@@ -8,7 +8,9 @@ run again with ``--debug`` for the traceback and report it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect as py_inspect
 import json
 import os
 import sys
@@ -156,6 +158,54 @@ ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Run even where the memory estimate exceeds the available memory.")]
 
 
+# -- option groups: the options several commands share, declared once -------------------------
+
+
+def _load_options(pool: Any = PoolOpt, global_pool: GlobalPool = GlobalPool.phase):
+    """How a model file is read and densified: :class:`Load`."""
+    return Load, {"arch": (ArchOpt, None), "arch_kwargs": (ArchKwargsOpt, None),
+                  "input_shape": (ShapeOpt, None), "input_name": (InputNameOpt, None),
+                  "global_pool": (pool, global_pool), "until": (UntilOpt, None),
+                  "output_stride": (OutputStrideOpt, None), "trust_pickle": (TrustOpt, False)}
+
+
+def _check_options(trials: int = 1, near: bool = True):
+    """How a dense model is checked: :class:`Check`."""
+    opts = {"trials": (TrialsOpt, trials), "seed": (SeedOpt, 0), "atol": (AtolOpt, None),
+            "rtol": (RtolOpt, None), "precision": (PrecisionOpt, Precision.float64)}
+    if near:
+        opts["near"] = (NearOpt, False)
+    return Check, opts
+
+
+def _grouped(**groups):
+    """Give a command one parameter per group (``name=(make, {option: (type, default)})``):
+    Typer sees the group's options in the command's signature, in place of that parameter;
+    the command receives ``make(**their values)``."""
+
+    def wrap(fn):
+        sig = py_inspect.signature(fn, eval_str=True)
+        params = []
+        for p in sig.parameters.values():
+            if p.name in groups:
+                params += [py_inspect.Parameter(n, p.KEYWORD_ONLY, default=d, annotation=t)
+                           for n, (t, d) in groups[p.name][1].items()]
+            else:
+                params.append(p.replace(kind=p.KEYWORD_ONLY))
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            for name, (make, opts) in groups.items():
+                kwargs[name] = make(**{n: kwargs.pop(n) for n in opts})
+            return fn(**kwargs)
+
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return wrap
+
+
 @contextlib.contextmanager
 def _checking(quiet: bool):
     """A progress callback for the equivalence checks, drawing a bar on stderr (None when
@@ -288,30 +338,19 @@ def _inverse_report(dense: Path, output: Path, result, json_out: bool, what: str
 
 @app.command()
 @_guarded
+@_grouped(how=_load_options(), checking=_check_options())
 def densify(
     model: ModelArg = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Where to write the dense model: .pt (dense checkpoint, "
                                "econv_convert.load_dense), .pt2 (torch.export) or .onnx. "
                                "Without it nothing is written.")] = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: ShapeOpt = None,
-    input_name: InputNameOpt = None,
-    global_pool: PoolOpt = GlobalPool.phase,
-    until: UntilOpt = None,
-    output_stride: OutputStrideOpt = None,
+    how: Load = Load(),
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the equivalence check.")]
     = False,
     allow_mismatch: Annotated[bool, typer.Option(
         "--allow-mismatch", help="Write the dense model even if verification fails.")] = False,
-    trust_pickle: TrustOpt = False,
-    trials: TrialsOpt = 1,
-    seed: SeedOpt = 0,
-    atol: AtolOpt = None,
-    rtol: RtolOpt = None,
-    precision: PrecisionOpt = Precision.float64,
-    at_example_size: NearOpt = False,
+    checking: Check = Check(),
     force: ForceOpt = False,
     freeze_batchnorm: Annotated[bool, typer.Option(
         "--freeze-batchnorm", help="The dense checkpoint keeps BatchNorm on its running "
@@ -321,11 +360,9 @@ def densify(
     json_out: JsonOpt = False,
 ) -> None:
     """Rewrite MODEL into its dense equivalent, verify it and write it to OUTPUT."""
-    how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
-               input_name)
-    checking = None if no_verify else Check(trials, seed, atol, rtol, at_example_size, precision)
     with _checking(json_out) as progress:
-        done = workflow.densify_file(model, output, load_options=how, check=checking,
+        done = workflow.densify_file(model, output, load_options=how,
+                                     check=None if no_verify else checking,
                                      allow_mismatch=allow_mismatch, force=force,
                                      freeze_batchnorm=freeze_batchnorm, progress=progress)
     check = done.export_check
@@ -344,35 +381,22 @@ def densify(
 
 @app.command()
 @_guarded
+@_grouped(how=_load_options(), checking=_check_options(trials=2))
 def verify(
     model: ModelArg = None,
     dense: Annotated[Path | None, typer.Option(
         "--dense", help="A saved dense checkpoint (.pt) to check against MODEL. Without it "
                         "MODEL is densified in memory.")] = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: ShapeOpt = None,
-    input_name: InputNameOpt = None,
-    global_pool: PoolOpt = GlobalPool.phase,
-    until: UntilOpt = None,
-    output_stride: OutputStrideOpt = None,
-    trust_pickle: TrustOpt = False,
-    trials: TrialsOpt = 2,
-    seed: SeedOpt = 0,
-    atol: AtolOpt = None,
-    rtol: RtolOpt = None,
-    precision: PrecisionOpt = Precision.float64,
+    how: Load = Load(),
+    checking: Check = Check(),
     compared: Annotated[list[str] | None, typer.Option(
         "--output", help="Compare only this output of the model, by the name the report gives "
                          "it (logits, hidden_states.2, ...); repeat for several.")] = None,
-    at_example_size: NearOpt = False,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Check that a dense model reproduces MODEL on random inputs (exit 0 equal, 1 not)."""
-    how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
-               input_name)
-    checking = Check(trials, seed, atol, rtol, at_example_size, precision, tuple(compared or ()))
+    checking = dataclasses.replace(checking, outputs=tuple(compared or ()))
     with _checking(json_out) as progress:
         done = workflow.verify_file(model, dense, load_options=how, check=checking, force=force,
                                     progress=progress)
@@ -381,22 +405,18 @@ def verify(
 
 @app.command()
 @_guarded
+@_grouped(checking=_check_options(near=False))
 def inverse(
     dense: Annotated[Path, typer.Argument(help="A dense checkpoint (.pt) written by densify, "
                                                "possibly fine-tuned.", show_default=False)],
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Baseline weights to write: .pt (a state dict for the "
                                "baseline's load_state_dict) or .safetensors.")],
-    trials: TrialsOpt = 1,
-    seed: SeedOpt = 0,
-    atol: AtolOpt = None,
-    rtol: RtolOpt = None,
-    precision: PrecisionOpt = Precision.float64,
+    checking: Check = Check(),
     json_out: JsonOpt = False,
 ) -> None:
     """Inverse transfer: write the baseline's weights taken from a dense model, after checking
     that the baseline with them equals the dense model on the lattice."""
-    checking = Check(trials, seed, atol, rtol, precision=precision)
     with _checking(json_out) as progress:
         done = workflow.inverse_file(dense, output, check=checking, progress=progress)
     _inverse_report(dense, output, done.verification, json_out, done.what)
@@ -404,16 +424,10 @@ def inverse(
 
 @app.command()
 @_guarded
+@_grouped(how=_load_options())
 def inspect(
     model: ModelArg = None,
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: ShapeOpt = None,
-    input_name: InputNameOpt = None,
-    global_pool: PoolOpt = GlobalPool.phase,
-    until: UntilOpt = None,
-    output_stride: OutputStrideOpt = None,
-    trust_pickle: TrustOpt = False,
+    how: Load = Load(),
     json_out: JsonOpt = False,
 ) -> None:
     """Show the plan without writing anything: per layer its lattice step, receptive field,
@@ -421,8 +435,6 @@ def inspect(
     memory guard is needed), so this is quick for any model size."""
     from econv_convert import report
 
-    how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
-               input_name)
     done = workflow.inspect_file(model, load_options=how)
     if json_out:
         _emit_json(done.to_dict())

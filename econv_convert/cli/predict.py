@@ -11,19 +11,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from econv_convert import workflow
 from econv_convert.cli import (
-    ArchKwargsOpt,
-    ArchOpt,
     GlobalPool,
-    InputNameOpt,
     JsonOpt,
     Load,
-    OutputStrideOpt,
-    ShapeOpt,
-    TrustOpt,
-    UntilOpt,
     _checking,
     _emit_json,
+    _grouped,
     _guarded,
+    _load_options,
     app,
     err,
     out,
@@ -57,6 +52,10 @@ def _bytes(text: str | None) -> int | None:
 
 @app.command()
 @_guarded
+@_grouped(how=_load_options(Annotated[GlobalPool, typer.Option(
+    "--global-pool", help="How a baseline's global pool is densified; the default, window, "
+                          "makes a classifier of patches of the example size a heat map: one "
+                          "prediction per window position.")], GlobalPool.window))
 def predict(
     model: Annotated[Path, typer.Argument(
         help="A baseline checkpoint or ONNX graph (densified in memory with the options "
@@ -71,18 +70,7 @@ def predict(
         "-o", "--output", help="OUT.zarr: a chunked (C, H', W') float32 array written block "
                                "by block, with an overview OUT.png beside it. OUT.npy: the "
                                "whole result in memory, for small inputs.")],
-    arch: ArchOpt = None,
-    arch_kwargs: ArchKwargsOpt = None,
-    input_shape: ShapeOpt = None,
-    input_name: InputNameOpt = None,
-    global_pool: Annotated[GlobalPool, typer.Option(
-        "--global-pool", help="How a baseline's global pool is densified; the default, "
-                              "window, makes a classifier of patches of the example size a "
-                              "heat map: one prediction per window position.")]
-    = GlobalPool.window,
-    until: UntilOpt = None,
-    output_stride: OutputStrideOpt = None,
-    trust_pickle: TrustOpt = False,
+    how: Load = Load(),
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip checking a model densified here.")] = False,
     level: Annotated[int, typer.Option("--level", min=0, help="Pyramid level of a TIFF, "
@@ -137,8 +125,6 @@ def predict(
     in bounded memory, on an embedded Dask cluster or an existing one. OUT.zarr is an
     OME-Zarr image at the input's physical scale (a pyramid, the arg-max class as a label
     image)."""
-    how = Load(arch, arch_kwargs, trust_pickle, input_shape, global_pool, until, output_stride,
-               input_name)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     bar = Progress(*columns, console=err, transient=True, disable=json_out)
