@@ -238,36 +238,38 @@ def _names(meta, selected: Sequence[str]) -> list[tuple[int, str]]:
 Prove = Callable[[torch.Tensor, tuple[float, float]], Any]
 
 
-def check(
-    meta,
-    run_baseline: RunBaseline,
-    run_dense: RunDense,
-    *,
-    shapes: Sequence[Sequence[int]] | None = None,
-    trials: int = 1,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
-    shift: bool = True,
-    progress: Progress | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    batch: int | None = None,
-    near_example: bool = False,
-    select: Sequence[str] | None = None,
-    depth: int = 0,
-    lattice_points: int = 2,
-    prove: Prove | None = None,
-) -> VerifyReport:
+@dataclass(frozen=True)
+class Checks:
+    """The options of :func:`econv_convert.equivalence.verify`, as :func:`check` takes them."""
+
+    shapes: Sequence[Sequence[int]] | None = None
+    trials: int = 1
+    seed: int = 0
+    atol: float | None = None
+    rtol: float | None = None
+    shift: bool = True
+    progress: Progress | None = None
+    near_example: bool = False
+    precision: str = "float64"
+    outputs: Sequence[str] | None = None
+
+
+def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks = Checks(), *,
+          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+          batch: int | None = None, depth: int = 0, lattice_points: int = 2,
+          prove: Prove | None = None) -> VerifyReport:
     """The lattice, phase and shift checks for any runtime: ``run_baseline(x)`` gives the
     baseline's output tensors (or None and why the size is not accepted), ``run_dense(x)``
     the dense model's; ``meta`` is the :class:`~econv_convert.core.records.DenseInfo` of the
     dense model; ``prove(x)`` (when given) runs the per-node phase proof on one input. Inputs
     are made in ``dtype`` on ``device``. ``batch`` fixes the batch size (a graph with a static
-    batch dim); ``select`` names the outputs to compare. Tolerances left as None follow the
-    dtype and the number of layers ``depth`` (:func:`default_tolerance`)."""
+    batch dim); ``options.outputs`` names the outputs to compare. Tolerances left as None
+    follow the dtype and the number of layers ``depth`` (:func:`default_tolerance`)."""
+    shapes, trials, seed, progress = (options.shapes, options.trials, options.seed,
+                                      options.progress)
+    select = options.outputs
     started = time.perf_counter()
-    atol, rtol = default_tolerance(dtype, atol, rtol, depth)
+    atol, rtol = default_tolerance(dtype, options.atol, options.rtol, depth)
     all_names = [o.get("name") or f"output {k}" for k, o in enumerate(meta.outputs)]
     unknown = [n for n in select or () if n not in all_names]
     if unknown:
@@ -279,7 +281,7 @@ def check(
     if shapes:
         shapes = [meta.canonical(s) for s in shapes]  # given in the input's own order
     else:
-        shapes, note = default_shapes(meta, near_example, lattice_points)
+        shapes, note = default_shapes(meta, options.near_example, lattice_points)
         spares = [] if windowed(meta) else spare_shapes(meta, shapes)
         if batch is not None:
             shapes = [(batch, *s[1:]) for s in shapes]
@@ -288,7 +290,7 @@ def check(
                           outputs=[n for _, n in names])
     if note:
         report.notes.append(note)
-    plan, why = _shift_plan(meta, seed, batch) if shift else (None, "")
+    plan, why = _shift_plan(meta, seed, batch) if options.shift else (None, "")
     if why:
         report.notes.append(f"shift check: {why}")
     total = len(shapes) * trials + (1 if prove else 0) + (len(plan.offsets) if plan else 0)
@@ -324,10 +326,9 @@ def check(
         # the baseline takes (almost) none of the small sizes (unpadded windows need more
         # input): try twice as many lattice points, and the example's own sizes last
         more = lattice_points * 2
-        return check(meta, run_baseline, run_dense, trials=trials, seed=seed, atol=atol,
-                     rtol=rtol, shift=shift, progress=progress, device=device, dtype=dtype,
-                     batch=batch, near_example=default_shapes(meta, False, more)[1] == "",
-                     select=select, depth=depth, lattice_points=more, prove=prove)
+        wider = replace(options, near_example=default_shapes(meta, False, more)[1] == "")
+        return check(meta, run_baseline, run_dense, wider, device=device, dtype=dtype,
+                     batch=batch, depth=depth, lattice_points=more, prove=prove)
     lattice = [c for c in report.checked if c.check == "lattice"]
     if prove is not None and lattice:
         t = time.perf_counter()

@@ -6,33 +6,10 @@ Each backend supplies how its two models run (:func:`econv_convert.torch.verify.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from econv_convert.check import PRECISIONS, Progress, VerifyReport
+from econv_convert.check import PRECISIONS, Checks, Progress, VerifyReport
 from econv_convert.errors import InvalidInputError
-
-
-@dataclass(frozen=True)
-class Checks:
-    """The options of :func:`verify`, as each backend's runs receive them."""
-
-    shapes: Sequence[Sequence[int]] | None = None
-    trials: int = 1
-    seed: int = 0
-    atol: float | None = None
-    rtol: float | None = None
-    shift: bool = True
-    progress: Progress | None = None
-    near_example: bool = False
-    precision: str = "float64"
-    outputs: Sequence[str] | None = None
-
-    def check_kwargs(self) -> dict[str, Any]:
-        """The arguments :func:`~econv_convert.check.check` takes from these options."""
-        return dict(shapes=self.shapes, trials=self.trials, seed=self.seed, atol=self.atol,
-                    rtol=self.rtol, shift=self.shift, progress=self.progress,
-                    near_example=self.near_example, select=self.outputs)
 
 
 def verify(

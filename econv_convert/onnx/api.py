@@ -25,10 +25,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from econv_convert.check import VerifyReport, check
+from econv_convert.check import Checks, VerifyReport, check
 from econv_convert.core.lattice import Window, out_size
 from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo
-from econv_convert.equivalence import Checks
 from econv_convert.errors import (
     InvalidInputError,
     InvalidModelError,
@@ -325,8 +324,8 @@ def checked(baseline: onnx.ModelProto, dense: onnx.ModelProto, options: Checks
     np_dtype = np.float64 if wide else _input_dtype(baseline)
     dtype = torch.from_numpy(np.zeros(1, np_dtype)).dtype
     pair = (as_double(base_free), as_double(dense)) if wide else (base_free, dense)
-    report = check(meta, runs.baseline, runs.dense, dtype=dtype, batch=batch,
-                   depth=len(meta.records), **options.check_kwargs(),
+    report = check(meta, runs.baseline, runs.dense, options, dtype=dtype, batch=batch,
+                   depth=len(meta.records),
                    prove=lambda x, tol: prove_graphs(*pair, meta, x, tol, _session))
     report.notes[:0] = notes
     return report

@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 
 from econv_convert.check import (
+    Checks,
     VerifyReport,
     _lattice_case,
     _names,
     check,
     default_shapes,
 )
-from econv_convert.equivalence import Checks
 from econv_convert.errors import (
     InvalidModelError,
     SizeNotCovered,
@@ -39,7 +39,7 @@ def checked(baseline: nn.Module, dense: nn.Module, options: Checks) -> VerifyRep
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     runs = _Runs(meta, baseline, dense)
-    kw = dict(options.check_kwargs(), depth=len(meta.records))
+    kw = dict(depth=len(meta.records))
     notes = []
     with torch.no_grad():
         if precision == "float64" and dtype != torch.float64:
@@ -50,12 +50,12 @@ def checked(baseline: nn.Module, dense: nn.Module, options: Checks) -> VerifyRep
                 notes.append(f"the model cannot run in float64 ({e}): checked in {dtype} "
                              "with its tolerances instead")
             else:
-                report = check(meta, wide.baseline, wide.dense, device="cpu",
+                report = check(meta, wide.baseline, wide.dense, options, device="cpu",
                                dtype=torch.float64, prove=_prover(wide.dense_model), **kw)
                 report.native = _native_error(meta, runs, report, device, dtype,
                                                options.seed)
                 return report
-        report = check(meta, runs.baseline, runs.dense, device=device, dtype=dtype,
+        report = check(meta, runs.baseline, runs.dense, options, device=device, dtype=dtype,
                        prove=_prover(dense), **kw)
     report.notes[:0] = notes
     return report
