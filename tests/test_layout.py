@@ -20,7 +20,19 @@ def modules(folder: str) -> set[str]:
 def test_the_core_and_both_backends_have_the_same_layer_families():
     assert modules("torch/rewrite") - {"frame"} == set(FAMILIES)
     assert modules("onnx/rewrite") - {"frame"} == set(FAMILIES)
-    assert modules("core/rules") - {"common"} == set(FAMILIES) - {"shape_values"}
+    assert modules("core/rules") - {"common", "reasons"} == set(FAMILIES) - {"shape_values"}
+
+
+def test_the_backends_refuse_in_the_cores_words():
+    """Every reason a backend refuses with is keyed in core/rules/reasons.py: a backend passes
+    the key and the names to fill in (``rules.refuse_kind``), never words of its own."""
+    import re
+
+    for folder in ("torch/rewrite", "onnx/rewrite"):
+        for path in (PACKAGE / folder).glob("*.py"):
+            text = path.read_text()
+            worded = re.findall(r"\brefuse\(\s*f?[\"']", text)
+            assert not worded, f"{folder}/{path.name}: refuses in its own words"
 
 
 def test_no_module_is_much_over_600_lines():

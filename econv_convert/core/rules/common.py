@@ -14,6 +14,7 @@ from econv_convert.core.lattice import (
 )
 from econv_convert.core.layout import PLAIN, Dim, Layout
 from econv_convert.core.records import Record  # noqa: F401  (rules return it)
+from econv_convert.core.rules.reasons import HINTS, REFUSED
 
 
 class Refusal(Exception):
@@ -31,31 +32,9 @@ def refuse(reason: str, hint: str = "") -> NoReturn:
     raise Refusal(reason, hint)
 
 
-# layer kinds that are not translation-equivariant on the lattice, whatever their geometry;
-# each backend maps its own ops to these
-REFUSED = {
-    "upsampling": "upsampling is not translation-equivariant on the lattice",
-    "transposed_convolution": "a transposed convolution upsamples, which is not "
-                              "translation-equivariant on the lattice",
-    "depth_to_space": "depth to space (pixel shuffle) moves channels into positions: it "
-                      "upsamples",
-    "attention": "attention over positions mixes the whole map",
-    "sampling": "sampling at computed positions (grid sampling) is not "
-                "translation-equivariant",
-    "region_pooling": "region pooling reads absolute positions",
-    "unpooling": "unpooling writes absolute positions",
-    "detection": "detection post-processing reads absolute positions",
-    "subgraph": "a subgraph (If/Loop/Scan) is not supported",
-    "im2col": "unfolding windows into channels (im2col) has no rule",
-    "col2im": "folding channels into positions (col2im) is not translation-equivariant",
-    "random_pooling": "fractional pooling is random and not equivariant",
-    "expand": "expanding a spatial map repeats positions",
-    "dropout_mask": "dropout's mask output is used (it is random at every position)",
-}
-
-
-def refuse_kind(kind: str) -> NoReturn:
-    refuse(REFUSED[kind])
+def refuse_kind(kind: str, **names: Any) -> NoReturn:
+    """Refuse with the core's words for ``kind`` (:mod:`.reasons`), ``names`` filled in."""
+    refuse(REFUSED[kind].format(**names), HINTS.get(kind, ""))
 
 
 # -- refusals every backend words the same way: the backend names the node ------------------

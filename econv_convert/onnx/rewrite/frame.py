@@ -28,7 +28,7 @@ from econv_convert.core import rules
 from econv_convert.core.lattice import Field
 from econv_convert.core.layout import PLAIN, Layout
 from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord, Rewritten
-from econv_convert.core.rules import Refusal, refuse
+from econv_convert.core.rules import Refusal
 from econv_convert.core.walk import Val, Walk
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.onnx.graph import Builder
@@ -100,8 +100,7 @@ class OnnxRewriter(Walk):
         x = inputs[0]
         shape = self.shapes[x.name]
         if len(shape) < 3:
-            raise UnsupportedLayerError(x.name, "the model input must be N, C, spatial... with "
-                                        "1 to 3 spatial dims")
+            raise UnsupportedLayerError(x.name, rules.REFUSED["model_input"])
         self.env[x.name] = Val(layout=rules.input_layout(shape, self.channels_last))
         self.fields[x.name] = tuple(Field() for _ in shape[2:])
         self.note(x.name, x.name, self.env[x.name].layout, x.name)
@@ -168,7 +167,7 @@ class OnnxRewriter(Walk):
     def _rewrite(self, node: onnx.NodeProto) -> None:
         if node.domain not in ("", "ai.onnx"):
             if self._any_spatial(node):
-                refuse(f"operator {node.domain}::{node.op_type} has no rule on a spatial map")
+                rules.refuse_kind("domain_op", what=f"{node.domain}::{node.op_type}")
             return self._same(node)
         op = node.op_type
         vals = [self.v(i) for i in node.input if i]
@@ -201,18 +200,18 @@ class OnnxRewriter(Walk):
         if name not in self.env:
             if name in self.consts:
                 return Val(layout=Layout.plain(self.consts[name].shape))
-            refuse(f"input '{name}' is not produced by any node")
+            rules.refuse_kind("not_produced", name=name)
         return self.env[name]
 
     def lay(self, name: str) -> Layout:
         val = self.v(name)
         if val.layout is None:
-            refuse(f"input '{name}' has no known shape")
+            rules.refuse_kind("no_shape", name=name)
         return val.layout
 
     def base_shape(self, name: str) -> tuple[int, ...]:
         if name not in self.shapes:
-            refuse(f"shape inference could not find the shape of '{name}' at the example input")
+            rules.refuse_kind("no_inferred_shape", name=name)
         return self.shapes[name]
 
     def const(self, name: str) -> np.ndarray | None:
@@ -221,7 +220,7 @@ class OnnxRewriter(Walk):
     def need_const(self, name: str, what: str) -> np.ndarray:
         c = self.const(name)
         if c is None:
-            refuse(f"{what} must be a constant")
+            rules.refuse_kind("needs_constant", what=what)
         return c
 
     def set(self, name: str, layout: Layout | None, **kw) -> None:
@@ -251,8 +250,7 @@ class OnnxRewriter(Walk):
             if v.layout is not None and not v.layout.is_plain:
                 rules.no_rule(node.op_type)
             if v.spatial_size:
-                refuse(f"{node.op_type} makes a tensor from a spatial size (a tensor indexed by "
-                       "positions is not translation-equivariant)")
+                rules.refuse_kind("tensor_from_size", what=node.op_type)
         self._same(node)
 
     def emit(self, node: onnx.NodeProto, inputs: Sequence[str], **attr_overrides) -> None:
@@ -363,5 +361,5 @@ def _per_extra(rw: OnnxRewriter, node: onnx.NodeProto, x: str, lay: Layout) -> N
 
 def _norm(axis: int, rank: int) -> int:
     if not -rank <= axis < rank:
-        refuse(f"axis {axis} out of range for rank {rank}")
+        rules.refuse_kind("axis_range", axis=axis, rank=rank)
     return axis % rank

@@ -14,7 +14,6 @@ from onnx import TensorProto
 
 from econv_convert.core import rules
 from econv_convert.core.layout import PLAIN, Layout
-from econv_convert.core.rules import refuse
 from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, rule
 from econv_convert.onnx.rewrite.pointwise import _SCALAR_PARAMS, UNARY
 
@@ -162,8 +161,7 @@ def _reduction(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     axes = sorted(_norm(d, lay.base_ndim) for d in axes)
     if kind == "global":
         if node.op_type not in _REDUCE:
-            refuse(f"{node.op_type} over spatial dims (only mean, max, min and sum pools have "
-                   "a rule)")
+            rules.refuse_kind("spatial_reduction", what=node.op_type)
         return _global(rw, node, x, axes, _REDUCE[node.op_type], keepdims)
     # over channels: positions untouched
     if node.op_type.startswith("Arg"):
@@ -187,10 +185,10 @@ def _on_merged(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     op = node.op_type
     if not lay.merged or any(o.layout is None or o.layout.merged or not o.layout.is_plain
                              or o.spatial_size for o in others):
-        refuse("an op that combines merged spatial positions with other tensors")
+        rules.refuse_kind("merged_with_others")
     if op in UNARY or op == "Dropout":
         if op not in _SCALAR_PARAMS and others:
-            refuse(f"{op} with a parameter on merged spatial positions")
+            rules.refuse_kind("merged_parameter", what=op)
         if op == "Dropout":
             if len(node.output) > 1 and node.output[1]:
                 rules.refuse_kind("dropout_mask")

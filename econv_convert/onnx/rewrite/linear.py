@@ -12,7 +12,6 @@ from onnx import TensorProto
 
 from econv_convert.core import rules
 from econv_convert.core.layout import PLAIN, Layout
-from econv_convert.core.rules import refuse
 from econv_convert.onnx.rewrite.frame import OnnxRewriter, attrs, rule
 
 
@@ -58,7 +57,7 @@ def _per_position(rw: OnnxRewriter, node: onnx.NodeProto, x: str, lay: Layout, w
     b = rw.b
     r, e = lay.base_ndim, lay.n_extra
     if r != 2:
-        refuse("a fully connected layer on a tensor of rank other than 2 with extra dims")
+        rules.refuse_kind("linear_extra_rank")
     perm = [0] + list(range(2, 2 + e)) + [1]
     y = b.transpose(x, perm)
     wt = b.transpose(w, [1, 0]) if trans else w
@@ -82,9 +81,9 @@ def _gemm(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         return rw._same(node)
     a = attrs(node)
     if a.get("transA", 0):
-        refuse("Gemm with transA on a spatial map")
+        rules.refuse_kind("linear_transposed_input")
     if not rw.lay(w).is_plain or (bias and not rw.lay(bias).is_plain):
-        refuse("Gemm weights that depend on positions")
+        rules.refuse_kind("varies_over_positions", what="Gemm weights")
     trans = bool(a.get("transB", 0))
     alpha, beta = float(a.get("alpha", 1.0)), float(a.get("beta", 1.0))
     plan = rules.linear(lay, lay.base[-1], rw.field_of(x))
@@ -92,7 +91,7 @@ def _gemm(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         return _head_conv(rw, node, x, plan, _weight_as_conv(rw, w, trans, lay, alpha), bias,
                           beta)
     if plan.kind == "channels":
-        refuse("Gemm on a map (Gemm takes 2-D inputs)")
+        rules.refuse_kind("linear_on_map", what="Gemm")
     _per_position(rw, node, x, lay, w, trans, alpha, bias, beta)
 
 
@@ -103,7 +102,7 @@ def _matmul(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if lay.is_plain and wl.is_plain:
         return rw._same(node)
     if not wl.is_plain or len(wl.base) != 2:
-        refuse("MatMul of two tensors that vary over positions (attention-like)")
+        rules.refuse_kind("product_of_maps")
     plan = rules.linear(lay, lay.base[-1], rw.field_of(x))
     if plan.kind == "head":
         return _head_conv(rw, node, x, plan, _weight_as_conv(rw, w, False, lay, 1.0), None,

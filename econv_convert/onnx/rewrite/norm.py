@@ -8,16 +8,13 @@ import numpy as np
 import onnx
 
 from econv_convert.core import rules
-from econv_convert.core.rules import refuse
 from econv_convert.onnx.rewrite.frame import OnnxRewriter, _norm, _per_extra, attrs, rule
 
 
 @rule("BatchNormalization")
 def _batch_norm(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if len([o for o in node.output if o]) > 1 or attrs(node).get("training_mode", 0):
-        refuse("batch normalization in training mode (its statistics outputs make onnxruntime "
-               "normalize with the batch's statistics, which differ between the lattice and "
-               "the dense map); export the model in eval mode, with one output")
+        rules.refuse_kind("batchnorm_training")
     lay = rw.lay(node.input[0])
     rules.channel_axes(lay, [1] if lay.base_ndim > 1 else [], "batch normalization")
     rw.emit(node, list(node.input))
@@ -66,7 +63,7 @@ def _layer_norm(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     axis = _norm(int(attrs(node).get("axis", -1)), r)
     rules.channel_axes(lay, range(axis, r), "layer normalization")
     if len([o for o in node.output if o]) > 1:
-        refuse("layer normalization's mean/inv-std outputs are used")
+        rules.refuse_kind("norm_statistics")
     if not lay.n_extra:
         rw.emit(node, list(node.input))
     else:

@@ -11,7 +11,6 @@ import onnx
 
 from econv_convert.core import rules
 from econv_convert.core.layout import Layout
-from econv_convert.core.rules import refuse
 from econv_convert.onnx.rewrite.frame import RULES, OnnxRewriter, Val, _norm, attrs, rule
 
 # ONNX ops that are the same function at every position (the first input carries the map;
@@ -41,7 +40,7 @@ def _unary(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         return _broadcast(rw, node)
     for i in node.input[1:]:
         if i and (rw.v(i).spatial_size or not rw.lay(i).is_plain):
-            refuse(f"{node.op_type} with a parameter that varies over positions")
+            rules.refuse_kind("varies_over_positions", what=f"{node.op_type} with a parameter")
     x = node.input[0]
     v = rw.v(x)
     rw.emit(node, list(node.input))
@@ -67,8 +66,9 @@ def _broadcast(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         rw.emit(node, list(node.input))
         return
     lays = [v.layout for v in vals]
-    if any(lay is None for lay in lays):
-        refuse("an input has no known shape")
+    unknown = [i for i, v in zip((i for i in node.input if i), vals) if v.layout is None]
+    if unknown:
+        rules.refuse_kind("no_shape", name=unknown[0])
     if all(lay.is_plain for lay in lays):
         return rw._same(node)
     names = [i for i in node.input if i]
@@ -124,12 +124,12 @@ def _quantize(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     scale = rw.base_shape(node.input[1]) if node.input[1] in rw.shapes else ()
     for i in node.input[1:]:
         if i and not rw.lay(i).is_plain:
-            refuse("quantization parameters that vary over positions")
+            rules.refuse_kind("varies_over_positions", what="quantization parameters")
     a = attrs(node)
     if scale and math.prod(scale) > 1:
         axis = _norm(int(a.get("axis", 1)), lay.base_ndim)
         if len(scale) > 1:
-            refuse("quantization parameters that vary over positions (blocked quantization)")
+            rules.refuse_kind("varies_over_positions", what="blocked quantization parameters")
         rules.channel_axes(lay, [axis], "per-channel quantization")
         rw.emit(node, list(node.input), axis=axis)
     else:
@@ -150,10 +150,10 @@ def _expand(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if lay.fold or any(d.spatial for d in lay.base_dims):
         rules.refuse_kind("expand")
     if not target.spatial_size:
-        refuse("expanding a value with extra dims to a fixed shape")
+        rules.refuse_kind("expand_extra")
     out = rw.base_shape(node.output[0])
     if len(out) != lay.base_ndim or any(a != b and a != 1 for a, b in zip(lay.base, out)):
-        refuse(f"expanding {lay.base} to {out} changes more than size-1 dims")
+        rules.refuse_kind("expand_shape", base=lay.base, out=out)
     rw.b.op1("Identity", [node.input[0]], node.output[0])
     rw.env[node.output[0]] = Val(layout=lay)
 

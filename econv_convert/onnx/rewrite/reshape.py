@@ -10,7 +10,6 @@ import onnx
 
 from econv_convert.core import rules
 from econv_convert.core.layout import Layout
-from econv_convert.core.rules import refuse
 from econv_convert.onnx.graph import Builder, SymInt
 from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, rule
 from econv_convert.onnx.rewrite.global_pool import _axes_of
@@ -68,7 +67,7 @@ def _reshape(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if lay.is_plain and not target.spatial_size:
         return rw._same(node)
     if lay.is_plain:
-        refuse("a reshape to a shape computed from a spatial size (a tensor shaped by positions)")
+        rules.refuse_kind("reshape_from_size")
     _reshape_to(rw, node, node.input[0], rw.base_shape(node.output[0]))
 
 
@@ -108,7 +107,7 @@ def _split(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if lay.is_plain:
         return rw._same(node)
     if lay.fold:
-        refuse("a split of a flatten of spatial positions")
+        rules.refuse_kind("flatten_positions", what="a split of")
     axis = _norm(int(attrs(node).get("axis", 0)), lay.base_ndim)
     rules.split(lay, axis)
     rw.emit(node, list(node.input), axis=axis)
@@ -135,9 +134,9 @@ def _slice(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if lay.is_plain and not v.spatial:
         return rw._same(node)
     if v.spatial:
-        refuse("slicing a value computed from a spatial size")
+        rules.refuse_kind("computed_from_size", what="slicing")
     if lay.fold:
-        refuse("a slice of a flatten of spatial positions")
+        rules.refuse_kind("flatten_positions", what="a slice of")
     n_axes = len(rw.base_shape(node.input[1])) and rw.base_shape(node.input[1])[0]
     axes = (rw.need_const(node.input[3], "Slice axes").reshape(-1).tolist()
             if len(node.input) > 3 and node.input[3] else list(range(n_axes)))
@@ -145,7 +144,7 @@ def _slice(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if not any(lay.base_dims[a].spatial for a in axes):
         # channels only: starts/ends may be computed (from channel counts), as they are
         if any(rw.v(i).spatial_size for i in node.input[1:] if i):
-            refuse("a slice bound computed from a spatial size on a channel dim")
+            rules.refuse_kind("slice_bound_from_size")
         inputs = list(node.input) + [""] * (4 - len(node.input))
         inputs[3] = rw.b.const(axes)
         rw.emit(node, [i for i in inputs if i] if len(node.input) <= 4 else inputs)
@@ -168,7 +167,7 @@ def _slice(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
             continue
         dims[a] = rules.spatial_slice(d, int(sp))
         if a < 2:
-            refuse("a spatial slice of dim 0 or 1")
+            rules.refuse_kind("spatial_batch_slice")
         h = _lattice_size(rw, x, a - 2, d.step)
         start = _bound(b, st, h)
         end = h if _static(en) and en >= min(_BIG, 2**31 - 1) else _bound(b, en, h)
@@ -265,7 +264,7 @@ def _squeeze(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if lay.is_plain and not v.spatial:
         return rw._same(node)
     if v.spatial:
-        refuse(f"{node.op_type} of a value computed from a spatial size")
+        rules.refuse_kind("computed_from_size", what=f"{node.op_type} of")
     axes = _axes_of(rw, node, attrs(node), 1)
     if node.op_type == "Squeeze":
         if axes is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx
 
+from econv_convert.core import rules
 from econv_convert.core.layout import PLAIN, Dim, Layout
-from econv_convert.core.rules import refuse
 from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, rule
 
 # -- shape tensors: sizes read as the baseline's ------------------------------------------------
@@ -23,7 +23,7 @@ def _shape(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     end = r if end is None else (int(end) if int(end) >= 0 else r + int(end))
     end = min(end, r)
     if lay.fold:
-        refuse("the shape of a flatten of spatial positions")
+        rules.refuse_kind("flatten_positions", what="the shape of")
     x = node.input[0]
     entries = []
     for d in range(start, end):
@@ -65,7 +65,7 @@ def _gather(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         return rw._same(node)
     axis = _norm(int(attrs(node).get("axis", 0)), lay.base_ndim)
     if lay.fold or lay.base_dims[axis].spatial or not rw.lay(node.input[1]).is_plain:
-        refuse("gathering along a spatial dim reads absolute positions")
+        rules.refuse_kind("gather_spatial")
     idx = rw.base_shape(node.input[1]) if node.input[1] in rw.shapes else ()
     dims = list(lay.base_dims[:axis]) + [PLAIN] * len(idx) + list(lay.base_dims[axis + 1:])
     rw.emit(node, list(node.input), axis=axis)

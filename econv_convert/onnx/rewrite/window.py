@@ -54,7 +54,7 @@ def _window_attrs(rw: OnnxRewriter, node: onnx.NodeProto, kernel: Sequence[int],
             big = total - small
             lo[i], hi[i] = (small, big) if auto == "SAME_UPPER" else (big, small)
     elif auto != "NOTSET":
-        refuse(f"auto_pad '{auto}'")
+        rules.refuse_kind("auto_pad", what=auto)
     return [Window(k, t, p, q, d, ceil) for k, t, p, q, d in
             zip(kernel, stride, lo, hi, dil, strict=True)]
 
@@ -143,7 +143,7 @@ def _conv(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     wshape = rw.base_shape(w_name) if w_name in rw.shapes else rw.lay(w_name).base
     kernel = tuple(wshape[2:])
     if rw.v(w_name).layout is not None and not rw.v(w_name).layout.is_plain:
-        refuse("the convolution's weight depends on positions")
+        rules.refuse_kind("varies_over_positions", what="a convolution weight")
     nd = len(kernel)
 
     def emit(plan: rules.WindowPlan) -> str:
@@ -167,7 +167,7 @@ def _conv(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
 @rule("MaxPool")
 def _max_pool(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     if len(node.output) > 1 and node.output[1]:
-        refuse("max pooling with indices (the indices are positions, not features)")
+        rules.refuse_kind("pool_indices", what="max pooling")
     kernel = tuple(int(k) for k in attrs(node)["kernel_shape"])
     x = node.input[0]
     nd = len(kernel)

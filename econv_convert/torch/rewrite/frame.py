@@ -45,7 +45,7 @@ def _tuple(v, n: int) -> tuple[int, ...]:
         if len(v) == 1:
             return tuple(int(v[0]) for _ in range(n))
         if len(v) != n:
-            refuse(f"expected {n} values, got {v}")
+            rules.refuse_kind("argument_count", n=n, got=v)
         return tuple(int(x) for x in v)
     return tuple(int(v) for _ in range(n))
 
@@ -186,7 +186,7 @@ class Rewriter(Walk):
     def lay(self, a: Any) -> Layout:
         val = self.v(a)
         if val.layout is None:
-            refuse("expected a tensor argument")
+            rules.refuse_kind("not_a_tensor", what="argument")
         return val.layout
 
     def base(self, node: fx.Node) -> Any:
@@ -209,7 +209,7 @@ class Rewriter(Walk):
         extras of ``like``."""
         base = self.base(node)
         if not isinstance(base, torch.Tensor):
-            refuse("expected a tensor result")
+            rules.refuse_kind("not_a_tensor", what="result")
         extras = like.extras if like is not None else ()
         dims = tuple(dims) + tuple(extras)
         return Val(dense, Layout(tuple(base.shape), dims, len(extras)))
@@ -233,8 +233,7 @@ class Rewriter(Walk):
         v = self.base(node)
         n = self.graph.placeholder(node.target)
         if not isinstance(v, torch.Tensor) or v.dim() < 3:
-            refuse("the model input must be a batched tensor (N, C, spatial...) with 1 to 3 "
-                   "spatial dims")
+            rules.refuse_kind("model_input")
         self.fields[node] = tuple(Field() for _ in range(v.dim() - 2))
         return Val(n, rules.input_layout(tuple(v.shape)))
 
@@ -278,10 +277,7 @@ class Rewriter(Walk):
             steps = tuple(d.step for d in lay.fold_dims)
             n = self.call(ops.lattice_flatten, val.node, steps)
             return Val(n, Layout.plain(lay.base))
-        refuse(f"the output flattens a map of one position at the example (global_pool="
-               f"{self.mode} has no form for it: at larger inputs it has more positions)",
-               "global_pool=window gives one output per window position; lattice gives "
-               "the baseline's own output")
+        rules.refuse_kind("flat_output", mode=self.mode)
 
     # -- the default: nothing spatial reaches the node ------------------------------------
 
@@ -395,8 +391,8 @@ def _module_reason(m) -> str:
     if kind is not None:
         return f"{name}: {rules.REFUSED[kind]}"
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return f"{name} without running statistics normalizes over positions"
-    return f"no rule for module type {name}"
+        return rules.REFUSED["batchnorm_no_statistics"].format(what=name)
+    return rules.REFUSED["no_module_rule"].format(what=name)
 
 
 def _describe(node: fx.Node) -> str:

@@ -12,7 +12,6 @@ import torch.fx as fx
 
 from econv_convert.core import rules
 from econv_convert.core.layout import PLAIN, Layout
-from econv_convert.core.rules import refuse
 from econv_convert.torch import ops
 from econv_convert.torch.rewrite.frame import Rewriter, Val, _arg, _describe, rule
 
@@ -64,7 +63,7 @@ def _on_merged(rw: Rewriter, node: fx.Node) -> Val:
             v.layout is not None and v.layout.merged for v in rw.tensor_inputs(node)[1:]):
         rules.on_merged(_describe(node))
     if node.kwargs.get("dtype"):
-        refuse(f"{_describe(node)} with a dtype over merged spatial positions")
+        rules.refuse_kind("dtype_over", what=_describe(node), where="merged spatial positions")
     rank = lay.base_ndim - lay.merged + 1  # the baseline's rank
     space = rules.merged_reduction(lay, _reduce_dims(node), rank)
     keepdim = bool(_arg(node, 2, "keepdim", False))
@@ -98,7 +97,7 @@ def _reduction(rw: Rewriter, node: fx.Node) -> Val:
     nd = [lay.norm_dim(d) for d in dims]
     if kind == "global":
         if node.kwargs.get("dtype") is not None:
-            refuse(f"{_describe(node)} with a dtype over spatial dims")
+            rules.refuse_kind("dtype_over", what=_describe(node), where="spatial dims")
         return _global(rw, node, x, nd, name, keepdim)
     # over non-spatial dims: positions untouched
     n = rw.call(_REDUCE_FNS[name], x.node, tuple(nd), keepdim=keepdim)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from econv_convert.core import rules
 from econv_convert.core.layout import Layout
-from econv_convert.core.rules import refuse
 from econv_convert.torch import ops
 from econv_convert.torch.rewrite.frame import Rewriter, Val, _arg, _describe, rule
 
@@ -55,8 +54,7 @@ def _unary(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
     others = [rw.v(a) for a in list(node.args[1:]) + list(node.kwargs.values())]
     if any(o.layout is not None or o.spatial for o in others):
-        refuse(f"{_describe(node)}: a second tensor argument where an elementwise op "
-               "expects a scalar")
+        rules.refuse_kind("scalar_expected", what=_describe(node))
     if x.layout is None:
         return Val(rw.same(node), spatial=x.spatial)
     return Val(rw.same(node), x.layout)
@@ -68,9 +66,9 @@ def _softmax(rw: Rewriter, node: fx.Node) -> Val:
     lay = x.layout
     dim = _arg(node, 1, "dim")
     if dim is None:
-        refuse("softmax without dim")
+        rules.refuse_kind("softmax_no_dim")
     if lay.fold:
-        refuse("softmax over a flatten of spatial positions")
+        rules.refuse_kind("flatten_positions", what="softmax over")
     d = lay.norm_dim(dim)
     rules.channel_axes(lay, [d], "softmax (attention over positions)")
     fn = node.target if callable(node.target) else getattr(F, node.target)
@@ -132,5 +130,5 @@ def _expand(rw: Rewriter, node: fx.Node) -> Val:
     binary = {t for t in _BINARY if not isinstance(t, str)}
     if not all((u.op == "call_function" and u.target in binary)
                or (u.op == "call_method" and u.target in _BINARY) for u in node.users):
-        refuse("an expanded value used by something other than an element-wise op")
+        rules.refuse_kind("expanded_use")
     return Val(y.node, y.layout)

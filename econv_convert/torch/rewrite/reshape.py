@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from econv_convert.core import rules
 from econv_convert.core.layout import PLAIN, Dim, Layout
-from econv_convert.core.rules import refuse
 from econv_convert.torch import ops
 from econv_convert.torch.rewrite.frame import Rewriter, Val, _arg, rule
 
@@ -28,10 +27,10 @@ def _getitem(rw: Rewriter, node: fx.Node) -> Val:
             return Val(rw.same(node), spatial=x.sizes[idx].spatial)
         if isinstance(idx, slice):
             return Val(rw.same(node), sizes=x.sizes[idx])
-        refuse("indexing a size with a computed index")
+        rules.refuse_kind("size_index")
     if x.items is not None:
         if not isinstance(idx, int):
-            refuse("indexing a list of tensors with a slice")
+            rules.refuse_kind("list_slice")
         item = x.items[idx]
         return Val(rw.same(node), item.layout, spatial=item.spatial)
     if x.layout is None:
@@ -44,17 +43,17 @@ def _slice(rw: Rewriter, node: fx.Node, x: Val, idx) -> Val:
     if lay.is_plain:
         return rw.wrap(node, rw.same(node))
     if lay.fold:
-        refuse("indexing a flatten of spatial positions")
+        rules.refuse_kind("flatten_positions", what="indexing")
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(i, fx.Node) for i in items) or any(
             isinstance(i, slice) and isinstance(i.step, fx.Node) for i in items):
-        refuse("indexing with a computed index or step")
+        rules.refuse_kind("computed_index")
     # computed slice bounds (from sizes, which read as the baseline's) are used as they are
     items = [slice(*(rw.v(v).node if isinstance(v, fx.Node) else v
                      for v in (i.start, i.stop, i.step))) if isinstance(i, slice) else i
              for i in items]
     if sum(i is Ellipsis for i in items) > 1:
-        refuse("indexing with two ellipses")
+        rules.refuse_kind("two_ellipses")
     if Ellipsis in items:
         e = items.index(Ellipsis)
         used = sum(1 for i in items if i is not None and i is not Ellipsis)
@@ -72,16 +71,16 @@ def _slice(rw: Rewriter, node: fx.Node, x: Val, idx) -> Val:
         dim = lay.base_dims[d]
         if dim.spatial:
             if isinstance(it, int):
-                refuse("indexing a single spatial position")
+                rules.refuse_kind("single_position")
             if not isinstance(it, slice):
-                refuse("advanced indexing over space")
+                rules.refuse_kind("advanced_index_space")
             if it != slice(None):
                 spatial_slices.append((d, it))
             dense_index.append(slice(None))
             out_dims.append(rules.spatial_slice(dim, it.step or 1))
         else:
             if not isinstance(it, (int, slice)):
-                refuse("advanced indexing")
+                rules.refuse_kind("advanced_index")
             dense_index.append(it)
             if isinstance(it, slice):
                 out_dims.append(dim)
@@ -215,10 +214,10 @@ def _slice_scatter(rw: Rewriter, node: fx.Node) -> Val:
     lay = x.layout
     d = lay.norm_dim(_arg(node, 2, "dim", 0))
     if lay.base_dims[d].spatial:
-        refuse("writing into a slice of spatial positions")
+        rules.refuse_kind("write_positions")
     if src.layout is None or [dd for i, dd in enumerate(src.layout.dims) if i != d] != \
             [dd for i, dd in enumerate(lay.dims) if i != d]:
-        refuse("writing a value into a map on another lattice")
+        rules.refuse_kind("write_other_lattice")
     return Val(rw.same(node), lay)
 
 
@@ -227,7 +226,7 @@ def _cat(rw: Rewriter, node: fx.Node) -> Val:
     parts = [rw.v(p) for p in node.args[0]]
     dim = _arg(node, 1, "dim", 0)
     if any(p.layout is None for p in parts):
-        refuse("concatenating something that is not a tensor")
+        rules.refuse_kind("concat_non_tensor")
     stack = node.target is torch.stack
     first = parts[0].layout
     d = dim % (first.base_ndim + (1 if stack else 0))
@@ -243,7 +242,7 @@ def _split(rw: Rewriter, node: fx.Node) -> Val:
     name = node.target if isinstance(node.target, str) else node.target.__name__
     dim = _arg(node, 1 if name == "unbind" else 2, "dim", 0)
     if lay.fold:
-        refuse("splitting a flatten of spatial positions")
+        rules.refuse_kind("flatten_positions", what="a split of")
     d = lay.norm_dim(dim)
     rules.split(lay, d, name)
     args = list(rw.dense_args(node.args))

@@ -10,8 +10,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from econv_convert.core import rules
 from econv_convert.core.layout import Dim, Layout
-from econv_convert.core.rules import refuse
 from econv_convert.torch import ops, outputs
 from econv_convert.torch.rewrite.frame import Rewriter, Val, _arg, rule
 
@@ -100,7 +100,7 @@ def _getattr(rw: Rewriter, node: fx.Node) -> Val:
         return Val(rw.same(node))
     if attr == "ndim":
         return Val(x.layout.base_ndim)
-    refuse(f"tensor attribute '{attr}'")
+    rules.refuse_kind("tensor_attribute", what=attr)
 
 
 @rule("dim")

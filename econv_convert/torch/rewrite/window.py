@@ -76,7 +76,7 @@ def _pool_params(node: fx.Node, nd: int, avg: bool):
 def _max_pool(rw: Rewriter, node: fx.Node) -> Val:
     nd = len(rw.lay(node.args[0]).base) - 2
     if _arg(node, 6, "return_indices", False):
-        refuse("max pooling with return_indices (the indices are positions, not features)")
+        rules.refuse_kind("pool_indices", what="max pooling")
     k, stride, padding, dilation = _pool_params(node, nd, avg=False)
     ceil = bool(_arg(node, 5, "ceil_mode", False))
     windows = [Window(kk, t, p, p, d, ceil) for kk, t, p, d in zip(k, stride, padding, dilation)]
@@ -126,7 +126,7 @@ def _lp_pool(rw: Rewriter, node: fx.Node) -> Val:
     nd = len(rw.lay(node.args[0]).base) - 2
     p = _arg(node, 1, "norm_type")
     if not isinstance(p, (int, float)):
-        refuse("power-average pooling with a computed norm_type")
+        rules.refuse_kind("computed_norm_type")
     k = _tuple(_arg(node, 2, "kernel_size"), nd)
     stride = _arg(node, 3, "stride", None)
     stride = k if stride is None or stride == [] or stride == () else _tuple(stride, nd)
@@ -150,7 +150,7 @@ def _adaptive(rw: Rewriter, node: fx.Node) -> Val:
     nd = len(x.layout.base) - 2
     avg = "avg" in getattr(node.target, "__name__", "")
     if not avg and _arg(node, 2, "return_indices", False):
-        refuse("adaptive max pooling with return_indices")
+        rules.refuse_kind("pool_indices", what="adaptive max pooling")
     form, _, _ = _window_input(x.layout, nd)
     if form == "plain":
         return rw.wrap(node, rw.same(node))
