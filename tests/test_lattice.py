@@ -14,7 +14,10 @@ from econv_convert.core.lattice import (
     dense_window,
     lattice_count,
     out_size,
+    phase_blocks,
+    phase_count,
     same_padding,
+    tf_same_padding,
     tight,
 )
 
@@ -87,3 +90,38 @@ def test_avg_tap_counts_is_the_count_of_taps_inside(kernel, stride, pad, dilatio
         want = [sum(lo * step <= q + (k * dilation - pad) * step <= hi * step
                     for k in range(kernel)) for q in range(n)]
         assert got == want, (h, got, want)
+
+
+class Truncating(int):
+    """An int whose ``//`` truncates toward zero, as ONNX's ``Div`` does."""
+
+    def __sub__(self, o):
+        return Truncating(int(self) - int(o))
+
+    def __add__(self, o):
+        return Truncating(int(self) + int(o))
+
+    def __floordiv__(self, o):
+        q = abs(int(self)) // abs(int(o))
+        return Truncating(q if (int(self) >= 0) == (int(o) > 0) else -q)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 9, 16])
+@pytest.mark.parametrize("step", [1, 2, 3, 4])
+def test_phase_counts_count_the_positions_of_each_phase(n, step):
+    assert phase_blocks(n, step) * step >= n > (phase_blocks(n, step) - 1) * step
+    for r in range(step):
+        want = sum(1 for q in range(n) if q % step == r)
+        assert phase_count(n, step, r) == want
+        assert phase_count(Truncating(n), step, r) == want  # the ONNX graph's Div too
+
+
+@pytest.mark.parametrize("h", [1, 2, 5, 8, 13, 16])
+@pytest.mark.parametrize("k,stride,d", [(1, 1, 1), (3, 1, 1), (3, 2, 1), (4, 2, 1), (3, 3, 2),
+                                        (5, 4, 1)])
+def test_tf_same_padding_gives_ceil_outputs_with_the_least_padding(h, k, stride, d):
+    total = tf_same_padding(h, k, stride, d)
+    extent = d * (k - 1) + 1
+    outputs = (h + total - extent) // stride + 1
+    assert outputs == -(-h // stride)
+    assert total == 0 or (h + total - 1 - extent) // stride + 1 < outputs

@@ -30,6 +30,28 @@ def lattice_count(dense: int, step: int) -> int:
     return (dense - 1) // step + 1
 
 
+def phase_blocks(n: int, step: int) -> int:
+    """Blocks of ``step`` positions that cover a map of ``n`` positions (the last one may be
+    short): a phase-pooled axis is padded to ``phase_blocks * step`` and split in two."""
+    return (n + step - 1) // step
+
+
+def phase_count(n: int, step: int, phase: Any) -> Any:
+    """How many of a map's ``n`` positions fall on ``phase`` (0 <= phase < step): positions
+    ``q`` with ``q % step == phase``. Written with a non-negative numerator, as every formula
+    here is, so that it also holds under ONNX's truncating ``Div``."""
+    return (n - 1 + step - phase) // step
+
+
+def tf_same_padding(h: Any, kernel: int, stride: int, dilation: int, maximum: Any = max) -> Any:
+    """TensorFlow's (and ONNX ``auto_pad`` SAME's) total padding of a map of ``h`` positions:
+    enough for ``ceil(h / stride)`` outputs; with a stride it depends on the input size."""
+    extent = dilation * (kernel - 1) + 1
+    if stride == 1:
+        return extent - 1
+    return maximum((phase_blocks(h, stride) - 1) * stride + extent - h, 0)
+
+
 @dataclass(frozen=True)
 class Window:
     """Geometry of one sliding-window layer along one axis (convolution or pooling).

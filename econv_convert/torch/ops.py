@@ -25,6 +25,8 @@ from econv_convert.core.lattice import (
     effective_dilation,
     lattice_count,
     out_size,
+    phase_blocks,
+    phase_count,
     tight,
 )
 from econv_convert.core.lattice import (
@@ -312,12 +314,12 @@ def global_pool(
     counts = []
     for d, s in zip(dims, steps, strict=True):
         n = x.shape[d]
-        h = (n + s - 1) // s
+        h = phase_blocks(n, s)
         pad = [0, 0] * (x.dim() - 1 - d) + [0, h * s - n]
         x = F.pad(x, pad, value=fill)
         x = x.unflatten(d, (h, s)).movedim(d + 1, -1)
         r = torch.arange(s, device=x.device)
-        counts.append(torch.clamp((n - 1 - r) // s + 1, min=0))
+        counts.append(phase_count(n, s, r))
     y = _reduce(x, dims, "sum" if reduce == "mean" else reduce, keepdim)
     count = counts[0]
     for c in counts[1:]:
@@ -385,7 +387,7 @@ def phase_to_map(p: torch.Tensor, targets: Sequence[int], sizes: Sequence[int]) 
         src = p.dim() - n + k
         s = p.shape[src]
         reps = [1] * p.dim()
-        reps[src] = (size + s - 1) // s
+        reps[src] = phase_blocks(size, s)
         p = p.repeat(reps).narrow(src, 0, size)
         p = p.movedim(src, t + 1).squeeze(t)
     return p

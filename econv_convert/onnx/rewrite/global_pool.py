@@ -13,7 +13,9 @@ import onnx
 from onnx import TensorProto
 
 from econv_convert.core import rules
+from econv_convert.core.lattice import phase_blocks, phase_count
 from econv_convert.core.layout import PLAIN, Layout
+from econv_convert.onnx.graph import SymInt
 from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, rule
 from econv_convert.onnx.rewrite.pointwise import _SCALAR_PARAMS, UNARY
 
@@ -82,7 +84,7 @@ def _emit_global(rw: OnnxRewriter, x: str, plan: rules.GlobalPlan, out: str,
         # pad each pooled axis to a multiple of its step, split it into (count, step), and
         # reduce the counts: what is left is one value per phase
         sizes = [b.dim(x, d) for d in space]
-        blocks = [(H + s - 1) // s for H, s in zip(sizes, steps)]
+        blocks = [phase_blocks(H, s) for H, s in zip(sizes, steps)]
         ends = [n * s - H for n, s, H in zip(blocks, steps, sizes)]
         src = b.pad(x, rank, space, [0] * len(space), ends, rw.fill(x, fill))
         target: list = []
@@ -104,9 +106,8 @@ def _emit_global(rw: OnnxRewriter, x: str, plan: rules.GlobalPlan, out: str,
         if plan.keepdim:
             y = b.unsqueeze(y, list(axes))
         if plan.reduce in ("mean", "max", "min"):
-            r = [b.const(np.arange(s)) for s in steps]
-            counts = [b.op1("Div", [b.op1("Sub", [b.int_tensor(H - 1 + s), rr]),
-                                    b.const([s])]) for H, s, rr in zip(sizes, steps, r)]
+            counts = [b.int_tensor(phase_count(H, s, SymInt(b, b.const(np.arange(s)))))
+                      for H, s in zip(sizes, steps)]
             count = counts[0]
             for c in counts[1:]:
                 count = b.op1("Mul", [b.unsqueeze(count, [-1]), c])

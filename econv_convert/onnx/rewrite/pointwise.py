@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import onnx
 
 from econv_convert.core import rules
+from econv_convert.core.lattice import phase_blocks
 from econv_convert.core.layout import Layout
 from econv_convert.onnx.rewrite.frame import RULES, OnnxRewriter, Val, _norm, attrs, rule
 
@@ -108,7 +109,7 @@ def _phase_to_map(rw: OnnxRewriter, name: str, lay: Layout, spread: rules.Spread
     for t, j in zip(spread.targets, spread.like_dims):
         H = b.dim(like_name, j)
         s = like.base_dims[j].step
-        repeats[t] = (H + s - 1) // s
+        repeats[t] = phase_blocks(H, s)
         ends.append(H)
     y = b.op1("Tile", [y, b.ints(repeats)])
     return b.slice(y, list(spread.targets), [0] * len(spread.targets), ends)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import onnx
 
 from econv_convert.core import rules
+from econv_convert.core.lattice import lattice_count, tight
 from econv_convert.core.layout import Layout
 from econv_convert.onnx.graph import Builder, SymInt
 from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, rule
@@ -37,7 +38,7 @@ def _reshape_to(rw: OnnxRewriter, node: onnx.NodeProto, x: str, out_shape) -> No
         y = x
         for d in sorted(plan.blocks, reverse=True):  # later dims first: indices stay put
             r, s = plan.blocks[d], lay.base_dims[d].step
-            n = (((b.dim(y, d) - 1) // s + 1) // r - 1) * (s * r) + 1
+            n = tight(lattice_count(b.dim(y, d), s) // r, s * r)
             taps = [b.unsqueeze(b.slice(y, [d], [o * s], [o * s + n]), [d + 1])
                     for o in range(r)]
             y = b.op1("Concat", taps, axis=d + 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx
 
 from econv_convert.core import rules
+from econv_convert.core.lattice import lattice_count
 from econv_convert.core.layout import PLAIN, Dim, Layout
 from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, rule
 
@@ -29,7 +30,7 @@ def _shape(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     for d in range(start, end):
         dim = lay.base_dims[d]
         size = rw.b.dim(x, d)
-        entries.append((size - 1) // dim.step + 1 if dim.kind == "space" and dim.step > 1
+        entries.append(lattice_count(size, dim.step) if dim.kind == "space" and dim.step > 1
                        else size)
     rw.b.op1("Identity", [rw.b.ints(entries)], node.output[0])
     sizes = lay.base_dims[start:end]

@@ -12,7 +12,15 @@ import onnx
 from onnx import TensorProto, helper
 
 from econv_convert.core import rules
-from econv_convert.core.lattice import Window, avg_tap_counts, dense_out, effective_dilation
+from econv_convert.core.lattice import (
+    Window,
+    avg_tap_counts,
+    dense_out,
+    effective_dilation,
+    lattice_count,
+    tf_same_padding,
+    tight,
+)
 from econv_convert.core.layout import Layout, LayoutError
 from econv_convert.core.rules import refuse
 from econv_convert.core.rules.window import PAST_COVER
@@ -44,12 +52,7 @@ def _window_attrs(rw: OnnxRewriter, node: onnx.NodeProto, kernel: Sequence[int],
         lo, hi = [0] * nd, [0] * nd
     elif auto in ("SAME_UPPER", "SAME_LOWER"):
         for i in range(nd):
-            ext = dil[i] * (kernel[i] - 1) + 1
-            if stride[i] == 1:
-                total = ext - 1
-            else:  # depends on the input size (TensorFlow's SAME)
-                total = rw.b.maximum(((h[i] + stride[i] - 1) // stride[i] - 1) * stride[i]
-                                     + ext - h[i], 0)
+            total = tf_same_padding(h[i], kernel[i], stride[i], dil[i], rw.b.maximum)
             small = total // 2
             big = total - small
             lo[i], hi[i] = (small, big) if auto == "SAME_UPPER" else (big, small)
@@ -114,8 +117,7 @@ def covering_pool(rw: OnnxRewriter, node: onnx.NodeProto, plan: rules.WindowPlan
 
 def _lattice_size(rw: OnnxRewriter, x: str, i: int, step: int):
     """The baseline size of spatial axis ``i`` of dense map ``x``, when the graph runs."""
-    H = rw.b.dim(x, 2 + i)
-    return (H - 1) // step + 1
+    return lattice_count(rw.b.dim(x, 2 + i), step)
 
 
 def _crop(rw: OnnxRewriter, y: str, x: str, steps, ws, output: str | None) -> str:
@@ -261,7 +263,7 @@ def _space_to_depth(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         return rw._same(node)
     b = rw.b
     steps = tuple(d.step for d in lay.base_dims[2:])
-    sizes = [(_lattice_size(rw, x, i, s) // r - 1) * (s * r) + 1 for i, s in enumerate(steps)]
+    sizes = [tight(_lattice_size(rw, x, i, s) // r, s * r) for i, s in enumerate(steps)]
     taps = []
     for i in range(r):
         for j in range(r):
