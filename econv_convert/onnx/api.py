@@ -3,10 +3,11 @@
 * :func:`densify` rewrites a baseline ``onnx.ModelProto`` (:mod:`econv_convert.onnx.rewrite`),
   checks the result with ``onnx.checker`` and strict shape inference, makes the input's and
   outputs' spatial axes dynamic, and records how it was made in the model's metadata: the
-  :class:`~econv_convert.torch.api.DenseInfo` and the baseline graph without its weights, so that
+  :class:`~econv_convert.core.records.DenseInfo` and the baseline graph without its weights, so that
   :func:`inverse` needs only the dense file.
-* :func:`verify` runs both graphs in onnxruntime (CPU, graph optimizations off) with the same
-  lattice and shift checks as PyTorch models (:func:`econv_convert.verify.check`).
+* :func:`checked` is what :func:`econv_convert.equivalence.verify` runs for ONNX graphs: both
+  in onnxruntime (CPU, graph optimizations off), with the same lattice, phase and shift checks
+  as PyTorch models (:func:`econv_convert.check.check`).
 * :func:`inverse` puts the dense model's initializers (same names and shapes, possibly
   fine-tuned) back into the recorded baseline graph.
 """

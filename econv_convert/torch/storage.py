@@ -5,7 +5,7 @@ Call targets are stored by qualified name and resolved on load through
 tensor namespaces minus names that touch files, the network or global state. A dense
 checkpoint therefore loads with ``torch.load(weights_only=True)`` and builds its module from
 that data alone. Writing does not check names; whoever writes a file reads it back first
-(:func:`econv_convert.torch.api.save_dense`).
+(:func:`econv_convert.torch.storage.save_dense`).
 """
 
 from __future__ import annotations

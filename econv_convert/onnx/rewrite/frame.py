@@ -1,6 +1,7 @@
 """The ONNX backend's frame: one pass over a baseline ONNX graph, in order.
 
-The same one pass as the PyTorch emitter (:mod:`econv_convert.torch.rewrite`): every node in
+The same one pass as the PyTorch backend's (:mod:`econv_convert.torch.rewrite`, both running
+:class:`~econv_convert.core.walk.Walk`): every node in
 order is mapped to dense nodes and a :class:`~econv_convert.core.layout.Layout` per output
 saying what the dense tensor's dims mean. What each layer kind becomes is decided by
 :mod:`econv_convert.core.rules`; the rules (the family modules beside this one, named as the
