@@ -3,6 +3,11 @@
 >>> dense = densify(model, (1, 3, 224, 224))     # doctest: +SKIP
 >>> report = verify(model, dense)                 # doctest: +SKIP
 >>> baseline = inverse(dense)                     # doctest: +SKIP
+
+Here: the PyTorch API under its long-standing names, ``verify`` for either backend, and the
+workflows over files of either backend (``*_file``, what the command line runs). Each backend
+also has a face of its own with the same names and return shapes: ``econv_convert.torch_api``
+and ``econv_convert.onnx_api`` (imported on use: ONNX is not loaded until needed).
 """
 
 from econv_convert.check import VerifyReport
