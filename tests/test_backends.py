@@ -6,12 +6,14 @@ from __future__ import annotations
 import inspect
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 from conftest import rand_bn
 from onnx_graphs import export, run
 
 from econv_convert import DenseInfo, onnx_api, torch_api
+from econv_convert.errors import InvalidInputError
 
 SHAPE = (1, 3, 24, 24)
 
@@ -87,9 +89,17 @@ def test_cut_is_the_baseline_a_dense_until_reproduces():
 
 
 def test_cut_names_a_missing_module():
-    import pytest
-
-    from econv_convert.errors import InvalidInputError
-
     with pytest.raises(InvalidInputError, match="no module named 'nope'"):
         torch_api.cut(_model(), "nope")
+
+
+@pytest.mark.parametrize("k,words", [(3, "output_stride=3 cannot be reached: the model's total "
+                                        "stride is 4; reachable output strides: 1, 2, 4"),
+                                     (0, "output_stride=0: must be a positive integer")])
+def test_the_same_output_stride_checks(k, words):
+    model = _model()
+    graph = export(model, SHAPE, dynamic=True)
+    for api, baseline in ((torch_api, model), (onnx_api, graph)):
+        with pytest.raises(InvalidInputError) as e:
+            api.densify(baseline, SHAPE, output_stride=k)
+        assert str(e.value) == words, api.__name__

@@ -22,7 +22,7 @@ from econv_convert.core.layout import Dim, Layout
 from econv_convert.core.records import Rewritten
 from econv_convert.core.rules import Refusal
 from econv_convert.core.rules.window import WindowPlan
-from econv_convert.errors import UnsupportedLayerError
+from econv_convert.errors import InvalidInputError, UnsupportedLayerError
 
 # the layer families every backend groups its rules by, one module each, named alike in
 # ``core/rules/`` (``shape_values`` has no core decisions: sizes are values, not maps)
@@ -60,6 +60,21 @@ class Walk:
 
     rewritten: Rewritten
     node: Any = None  # the node being rewritten (rules read it for their records)
+    fields: dict  # each value's receptive fields, per spatial axis
+
+    def reached(self, output_stride: int | None) -> None:
+        """Refuse an ``output_stride`` the walk did not reach: the kept strides must make it,
+        and it must divide the total stride (the reachable ones are named)."""
+        if output_stride is None:
+            return
+        cumulative = {max(f.step for f in fs) for fs in self.fields.values() if fs} | {1}
+        total = max(cumulative)
+        kept = max(self.rewritten.kept_stride or (), default=1)
+        k = output_stride
+        if total % k or kept != min(k, total) or k > total:
+            raise InvalidInputError(
+                f"output_stride={k} cannot be reached: the model's total stride is {total}; "
+                f"reachable output strides: {', '.join(map(str, sorted(cumulative)))}")
 
     def nodes(self) -> Iterable[Any]:
         raise NotImplementedError
@@ -153,3 +168,9 @@ class Walk:
             self.rewritten.nodes[name] = {
                 "dense": dense, "dims": [(d.kind, d.step, d.axis) for d in lay.dims],
                 "n_extra": lay.n_extra, "flat": bool(lay.fold or lay.merged)}
+
+
+def require_output_stride(output_stride: int | None) -> None:
+    """An output stride, if given, is a positive integer (both backends, before any work)."""
+    if output_stride is not None and (not isinstance(output_stride, int) or output_stride < 1):
+        raise InvalidInputError(f"output_stride={output_stride}: must be a positive integer")

@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from econv_convert.check import Checks, VerifyReport, check
 from econv_convert.core.lattice import Window, out_size
 from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo
+from econv_convert.core.walk import require_output_stride
 from econv_convert.errors import (
     InvalidInputError,
     InvalidModelError,
@@ -92,6 +93,7 @@ def densify(
     if global_pool not in GLOBAL_POOL_MODES:
         raise InvalidInputError(f"global pool mode '{global_pool}' is not one of "
                                 f"{', '.join(GLOBAL_POOL_MODES)}")
+    require_output_stride(output_stride)
     notes: list[str] = []
     model = _prepared(model, notes)
     if until is not None:
@@ -106,11 +108,7 @@ def densify(
                      "and checked in that order")
     rw = OnnxRewriter(model, shapes, types, consts, global_pool, output_stride, last)
     result = rw.run()
-    if output_stride is not None:
-        got = result.kept_stride or (1,)
-        if max(got) != output_stride:
-            raise InvalidInputError(f"output_stride={output_stride} is not reachable: the "
-                                    f"strides kept give output stride {max(got)}")
+    rw.reached(output_stride)
     dense = _assemble(model, result, example, last)
     meta = DenseInfo(
         example_shape=list(example), global_pool=global_pool, until=until,

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from econv_convert.check import read_lattice
 from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo, info
+from econv_convert.core.walk import require_output_stride
 from econv_convert.errors import (
     EConvError,
     InvalidInputError,
@@ -82,8 +83,7 @@ def densify(
     if global_pool not in GLOBAL_POOL_MODES:
         raise InvalidInputError(
             f"global pool mode '{global_pool}' is not one of {', '.join(GLOBAL_POOL_MODES)}")
-    if output_stride is not None and output_stride < 1:
-        raise InvalidInputError(f"output_stride={output_stride}: must be a positive integer")
+    require_output_stride(output_stride)
     notes = []
     if model.training:
         notes.append("the model was in training mode: densified in eval mode (BatchNorm uses "
@@ -106,8 +106,7 @@ def densify(
             "or densify the part before that module with until=...") from e
     if not plan.outputs:
         raise InvalidModelError("the model returns no tensor: nothing to densify")
-    if output_stride is not None:
-        _check_output_stride(output_stride, plan, rewriter)
+    rewriter.reached(output_stride)
     dense = DenseModule(gm, graph)
     restore_keys(dense, baseline)
     dense.econv = DenseInfo(
@@ -138,16 +137,6 @@ def densify(
     set_versions(dense, dense.econv.state_metadata)
     dense.eval()
     return dense
-
-
-def _check_output_stride(k: int, plan, rewriter: Rewriter) -> None:
-    cumulative = {max(f.step for f in fs) for fs in rewriter.fields.values() if fs} | {1}
-    total = max(cumulative)
-    kept = max(plan.kept_stride, default=1)
-    if total % k or kept != min(k, total) or k > total:
-        raise InvalidInputError(
-            f"output_stride={k} cannot be reached: the model's total stride is {total}; "
-            f"reachable output strides: {', '.join(map(str, sorted(cumulative)))}")
 
 
 def _as_json(value: Any) -> Any:
