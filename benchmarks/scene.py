@@ -3,7 +3,8 @@
 ``python benchmarks/scene.py --memory BLOCK SIZE ...`` (one worker, fixed block: peak memory
 against image size only), ``python benchmarks/scene.py --profile`` (where one block's time
 goes), ``python benchmarks/scene.py --ratio SIZE K ...`` (dense against patch by patch at
-output strides K, with a 100k x 100k slide extrapolated), ``--glass SIZE`` (a slide with 60%
+output strides K, with a 100k x 100k slide extrapolated), ``--widths SIDE ...`` (the dense
+pass alone per pixel at block sizes), ``--glass SIZE`` (a slide with 60%
 glass, with and without the tissue mask) and ``--smoke`` (the options crossed on a small
 scene, each against a whole-image pass).
 
@@ -350,7 +351,41 @@ def tifffile_read(path):
     return tifffile.imread(path)
 
 
+def widths(sides: list[int]) -> None:
+    """``--widths SIDE...``: the dense model as predict's block processes run it (BatchNorms
+    folded, freed maps kept), alone, on blocks of these input sides in this one process (the
+    fastest of 3 runs each), per input pixel; and per output pixel of a block whose halo is
+    predict's. Prints a Markdown table."""
+    import numpy as np
+
+    from econv_convert.run import runner, scene
+
+    loaded = load_model(MODEL)
+    dense = densify(loaded.model, loaded.input_shape, global_pool="window")
+    geo = scene.geometry(dense.econv)
+    halo = geo.halo[0] + geo.halo_after[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_dense(dense, Path(tmp) / "dense.pt")
+        run = runner.runner(runner.ModelSpec(str(Path(tmp) / "dense.pt")))
+        print("| input side | dense pass | per input pixel | block outputs | per output pixel |")
+        print("|---|---|---|---|---|")
+        for side in sides:
+            x = np.random.default_rng(0).random((1, side, side, 3), dtype=np.float32)
+            x = np.moveaxis(x, -1, 1)  # channels last in memory, as blocks are read
+            run(x)
+            best = math.inf
+            for _ in range(3):
+                t = time.perf_counter()
+                run(x)
+                best = min(best, time.perf_counter() - t)
+            out = side - halo
+            print(f"| {side} | {best:.2f} s | {best / side**2 * 1e9:.0f} ns | {out} | "
+                  f"{best / out**2 * 1e9:.0f} ns |", flush=True)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--widths"]:
+        return widths([int(s) for s in sys.argv[2:]])
     if sys.argv[1:2] == ["--smoke"]:
         return smoke()
     if sys.argv[1:2] == ["--glass"]:
