@@ -4,14 +4,17 @@
 >>> report = verify(model, dense)                 # doctest: +SKIP
 >>> baseline = inverse(dense)                     # doctest: +SKIP
 
-Here: the PyTorch API under its long-standing names, ``verify`` for either backend, and the
-workflows over files of either backend (``*_file``, what the command line runs). Each backend
+Here: ``densify``, ``verify``, ``inverse``, ``lattice_view``, ``info``, ``is_dense``,
+``save_dense`` and ``load_dense`` on models of either backend (a PyTorch module or an ONNX
+graph: :mod:`econv_convert.api`), and the workflows over files of either backend
+(``*_file``, what the command line runs). Each backend
 also has a face of its own with the same names and return shapes: ``econv_convert.torch_api``
 and ``econv_convert.onnx_api`` (imported on use: ONNX is not loaded until needed).
 """
 
+from econv_convert.api import densify, info, inverse, lattice_view, load_dense, save_dense
 from econv_convert.check import VerifyReport
-from econv_convert.core.records import DenseInfo, info
+from econv_convert.core.records import DenseInfo
 from econv_convert.equivalence import verify
 from econv_convert.errors import (
     EConvError,
@@ -22,9 +25,8 @@ from econv_convert.errors import (
     UnsafeCheckpointError,
     UnsupportedLayerError,
 )
-from econv_convert.torch.api import densify, inverse, is_dense, lattice_view
+from econv_convert.torch.api import is_dense
 from econv_convert.torch.module import freeze_batchnorm
-from econv_convert.torch.storage import load_dense, save_dense
 from econv_convert.workflow import (
     CheckOptions,
     LoadOptions,

@@ -103,3 +103,38 @@ def test_the_same_output_stride_checks(k, words):
         with pytest.raises(InvalidInputError) as e:
             api.densify(baseline, SHAPE, output_stride=k)
         assert str(e.value) == words, api.__name__
+
+
+def test_the_package_functions_take_either_backends_models(tmp_path):
+    """``econv_convert.densify`` and the rest on a PyTorch module and on its ONNX export."""
+    import econv_convert as ec
+
+    model = _model()
+    graph = export(model, SHAPE, dynamic=True)
+    x = torch.randn(1, 3, 29, 31)
+    views = []
+    for baseline, suffix in ((model, ".pt"), (graph, ".onnx")):
+        dense = ec.densify(baseline, SHAPE, global_pool="window")
+        assert ec.is_dense(dense) and ec.info(dense).global_pool == "window"
+        assert ec.verify(baseline, dense).ok
+        loaded = ec.load_dense(ec.save_dense(dense, tmp_path / f"d{suffix}"))
+        assert ec.is_dense(tmp_path / f"d{suffix}")
+        if suffix == ".pt":
+            with torch.no_grad():
+                views.append(ec.lattice_view(loaded, loaded(x)).numpy())
+            assert type(ec.inverse(dense)).__name__ == "GraphModule"
+        else:
+            views.append(ec.lattice_view(loaded, run(loaded, x.numpy())[0]))
+            assert not ec.is_dense(ec.inverse(dense))
+    np.testing.assert_allclose(*views, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InvalidInputError, match="needs example_input"):
+        ec.densify(model)
+    with pytest.raises(InvalidInputError, match="for PyTorch models"):
+        ec.densify(graph, SHAPE, input_name="pixel_values")
+    with pytest.raises(InvalidInputError, match="not a dense model"):
+        ec.load_dense(_save_onnx(graph, tmp_path / "base.onnx"))
+
+
+def _save_onnx(graph, path):
+    onnx_api.save(graph, path)
+    return path
