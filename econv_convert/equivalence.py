@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from econv_convert.api import is_onnx_model
 from econv_convert.check import PRECISIONS, Checks, Progress, VerifyReport
 from econv_convert.errors import InvalidInputError
 
@@ -45,7 +46,7 @@ def verify(
                                 f"{', '.join(PRECISIONS)}")
     options = Checks(shapes, trials, seed, atol, rtol, shift, progress, near_example, precision,
                      outputs)
-    if hasattr(dense, "graph") and hasattr(dense, "opset_import"):  # an onnx.ModelProto
+    if is_onnx_model(dense):
         from econv_convert.onnx.api import checked
     else:
         from econv_convert.torch.verify import checked

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from econv_convert.api import is_onnx_model
 from econv_convert.check import read_lattice
 from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo, info
 from econv_convert.core.walk import require_output_stride
@@ -212,7 +213,7 @@ def is_dense(model: Any) -> bool:
         from econv_convert.torch.storage import is_dense_checkpoint
 
         return is_dense_checkpoint(path)
-    if hasattr(model, "metadata_props"):  # an onnx.ModelProto
+    if is_onnx_model(model):
         from econv_convert.onnx import api as onnx_api
 
         return onnx_api.is_dense(model)
