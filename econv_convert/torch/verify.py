@@ -39,7 +39,7 @@ def checked(baseline: nn.Module, dense: nn.Module, options: Checks) -> VerifyRep
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     runs = _Runs(meta, baseline, dense)
-    kw = dict(depth=len(meta.records))
+    depth = len(meta.records)
     notes = []
     with torch.no_grad():
         if precision == "float64" and dtype != torch.float64:
@@ -51,12 +51,13 @@ def checked(baseline: nn.Module, dense: nn.Module, options: Checks) -> VerifyRep
                              "with its tolerances instead")
             else:
                 report = check(meta, wide.baseline, wide.dense, options, device="cpu",
-                               dtype=torch.float64, prove=_prover(wide.dense_model), **kw)
+                               dtype=torch.float64, prove=_prover(wide.dense_model),
+                               depth=depth)
                 report.native = _native_error(meta, runs, report, device, dtype,
                                                options.seed)
                 return report
         report = check(meta, runs.baseline, runs.dense, options, device=device, dtype=dtype,
-                       prove=_prover(dense), **kw)
+                       prove=_prover(dense), depth=depth)
     report.notes[:0] = notes
     return report
 
