@@ -46,6 +46,68 @@ from econv_convert.torch.loading import load_model  # noqa: E402
 MODEL = ROOT / "fixtures" / "tiny_resnet.pt"
 
 
+class _Basic(torch.nn.Module):
+    """A ResNet basic block, as torchvision writes it (in-place ReLUs, ``+=``)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18Like(torch.nn.Module):
+    """The layout of a ResNet-18 patch classifier (11.2 M parameters, 1.8 G multiply-adds at
+    224 x 224, total stride 32): what slide tools most often run patch by patch. Random weights
+    and BatchNorm statistics (nothing is downloaded)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(_Basic(cin, cout, stride), _Basic(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, classes)
+        g = torch.Generator().manual_seed(0)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def baseline(name: str):
+    """``(model, input shape)`` of a benchmark model: the bundled ``tiny_resnet`` or
+    ``resnet18`` (:class:`ResNet18Like`)."""
+    if name == "resnet18":
+        return ResNet18Like().eval(), (1, 3, 224, 224)
+    loaded = load_model(MODEL)
+    return loaded.model.eval(), loaded.input_shape
+
+
 def run_predict(model: Path, image: Path, out: Path, workers: int, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "econv_convert.cli", "predict", str(model), str(image), "-o",
            str(out), "--workers", str(workers), "--json", "--overwrite", "--mask", "none",
@@ -82,7 +144,8 @@ def run_predict(model: Path, image: Path, out: Path, workers: int, *extra: str) 
     return report
 
 
-def patch_by_patch(model, dense, positions: int, sample: int = 64, runs: int = 15) -> dict:
+def patch_by_patch(model, dense, positions: int, sample: int = 64, runs: int = 15,
+                   batches=(32, 64, 128)) -> dict:
     """The baseline on every patch at its fastest here: BatchNorms folded into the
     convolutions (as predict folds the dense model's), in the default and the channels-last
     layout and in batches of 32, 64 and 128; the fastest run of all (this machine is shared
@@ -99,7 +162,7 @@ def patch_by_patch(model, dense, positions: int, sample: int = 64, runs: int = 1
     with torch.no_grad():
         for layout in (torch.contiguous_format, torch.channels_last):
             net = fused.to(memory_format=layout)
-            for batch in (32, 64, 128):
+            for batch in batches:
                 patches = torch.randn(batch, *shape[1:]).contiguous(memory_format=layout)
                 net(patches)  # warm-up
                 for _ in range(runs):
@@ -227,13 +290,15 @@ def per_output_macs(dense) -> float:
     return (macs[1] - macs[0]) / (outputs[1] - outputs[0])
 
 
-def ratio(size: int, strides: list[int]) -> None:
+def ratio(size: int, strides: list[int], name: str = "tiny_resnet") -> None:
     """``--ratio SIZE K...``: predict over a SIZE^2 scene with one worker (both cores) at each
     output stride K, against the baseline on every patch at the same output step; and a
     100k x 100k slide with 40% tissue extrapolated from the measured rate. Two ratios: the
     whole job against patches plus one read of the image, and the dense model's own time in
-    the job's blocks (halos included) against the patches' model time."""
-    loaded = load_model(MODEL)
+    the job's blocks (halos included) against the patches' model time. ``--ratio-resnet18
+    SIZE K...``: the same with a ResNet-18-sized classifier (fewer runs of its patches)."""
+    model, input_shape = baseline(name)
+    big = name == "resnet18"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -241,13 +306,14 @@ def ratio(size: int, strides: list[int]) -> None:
         write_scene(image, size)
         read = min(read_once(image) for _ in range(2))
         for k in strides:
-            dense = densify(loaded.model, loaded.input_shape, global_pool="window",
+            dense = densify(model, input_shape, global_pool="window",
                             output_stride=k if k > 1 else None)
             save_dense(dense, tmp / "dense.pt")
             r = run_predict(tmp / "dense.pt", image, tmp / "o.zarr", 1)
             c, h, w = r["shape"]
-            pbp = patch_by_patch(loaded.model.eval(), dense, h * w)
-            row = {"size": size, "output_stride": k, "outputs": h * w,
+            pbp = patch_by_patch(model, dense, h * w, **(
+                {"runs": 3, "batches": (16, 32)} if big else {}))
+            row = {"model": name, "size": size, "output_stride": k, "outputs": h * w,
                    "seconds": r["seconds"], "block": r["geometry"]["block"],
                    "halo": [r["geometry"]["halo"][0], r["geometry"]["halo_after"][0]],
                    "peak_rss_bytes": r["peak_rss_bytes"], "patches": pbp, "read_once": read,
@@ -255,7 +321,8 @@ def ratio(size: int, strides: list[int]) -> None:
                    "dense_macs": per_output_macs(dense) * h * w}
             rows.append(row)
             print(f"os {k}: done {row['timing']}", file=sys.stderr)
-    (HERE / f"scene_ratio_{size}.json").write_text(json.dumps(rows, indent=2))
+    suffix = f"_{name}" if big else ""
+    (HERE / f"scene_ratio_{size}{suffix}.json").write_text(json.dumps(rows, indent=2))
     print("| output stride | outputs | job | output MP/s | per core | patch by patch + one read "
           "(est.) | job faster | MAC ratio | job, of the MAC ratio | dense model in the "
           "blocks | model, of the MAC ratio | 100k² slide, 40% tissue (est.) |")
@@ -392,6 +459,8 @@ def main() -> None:
         return glass(int(sys.argv[2]))
     if sys.argv[1:2] == ["--ratio"]:
         return ratio(int(sys.argv[2]), [int(s) for s in sys.argv[3:]] or [1, 4, 16])
+    if sys.argv[1:2] == ["--ratio-resnet18"]:
+        return ratio(int(sys.argv[2]), [int(s) for s in sys.argv[3:]] or [32], "resnet18")
     if sys.argv[1:2] == ["--memory"]:
         return memory_only(int(sys.argv[2]), [int(s) for s in sys.argv[3:]])
     if sys.argv[1:2] == ["--profile"]:

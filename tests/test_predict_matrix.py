@@ -345,3 +345,32 @@ def test_linear_after_window_pooling_runs_first_for_prediction(case, monkeypatch
         assert not any(n.target is fuse.linear_then_pool for n in broken.graph.nodes)
         with torch.no_grad():
             torch.testing.assert_close(broken(x), dense(x))
+
+
+INSIDE = [(s, sink) for s in strides("gap") for sink in (".zarr", ".npy")]
+
+
+@pytest.mark.parametrize("stride,sink", INSIDE, ids=[f"os{s}-{k[1:]}" for s, k in INSIDE])
+def test_blocks_inside_the_image_run_trimmed(tmp_path, monkeypatch, stride, sink):
+    """An image large enough for blocks whose window, halo included, lies inside it (2 x 2 of
+    them): those run trimmed (no padding in any layer), the others padded; every output
+    equals the whole pass, through both sinks. (Were a trimmed block found wrong on its
+    check against the padded pass, no other block would be run trimmed.)"""
+    from econv_convert.run import trim
+
+    calls = []
+    real = trim.run
+    monkeypatch.setattr(trim, "run", lambda *a: calls.append(1) or real(*a))
+    big = np.random.default_rng(1).integers(0, 256, (459, 437, 3), dtype=np.uint8)
+    np.save(tmp_path / "big.npy", big)
+    dense = dense_of("gap", stride)
+    path = tmp_path / "dense.pt"
+    save_dense(dense, path)
+    out = tmp_path / f"o{sink}"
+    block = 96 // stride  # outputs: 96 input pixels, more than the halo
+    run(["predict", str(path), str(tmp_path / "big.npy"), "-o", str(out), "--block",
+         str(block), *(["--workers", "0", "--mask", "none"] if sink == ".zarr" else [])])
+    got = scene.result_array(out)[:] if sink == ".zarr" else np.load(out)[0]
+    expected = whole(dense, big)
+    np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 4

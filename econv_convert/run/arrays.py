@@ -61,10 +61,12 @@ def predict_array(dense: Any, meta: Any, model: Path, save: Callable[[Path], Any
                 save(path)
             onnx_run = runner.runner(runner.ModelSpec(str(path)))
 
-            def run(a):
+            def full(a):
                 y = onnx_run(a)
                 lead[:] = y.shape[1:-nd]
                 return y
+
+            run = runner.Run(full)
         batch = np.load(image, mmap_mode="r") if not image_input else None
         if batch is not None and batch.ndim == 4 and batch.shape[0] > 1:  # N,C,H,W
             if batch.shape[1] != channels:

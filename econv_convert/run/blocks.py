@@ -5,15 +5,17 @@ Each output block is one chunk and one task: it reads its own lattice-aligned in
 plus a halo from the source, runs the dense model, keeps its block and writes that whole
 chunk (and its part of the pyramid), so no two tasks write the same bytes and no array of the
 whole image exists anywhere. The same :func:`block_output` serves every sink (an OME-Zarr
-image, an array in memory). A written block leaves a marker file, for ``resume``.
+image, an array in memory). A block whose window lies inside the image runs without the
+padding of its edges (:mod:`econv_convert.run.trim`). A written block leaves a marker file,
+for ``resume``.
 """
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 
 from econv_convert.errors import InvalidInputError, SizeNotCovered, describe
 from econv_convert.run import ngff
-from econv_convert.run.runner import ModelSpec, runner, timed
+from econv_convert.run.runner import ModelSpec, Run, runner
 from econv_convert.run.sources import SourceSpec, cached_source, normalize
 
 MARKERS = ".econv-blocks"  # inside the zarr folder: one empty file per finished block
@@ -63,26 +65,81 @@ class Job:
             inp.append((max(0, a * s - h), min(extent, e * s + t)))
         return out, inp
 
+    def inside(self, block: Sequence[int], size: Sequence[int]) -> bool:
+        """Whether ``block``'s input window, halo included, lies inside the image on every
+        side: then none of the model's padding is the image's, and its outputs do not depend
+        on it (:mod:`econv_convert.run.trim`)."""
+        after = self.halo_after or self.halo
+        for k, n, b, s, h, t, extent in zip(block, self.shape[1:], self.block, self.step,
+                                            self.halo, after, size):
+            if k * b * s - h < 0 or min(n, (k + 1) * b) * s + t > extent:
+                return False
+        return True
 
-def block_output(job: Job, block: Sequence[int], source, run,
-                 read: tuple | None = None) -> tuple[tuple, np.ndarray]:
+
+def block_output(job: Job, block: Sequence[int], source, run: Run
+                 ) -> tuple[tuple, np.ndarray]:
     """One block of the output: its index into the whole output and its values. The one
-    computation every sink shares (a zarr chunk, an array in memory). ``read``: the block's
-    input from :func:`block_input`, when it was read ahead."""
-    out_range, in_range, x = read if read is not None else block_input(job, block, source)
+    computation every sink shares (a zarr chunk, an array in memory). A block inside the
+    image runs trimmed where the model allows it (:meth:`Run.interior`); the first such
+    block of a process is also run padded and compared, and a difference beyond rounding
+    runs every block padded."""
+    out_range, in_range, x = block_input(job, block, source)
+    # the window's output index q is the image's index lo / step + q
+    starts = [a - lo // s for (a, _), (lo, _), s in zip(out_range, in_range, job.step)]
+    sizes = [e - a for a, e in out_range]
+    part = None
+    if run.can_trim and job.inside(block, source.shape[1:]):
+        part = _trimmed(job, block, run, x, starts, sizes)
+    if part is None:
+        y = _pass(job, block, in_range, lambda: run(x))
+        part = _cut(job, block, y, starts, sizes)
+    return (slice(None),) + tuple(slice(a, e) for a, e in out_range), part
+
+
+def _pass(job: Job, block, in_range, f):
     try:
-        y = _as_map(run(x), job.shape[0], len(in_range))
+        return f()
     except SizeNotCovered as e:  # a size this dense model has no value for: the user's to fix
         shape = "x".join(str(e - a) for a, e in in_range)
         raise InvalidInputError(f"block {tuple(block)} (an input window of {shape}): {e}; "
                                 "smaller blocks (block=...) may stay within it") from None
-    # the window's output index q is the image's index lo / step + q
-    starts = [a - lo // s for (a, _), (lo, _), s in zip(out_range, in_range, job.step)]
-    if any(r + (e - a) > n for r, (a, e), n in zip(starts, out_range, y.shape[1:])):
+
+
+def _cut(job: Job, block, y: np.ndarray, starts, sizes) -> np.ndarray:
+    y = _as_map(y, job.shape[0], len(starts))
+    if any(r < 0 or r + n > m for r, n, m in zip(starts, sizes, y.shape[1:])):
         raise RuntimeError(f"block {tuple(block)}: the window's output {y.shape[1:]} does not "
                            f"reach the block's end; the halo {job.halo} is too small")
-    part = y[(slice(None),) + tuple(slice(r, r + e - a) for r, (a, e) in zip(starts, out_range))]
-    return (slice(None),) + tuple(slice(a, e) for a, e in out_range), part
+    return y[(slice(None),) + tuple(slice(r, r + n) for r, n in zip(starts, sizes))]
+
+
+def _trimmed(job: Job, block, run: Run, x, starts, sizes) -> np.ndarray | None:
+    """The block's outputs from the trimmed pass, or None where it cannot give them (the
+    model then runs padded, and every later block too)."""
+    from econv_convert.run.trim import Untrimmable
+
+    try:
+        y, shift = run.interior(x)
+    except Untrimmable:
+        run.no_trim()
+        return None
+    y = _as_map(y, job.shape[0], len(starts))
+    at = [r - d for r, d in zip(starts, shift)]
+    if any(r < 0 or r + n > m for r, n, m in zip(at, sizes, y.shape[1:])):
+        run.no_trim()
+        return None
+    part = y[(slice(None),) + tuple(slice(r, r + n) for r, n in zip(at, sizes))]
+    if not run.checked:
+        padded = _cut(job, block, run(x), starts, sizes)
+        scale = float(np.nanmax(np.abs(padded))) if np.isfinite(padded).any() else 1.0
+        if not np.allclose(part, padded, rtol=1e-4, atol=1e-5 * max(1.0, scale),
+                           equal_nan=True):
+            run.no_trim()
+            return padded
+        run.checked = True
+    run.trimmed += 1
+    return part
 
 
 def block_input(job: Job, block: Sequence[int], source) -> tuple:
@@ -95,13 +152,23 @@ def block_input(job: Job, block: Sequence[int], source) -> tuple:
     return out_range, in_range, x
 
 
-def compute_block(job: Job, block: tuple[int, ...], read: tuple | None = None) -> float:
+def compute_block(job: Job, block: tuple[int, ...]) -> dict[str, float]:
     """Read, run, write one block into the zarr output (a Dask task). Returns the seconds
-    its model took."""
-    run, seconds = timed(runner(job.model))
-    index, part = block_output(job, block, cached_source(job.source), run, read)
+    each step took (:data:`STEPS`)."""
+    return _one_block(job, block, cached_source(job.source), runner(job.model))
+
+
+STEPS = ("read", "model", "write")  # where a block's time goes
+
+
+def _one_block(job: Job, block, source, run: Run) -> dict[str, float]:
+    start, model = time.perf_counter(), run.seconds
+    index, part = block_output(job, block, source, run)
+    computed = time.perf_counter()
     store_block(job, block, index, part)
-    return seconds[0]
+    model = run.seconds - model
+    return {"read": computed - start - model, "model": model,
+            "write": time.perf_counter() - computed}
 
 
 def store_block(job: Job, block: tuple[int, ...], index: tuple, part: np.ndarray
@@ -114,43 +181,21 @@ def store_block(job: Job, block: tuple[int, ...], index: tuple, part: np.ndarray
 
 
 def _in_process(job: Job, blocks: Sequence[tuple[int, ...]], progress: Progress | None
-                ) -> float:
-    """The blocks in this process: each block's input read (in a thread) while the block
-    before it runs, and its output written (in another) while the block after it runs; a
-    block counts as done once written. The writer first imports the NGFF writer the job
-    needs at its end (over half a second of imports, hidden under the first block)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+                ) -> dict[str, float]:
+    """The blocks in this process, one after another: each read, run and written in turn,
+    every step on every core. Overlapping them (reading ahead and writing behind in threads)
+    was slower: the model's threads wait for each other at every layer, and one of them
+    sharing its core with a reader or writer held up both (a 1184-pixel block ran 0.69 s
+    alone and about 1.2 s beside a writer; ``benchmarks/scene.py --profile``)."""
     source = cached_source(job.source)
-    run, seconds = timed(runner(job.model))
-    with ThreadPoolExecutor(1) as writer:
-        pending = writer.submit(importlib.import_module, "ome_zarr.writer")
-        for k, (b, data) in enumerate(_read_ahead(job, list(blocks), source)):
-            index, part = block_output(job, b, source, run, data)
-            pending.result()  # the write before this one (an error in it is raised here)
-            if progress and k:
-                progress(k, len(blocks))
-            pending = writer.submit(store_block, job, b, index, part)
-        pending.result()
+    run = runner(job.model)
+    total = dict.fromkeys(STEPS, 0.0)
+    for k, b in enumerate(blocks):
+        for step, seconds in _one_block(job, b, source, run).items():
+            total[step] += seconds
         if progress:
-            progress(len(blocks), len(blocks))
-    return seconds[0]
-
-
-def _read_ahead(job: Job, blocks: Sequence[tuple[int, ...]], source):
-    """``(block, its input)`` in order, each block's input read and decoded in a thread while
-    the one before it runs (reading and decoding release the GIL, as the model does)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if not blocks:
-        return
-    with ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(block_input, job, blocks[0], source)
-        for k, b in enumerate(blocks):
-            data = ahead.result()
-            if k + 1 < len(blocks):
-                ahead = pool.submit(block_input, job, blocks[k + 1], source)
-            yield b, data
+            progress(k + 1, len(blocks))
+    return total
 
 
 def in_memory(job: Job, source, run, blocks: Sequence[tuple[int, ...]] | None = None,
@@ -159,8 +204,8 @@ def in_memory(job: Job, source, run, blocks: Sequence[tuple[int, ...]] | None = 
     is not in ``blocks``)."""
     out = np.full(job.shape, np.nan, dtype=np.float32)
     todo = job.blocks() if blocks is None else list(blocks)
-    for k, (b, data) in enumerate(_read_ahead(job, todo, source), 1):
-        index, part = block_output(job, b, source, run, data)
+    for k, b in enumerate(todo, 1):
+        index, part = block_output(job, b, source, run)
         out[index] = part
         if progress:
             progress(k, len(todo))
@@ -178,15 +223,15 @@ def _as_map(y: np.ndarray, channels: int, nd: int = 2) -> np.ndarray:
 def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
                scheduler: str | None = None, progress: Progress | None = None,
                on_start: Callable[[str, str | None], None] | None = None
-               ) -> tuple[str, int, float]:
+               ) -> tuple[str, int, dict[str, float]]:
     """Compute ``blocks``: in this process when ``workers`` is 0 and no scheduler is given,
     else on Dask (an embedded ``LocalCluster`` of ``workers`` processes, or the cluster at
     ``scheduler``). ``on_start(scheduler, dashboard)`` is called once the cluster is up.
-    Returns the scheduler's description, the number of workers and the seconds the model
-    took, summed over the blocks."""
+    Returns the scheduler's description, the number of workers and the seconds each step
+    of a block took (:data:`STEPS`), summed over the blocks."""
     total = len(blocks)
     if not blocks:
-        return "none", 0, 0.0
+        return "none", 0, dict.fromkeys(STEPS, 0.0)
     if workers == 0 and scheduler is None:
         if on_start:
             on_start("this process", None)
@@ -213,12 +258,14 @@ def run_blocks(job: Job, blocks: Sequence[tuple[int, int]], *, workers: int,
         if on_start:
             on_start(where, client.dashboard_link if _has_dashboard() else None)
         futures = client.map(compute_block, [job] * total, blocks, pure=False)
-        model = 0.0
+        steps = dict.fromkeys(STEPS, 0.0)
         for k, future in enumerate(as_completed(futures), 1):
-            model += future.result()  # an error in a task is raised here, as it was there
+            # an error in a task is raised here, as it was there
+            for step, seconds in future.result().items():
+                steps[step] += seconds
             if progress:
                 progress(k, total)
-        return where, n, model
+        return where, n, steps
     finally:
         client.close()
         if cluster is not None:

@@ -50,7 +50,7 @@ def _load_runner(spec: ModelSpec):
         name = session.get_inputs()[0].name
         from econv_convert.onnx.model import run
 
-        return lambda x: run(session, None, {name: np.ascontiguousarray(x)})[0]
+        return Run(lambda x: run(session, None, {name: np.ascontiguousarray(x)})[0])
     import torch
 
     from econv_convert.run.fuse import prepare
@@ -65,30 +65,80 @@ def _load_runner(spec: ModelSpec):
     return module_runner(model.to(device), len(model.econv.example_shape) - 2, device)
 
 
-def module_runner(model, nd: int, device: Any = "cpu", lead: list | None = None):
-    """``f(x) -> y`` on numpy arrays for a dense module of ``nd`` spatial axes (channels-last
+class Run:
+    """A dense model as ``f(x) -> y`` on ``(1, C, ...)`` float32 numpy arrays, and where its
+    graph allows it (:mod:`econv_convert.run.trim`) ``interior(x) -> (y, shift)``: the same
+    pass with every layer's padding dropped, for an input window inside the image on every
+    side (``shift``: where the trimmed output's first position is in ``f(x)``'s)."""
+
+    def __init__(self, full: Callable[[np.ndarray], np.ndarray],
+                 interior: Callable[[np.ndarray], tuple[np.ndarray, list[int]]] | None = None):
+        self._full, self._interior = full, interior
+        self.seconds = 0.0  # the passes' time, added up
+        self.checked = False  # whether a trimmed block was compared with its padded pass
+        self.trimmed = 0  # blocks run trimmed
+
+    @property
+    def can_trim(self) -> bool:
+        return self._interior is not None
+
+    def no_trim(self) -> None:
+        """Run every block padded from now on."""
+        self._interior = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return self._full(x)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def interior(self, x: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        start = time.perf_counter()
+        try:
+            return self._interior(x)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def module_runner(model, nd: int, device: Any = "cpu", lead: list | None = None,
+                  trimmed: bool = True) -> Run:
+    """The dense module of ``nd`` spatial axes ``model`` as a :class:`Run` (channels-last
     for 2-D and 3-D maps, the output as float32 on the CPU); ``lead``, when given, receives
-    the output's dims before the spatial ones."""
+    the output's dims before the spatial ones; ``trimmed=False``: every block padded."""
     import torch
 
+    from econv_convert.run import trim
     from econv_convert.run.bench import memory_format
 
     fmt = memory_format(nd + 2, True)
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def prepared(x: np.ndarray):
         t = torch.from_numpy(x)
         if t.shape[0] == 1:
             # numpy gives a new axis of one stride 0, which sends channels-last convolutions
             # down a path 2x slower: the stride of one whole image, as torch would give it
             t = t.as_strided(t.shape, (t[0].numel(), *t.stride()[1:]))
-        with torch.no_grad():
-            y = model(t.to(device).contiguous(memory_format=fmt))
+        return t.to(device).contiguous(memory_format=fmt)
+
+    def out(y) -> np.ndarray:
         y = y if isinstance(y, torch.Tensor) else _only_tensor(y)
         if lead is not None:
             lead[:] = y.shape[1:-nd]
         return y.float().cpu().numpy()
 
-    return run
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return out(model(prepared(x)))
+
+    def interior(x: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        with torch.no_grad():
+            y, shift = trim.run(model, prepared(x), nd)
+        if not isinstance(y, torch.Tensor):
+            raise trim.Untrimmable("the output is not one tensor")
+        return out(y), shift
+
+    return Run(run, interior if trimmed and trim.trimmable(model) else None)
 
 
 def _device(name: str) -> str:
@@ -115,17 +165,3 @@ def _only_tensor(y):
     if len(leaves) != 1:
         raise InvalidInputError("prediction needs a model with one output map")
     return leaves[0]
-
-
-def timed(run: Callable[[np.ndarray], np.ndarray]):
-    """``run`` and a list whose one number adds up the seconds its calls take."""
-    seconds = [0.0]
-
-    def timed_run(x: np.ndarray) -> np.ndarray:
-        start = time.perf_counter()
-        try:
-            return run(x)
-        finally:
-            seconds[0] += time.perf_counter() - start
-
-    return timed_run, seconds

@@ -17,9 +17,11 @@ the pyramid and labels are built. So a killed run loses only the blocks in fligh
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -313,9 +315,14 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
     threads = model.threads or max(1, (os.cpu_count() or 1) // max(1, n_workers))
     job = replace(job, model=replace(model, threads=threads))
     timing = {"prepare": time.perf_counter() - start}
-    where, used, model_seconds = run_blocks(job, todo, workers=n_workers, scheduler=scheduler,
+    # the NGFF writer is only needed at the end, and importing it takes over half a second
+    importer = threading.Thread(target=importlib.import_module, args=("ome_zarr.writer",),
+                                daemon=True)
+    importer.start()
+    where, used, steps = run_blocks(job, todo, workers=n_workers, scheduler=scheduler,
                                             progress=progress, on_start=on_start)
     timing["blocks"] = time.perf_counter() - start - timing["prepare"]
+    importer.join()
     levels = finish_output(job, time.perf_counter() - start, ngff_version=ngff_version,
                            placement=placement)
     timing["pyramid_and_labels"] = time.perf_counter() - start - sum(timing.values())
@@ -331,7 +338,8 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
                      ngff=ngff_version, levels=levels, pixel_size=list(mpp) if mpp else None,
                      scale=placement[0], unit=placement[2], blocks_masked=len(masked),
                      mask=full["mask"], timing={**{k: round(v, 3) for k, v in timing.items()},
-                                                "model_in_blocks": round(model_seconds, 3)})
+                                                **{f"{k}_in_blocks": round(v, 3)
+                                                   for k, v in steps.items()}})
 
 
 BLOCK_PIXELS = 1024  # input pixels a default block covers, per side

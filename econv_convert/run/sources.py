@@ -194,6 +194,8 @@ def _open_tiff(spec: SourceSpec) -> Source:
     def close():
         if store is not None:
             store.close()
+        if tiles is not None:
+            tiles.close()
         tif.close()
 
     source = ArraySource(array, layout, spec.channels, where, close)
@@ -238,29 +240,60 @@ class TiffTiles:
         self._cache: OrderedDict = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._pool = None  # decoding threads, made on the first read of several tiles
 
-    def _tile(self, ty: int, tx: int) -> np.ndarray:
-        key = (ty, tx)
-        tile = self._cache.get(key)
-        if tile is not None:
-            self._cache.move_to_end(key)
-            return tile
-        page, index = self.page, ty * self.across + tx
-        offset, count = page.dataoffsets[index], page.databytecounts[index]
-        if count:
-            with self.fh.lock:
-                self.fh.seek(offset)
-                data = self.fh.read(count)
-            tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-            tile = tile.reshape(self.th, self.tw, -1)
-        else:  # a tile the writer left out reads as zeros, as in tifffile
-            tile = np.zeros((self.th, self.tw, self.shape[2] if len(self.shape) == 3 else 1),
-                            self.dtype)
-        self._cache[key] = tile
-        self._bytes += tile.nbytes
+    def _tiles(self, keys: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        """The decoded tiles at ``keys`` ``(ty, tx)``: those cached, and the others read in
+        file order and decoded on every core (decoders release the GIL)."""
+        tiles, todo = {}, []
+        for key in keys:
+            tile = self._cache.get(key)
+            if tile is None:
+                todo.append(key)
+            else:
+                self._cache.move_to_end(key)
+                tiles[key] = tile
+        page = self.page
+        raw = []
+        with self.fh.lock:
+            for ty, tx in sorted(todo, key=lambda k: page.dataoffsets[k[0] * self.across + k[1]]):
+                index = ty * self.across + tx
+                offset, count = page.dataoffsets[index], page.databytecounts[index]
+                data = None
+                if count:
+                    self.fh.seek(offset)
+                    data = self.fh.read(count)
+                raw.append(((ty, tx), index, data))
+        for (key, _, _), tile in zip(raw, self._map(self._decode, raw)):
+            tiles[key] = tile
+            self._cache[key] = tile
+            self._bytes += tile.nbytes
         while self._bytes > self.CACHE_BYTES and len(self._cache) > 1:
             self._bytes -= self._cache.popitem(last=False)[1].nbytes
-        return tile
+        return tiles
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _decode(self, item) -> np.ndarray:
+        _, index, data = item
+        if data is None:  # a tile the writer left out reads as zeros, as in tifffile
+            return np.zeros((self.th, self.tw, self.shape[2] if len(self.shape) == 3 else 1),
+                            self.dtype)
+        tile = self.page.decode(data, index, jpegtables=self.page.jpegtables)[0]
+        return tile.reshape(self.th, self.tw, -1)
+
+    def _map(self, f, items: list):
+        if len(items) < 2:
+            return [f(item) for item in items]
+        if self._pool is None:
+            import os
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(os.cpu_count() or 1)
+        return list(self._pool.map(f, items))
 
     def __getitem__(self, key):
         ys, xs, *rest = key
@@ -268,14 +301,16 @@ class TiffTiles:
         x0, x1, _ = xs.indices(self.shape[1])
         samples = self.shape[2] if len(self.shape) == 3 else 1
         out = np.empty((max(0, y1 - y0), max(0, x1 - x0), samples), self.dtype)
+        rows = range(y0 // self.th, -(-y1 // self.th))
+        cols = range(x0 // self.tw, -(-x1 // self.tw))
         with self._lock:
-            for ty in range(y0 // self.th, -(-y1 // self.th)):
-                a, e = max(y0, ty * self.th), min(y1, (ty + 1) * self.th)
-                for tx in range(x0 // self.tw, -(-x1 // self.tw)):
-                    b, f = max(x0, tx * self.tw), min(x1, (tx + 1) * self.tw)
-                    tile = self._tile(ty, tx)
-                    out[a - y0:e - y0, b - x0:f - x0] = tile[a - ty * self.th:e - ty * self.th,
-                                                              b - tx * self.tw:f - tx * self.tw]
+            tiles = self._tiles([(ty, tx) for ty in rows for tx in cols])
+        for ty in rows:
+            a, e = max(y0, ty * self.th), min(y1, (ty + 1) * self.th)
+            for tx in cols:
+                b, f = max(x0, tx * self.tw), min(x1, (tx + 1) * self.tw)
+                out[a - y0:e - y0, b - x0:f - x0] = tiles[ty, tx][
+                    a - ty * self.th:e - ty * self.th, b - tx * self.tw:f - tx * self.tw]
         if len(self.shape) == 2:
             return out[..., 0]
         return out[..., rest[0]] if rest else out

@@ -1,0 +1,328 @@
+"""A block's dense pass without the halo's padding: every layer computes only the positions
+its data reaches.
+
+A block reads its outputs' windows plus a halo, and the dense model pads every layer of that
+input as if the block's edges were the image's: each layer computes a map as large as the
+block's input, though the outputs a block keeps need less and less of it from layer to layer
+(the last, most dilated layers of a ResNet-like model lose a tenth of their positions). For a
+block whose input window lies inside the image on every side, none of that padding is the
+image's: its outputs do not depend on it. This module runs the same graph with every window
+layer's padding removed (and its stride kept as the dense model has it), so each map shrinks
+to the positions computed from real data alone, and tracks, per spatial axis, the *shift*
+between a position of the trimmed map and the same position of the padded one.
+
+Only graphs made of layers whose meaning is the same on any part of a map are run this way
+(:func:`trimmable`): the dense window layers, the layers that keep their stride below an
+output stride, element-wise layers, concatenation over the channels, window pooling. A graph
+with anything else (a size read off a map, a global reduction, a reshape) runs as it is. Two
+maps meeting in a sum are cut to the positions both have. Positions near a trimmed map's
+edges may read less than their whole window (a ceil-mode window past the end): they lie
+outside what the block keeps, as the padded pass's edge positions do.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from econv_convert.run import fuse
+from econv_convert.torch import ops
+
+# dense window layers (stride 1 on the dense map): the argument names of their padding,
+# stride and ceil mode
+_WINDOW = {ops.conv: ("pad_lo", "stride", None), ops.max_pool: ("pad_lo", "stride", "ceil_mode"),
+           ops.avg_pool: ("padding", "stride", "ceil_mode"),
+           ops.lp_pool: (None, "stride", "ceil_mode")}
+# layers that keep the baseline's stride (below an output stride), as PyTorch's functions
+_KEPT_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2,
+              torch.conv3d: 3}
+_KEPT_POOL = {F.max_pool1d: (1, "max"), F.max_pool2d: (2, "max"), F.max_pool3d: (3, "max"),
+              F.avg_pool1d: (1, "avg"), F.avg_pool2d: (2, "avg"), F.avg_pool3d: (3, "avg")}
+# one map in, the same positions out
+_UNARY = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish,
+          F.hardsigmoid, F.hardtanh, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
+          F.dropout, fuse.relu_into, ops.batch_norm}
+# maps (and per-channel constants) combined position by position
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+           torch.mul, torch.div, fuse.add_into}
+# layers acting on the dims before the trailing spatial ones (the heads after window
+# pooling): checked when run (:func:`_below`)
+_BELOW = {ops.reshape, ops.last_dims, torch.squeeze}
+# element-wise only when not training: (function, position of ``training``)
+_TRAINING = {ops.batch_norm: 5, F.dropout: 2}
+_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "add", "add_",
+            "mul", "mul_", "sub", "div"}
+
+
+class Untrimmable(Exception):
+    """The graph (or this input) has a layer whose trimmed form is not known here."""
+
+
+def trimmable(gm: fx.GraphModule) -> bool:
+    """Whether every node of ``gm`` is one this module can run trimmed."""
+    placeholders = 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            placeholders += 1
+        elif node.op == "call_function":
+            if not (node.target in _WINDOW or node.target in _KEPT_CONV
+                    or node.target in _KEPT_POOL or node.target in _UNARY
+                    or node.target in _BINARY or node.target is torch.cat
+                    or node.target is fuse.linear_then_pool or _window_pool(node)
+                    or node.target in _BELOW):
+                return False
+        elif node.op == "call_method":
+            if node.target not in _METHODS:
+                return False
+        elif node.op not in ("get_attr", "output"):
+            return False
+    return placeholders == 1
+
+
+def _window_pool(node: fx.Node) -> bool:
+    return (node.target is ops.global_pool and len(node.args) >= 4
+            and node.args[3] == "window")
+
+
+def run(gm: fx.GraphModule, x: torch.Tensor, nd: int) -> tuple[torch.Tensor, list[int]]:
+    """``gm`` on ``x`` with every padding dropped: the output and, per spatial axis, the
+    index in the padded pass's output of the trimmed output's first position."""
+    values: dict[fx.Node, object] = {}
+    shifts: dict[fx.Node, list[int]] = {}
+
+    def arg(a):
+        return fx.node.map_arg(a, lambda n: values[n])
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            values[node], shifts[node] = x, [0] * nd
+        elif node.op == "get_attr":
+            values[node] = _attr(gm, node.target)
+        elif node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node) or out not in shifts:
+                raise Untrimmable("the output is not one map")
+            return values[out], shifts[out]
+        else:
+            spatial = [n for n in node.all_input_nodes if n in shifts]
+            if not spatial:  # computed from constants alone
+                values[node] = _call(node, arg(node.args), arg(node.kwargs))
+                continue
+            values[node], shifts[node] = _trimmed(node, arg, values, shifts, spatial, nd)
+    raise Untrimmable("the graph has no output")
+
+
+def _call(node: fx.Node, args, kwargs):
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _trimmed(node, arg, values, shifts, spatial, nd):
+    f = node.target
+    if f in _WINDOW:
+        return _window(node, arg, shifts, nd)
+    if f in _KEPT_CONV or f in _KEPT_POOL:
+        return _kept(node, arg, shifts, nd)
+    if f is fuse.linear_then_pool or _window_pool(node):
+        # a window pool without padding: position q pools q, q + s, ...; the shift stays
+        _only_first(node, spatial)
+        return _call(node, arg(node.args), arg(node.kwargs)), list(shifts[spatial[0]])
+    if f is torch.cat:
+        return _cat(node, arg, values, shifts, nd)
+    if f in _BELOW:
+        return _below(node, arg, values, shifts, spatial, nd)
+    # element-wise: the maps cut to the positions they all have, constants as they are
+    shift = [max(shifts[n][i] for n in spatial) for i in range(nd)]
+    end = [min(shifts[n][i] + values[n].shape[values[n].dim() - nd + i] for n in spatial)
+           for i in range(nd)]
+    if any(e <= s for s, e in zip(shift, end)):
+        raise Untrimmable(f"{node.name}: the maps it combines do not overlap")
+
+    def cut(n):
+        if n in shifts:
+            return _narrow(values[n], [s - t for s, t in zip(shift, shifts[n])],
+                           [e - s for s, e in zip(shift, end)])
+        v = values[n]
+        if isinstance(v, torch.Tensor) and v.dim() >= nd and any(
+                v.shape[v.dim() - nd + i] != 1 for i in range(nd)):
+            raise Untrimmable(f"{node.name}: a constant with a spatial extent")
+        return v
+
+    if node.op == "call_function" and f not in _UNARY and f not in _BINARY:
+        raise Untrimmable(f"{node.name}: {f}")
+    if f in _TRAINING and _training(node):
+        raise Untrimmable(f"{node.name}: batch statistics or dropout in training")
+    args = fx.node.map_arg(node.args, cut)
+    kwargs = fx.node.map_arg(node.kwargs, cut)
+    return _call(node, args, kwargs), shift
+
+
+def _training(node) -> bool:
+    f = node.target
+    given = node.kwargs.get("training", node.args[_TRAINING[f]]
+                            if len(node.args) > _TRAINING[f] else f is F.dropout)
+    return given is not False
+
+
+def _below(node, arg, values, shifts, spatial, nd):
+    """A layer that leaves a map's trailing ``nd`` dims as they are (their positions keep
+    their shift): a reshape or an op below trailing extra dims that include them, a squeeze
+    of other dims."""
+    f = node.target
+    first = node.args[1] if f is ops.last_dims else node.args[0]  # last_dims(fn, x, ...)
+    if spatial != [first]:
+        raise Untrimmable(f"{node.name}: a map in an argument other than its input")
+    rank = values[first].dim()
+    if f is ops.reshape:
+        from_dims, n_extra = node.args[2], node.args[3]
+        keeps = n_extra >= nd and all(d is None or d % rank < rank - nd for d in from_dims)
+    elif f is ops.last_dims:
+        keeps = node.args[2] >= nd
+    else:  # torch.squeeze(x, dims)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = [dims] if isinstance(dims, int) else dims
+        keeps = dims is not None and all(d % rank < rank - nd for d in dims)
+    if not keeps:
+        raise Untrimmable(f"{node.name}: reshapes the spatial dims")
+    return _call(node, arg(node.args), arg(node.kwargs)), list(shifts[first])
+
+
+def _only_first(node, spatial):
+    if spatial != [node.args[0]]:
+        raise Untrimmable(f"{node.name}: a map in an argument other than the first")
+
+
+def _narrow(t: torch.Tensor, starts: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
+    nd = len(starts)
+    for i, (a, n) in enumerate(zip(starts, sizes)):
+        d = t.dim() - nd + i
+        if a or n != t.shape[d]:
+            t = t.narrow(d, a, n)
+    return t
+
+
+def _bound(node):
+    import inspect
+
+    sig = inspect.signature(node.target)
+    bound = sig.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return bound
+
+
+def _window(node, arg, shifts, nd):
+    """A dense window layer (stride 1 on the dense map) without padding, ceil mode or the
+    tight crop (the stride it is given only crops the far end): every position of its output
+    reads real data alone."""
+    _only_first(node, [n for n in node.all_input_nodes if n in shifts])
+    bound = _bound(node)
+    pad_name, stride_name, ceil_name = _WINDOW[node.target]
+    steps = list(bound.arguments["steps"])
+    shift = list(shifts[node.args[0]])
+    if pad_name is not None:
+        pad = list(bound.arguments[pad_name])
+        shift = [d + p * s for d, p, s in zip(shift, pad, steps)]
+        bound.arguments[pad_name] = [0] * nd
+        if "pad_hi" in bound.arguments:
+            bound.arguments["pad_hi"] = [0] * nd
+    bound.arguments[stride_name] = [1] * nd
+    if ceil_name is not None:
+        bound.arguments[ceil_name] = False
+    return node.target(*arg(bound.args), **arg(bound.kwargs)), shift
+
+
+def _tuple(v, nd):
+    if isinstance(v, int):
+        return [v] * nd
+    v = list(v)
+    return v * nd if len(v) == 1 else v
+
+
+_CONV_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_MAX_NAMES = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+              "return_indices")
+_AVG_NAMES = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+              "divisor_override")
+_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
+             "ceil_mode": False, "return_indices": False, "count_include_pad": True,
+             "divisor_override": None}
+
+
+def _kept(node, arg, shifts, nd):
+    """A layer that keeps the baseline's stride ``t``, without padding: its input cut so
+    that the first window starts where one of the padded pass's does."""
+    _only_first(node, [n for n in node.all_input_nodes if n in shifts])
+    if node.target in _KEPT_CONV:
+        names, kind = _CONV_NAMES, "conv"
+        if _KEPT_CONV[node.target] != nd:
+            raise Untrimmable(f"{node.name}: not a {nd}-D convolution")
+    else:
+        dims, kind = _KEPT_POOL[node.target]
+        names = _MAX_NAMES if kind == "max" else _AVG_NAMES
+        if dims != nd:
+            raise Untrimmable(f"{node.name}: not a {nd}-D pool")
+    given = dict(zip(names, node.args))
+    given.update(node.kwargs)
+    params = {k: given.get(k, _DEFAULTS.get(k)) for k in names}
+    if params.get("return_indices"):
+        raise Untrimmable(f"{node.name}: pool indices are positions")
+    stride = params["stride"]
+    if stride is None or (not isinstance(stride, int) and len(stride) == 0):
+        stride = params["kernel_size"]  # a pool's default stride
+    padding = params["padding"]
+    if isinstance(padding, str):
+        if padding != "valid":
+            raise Untrimmable(f"{node.name}: padding={padding!r}")
+        padding = 0
+    stride, padding = _tuple(stride, nd), _tuple(padding, nd)
+    shift = list(shifts[node.args[0]])
+    cut = [(-(d + p)) % t for d, p, t in zip(shift, padding, stride)]
+    x = arg(node.args[0])
+    x = _narrow(x, cut, [x.shape[x.dim() - nd + i] - c for i, c in enumerate(cut)])
+    out_shift = [(d + c + p) // t for d, c, p, t in zip(shift, cut, padding, stride)]
+    params = {k: arg(v) for k, v in params.items() if k != "input"}
+    params["padding"] = 0
+    if "ceil_mode" in params:
+        params["ceil_mode"] = False
+    if kind == "conv":
+        return node.target(x, params.pop("weight"), params.pop("bias"), **params), out_shift
+    return node.target(x, **params), out_shift
+
+
+def covered(y: torch.Tensor, shift: Sequence[int], starts: Sequence[int],
+            sizes: Sequence[int]) -> bool:
+    """Whether the trimmed output ``y`` (first position at ``shift`` of the padded pass's)
+    holds the padded pass's positions ``starts`` to ``starts + sizes``."""
+    nd = len(shift)
+    return all(0 <= a - d and a - d + n <= y.shape[y.dim() - nd + i]
+               for i, (a, d, n) in enumerate(zip(starts, shift, sizes)))
+
+
+def _cat(node, arg, values, shifts, nd):
+    tensors = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(tensors, (list, tuple)) or not all(
+            isinstance(t, fx.Node) and t in shifts for t in tensors):
+        raise Untrimmable(f"{node.name}: concatenates a constant")
+    rank = values[tensors[0]].dim()
+    if dim % rank >= rank - nd:
+        raise Untrimmable(f"{node.name}: concatenates along a spatial axis")
+    shift = [max(shifts[t][i] for t in tensors) for i in range(nd)]
+    end = [min(shifts[t][i] + values[t].shape[rank - nd + i] for t in tensors)
+           for i in range(nd)]
+    parts = [_narrow(values[t], [s - u for s, u in zip(shift, shifts[t])],
+                     [e - s for s, e in zip(shift, end)]) for t in tensors]
+    return torch.cat(parts, dim), shift
+
