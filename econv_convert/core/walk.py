@@ -162,7 +162,8 @@ class Walk:
         """Keep what the memory guard and the per-node proof need of one value."""
         if lay is None:
             return
-        if lay.dense_numel() > self.rewritten.peak_elements:
+        # the maps (what grows with the input's area; a weight does not)
+        if (lay.has_space or lay.n_extra) and lay.dense_numel() > self.rewritten.peak_elements:
             self.rewritten.peak_elements, self.rewritten.peak_node = lay.dense_numel(), label
         if dense is not None and (lay.has_space or lay.n_extra):
             self.rewritten.nodes[name] = {

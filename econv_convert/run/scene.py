@@ -359,11 +359,14 @@ def block_size(meta, geo: Geometry, image, block: int | None, max_memory: int | 
 
 
 def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
-    """Output positions per block side: about 1024 input pixels a side (larger blocks spend
-    less on halos but ran slower and less steadily per pixel here once a dense map is over a
-    gigabyte: ``benchmarks/scene.py --profile``), up to 4096 where the maps stay under
-    :data:`GROW_BYTES` (at a coarse output stride), fewer if the memory budget shared by the
-    workers needs it, a whole number of lattice steps."""
+    """Output positions per block side: about 1024 input pixels a side, up to 4096 (fewer
+    halos recomputed) where the maps stay under :data:`GROW_BYTES` (at a coarse output
+    stride), or within the memory budget where the dense model is not dilated (the output
+    stride is the total stride); fewer if the memory budget shared by the workers needs it; a
+    whole number of lattice steps. Dilated convolutions ran slower and less steadily per
+    pixel here once a map is over a gigabyte (``benchmarks/scene.py --widths``); undilated
+    ones do not, and a ResNet-18's halo (608 pixels) costs 1.7x the work of a 2048-pixel
+    block but 1.3x of a 4096-pixel one."""
     from econv_convert.run.resources import available_bytes, estimate_bytes
 
     n = max(1, workers if workers is not None else default_workers())
@@ -379,8 +382,10 @@ def _default_block(meta, geo: Geometry, image, max_memory, workers) -> int:
         return estimate_bytes(meta, [1, image[0], *sides])
 
     # where the maps are small (a coarse output stride), larger blocks spend less on halos
+    dilated = any(u > s for u, s in zip(geo.unit, geo.step))
+    grow = min(GROW_BYTES, budget) if dilated else budget
     while (size * 2 * max(geo.step) <= 4 * BLOCK_PIXELS and size * 2 * geo.step[0] <= largest
-           and cost(size * 2) <= min(GROW_BYTES, budget)):
+           and cost(size * 2) <= grow):
         size *= 2
     while size > unit and (cost(size) > budget or size * geo.step[0] > 2 * largest):
         size = max(unit, size // 2 // unit * unit)
