@@ -65,3 +65,33 @@ def test_every_level_and_its_labels_equal_a_pyramid_of_the_whole_level0(
         if k <= written:  # written by the blocks: one chunk per block
             assert group[str(k)].chunks[1:] == (64 >> k, 64 >> k)
     assert ngff.coarsest(path).shape == (3, 12, 9)
+
+
+def test_a_blocks_marker_reaches_the_disk_after_its_chunks_and_errors_surface(
+        tmp_path, monkeypatch):
+    """Chunks go to the disk in a thread of their own; a block's ``then`` (its resume
+    marker) runs after them, and a failed write is raised by ``flush`` in the caller's
+    thread, its marker never written."""
+    path = tmp_path / "o.zarr"
+    ngff.create(path, (3, 128, 64), (64, 64), {}, "0.5")
+    part = np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32)
+    done = []
+    with ngff.BlockWriter(path) as writer:
+        writer.write((slice(None), slice(0, 64), slice(0, 64)), part,
+                     then=lambda: done.append(zarr.open_array(str(path / "0"))[:, :64, :64]))
+    np.testing.assert_array_equal(done[0], part)  # on disk when the marker came
+
+    real = ngff._put
+
+    def full_disk(target, value):
+        if "/0/c/1/" in str(target).replace("\\", "/"):
+            raise OSError(28, "No space left on device")
+        return real(target, value)
+
+    monkeypatch.setattr(ngff, "_put", full_disk)
+    marker = tmp_path / "marker"
+    writer = ngff.BlockWriter(path)
+    writer.write((slice(None), slice(64, 128), slice(0, 64)), part, then=marker.touch)
+    with pytest.raises(OSError, match="No space"):
+        writer.close()
+    assert not marker.exists()

@@ -116,30 +116,55 @@ def _cut(job: Job, block, y: np.ndarray, starts, sizes) -> np.ndarray:
 
 def _trimmed(job: Job, block, run: Run, x, starts, sizes) -> np.ndarray | None:
     """The block's outputs from the trimmed pass, or None where it cannot give them (the
-    model then runs padded, and every later block too)."""
+    model then runs padded, and every later block too). The first time in a process, the
+    trimmed pass is compared with the padded one on a corner of the block (a window of a
+    few lattice steps of outputs with their halo, at the block's own lattice phase)."""
     from econv_convert.run.trim import Untrimmable
 
     try:
-        y, shift = run.interior(x)
+        if not run.checked:
+            if not _same_when_trimmed(job, block, run, x, starts, sizes):
+                run.no_trim()
+                return None
+            run.checked = True
+        part = _trimmed_part(job, run, x, starts, sizes)
     except Untrimmable:
+        part = None
+    if part is None:
         run.no_trim()
         return None
+    run.trimmed += 1
+    return part
+
+
+def _trimmed_part(job: Job, run: Run, x, starts, sizes) -> np.ndarray | None:
+    y, shift = run.interior(x)
     y = _as_map(y, job.shape[0], len(starts))
     at = [r - d for r, d in zip(starts, shift)]
     if any(r < 0 or r + n > m for r, n, m in zip(at, sizes, y.shape[1:])):
-        run.no_trim()
         return None
-    part = y[(slice(None),) + tuple(slice(r, r + n) for r, n in zip(at, sizes))]
-    if not run.checked:
-        padded = _cut(job, block, run(x), starts, sizes)
-        scale = float(np.nanmax(np.abs(padded))) if np.isfinite(padded).any() else 1.0
-        if not np.allclose(part, padded, rtol=1e-4, atol=1e-5 * max(1.0, scale),
-                           equal_nan=True):
-            run.no_trim()
-            return padded
-        run.checked = True
-    run.trimmed += 1
-    return part
+    return y[(slice(None),) + tuple(slice(r, r + n) for r, n in zip(at, sizes))]
+
+
+def _same_when_trimmed(job: Job, block, run: Run, x, starts, sizes) -> bool:
+    """Whether the trimmed and the padded pass agree (to rounding) on the first outputs of
+    ``block``: whole lattice steps of them, at least 32 a side, with the halo they read."""
+    after = job.halo_after or job.halo
+    small, ends = [], []
+    for n, s, u, h, t, extent in zip(sizes, job.step, job.unit, job.halo, after,
+                                     x.shape[2:]):
+        per = max(1, u // s)  # outputs per lattice step
+        m = min(n, per * -(-32 // per))
+        small.append(m)
+        ends.append(min(extent, m * s + h + t))
+    corner = x[(slice(None), slice(None)) + tuple(slice(0, e) for e in ends)]
+    trimmed = _trimmed_part(job, run, corner, starts, small)
+    if trimmed is None:
+        return False
+    padded = _cut(job, block, run(corner), starts, small)
+    scale = float(np.nanmax(np.abs(padded))) if np.isfinite(padded).any() else 1.0
+    return bool(np.allclose(trimmed, padded, rtol=1e-4, atol=1e-5 * max(1.0, scale),
+                            equal_nan=True))
 
 
 def block_input(job: Job, block: Sequence[int], source) -> tuple:
@@ -155,46 +180,47 @@ def block_input(job: Job, block: Sequence[int], source) -> tuple:
 def compute_block(job: Job, block: tuple[int, ...]) -> dict[str, float]:
     """Read, run, write one block into the zarr output (a Dask task). Returns the seconds
     each step took (:data:`STEPS`)."""
-    return _one_block(job, block, cached_source(job.source), runner(job.model))
+    with ngff.BlockWriter(job.output) as writer:
+        return _one_block(job, block, cached_source(job.source), runner(job.model), writer)
 
 
 STEPS = ("read", "model", "write")  # where a block's time goes
 
 
-def _one_block(job: Job, block, source, run: Run) -> dict[str, float]:
+def _one_block(job: Job, block, source, run: Run, writer: ngff.BlockWriter
+               ) -> dict[str, float]:
+    """One block read, run and handed to ``writer``; its marker (for ``resume``) follows its
+    chunks to the disk."""
     start, model = time.perf_counter(), run.seconds
     index, part = block_output(job, block, source, run)
     computed = time.perf_counter()
-    store_block(job, block, index, part)
+    marker = Path(job.output) / MARKERS / "_".join(map(str, block))
+    writer.write(index, part, then=marker.touch)
     model = run.seconds - model
     return {"read": computed - start - model, "model": model,
             "write": time.perf_counter() - computed}
 
 
-def store_block(job: Job, block: tuple[int, ...], index: tuple, part: np.ndarray
-                ) -> tuple[int, ...]:
-    """Write one computed block into the zarr output, then mark it done (for resume)."""
-    ngff.write_block(job.output, index, part)
-    marker = Path(job.output) / MARKERS / "_".join(map(str, block))
-    marker.touch()
-    return block
-
-
 def _in_process(job: Job, blocks: Sequence[tuple[int, ...]], progress: Progress | None
                 ) -> dict[str, float]:
     """The blocks in this process, one after another: each read, run and written in turn,
-    every step on every core. Overlapping them (reading ahead and writing behind in threads)
-    was slower: the model's threads wait for each other at every layer, and one of them
-    sharing its core with a reader or writer held up both (a 1184-pixel block ran 0.69 s
-    alone and about 1.2 s beside a writer; ``benchmarks/scene.py --profile``)."""
+    every step on every core, while the disk takes the chunks of the blocks before
+    (:class:`~econv_convert.run.ngff.BlockWriter`). Halving, arg-max and compression run
+    here, not beside the model: the model's threads wait for each other at every layer, and
+    one of them sharing its core with a reader or writer held up both (a 1184-pixel block ran
+    0.69 s alone and about 1.2 s beside a writer thread)."""
     source = cached_source(job.source)
     run = runner(job.model)
     total = dict.fromkeys(STEPS, 0.0)
-    for k, b in enumerate(blocks):
-        for step, seconds in _one_block(job, b, source, run).items():
-            total[step] += seconds
-        if progress:
-            progress(k + 1, len(blocks))
+    with ngff.BlockWriter(job.output) as writer:
+        for k, b in enumerate(blocks):
+            for step, seconds in _one_block(job, b, source, run, writer).items():
+                total[step] += seconds
+            if progress:
+                progress(k + 1, len(blocks))
+        start = time.perf_counter()
+        writer.flush()
+        total["write"] += time.perf_counter() - start
     return total
 
 
