@@ -353,14 +353,16 @@ INSIDE = [(s, sink) for s in strides("gap") for sink in (".zarr", ".npy")]
 @pytest.mark.parametrize("stride,sink", INSIDE, ids=[f"os{s}-{k[1:]}" for s, k in INSIDE])
 def test_blocks_inside_the_image_run_trimmed(tmp_path, monkeypatch, stride, sink):
     """An image large enough for blocks whose window, halo included, lies inside it (2 x 2 of
-    them): those run trimmed (no padding in any layer), the others padded; every output
-    equals the whole pass, through both sinks. (Were the trimmed pass found wrong on its
+    them): those run trimmed (no padding in any layer), the blocks on its edges between them
+    trimmed along the axis they lie inside on, the corners padded; every output equals the
+    whole pass, through both sinks. (Were the trimmed pass found wrong on its
     check against the padded one, no block would be run trimmed.)"""
     from econv_convert.run import trim
 
     calls = []
     real = trim.run
-    monkeypatch.setattr(trim, "run", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(trim, "run", lambda gm, x, nd, axes: calls.append(axes) or real(
+        gm, x, nd, axes))
     big = np.random.default_rng(1).integers(0, 256, (459, 437, 3), dtype=np.uint8)
     np.save(tmp_path / "big.npy", big)
     dense = dense_of("gap", stride)
@@ -373,4 +375,17 @@ def test_blocks_inside_the_image_run_trimmed(tmp_path, monkeypatch, stride, sink
     got = scene.result_array(out)[:] if sink == ".zarr" else np.load(out)[0]
     expected = whole(dense, big)
     np.testing.assert_allclose(got.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
-    assert len(calls) == 1 + 4  # the check on the first one's corner, then the four
+    # each block trimmed along the axes its window lies inside the image on (both: 2 x 2 of
+    # them; one: those on the edges between), each set of axes checked once on a corner
+    from collections import Counter
+
+    from econv_convert import info
+    from econv_convert.run.blocks import Job
+
+    geo = scene.geometry(info(dense))
+    job = Job(None, None, "", got.shape, (block, block), geo.step, geo.unit, geo.halo,
+              halo_after=geo.halo_after)
+    kinds = Counter(job.inner_axes(b, big.shape[:2]) for b in job.blocks())
+    kinds.pop((), None)
+    assert kinds[(0, 1)] == 4 and kinds[(0,)] and kinds[(1,)]
+    assert Counter(calls) == Counter({axes: n + 1 for axes, n in kinds.items()})

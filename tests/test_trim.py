@@ -30,7 +30,7 @@ CASES = [(f, None) for f in TRIMMED] + [(f, 2) for f in ("resnet-d", "densenet",
 
 def _engine(dense, x: np.ndarray, run: runner.Run):
     """The block engine over ``x`` ``(C, *spatial)`` with blocks small enough that some lie
-    inside the image: ``(output, blocks inside)``."""
+    inside the image: ``(output, blocks inside it along at least one axis)``."""
     geo = scene.geometry(info(dense))
     after = geo.halo_after or geo.halo
     size = max(math.ceil(max(h, t) / s) for h, t, s in zip(geo.halo, after, geo.step))
@@ -40,7 +40,7 @@ def _engine(dense, x: np.ndarray, run: runner.Run):
     nd = len(geo.step)
     job = blocks.Job(None, None, "", shape, (size,) * nd, geo.step, geo.unit, geo.halo,
                      halo_after=geo.halo_after)
-    inside = sum(job.inside(b, x.shape[1:]) for b in job.blocks())
+    inside = sum(bool(job.inner_axes(b, x.shape[1:])) for b in job.blocks())
     return blocks.in_memory(job, source, run), inside
 
 
@@ -97,8 +97,8 @@ def test_a_wrong_trimmed_pass_is_caught_on_the_first_block(monkeypatch):
     expected, _ = _engine(dense, x, runner.module_runner(dense, 2, trimmed=False))
     real = trim.run
 
-    def off_by_one(gm, t, nd):
-        y, shift = real(gm, t, nd)
+    def off_by_one(gm, t, nd, axes=None):
+        y, shift = real(gm, t, nd, axes)
         return y, [s + 1 for s in shift]
 
     monkeypatch.setattr(trim, "run", off_by_one)

@@ -65,32 +65,36 @@ class Job:
             inp.append((max(0, a * s - h), min(extent, e * s + t)))
         return out, inp
 
-    def inside(self, block: Sequence[int], size: Sequence[int]) -> bool:
-        """Whether ``block``'s input window, halo included, lies inside the image on every
-        side: then none of the model's padding is the image's, and its outputs do not depend
-        on it (:mod:`econv_convert.run.trim`)."""
+    def inner_axes(self, block: Sequence[int], size: Sequence[int]) -> tuple[int, ...]:
+        """The axes along which ``block``'s input window, halo included, lies inside the
+        image on both sides: there none of the model's padding is the image's, and the block's
+        outputs do not depend on it (:mod:`econv_convert.run.trim`)."""
         after = self.halo_after or self.halo
-        for k, n, b, s, h, t, extent in zip(block, self.shape[1:], self.block, self.step,
-                                            self.halo, after, size):
-            if k * b * s - h < 0 or min(n, (k + 1) * b) * s + t > extent:
-                return False
-        return True
+        inner = []
+        for i, (k, n, b, s, h, t, extent) in enumerate(zip(
+                block, self.shape[1:], self.block, self.step, self.halo, after, size)):
+            if k * b * s - h >= 0 and min(n, (k + 1) * b) * s + t <= extent:
+                inner.append(i)
+        return tuple(inner)
 
 
-def block_output(job: Job, block: Sequence[int], source, run: Run
+def block_output(job: Job, block: Sequence[int], source, run: Run | Callable
                  ) -> tuple[tuple, np.ndarray]:
     """One block of the output: its index into the whole output and its values. The one
     computation every sink shares (a zarr chunk, an array in memory). A block inside the
     image runs trimmed where the model allows it (:meth:`Run.interior`); the first such
     block of a process is also run padded and compared, and a difference beyond rounding
     runs every block padded."""
+    if not isinstance(run, Run):  # a plain f(x) -> y
+        run = Run(run)
     out_range, in_range, x = block_input(job, block, source)
     # the window's output index q is the image's index lo / step + q
     starts = [a - lo // s for (a, _), (lo, _), s in zip(out_range, in_range, job.step)]
     sizes = [e - a for a, e in out_range]
     part = None
-    if run.can_trim and job.inside(block, source.shape[1:]):
-        part = _trimmed(job, block, run, x, starts, sizes)
+    axes = job.inner_axes(block, source.shape[1:]) if run.can_trim else ()
+    if axes:
+        part = _trimmed(job, block, run, x, starts, sizes, axes)
     if part is None:
         y = _pass(job, block, in_range, lambda: run(x))
         part = _cut(job, block, y, starts, sizes)
@@ -114,21 +118,20 @@ def _cut(job: Job, block, y: np.ndarray, starts, sizes) -> np.ndarray:
     return y[(slice(None),) + tuple(slice(r, r + n) for r, n in zip(starts, sizes))]
 
 
-def _trimmed(job: Job, block, run: Run, x, starts, sizes) -> np.ndarray | None:
-    """The block's outputs from the trimmed pass, or None where it cannot give them (the
-    model then runs padded, and every later block too). The first time in a process, the
-    trimmed pass is compared with the padded one on a corner of the block (a window of a
-    few lattice steps of outputs with their halo, at the block's own lattice phase)."""
-    from econv_convert.run.trim import Untrimmable
-
+def _trimmed(job: Job, block, run: Run, x, starts, sizes, axes) -> np.ndarray | None:
+    """The block's outputs from the pass trimmed along ``axes``, or None where it cannot give
+    them (the model then runs padded, and every later block too). The first time in a
+    process for these axes, the trimmed pass is compared with the padded one on a corner of
+    the block (a window of a few lattice steps of outputs with their halo, at the block's
+    own lattice phase)."""
     try:
-        if not run.checked:
-            if not _same_when_trimmed(job, block, run, x, starts, sizes):
+        if axes not in run.checked:
+            if not _same_when_trimmed(job, block, run, x, starts, sizes, axes):
                 run.no_trim()
                 return None
-            run.checked = True
-        part = _trimmed_part(job, run, x, starts, sizes)
-    except Untrimmable:
+            run.checked.add(axes)
+        part = _trimmed_part(job, run, x, starts, sizes, axes)
+    except Exception:  # noqa: BLE001 (a layer the trimmed pass gets wrong: run it padded)
         part = None
     if part is None:
         run.no_trim()
@@ -137,8 +140,8 @@ def _trimmed(job: Job, block, run: Run, x, starts, sizes) -> np.ndarray | None:
     return part
 
 
-def _trimmed_part(job: Job, run: Run, x, starts, sizes) -> np.ndarray | None:
-    y, shift = run.interior(x)
+def _trimmed_part(job: Job, run: Run, x, starts, sizes, axes) -> np.ndarray | None:
+    y, shift = run.interior(x, axes)
     y = _as_map(y, job.shape[0], len(starts))
     at = [r - d for r, d in zip(starts, shift)]
     if any(r < 0 or r + n > m for r, n, m in zip(at, sizes, y.shape[1:])):
@@ -146,7 +149,7 @@ def _trimmed_part(job: Job, run: Run, x, starts, sizes) -> np.ndarray | None:
     return y[(slice(None),) + tuple(slice(r, r + n) for r, n in zip(at, sizes))]
 
 
-def _same_when_trimmed(job: Job, block, run: Run, x, starts, sizes) -> bool:
+def _same_when_trimmed(job: Job, block, run: Run, x, starts, sizes, axes) -> bool:
     """Whether the trimmed and the padded pass agree (to rounding) on the first outputs of
     ``block``: whole lattice steps of them, at least 32 a side, with the halo they read."""
     after = job.halo_after or job.halo
@@ -158,7 +161,7 @@ def _same_when_trimmed(job: Job, block, run: Run, x, starts, sizes) -> bool:
         small.append(m)
         ends.append(min(extent, m * s + h + t))
     corner = x[(slice(None), slice(None)) + tuple(slice(0, e) for e in ends)]
-    trimmed = _trimmed_part(job, run, corner, starts, small)
+    trimmed = _trimmed_part(job, run, corner, starts, small, axes)
     if trimmed is None:
         return False
     padded = _cut(job, block, run(corner), starts, small)

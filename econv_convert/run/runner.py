@@ -67,15 +67,16 @@ def _load_runner(spec: ModelSpec):
 
 class Run:
     """A dense model as ``f(x) -> y`` on ``(1, C, ...)`` float32 numpy arrays, and where its
-    graph allows it (:mod:`econv_convert.run.trim`) ``interior(x) -> (y, shift)``: the same
-    pass with every layer's padding dropped, for an input window inside the image on every
-    side (``shift``: where the trimmed output's first position is in ``f(x)``'s)."""
+    graph allows it (:mod:`econv_convert.run.trim`) ``interior(x, axes) -> (y, shift)``: the
+    same pass with every layer's padding along ``axes`` dropped, for an input window inside
+    the image along them (``shift``: where the trimmed output's first position is in
+    ``f(x)``'s)."""
 
     def __init__(self, full: Callable[[np.ndarray], np.ndarray],
-                 interior: Callable[[np.ndarray], tuple[np.ndarray, list[int]]] | None = None):
+                 interior: Callable[..., tuple[np.ndarray, list[int]]] | None = None):
         self._full, self._interior = full, interior
         self.seconds = 0.0  # the passes' time, added up
-        self.checked = False  # whether a trimmed block was compared with its padded pass
+        self.checked: set = set()  # the axes a trimmed block was checked along
         self.trimmed = 0  # blocks run trimmed
 
     @property
@@ -93,10 +94,10 @@ class Run:
         finally:
             self.seconds += time.perf_counter() - start
 
-    def interior(self, x: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    def interior(self, x: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
         start = time.perf_counter()
         try:
-            return self._interior(x)
+            return self._interior(x, axes)
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -131,9 +132,9 @@ def module_runner(model, nd: int, device: Any = "cpu", lead: list | None = None,
         with torch.no_grad():
             return out(model(prepared(x)))
 
-    def interior(x: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    def interior(x: np.ndarray, axes) -> tuple[np.ndarray, list[int]]:
         with torch.no_grad():
-            y, shift = trim.run(model, prepared(x), nd)
+            y, shift = trim.run(model, prepared(x), nd, axes)
         if not isinstance(y, torch.Tensor):
             raise trim.Untrimmable("the output is not one tensor")
         return out(y), shift

@@ -32,11 +32,9 @@ import torch.nn.functional as F
 from econv_convert.run import fuse
 from econv_convert.torch import ops
 
-# dense window layers (stride 1 on the dense map): the argument names of their padding,
-# stride and ceil mode
-_WINDOW = {ops.conv: ("pad_lo", "stride", None), ops.max_pool: ("pad_lo", "stride", "ceil_mode"),
-           ops.avg_pool: ("padding", "stride", "ceil_mode"),
-           ops.lp_pool: (None, "stride", "ceil_mode")}
+# dense window layers (stride 1 on the dense map): the name of their (first) padding
+_WINDOW = {ops.conv: ("pad_lo",), ops.max_pool: ("pad_lo",), ops.avg_pool: ("padding",),
+           ops.lp_pool: (None,)}
 # layers that keep the baseline's stride (below an output stride), as PyTorch's functions
 _KEPT_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2,
               torch.conv3d: 3}
@@ -88,9 +86,12 @@ def _window_pool(node: fx.Node) -> bool:
             and node.args[3] == "window")
 
 
-def run(gm: fx.GraphModule, x: torch.Tensor, nd: int) -> tuple[torch.Tensor, list[int]]:
-    """``gm`` on ``x`` with every padding dropped: the output and, per spatial axis, the
-    index in the padded pass's output of the trimmed output's first position."""
+def run(gm: fx.GraphModule, x: torch.Tensor, nd: int, axes: Sequence[int] | None = None
+        ) -> tuple[torch.Tensor, list[int]]:
+    """``gm`` on ``x`` with the padding along ``axes`` (of the ``nd`` spatial ones; all by
+    default) dropped: the output and, per spatial axis, the index in the padded pass's output
+    of the trimmed output's first position (0 along the axes kept as they are)."""
+    axes = tuple(range(nd)) if axes is None else tuple(axes)
     values: dict[fx.Node, object] = {}
     shifts: dict[fx.Node, list[int]] = {}
 
@@ -112,7 +113,8 @@ def run(gm: fx.GraphModule, x: torch.Tensor, nd: int) -> tuple[torch.Tensor, lis
             if not spatial:  # computed from constants alone
                 values[node] = _call(node, arg(node.args), arg(node.kwargs))
                 continue
-            values[node], shifts[node] = _trimmed(node, arg, values, shifts, spatial, nd)
+            values[node], shifts[node] = _trimmed(node, arg, values, shifts, spatial, nd,
+                                                  axes)
     raise Untrimmable("the graph has no output")
 
 
@@ -129,12 +131,12 @@ def _attr(gm: fx.GraphModule, target: str):
     return value
 
 
-def _trimmed(node, arg, values, shifts, spatial, nd):
+def _trimmed(node, arg, values, shifts, spatial, nd, axes):
     f = node.target
     if f in _WINDOW:
-        return _window(node, arg, shifts, nd)
+        return _window(node, arg, shifts, nd, axes)
     if f in _KEPT_CONV or f in _KEPT_POOL:
-        return _kept(node, arg, shifts, nd)
+        return _kept(node, arg, shifts, nd, axes)
     if f is fuse.linear_then_pool or _window_pool(node):
         # a window pool without padding: position q pools q, q + s, ...; the shift stays
         _only_first(node, spatial)
@@ -222,24 +224,20 @@ def _bound(node):
     return bound
 
 
-def _window(node, arg, shifts, nd):
+def _window(node, arg, shifts, nd, axes):
     """A dense window layer (stride 1 on the dense map) without padding, ceil mode or the
-    tight crop (the stride it is given only crops the far end): every position of its output
+    tight crop along ``axes`` (the op's ``valid`` axes): there every position of its output
     reads real data alone."""
     _only_first(node, [n for n in node.all_input_nodes if n in shifts])
     bound = _bound(node)
-    pad_name, stride_name, ceil_name = _WINDOW[node.target]
+    pad_name = _WINDOW[node.target][0]
     steps = list(bound.arguments["steps"])
     shift = list(shifts[node.args[0]])
     if pad_name is not None:
         pad = list(bound.arguments[pad_name])
-        shift = [d + p * s for d, p, s in zip(shift, pad, steps)]
-        bound.arguments[pad_name] = [0] * nd
-        if "pad_hi" in bound.arguments:
-            bound.arguments["pad_hi"] = [0] * nd
-    bound.arguments[stride_name] = [1] * nd
-    if ceil_name is not None:
-        bound.arguments[ceil_name] = False
+        shift = [d + p * s if i in axes else d
+                 for i, (d, p, s) in enumerate(zip(shift, pad, steps))]
+    bound.arguments["valid"] = axes
     return node.target(*arg(bound.args), **arg(bound.kwargs)), shift
 
 
@@ -260,9 +258,9 @@ _DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1
              "divisor_override": None}
 
 
-def _kept(node, arg, shifts, nd):
-    """A layer that keeps the baseline's stride ``t``, without padding: its input cut so
-    that the first window starts where one of the padded pass's does."""
+def _kept(node, arg, shifts, nd, axes):
+    """A layer that keeps the baseline's stride ``t``, without padding along ``axes``: its
+    input cut there so that the first window starts where one of the padded pass's does."""
     _only_first(node, [n for n in node.all_input_nodes if n in shifts])
     if node.target in _KEPT_CONV:
         names, kind = _CONV_NAMES, "conv"
@@ -288,13 +286,17 @@ def _kept(node, arg, shifts, nd):
         padding = 0
     stride, padding = _tuple(stride, nd), _tuple(padding, nd)
     shift = list(shifts[node.args[0]])
-    cut = [(-(d + p)) % t for d, p, t in zip(shift, padding, stride)]
+    cut = [(-(d + p)) % t if i in axes else 0
+           for i, (d, p, t) in enumerate(zip(shift, padding, stride))]
     x = arg(node.args[0])
     x = _narrow(x, cut, [x.shape[x.dim() - nd + i] - c for i, c in enumerate(cut)])
-    out_shift = [(d + c + p) // t for d, c, p, t in zip(shift, cut, padding, stride)]
+    out_shift = [(d + c + p) // t if i in axes else d
+                 for i, (d, c, p, t) in enumerate(zip(shift, cut, padding, stride))]
     params = {k: arg(v) for k, v in params.items() if k != "input"}
-    params["padding"] = 0
-    if "ceil_mode" in params:
+    params["padding"] = [0 if i in axes else p for i, p in enumerate(padding)]
+    if "ceil_mode" in params and len(axes) == nd:
+        # a ceil-mode window past a trimmed map's end reads part of it: garbage there, at
+        # positions no kept output reads (as in the padded pass); the same without it
         params["ceil_mode"] = False
     if kind == "conv":
         return node.target(x, params.pop("weight"), params.pop("bias"), **params), out_shift

@@ -77,8 +77,9 @@ def _crop(x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     return x
 
 
-def _crop_strided(y: torch.Tensor, x: torch.Tensor, steps, windows) -> torch.Tensor:
-    """Crop a stride-1 dense output to the tight form of the strided baseline output.
+def _crop_strided(y: torch.Tensor, x: torch.Tensor, steps, windows, valid=()) -> torch.Tensor:
+    """Crop a stride-1 dense output to the tight form of the strided baseline output (not
+    along the ``valid`` axes: see :func:`_valid`).
 
     Without stride there is nothing to crop: the dense output already has the tight size
     ``H + (pad_lo + pad_hi - extent + 1) * s``; skipping the arithmetic keeps the sizes simple
@@ -87,7 +88,17 @@ def _crop_strided(y: torch.Tensor, x: torch.Tensor, steps, windows) -> torch.Ten
     if all(w.stride == 1 for w in windows):
         return y
     dense_out, _ = _out_sizes(x, steps, windows)
-    return _crop(y, dense_out)
+    nd = len(steps)
+    return _crop(y, [y.shape[y.dim() - nd + i] if i in valid else n
+                     for i, n in enumerate(dense_out)])
+
+
+def _valid(windows: list[Window], valid: Sequence[int]) -> list[Window]:
+    """``windows`` with those of the ``valid`` axes unpadded, stride 1 and without ceil mode:
+    along such an axis a dense window layer gives every position whose window lies in the
+    map, and no other (prediction's trimmed blocks, :mod:`econv_convert.run.trim`)."""
+    return [Window(w.kernel, 1, 0, 0, w.dilation, False) if i in valid else w
+            for i, w in enumerate(windows)]
 
 
 def _baseline_sizes(x: torch.Tensor, steps: Sequence[int]) -> list[int]:
@@ -120,8 +131,10 @@ def conv(
     groups: int,
     kernel: Sequence[int] | None = None,
     pad_mode: str = "constant",
+    valid: Sequence[int] = (),
 ) -> torch.Tensor:
-    """Dense convolution: stride 1, dilation ``d * s``, padding ``p * s``, tight crop.
+    """Dense convolution: stride 1, dilation ``d * s``, padding ``p * s``, tight crop;
+    unpadded and uncropped along the ``valid`` axes (:func:`_valid`).
 
     ``kernel`` reshapes a fully connected weight ``(out, C * prod(kernel))`` into a convolution
     kernel at run time, so the Parameter keeps its name and shape (Flatten + Linear heads).
@@ -130,7 +143,7 @@ def conv(
     if kernel is not None:
         weight = weight.reshape(weight.shape[0], -1, *kernel)
     k = weight.shape[2:]
-    ws = _windows(k, stride, pad_lo, pad_hi, dilation, False)
+    ws = _valid(_windows(k, stride, pad_lo, pad_hi, dilation, False), valid)
     dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
     lo = [d.pad_lo for d in dws]
     hi = [d.pad_hi for d in dws]
@@ -140,7 +153,7 @@ def conv(
     else:
         padded = F.pad(x, _pad_arg(lo, hi), mode=pad_mode) if any(lo) or any(hi) else x
         y = _CONV[nd](padded, weight, bias, 1, 0, dil, groups)
-    return _crop_strided(y, x, steps, ws)  # sizes from the unpadded map
+    return _crop_strided(y, x, steps, ws, valid)  # sizes from the unpadded map
 
 
 def max_pool(
@@ -152,11 +165,13 @@ def max_pool(
     pad_hi: Sequence[int],
     dilation: Sequence[int],
     ceil_mode: bool,
+    valid: Sequence[int] = (),
 ) -> torch.Tensor:
     """Dense max pooling: explicit ``-inf`` padding (PyTorch limits pooling padding to half the
-    kernel, even when dilated), then a stride-1 dilated pool and a tight crop."""
+    kernel, even when dilated), then a stride-1 dilated pool and a tight crop (neither along
+    the ``valid`` axes: :func:`_valid`)."""
     nd = len(steps)
-    ws = _windows(kernel, stride, pad_lo, pad_hi, dilation, ceil_mode)
+    ws = _valid(_windows(kernel, stride, pad_lo, pad_hi, dilation, ceil_mode), valid)
     dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
     pad = _pad_arg([d.pad_lo for d in dws], [d.pad_hi for d in dws])
     source = x
@@ -166,9 +181,9 @@ def max_pool(
         # as a 2-D pool over a singleton row: same values, and torch.export keeps the length
         # symbolic (its 1-D max pool pins it)
         y = F.max_pool2d(x.unsqueeze(-2), (1, kernel[0]), 1, 0, (1, dws[0].dilation))
-        return _crop_strided(y.squeeze(-2), source, steps, ws)
+        return _crop_strided(y.squeeze(-2), source, steps, ws, valid)
     y = _MAXPOOL[nd](x, list(kernel), 1, 0, [d.dilation for d in dws])
-    return _crop_strided(y, source, steps, ws)
+    return _crop_strided(y, source, steps, ws, valid)
 
 
 def avg_pool(
@@ -180,15 +195,17 @@ def avg_pool(
     ceil_mode: bool,
     count_include_pad: bool,
     divisor_override: int | None,
+    valid: Sequence[int] = (),
 ) -> torch.Tensor:
     """Dense average pooling (PyTorch's AvgPool has no dilation).
 
     The window sum is a depthwise convolution with a dilated kernel of ones; the divisor is the
     product over axes of how many taps of each window the baseline counts (the padding, clipped
     at the end of the right padding, or the real input only), computed for the actual size.
+    Along the ``valid`` axes (:func:`_valid`) every window is whole.
     """
     nd = len(steps)
-    ws = _windows(kernel, stride, padding, padding, [1] * nd, ceil_mode)
+    ws = _valid(_windows(kernel, stride, padding, padding, [1] * nd, ceil_mode), valid)
     dws = [dense_window(w, s) for w, s in zip(ws, steps, strict=True)]
     channels = x.shape[x.dim() - nd - 1]
     lead = x.shape[: x.dim() - nd - 1]
@@ -196,7 +213,7 @@ def avg_pool(
     z = F.pad(z, _pad_arg([d.pad_lo for d in dws], [d.pad_hi for d in dws]))
     ones = z.new_ones((channels, 1, *kernel))
     y = _CONV[nd](z, ones, None, 1, 0, [d.dilation for d in dws], channels)
-    y = _crop_strided(y, x, steps, ws)
+    y = _crop_strided(y, x, steps, ws, valid)
     dense_out = y.shape[2:]
     if divisor_override:
         return (y / divisor_override).reshape(*lead, channels, *y.shape[2:])
@@ -217,6 +234,7 @@ def lp_pool(
     kernel: Sequence[int],
     stride: Sequence[int],
     ceil_mode: bool,
+    valid: Sequence[int] = (),
 ) -> torch.Tensor:
     """Dense power-average pooling, the arithmetic of ``F.lp_pool{1,2,3}d``: the average pool
     of ``x ** p`` (the windows' taps counted as the baseline counts them, ceil mode included)
@@ -224,10 +242,11 @@ def lp_pool(
     nd = len(steps)
     zeros, ones = [0] * nd, [1] * nd
     if norm_type == float("inf"):
-        return max_pool(x.abs(), steps, kernel, stride, zeros, zeros, ones, ceil_mode)
+        return max_pool(x.abs(), steps, kernel, stride, zeros, zeros, ones, ceil_mode, valid)
     if norm_type == -float("inf"):
-        return -max_pool(-x.abs(), steps, kernel, stride, zeros, zeros, ones, ceil_mode)
-    out = avg_pool(x.pow(norm_type), steps, kernel, stride, zeros, ceil_mode, True, None)
+        return -max_pool(-x.abs(), steps, kernel, stride, zeros, zeros, ones, ceil_mode, valid)
+    out = avg_pool(x.pow(norm_type), steps, kernel, stride, zeros, ceil_mode, True, None,
+                   valid)
     return (torch.sign(out) * F.relu(torch.abs(out))).mul(math.prod(kernel)).pow(
         1.0 / norm_type)
 
