@@ -28,6 +28,11 @@ class InvalidInputError(EConvError):
     """A file, option or argument the user gave cannot be used."""
 
 
+class OutputWriteError(EConvError):
+    """An output could not be written (a full disk, permissions): the environment's, not a
+    bug; what was written before is kept for resuming."""
+
+
 class InvalidModelError(EConvError):
     """The model cannot be traced or run as given (wrong weights, untraceable control flow)."""
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
+from econv_convert.errors import OutputWriteError
 from econv_convert.run import ngff
 
 
@@ -70,8 +71,8 @@ def test_every_level_and_its_labels_equal_a_pyramid_of_the_whole_level0(
 def test_a_blocks_marker_reaches_the_disk_after_its_chunks_and_errors_surface(
         tmp_path, monkeypatch):
     """Chunks go to the disk in a thread of their own; a block's ``then`` (its resume
-    marker) runs after them, and a failed write is raised by ``flush`` in the caller's
-    thread, its marker never written."""
+    marker) runs after them, and a failed write is raised in the caller's thread (by a later
+    write or by ``close``), its marker never written."""
     path = tmp_path / "o.zarr"
     ngff.create(path, (3, 128, 64), (64, 64), {}, "0.5")
     part = np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32)
@@ -91,7 +92,35 @@ def test_a_blocks_marker_reaches_the_disk_after_its_chunks_and_errors_surface(
     monkeypatch.setattr(ngff, "_put", full_disk)
     marker = tmp_path / "marker"
     writer = ngff.BlockWriter(path)
-    writer.write((slice(None), slice(64, 128), slice(0, 64)), part, then=marker.touch)
-    with pytest.raises(OSError, match="No space"):
-        writer.close()
+    with pytest.raises(OutputWriteError, match="No space.*resume=True"):  # a later write,
+        # or at the latest close
+        try:
+            writer.write((slice(None), slice(64, 128), slice(0, 64)), part, then=marker.touch)
+        finally:
+            writer.close()
     assert not marker.exists()
+
+
+def test_a_full_disk_is_a_one_line_refusal_naming_resume(tmp_path, monkeypatch):
+    """predict into a disk that fills up: exit 2 and one line that says what to do, not an
+    internal error; the output stays incomplete (``complete`` false) for ``--resume``."""
+    from conftest import FIXTURES
+    from typer.testing import CliRunner
+
+    from econv_convert.cli import app
+
+    image = np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    np.save(tmp_path / "image.npy", image)
+
+    def full_disk(target, value):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ngff, "_put", full_disk)
+    out = tmp_path / "o.zarr"
+    result = CliRunner().invoke(app, ["predict", str(FIXTURES / "tiny_resnet.pt"),
+                                      str(tmp_path / "image.npy"), "-o", str(out),
+                                      "--workers", "0", "--mask", "none", "--no-verify"])
+    assert result.exit_code == 2, result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "No space left" in errors[0] and "--resume" in errors[0]
+    assert ngff.record(out) is not None and not ngff.record(out).get("complete")

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from econv_convert.errors import InvalidInputError
+from econv_convert.errors import InvalidInputError, OutputWriteError, describe
 
 VERSIONS = ("0.5", "0.4")
 LEVEL0 = "0"
@@ -137,8 +137,9 @@ class BlockWriter:
     A disk here takes a block's 26 MB of level-0 chunks in about 70 ms once its write cache
     is full, time the model can use: waiting on a disk takes no core, where halving or
     compressing beside the model held up its threads. Chunks reach the disk in the order
-    written, and ``then`` (a block's resume marker) after them; :meth:`flush` waits for
-    all and raises the first error (a full disk) in the caller's thread."""
+    written, and ``then`` (a block's resume marker) after them, nothing after a failure;
+    the first error (a full disk) is raised in the caller's thread by a later write or by
+    :meth:`flush`, which waits for all."""
 
     LIMIT = 256 * 2**20  # bytes waiting for the disk at most; more wait in the caller
 
@@ -148,6 +149,7 @@ class BlockWriter:
 
         import zarr
 
+        self._root = str(path)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="econv-disk")
         self._pending: deque = deque()
         self._waiting = 0
@@ -174,7 +176,8 @@ class BlockWriter:
     def submit(self, f, *args, size: int = 0) -> None:
         """``f(*args)`` in the disk thread, after what was submitted before; ``size``: the
         bytes it holds until then."""
-        while self._pending and self._waiting + size > self.LIMIT:
+        while self._pending and (self._pending[0][0].done()
+                                 or self._waiting + size > self.LIMIT):
             self._done(self._pending.popleft())
         self._pending.append((self._pool.submit(self._in_turn, f, args), size))
         self._waiting += size
@@ -186,6 +189,11 @@ class BlockWriter:
             raise self._failed
         try:
             f(*args)
+        except OSError as e:
+            self._failed = OutputWriteError(
+                f"{self._root}: cannot write ({describe(e)}); the blocks written before are "
+                "kept: free some space, then run again with resume=True")
+            raise self._failed from None
         except BaseException as e:
             self._failed = e
             raise
