@@ -82,9 +82,8 @@ def block_output(job: Job, block: Sequence[int], source, run: Run | Callable
                  ) -> tuple[tuple, np.ndarray]:
     """One block of the output: its index into the whole output and its values. The one
     computation every sink shares (a zarr chunk, an array in memory). A block inside the
-    image runs trimmed where the model allows it (:meth:`Run.interior`); the first such
-    block of a process is also run padded and compared, and a difference beyond rounding
-    runs every block padded."""
+    image along some axes runs trimmed along them where the model allows it
+    (:meth:`Run.interior`, checked once per set of axes: :func:`_trimmed`)."""
     if not isinstance(run, Run):  # a plain f(x) -> y
         run = Run(run)
     out_range, in_range, x = block_input(job, block, source)
@@ -96,25 +95,30 @@ def block_output(job: Job, block: Sequence[int], source, run: Run | Callable
     if axes:
         part = _trimmed(job, block, run, x, starts, sizes, axes)
     if part is None:
-        y = _pass(job, block, in_range, lambda: run(x))
+        try:
+            y = run(x)
+        except SizeNotCovered as e:  # a size this dense model has no value for: the user's
+            shape = "x".join(str(e - a) for a, e in in_range)
+            raise InvalidInputError(f"block {tuple(block)} (an input window of {shape}): {e}; "
+                                    "smaller blocks (block=...) may stay within it") from None
         part = _cut(job, block, y, starts, sizes)
     return (slice(None),) + tuple(slice(a, e) for a, e in out_range), part
 
 
-def _pass(job: Job, block, in_range, f):
-    try:
-        return f()
-    except SizeNotCovered as e:  # a size this dense model has no value for: the user's to fix
-        shape = "x".join(str(e - a) for a, e in in_range)
-        raise InvalidInputError(f"block {tuple(block)} (an input window of {shape}): {e}; "
-                                "smaller blocks (block=...) may stay within it") from None
-
-
 def _cut(job: Job, block, y: np.ndarray, starts, sizes) -> np.ndarray:
     y = _as_map(y, job.shape[0], len(starts))
-    if any(r < 0 or r + n > m for r, n, m in zip(starts, sizes, y.shape[1:])):
+    part = _part(y, starts, sizes)
+    if part is None:
         raise RuntimeError(f"block {tuple(block)}: the window's output {y.shape[1:]} does not "
                            f"reach the block's end; the halo {job.halo} is too small")
+    return part
+
+
+def _part(y: np.ndarray, starts, sizes) -> np.ndarray | None:
+    """``sizes`` positions of the map ``y`` ``(C, ...)`` from ``starts``, or None where it
+    does not hold them."""
+    if any(r < 0 or r + n > m for r, n, m in zip(starts, sizes, y.shape[1:])):
+        return None
     return y[(slice(None),) + tuple(slice(r, r + n) for r, n in zip(starts, sizes))]
 
 
@@ -124,13 +128,11 @@ def _trimmed(job: Job, block, run: Run, x, starts, sizes, axes) -> np.ndarray | 
     process for these axes, the trimmed pass is compared with the padded one on a corner of
     the block (a window of a few lattice steps of outputs with their halo, at the block's
     own lattice phase)."""
+    part = None
     try:
-        if axes not in run.checked:
-            if not _same_when_trimmed(job, block, run, x, starts, sizes, axes):
-                run.no_trim()
-                return None
+        if axes in run.checked or _same_when_trimmed(job, block, run, x, starts, sizes, axes):
             run.checked.add(axes)
-        part = _trimmed_part(job, run, x, starts, sizes, axes)
+            part = _trimmed_part(job, run, x, starts, sizes, axes)
     except Exception:  # noqa: BLE001 (a layer the trimmed pass gets wrong: run it padded)
         part = None
     if part is None:
@@ -143,10 +145,7 @@ def _trimmed(job: Job, block, run: Run, x, starts, sizes, axes) -> np.ndarray | 
 def _trimmed_part(job: Job, run: Run, x, starts, sizes, axes) -> np.ndarray | None:
     y, shift = run.interior(x, axes)
     y = _as_map(y, job.shape[0], len(starts))
-    at = [r - d for r, d in zip(starts, shift)]
-    if any(r < 0 or r + n > m for r, n, m in zip(at, sizes, y.shape[1:])):
-        return None
-    return y[(slice(None),) + tuple(slice(r, r + n) for r, n in zip(at, sizes))]
+    return _part(y, [r - d for r, d in zip(starts, shift)], sizes)
 
 
 def _same_when_trimmed(job: Job, block, run: Run, x, starts, sizes, axes) -> bool:

@@ -320,7 +320,7 @@ def predict_scene(model: ModelSpec, source: SourceSpec, output: str | Path, *,
                                 daemon=True)
     importer.start()
     where, used, steps = run_blocks(job, todo, workers=n_workers, scheduler=scheduler,
-                                            progress=progress, on_start=on_start)
+                                    progress=progress, on_start=on_start)
     timing["blocks"] = time.perf_counter() - start - timing["prepare"]
     importer.join()
     levels = finish_output(job, time.perf_counter() - start, ngff_version=ngff_version,

@@ -207,10 +207,11 @@ def _open_tiff(spec: SourceSpec) -> Source:
 
 
 class TiffTiles:
-    """One tiled TIFF page read window by window, each tile decoded once while it stays in a
-    bounded cache. Blocks overlap by their halos; through a plain tile reader (tifffile's
-    zarr view) a 1024-pixel block with its halo decoded 6 x 6 tiles of 256 for 4 x 4 of new
-    pixels, twice the decoding of the image itself. Blocks run in rows, so the tiles a halo
+    """One tiled TIFF page read window by window, each tile decoded once (the tiles a window
+    misses decoded on every core) while it stays in a bounded cache. Blocks overlap by their
+    halos; through a plain tile reader (tifffile's zarr view) a 1024-pixel block with its
+    halo decoded 6 x 6 tiles of 256 for 4 x 4 of new pixels, twice the decoding of the image
+    itself. Blocks run in rows, so the tiles a halo
     shares with the block to the left, or with the row above, are still cached when it is
     read. Slices like a ``(H, W)`` or ``(H, W, S)`` array (``array[y0:y1, x0:x1]``,
     ``array[y0:y1, x0:x1, :k]``)."""
