@@ -350,6 +350,25 @@ def test_linear_after_window_pooling_runs_first_for_prediction(case, monkeypatch
 INSIDE = [(s, sink) for s in strides("gap") for sink in (".zarr", ".npy")]
 
 
+def _inside_case(tmp_path, stride):
+    big = np.random.default_rng(1).integers(0, 256, (459, 437, 3), dtype=np.uint8)
+    np.save(tmp_path / "big.npy", big)
+    dense = dense_of("gap", stride)
+    path = tmp_path / "dense.pt"
+    save_dense(dense, path)
+    return big, dense, path, 96 // stride  # block outputs: 96 input pixels, > the halo
+
+
+def test_blocks_inside_the_image_on_two_workers(tmp_path):
+    """The same with two Dask workers: each process trims (and checks) on its own."""
+    big, dense, path, block = _inside_case(tmp_path, 1)
+    out = tmp_path / "o.zarr"
+    run(["predict", str(path), str(tmp_path / "big.npy"), "-o", str(out), "--block",
+         str(block), "--workers", "2", "--mask", "none"])
+    expected = whole(dense, big)
+    np.testing.assert_allclose(scene.result_array(out)[:], expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("stride,sink", INSIDE, ids=[f"os{s}-{k[1:]}" for s, k in INSIDE])
 def test_blocks_inside_the_image_run_trimmed(tmp_path, monkeypatch, stride, sink):
     """An image large enough for blocks whose window, halo included, lies inside it (2 x 2 of
@@ -363,13 +382,8 @@ def test_blocks_inside_the_image_run_trimmed(tmp_path, monkeypatch, stride, sink
     real = trim.run
     monkeypatch.setattr(trim, "run", lambda gm, x, nd, axes: calls.append(axes) or real(
         gm, x, nd, axes))
-    big = np.random.default_rng(1).integers(0, 256, (459, 437, 3), dtype=np.uint8)
-    np.save(tmp_path / "big.npy", big)
-    dense = dense_of("gap", stride)
-    path = tmp_path / "dense.pt"
-    save_dense(dense, path)
+    big, dense, path, block = _inside_case(tmp_path, stride)
     out = tmp_path / f"o{sink}"
-    block = 96 // stride  # outputs: 96 input pixels, more than the halo
     run(["predict", str(path), str(tmp_path / "big.npy"), "-o", str(out), "--block",
          str(block), *(["--workers", "0", "--mask", "none"] if sink == ".zarr" else [])])
     got = scene.result_array(out)[:] if sink == ".zarr" else np.load(out)[0]
