@@ -154,7 +154,7 @@ class BlockWriter:
         self._pending: deque = deque()
         self._waiting = 0
         self._failed: BaseException | None = None
-        self.group = zarr.open_group(store=_behind_store(str(path), self), mode="r+")
+        self.group = zarr.open_group(store=_behind_store(self._root, self), mode="r+")
         self._labels = (self.group[LABELS][CLASSES] if self.group[LEVEL0].shape[0] > 1
                         else None)
         self._levels = int(self.group.attrs["econv"].get("block_levels", 0))

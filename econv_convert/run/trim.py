@@ -4,18 +4,20 @@ its data reaches.
 A block reads its outputs' windows plus a halo, and the dense model pads every layer of that
 input as if the block's edges were the image's: each layer computes a map as large as the
 block's input, though the outputs a block keeps need less and less of it from layer to layer
-(the last, most dilated layers of a ResNet-like model lose a tenth of their positions). For a
-block whose input window lies inside the image on every side, none of that padding is the
-image's: its outputs do not depend on it. This module runs the same graph with every window
-layer's padding removed (and its stride kept as the dense model has it), so each map shrinks
-to the positions computed from real data alone, and tracks, per spatial axis, the *shift*
-between a position of the trimmed map and the same position of the padded one.
+(the last, most dilated layers of a ResNet-like model lose a tenth of their positions). Along
+an axis where a block's input window lies inside the image on both sides, none of that
+padding is the image's: its outputs do not depend on it. This module runs the same graph with
+every window layer's padding along such axes removed (the dense layers' own ``valid`` form;
+the layers that keep their stride cut to the same lattice phase), so each map shrinks to the
+positions computed from real data alone, and tracks, per spatial axis, the *shift* between a
+position of the trimmed map and the same position of the padded one.
 
 Only graphs made of layers whose meaning is the same on any part of a map are run this way
 (:func:`trimmable`): the dense window layers, the layers that keep their stride below an
-output stride, element-wise layers, concatenation over the channels, window pooling. A graph
-with anything else (a size read off a map, a global reduction, a reshape) runs as it is. Two
-maps meeting in a sum are cut to the positions both have. Positions near a trimmed map's
+output stride, element-wise layers, concatenation over the channels, window pooling and the
+heads after it (reshapes and layers below the trailing spatial dims). A graph with anything
+else (a size read off a map, a global reduction, a permute) runs as it is. Maps meeting in a
+sum or a concatenation are cut to the positions they share. Positions near a trimmed map's
 edges may read less than their whole window (a ceil-mode window past the end): they lie
 outside what the block keeps, as the padded pass's edge positions do.
 """
@@ -33,8 +35,8 @@ from econv_convert.run import fuse
 from econv_convert.torch import ops
 
 # dense window layers (stride 1 on the dense map): the name of their (first) padding
-_WINDOW = {ops.conv: ("pad_lo",), ops.max_pool: ("pad_lo",), ops.avg_pool: ("padding",),
-           ops.lp_pool: (None,)}
+_WINDOW = {ops.conv: "pad_lo", ops.max_pool: "pad_lo", ops.avg_pool: "padding",
+           ops.lp_pool: None}
 # layers that keep the baseline's stride (below an output stride), as PyTorch's functions
 _KEPT_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2,
               torch.conv3d: 3}
@@ -146,16 +148,11 @@ def _trimmed(node, arg, values, shifts, spatial, nd, axes):
     if f in _BELOW:
         return _below(node, arg, values, shifts, spatial, nd)
     # element-wise: the maps cut to the positions they all have, constants as they are
-    shift = [max(shifts[n][i] for n in spatial) for i in range(nd)]
-    end = [min(shifts[n][i] + values[n].shape[values[n].dim() - nd + i] for n in spatial)
-           for i in range(nd)]
-    if any(e <= s for s, e in zip(shift, end)):
-        raise Untrimmable(f"{node.name}: the maps it combines do not overlap")
+    shift, common = _overlap(node, spatial, values, shifts, nd)
 
     def cut(n):
         if n in shifts:
-            return _narrow(values[n], [s - t for s, t in zip(shift, shifts[n])],
-                           [e - s for s, e in zip(shift, end)])
+            return common[n]
         v = values[n]
         if isinstance(v, torch.Tensor) and v.dim() >= nd and any(
                 v.shape[v.dim() - nd + i] != 1 for i in range(nd)):
@@ -230,7 +227,7 @@ def _window(node, arg, shifts, nd, axes):
     reads real data alone."""
     _only_first(node, [n for n in node.all_input_nodes if n in shifts])
     bound = _bound(node)
-    pad_name = _WINDOW[node.target][0]
+    pad_name = _WINDOW[node.target]
     steps = list(bound.arguments["steps"])
     shift = list(shifts[node.args[0]])
     if pad_name is not None:
@@ -321,10 +318,18 @@ def _cat(node, arg, values, shifts, nd):
     rank = values[tensors[0]].dim()
     if dim % rank >= rank - nd:
         raise Untrimmable(f"{node.name}: concatenates along a spatial axis")
-    shift = [max(shifts[t][i] for t in tensors) for i in range(nd)]
-    end = [min(shifts[t][i] + values[t].shape[rank - nd + i] for t in tensors)
+    shift, common = _overlap(node, tensors, values, shifts, nd)
+    return torch.cat([common[t] for t in tensors], dim), shift
+
+
+def _overlap(node, maps, values, shifts, nd):
+    """The positions ``maps`` all have: the shift of the first and each map cut to them."""
+    shift = [max(shifts[n][i] for n in maps) for i in range(nd)]
+    end = [min(shifts[n][i] + values[n].shape[values[n].dim() - nd + i] for n in maps)
            for i in range(nd)]
-    parts = [_narrow(values[t], [s - u for s, u in zip(shift, shifts[t])],
-                     [e - s for s, e in zip(shift, end)]) for t in tensors]
-    return torch.cat(parts, dim), shift
+    if any(e <= s for s, e in zip(shift, end)):
+        raise Untrimmable(f"{node.name}: the maps it combines do not overlap")
+    sizes = [e - s for s, e in zip(shift, end)]
+    return shift, {n: _narrow(values[n], [s - t for s, t in zip(shift, shifts[n])], sizes)
+                   for n in maps}
 
