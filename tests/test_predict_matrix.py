@@ -403,3 +403,17 @@ def test_blocks_inside_the_image_run_trimmed(tmp_path, monkeypatch, stride, sink
     kinds.pop((), None)
     assert kinds[(0, 1)] == 4 and kinds[(0,)] and kinds[(1,)]
     assert Counter(calls) == Counter({axes: n + 1 for axes, n in kinds.items()})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_blocks_inside_the_image_from_every_model_file(tmp_path, files, kind):
+    """The image with inside blocks crossed with the model file kinds: a baseline densified
+    by predict and a dense .pt run trimmed, the dense .onnx graphs padded; every output
+    equals the whole pass."""
+    big, dense, _, block = _inside_case(tmp_path, 2)
+    path, options = files("gap", 2, kind)
+    out = tmp_path / "o.zarr"
+    run(["predict", str(path), str(tmp_path / "big.npy"), "-o", str(out), "--block",
+         str(block), "--workers", "0", "--mask", "none", *options])
+    np.testing.assert_allclose(scene.result_array(out)[:], whole(dense, big), rtol=1e-4,
+                               atol=1e-4)
