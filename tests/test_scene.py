@@ -220,6 +220,49 @@ def test_integer_images_are_scaled_to_one_then_normalized():
     np.testing.assert_allclose(normalize(a.astype(np.float32), None, None), [[[0, 65535]]])
 
 
+def _normalized_in_numpy(a, mean, std):
+    """The normalization as plain numpy float32 steps (the reference the torch one matches
+    bit for bit)."""
+    x = a.astype(np.float32)
+    if np.issubdtype(a.dtype, np.integer):
+        x /= np.float32(np.iinfo(a.dtype).max)
+    shape = (-1,) + (1,) * (a.ndim - 1)
+    if mean is not None:
+        x -= np.asarray(mean, np.float32).reshape(shape)
+    if std is not None:
+        x /= np.asarray(std, np.float32).reshape(shape)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["uint8-rgb-channels-last", "uint16", "big-endian", "flipped",
+                                  "float64", "float32", "bool", "read-only", "3-d"])
+def test_normalize_gives_numpys_float32_bits_in_any_memory_order(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (3, 37, 41), dtype=np.uint8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    a = {"uint8-rgb-channels-last": np.moveaxis(np.ascontiguousarray(np.moveaxis(raw, 0, -1)),
+                                                -1, 0),
+         "uint16": raw.astype(np.uint16) * 257,
+         "big-endian": (raw.astype(np.uint16) * 251).astype(">u2"),
+         "flipped": raw[:, ::-1, ::-2],
+         "float64": rng.standard_normal((3, 37, 41)),
+         "float32": rng.standard_normal((3, 37, 41)).astype(np.float32),
+         "bool": raw > 128,
+         "read-only": raw,
+         "3-d": rng.integers(0, 256, (3, 5, 9, 11), dtype=np.uint8)}[kind]
+    if kind == "read-only":
+        np.save(tmp_path / "a.npy", raw)
+        a = np.load(tmp_path / "a.npy", mmap_mode="r")
+    before = np.array(a, copy=True)
+    got = normalize(a, mean, std)
+    expected = _normalized_in_numpy(np.asarray(a), mean, std)
+    assert got.dtype == np.float32 and got.shape == a.shape
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(a, before)  # the source's array is never written
+    if kind == "uint8-rgb-channels-last":
+        assert got.strides[0] == 4  # channels last stays channels last (no copy to C order)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not-an-image", "wrong-channels", "level"])
 def test_bad_inputs_end_in_one_line_and_write_nothing(tmp_path, classifier, image, damage):
     _, path = classifier
