@@ -101,6 +101,26 @@ def test_a_blocks_marker_reaches_the_disk_after_its_chunks_and_errors_surface(
     assert not marker.exists()
 
 
+def test_the_writer_compresses_on_every_core_and_gives_the_setting_back(tmp_path):
+    """Blosc threads from zarr's own threads while a writer is open (a process-wide numcodecs
+    setting), the caller's setting back after, whatever it was."""
+    import numcodecs.blosc
+
+    path = tmp_path / "o.zarr"
+    ngff.create(path, (3, 64, 64), (64, 64), {}, "0.5")
+    part = np.random.default_rng(0).standard_normal((3, 64, 64)).astype(np.float32)
+    for before in (None, False):
+        numcodecs.blosc.use_threads = before
+        try:
+            with ngff.BlockWriter(path) as writer:
+                assert numcodecs.blosc.use_threads is True
+                writer.write((slice(None), slice(0, 64), slice(0, 64)), part)
+            assert numcodecs.blosc.use_threads is before
+        finally:
+            numcodecs.blosc.use_threads = None
+    np.testing.assert_array_equal(zarr.open_array(str(path / "0"))[:], part)
+
+
 def test_a_full_disk_is_a_one_line_refusal_naming_resume(tmp_path, monkeypatch):
     """predict into a disk that fills up: exit 2 and one line that says what to do, not an
     internal error; the output stays incomplete (``complete`` false) for ``--resume``."""
