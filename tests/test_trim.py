@@ -128,3 +128,32 @@ def test_the_models_own_module_is_not_changed():
     _engine(dense, x, runner.module_runner(dense, 2))
     for k, v in dense.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_a_trimmed_pass_lets_each_map_go_after_its_last_use(monkeypatch):
+    """The trimmed pass interprets the graph node by node; it must drop each map once no
+    later node needs it (as the graph's own code does), not hold every map of the pass to its
+    end: a deep chain holds a few maps at a time."""
+    layers = [torch.nn.Conv2d(3, 4, 3, padding=1)]
+    for _ in range(12):
+        layers += [torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1)]
+    dense = densify(torch.nn.Sequential(*layers).eval(), (1, 3, 32, 32))
+    held = []
+    real = trim._trimmed
+
+    def watched(node, arg, values, shifts, spatial, nd, axes):
+        # the maps held when each layer runs (weights are 4-D too, but not of batch 1)
+        held.append(sum(isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[0] == 1
+                        for v in values.values()))
+        return real(node, arg, values, shifts, spatial, nd, axes)
+
+    monkeypatch.setattr(trim, "_trimmed", watched)
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        y, shift = trim.run(dense, x, 2)
+    assert len(held) >= 25 and max(held) <= 3, held
+    # and it still gives the padded pass's positions
+    with torch.no_grad():
+        padded = dense(x)
+    torch.testing.assert_close(y, padded[..., shift[0]:shift[0] + y.shape[-2],
+                                         shift[1]:shift[1] + y.shape[-1]])

@@ -96,11 +96,14 @@ def run(gm: fx.GraphModule, x: torch.Tensor, nd: int, axes: Sequence[int] | None
     axes = tuple(range(nd)) if axes is None else tuple(axes)
     values: dict[fx.Node, object] = {}
     shifts: dict[fx.Node, list[int]] = {}
+    # each value is let go after its last use, as the graph's own code does: holding every
+    # map of a pass to its end had a trimmed block peak at the sum of all its maps
+    last_use = {n: user for user in gm.graph.nodes for n in user.all_input_nodes}
 
     def arg(a):
         return fx.node.map_arg(a, lambda n: values[n])
 
-    for node in gm.graph.nodes:
+    for node in _in_turn(gm, values, last_use):
         if node.op == "placeholder":
             values[node], shifts[node] = x, [0] * nd
         elif node.op == "get_attr":
@@ -118,6 +121,16 @@ def run(gm: fx.GraphModule, x: torch.Tensor, nd: int, axes: Sequence[int] | None
             values[node], shifts[node] = _trimmed(node, arg, values, shifts, spatial, nd,
                                                   axes)
     raise Untrimmable("the graph has no output")
+
+
+def _in_turn(gm: fx.GraphModule, values: dict, last_use: dict):
+    """The graph's nodes in order; after each, the values it was the last to use are
+    dropped from ``values``."""
+    for node in gm.graph.nodes:
+        yield node
+        for used in node.all_input_nodes:
+            if last_use.get(used) is node:
+                values.pop(used, None)
 
 
 def _call(node: fx.Node, args, kwargs):
