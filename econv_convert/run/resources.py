@@ -61,15 +61,19 @@ def _gib(n: int) -> str:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_NEVER = -1  # M_TRIM_THRESHOLD: never trim the heap (mallopt(3))
 
 
 def keep_freed_memory() -> bool:
     """Let this process reuse the memory of the maps it frees instead of handing it back to
-    the system after every forward pass. glibc serves allocations over 32 MiB (every
-    full-size map of a block) with fresh ``mmap`` pages that are faulted in, zeroed and
-    unmapped on every pass: on a 1440-pixel block that doubled the time of a dense pass
-    (``benchmarks/scene.py --profile``). Maps up to 2 GiB are kept (a 64-channel map of a
-    2208-pixel window is 1.25 GiB: at a 1 GiB limit it ran 1.6x slower per pixel). The peak
+    the system. glibc serves allocations over 32 MiB (every full-size map of a block) with
+    fresh ``mmap`` pages that are faulted in, zeroed and unmapped on every pass: on a
+    1440-pixel block that doubled the time of a dense pass (``benchmarks/scene.py
+    --profile``). Maps up to 2 GiB (the most ``mallopt`` takes) come from the heap here, and
+    the heap is never trimmed: at glibc's trim threshold (2 GiB at most) a ResNet-18's
+    4096-pixel blocks, which free more than that at once, gave their memory back after every
+    block and faulted it in again in the next (on this VM a fault costs up to 12 us: 16
+    blocks of a 16384² image spent 36 s in the kernel, 16 s without trimming). The peak
     memory is the same; it stays held while the process runs. For processes that run blocks
     (``predict``'s own and its workers'), not for a library user's. Returns whether the
     setting took (glibc only)."""
@@ -82,6 +86,6 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(name)
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, (1 << 31) - 1)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+                    and libc.mallopt(_M_TRIM_THRESHOLD, _NEVER))
     except (OSError, AttributeError):
         return False
