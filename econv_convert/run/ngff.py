@@ -146,7 +146,9 @@ class BlockWriter:
 
     A disk here takes a block's 26 MB of level-0 chunks in about 70 ms once its write cache
     is full, time the model can use: waiting on a disk takes no core, where halving or
-    compressing beside the model held up its threads. Chunks reach the disk in the order
+    compressing beside the model held up its threads (the kernel's copying of the chunks
+    into the page cache still takes some: about 4 s of an 8192² job at output stride 1,
+    see the README's Performance section). Chunks reach the disk in the order
     written, and ``then`` (a block's resume marker) after them, nothing after a failure;
     the first error (a full disk) is raised in the caller's thread by a later write or by
     :meth:`flush`, which waits for all."""

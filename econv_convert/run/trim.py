@@ -96,14 +96,11 @@ def run(gm: fx.GraphModule, x: torch.Tensor, nd: int, axes: Sequence[int] | None
     axes = tuple(range(nd)) if axes is None else tuple(axes)
     values: dict[fx.Node, object] = {}
     shifts: dict[fx.Node, list[int]] = {}
-    # each value is let go after its last use, as the graph's own code does: holding every
-    # map of a pass to its end had a trimmed block peak at the sum of all its maps
-    last_use = {n: user for user in gm.graph.nodes for n in user.all_input_nodes}
 
     def arg(a):
         return fx.node.map_arg(a, lambda n: values[n])
 
-    for node in _in_turn(gm, values, last_use):
+    for node in _in_turn(gm, values):
         if node.op == "placeholder":
             values[node], shifts[node] = x, [0] * nd
         elif node.op == "get_attr":
@@ -123,9 +120,11 @@ def run(gm: fx.GraphModule, x: torch.Tensor, nd: int, axes: Sequence[int] | None
     raise Untrimmable("the graph has no output")
 
 
-def _in_turn(gm: fx.GraphModule, values: dict, last_use: dict):
+def _in_turn(gm: fx.GraphModule, values: dict):
     """The graph's nodes in order; after each, the values it was the last to use are
-    dropped from ``values``."""
+    dropped from ``values``, as the graph's own code lets them go (holding every map of a pass
+    to its end had a trimmed block peak at the sum of all its maps)."""
+    last_use = {n: user for user in gm.graph.nodes for n in user.all_input_nodes}
     for node in gm.graph.nodes:
         yield node
         for used in node.all_input_nodes:
