@@ -42,13 +42,48 @@ def check_suffix(path: Path, what: str = "output") -> str:
 
 
 def export_shapes(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Trace at batch 2 and the example size plus two lattice steps (so no dim has size 1,
-    which exporters pin); check at a batch and size that are neither."""
+    """The input the export is traced at and the one it is re-run at: batch 2, then a batch
+    and a size that are neither (a check of the dynamic axes).
+
+    A model that takes any input size is traced at the smallest size that gives its last map
+    two lattice points (unpadded windows: their receptive field and one step more) and re-run
+    two pixels larger,
+    never at sizes chosen for the baseline: a dense model at total stride ``s`` costs about
+    ``s * s`` times the baseline per pixel (a dense ResNet-50 trunk re-run at 323 x 323 took
+    more than 12 GB). Other models (a head over a fixed map, an adaptive pool specialized to
+    the example) start from the example size plus two lattice steps, so that no dim has
+    size 1, which exporters pin."""
+    from econv_convert.check import any_size, windowed
+
     meta = info(dense)
     n, c, *sp = meta.example_shape
-    trace = (2, c, *(h + 2 * s for h, s in zip(sp, meta.size_steps)))
-    check = (3, c, *(h + 3 * s + 3 for h, s in zip(sp, meta.size_steps)))
+    steps = meta.size_steps
+    if any_size(meta) and not windowed(meta):
+        base = list(_smallest(meta, steps))
+        trace = (2, c, *base)
+        check = (3, c, *(h + 2 for h in base))
+        return trace, check
+    trace = (2, c, *(h + 2 * s for h, s in zip(sp, steps)))
+    check = (3, c, *(h + 3 * s + 3 for h, s in zip(sp, steps)))
     return trace, check
+
+
+def _smallest(meta, steps) -> list[int]:
+    """Per axis, the smallest input giving the last map two lattice points: ``s + 1``, or
+    the receptive field plus one step where the network reads no padding (it needs its whole
+    window)."""
+    fields = meta.out_field if meta.out_field and len(meta.out_field) == len(steps) else None
+    out = []
+    for i, s in enumerate(steps):
+        need = s + 1
+        if fields is not None:
+            size, _, lo, hi = fields[i]
+            if not (lo or hi):
+                need = max(need, size + s)
+        elif not meta.has_padding:
+            need = max(need, meta.example_shape[2 + i] + s)
+        out.append(need)
+    return out
 
 
 def _input_name(dense: nn.Module) -> str:
