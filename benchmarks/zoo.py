@@ -92,7 +92,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, layers=(3, 4, 6, 3), num_classes: int = 1000) -> None:
+    def __init__(self, layers=(3, 4, 6, 3), num_classes: int = 1000,
+                 fixed_pool: bool = False) -> None:
         super().__init__()
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -103,7 +104,9 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(128, layers[1], stride=2)
         self.layer3 = self._make_layer(256, layers[2], stride=2)
         self.layer4 = self._make_layer(512, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        # the first releases pooled a 224 input's 7 x 7 map with a fixed 7 x 7 window, as the
+        # classic ONNX zoo graphs still do (one input size only)
+        self.avgpool = nn.AvgPool2d(7, stride=1) if fixed_pool else nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * 4, num_classes)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:

@@ -82,10 +82,13 @@ class VerifyReport:
             "lattice": {"sizes": list(map(list, dict.fromkeys(c.shape[2:]
                                                             for c in kinds["lattice"]))),
                         "checks": len(kinds["lattice"]),
+                        "where": "end to end", "precision": self.precision,
                         "seconds": sum(c.seconds for c in kinds["lattice"])}}
         p = self.proof
         out["phases"] = None if p is None or not p.nodes else {
             "nodes": len(p.nodes), "phase_checks": p.phases,
+            "where": "each node alone, on small random maps",
+            "precision": p.precision or self.precision,
             "not_checked": dict(p.skipped), "seconds": p.seconds}
         shifts = kinds["shift"]
         out["shift"] = None if not shifts else {
@@ -204,6 +207,12 @@ def default_shapes(meta, near_example: bool = False,
             "window pooling: the dense model is the baseline at the example size only (a "
             "larger input gives one prediction per window position), so it is checked there")
     small = [min(h, s * (lattice_points - 1) + 1) for h, s in zip(example[2:], st)]
+    if not any_size(meta) and not near_example:
+        return [(max(example[0], 2), *example[1:])], (
+            "one input size: the model takes the example's size only (a head over a fixed "
+            "map, or a pool specialized to it), so it is checked end to end there, once (a "
+            "dense pass costs about the total stride squared times the baseline); every phase "
+            "of every node is proven on small maps; near=True adds sizes around the example")
     if near_example or not any_size(meta) or small == example[2:]:
         return candidate_shapes(example, st), ""
     shapes = candidate_shapes(example[:2] + small, st, compact=True)
@@ -322,7 +331,8 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
         why = rejected[0].detail.removeprefix("the baseline rejects this size (")[:-1]
         report.notes.append(f"the baseline rejects {len(rejected)} other sizes tried ({sizes}; "
                             f"{why}): checked at sizes it takes")
-    if note and len(report.checked) < min(2, len(shapes) * trials):
+    if (note and any_size(meta) and not windowed(meta)
+            and len(report.checked) < min(2, len(shapes) * trials)):
         # the baseline takes (almost) none of the small sizes (unpadded windows need more
         # input): try twice as many lattice points, and the example's own sizes last
         more = lattice_points * 2

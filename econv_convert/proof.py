@@ -1,13 +1,19 @@
 """Every phase of every node: the backend-neutral half of the per-node proof.
 
-A backend runs its baseline and dense graphs on one input and hands each node here: the
-dense values of the node's map inputs and output, what each dense dim means (the node map a
-dense model records, :attr:`DenseInfo.nodes`), and a function applying the baseline's own op
-to stacked phase sub-maps. :func:`check_node` checks identity (*) of
-:mod:`econv_convert.core.lattice` for every phase of every axis, in groups of equally long
-sub-maps gathered by one strided view each. A node where the identity does not apply as such
-raises :class:`NotProven` with the reason; the proof lists it, and the end-to-end checks
-cover it.
+Each node is checked on its own, on a small random map: for a baseline node whose value
+carries a map, its dense counterpart (the dense graph's nodes between the dense values of
+the node's map inputs and of its output) runs on random dense inputs with the node's
+channels, at the smallest size that holds every phase of the node's lattice step and its
+window's reach (:func:`small_sizes`), with the node's real weights; the baseline's own op
+runs on the stacked phase sub-maps of those inputs. :func:`check_node` checks identity (*)
+of :mod:`econv_convert.core.lattice` for every phase of every axis, in groups of equally
+long sub-maps gathered by one strided view each. The model's own values at the example size
+are never computed: the proof's cost is that of a few small maps per node.
+
+A backend hands each node over as a :class:`NodeCase` (:func:`prove_cases` draws the inputs
+and compares). A node where the identity does not apply as such raises :class:`NotProven`
+with the reason (its arguments read sizes off a map, its dense part reads a value other than
+its inputs, it flattens positions); the proof lists it, and the end-to-end checks cover it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import torch
 
 from econv_convert.core.lattice import lead_margin, phase_start
+from econv_convert.errors import describe
 
 # ``apply(subs, count)``: the baseline op on ``count`` stacked sub-maps per map input (in the
 # order of the node's map inputs), stacked the same way
@@ -49,6 +56,7 @@ class PhaseProof:
     skipped: dict[str, str] = field(default_factory=dict)  # node -> why it is not checked
     note: str = ""  # why there is no proof at all (an old checkpoint, a wrapped model)
     seconds: float = 0.0
+    precision: str = ""  # the dtype the nodes ran in (each alone, on small random maps)
 
     @property
     def ok(self) -> bool:
@@ -74,6 +82,102 @@ class PhaseProof:
 
 class NotProven(Exception):
     """Identity (*) does not apply to this node as such; the message says why."""
+
+
+@dataclass
+class NodeCase:
+    """One node as a backend hands it to :func:`prove_cases`.
+
+    ``maps``: its map inputs (name -> entry in the node map); ``shapes``: their baseline
+    shapes at the size the proof starts from; ``run_dense(inputs)``: the node's dense part
+    on dense inputs (name -> tensor); ``apply``: the baseline op on stacked sub-maps;
+    ``record``: the layer's record (its window), if it has one."""
+
+    name: str
+    spec: dict[str, Any]
+    maps: dict[str, dict[str, Any]]
+    shapes: dict[str, Sequence[int]]
+    run_dense: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    apply: Apply
+    record: dict[str, Any] | None = None
+
+
+def prove_cases(cases, tol: tuple[float, float], dtype: torch.dtype = torch.float64,
+                seed: int = 0, proof: PhaseProof | None = None) -> PhaseProof:
+    """Check each of ``cases`` (``(name, make)`` pairs, ``make()`` giving a
+    :class:`NodeCase` or raising :class:`NotProven`) on random dense inputs of the sizes
+    :func:`small_sizes` gives, drawn in ``dtype`` from ``seed``."""
+    proof = proof if proof is not None else PhaseProof()
+    proof.precision = str(dtype).removeprefix("torch.")
+    gen = torch.Generator().manual_seed(seed)
+    for name, make in cases:
+        try:
+            case = make()
+            shapes = small_sizes(case.maps, case.shapes, case.record)
+            inputs = {m: torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+                      for m, shape in shapes.items()}
+            y = case.run_dense(inputs)
+            proof.nodes.append(check_node(case.name, case.spec, case.maps, inputs, y,
+                                          case.apply, case.record, tol))
+        except NotProven as e:
+            proof.skipped[name] = str(e)
+        except Exception as e:  # noqa: BLE001  the proof's own limit, never a verdict
+            proof.skipped[name] = f"not evaluated here ({describe(e, 80)})"
+    return proof
+
+
+def small_sizes(maps: dict[str, dict[str, Any]], shapes: dict[str, Sequence[int]],
+                record: dict[str, Any] | None) -> dict[str, tuple[int, ...]]:
+    """The dense shapes of a node's random inputs: along each axis, every map input's
+    baseline size moved by the same number of lattice points, to what the node's window
+    needs (:func:`_needed`) for the input with the fewest, keeping the size's remainder by the
+    node's stride (so that a ceil-mode window's remainder stays what it was). A window that
+    covers its whole map at the example (a fixed 7 x 7 pool) gets a larger map here, so that
+    its other phases have points. A dense map at step ``s`` over ``h`` baseline points is
+    ``(h - 1) * s + 1`` long (the tight form)."""
+    sizes: dict[int, int] = {}  # axis -> the fewest baseline points any input has
+    for name, spec in maps.items():
+        shape = shapes[name]
+        if len(shape) != len(spec["dims"]):
+            raise NotProven("its input's rank differs between the baseline and the dense map")
+        for d, (kind, _, axis) in enumerate(spec["dims"]):
+            if kind == "space":
+                sizes[axis] = min(sizes.get(axis, shape[d]), shape[d])
+    cut = {}
+    for axis, h in sizes.items():
+        need, stride = _needed(record, axis)
+        cut[axis] = h - (need + (h - need) % stride)
+    out = {}
+    for name, spec in maps.items():
+        dims = []
+        for d, (kind, step, axis) in enumerate(spec["dims"]):
+            n = shapes[name][d]
+            if kind == "space":
+                n = max(1, (n - cut[axis] - 1) * step + 1)
+            dims.append(int(n))
+        out[name] = tuple(dims)
+    return out
+
+
+def _needed(record: dict[str, Any] | None, axis: int) -> tuple[int, int]:
+    """(baseline points a node's input keeps along ``axis``, the node's stride there): two
+    for a pointwise node (the lattice and one point of every other phase); for a window of
+    extent ``e`` and stride ``t``, ``e + t``, so that every phase's sub-map (one point shorter
+    than the lattice's) holds a window that reads no padding, and the stride's sub-lattices
+    each have a point. The cost of a node's check is that of its dense op on ``s`` times these
+    sizes: about ``s * s`` times the baseline op on them."""
+    if record is None or record.get("kind") not in _WINDOW_KINDS:
+        return 2, 1
+    before = record.get("before", {})
+
+    def at(key, default):
+        v = before.get(key, default)
+        if isinstance(v, (list, tuple)):
+            return int(v[axis]) if axis < len(v) else int(default)
+        return int(v) if isinstance(v, (int, float)) else int(default)
+
+    kernel, stride, dilation = at("kernel", 1), max(1, at("stride", 1)), at("dilation", 1)
+    return dilation * (kernel - 1) + 1 + stride, stride
 
 
 def map_inputs(inputs: Sequence[str], nodes: dict[str, dict[str, Any]],

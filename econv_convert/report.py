@@ -106,14 +106,15 @@ def proven_line(report: VerifyReport) -> str:
     """What the checks that ran cover, in one line."""
     p = report.proven()
     lattice = p["lattice"]
-    parts = [f"the lattice at {_plural(len(lattice['sizes']), 'size')} "
+    parts = [f"the lattice end to end at {_plural(len(lattice['sizes']), 'size')} "
              f"({', '.join('x'.join(map(str, s)) for s in lattice['sizes'])}; "
-             f"{_seconds(lattice['seconds'])})"]
+             f"{lattice['precision']}; {_seconds(lattice['seconds'])})"]
     phases = p["phases"]
     if phases:
         left = phases["not_checked"]
-        parts.append(f"every phase of {_plural(phases['nodes'], 'node')} "
-                     f"({phases['phase_checks']:,} phase checks, {_seconds(phases['seconds'])}"
+        parts.append(f"every phase of {_plural(phases['nodes'], 'node')}, each alone on small "
+                     f"random maps ({phases['precision']}; {phases['phase_checks']:,} phase "
+                     f"checks, {_seconds(phases['seconds'])}"
                      + (f"; {_plural(len(left), 'node')} end to end only: "
                         f"{', '.join(list(left)[:4])}" + ("..." if len(left) > 4 else "")
                         if left else "") + ")")

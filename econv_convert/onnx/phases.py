@@ -1,11 +1,15 @@
-"""Every phase of every node, for ONNX dense graphs (:mod:`econv_convert.proof` checks each
-node; this module runs the graphs in onnxruntime and applies the baseline's nodes).
+"""Every phase of every node, for ONNX dense graphs (:mod:`econv_convert.proof` draws the
+small random maps and checks each node; this module cuts each node's dense part out of the
+dense graph and runs it, and runs the baseline's node alone, in onnxruntime).
 
-Both graphs run once on the same input with the values the proof reads exposed as outputs.
-Each baseline node that makes a map is then run alone, as a one-node graph with its constant
-inputs, on the phase sub-maps of the dense inputs, the phases folded into the batch dim (the
-ops of a CNN treat samples independently; an op that does not keep the batch dim is left to
-the end-to-end checks). The dense value of a map has the baseline value's name.
+Nothing runs at the model's own size: the baseline's shapes at the checked size come from
+ONNX shape inference, and each node then runs alone on random maps a few lattice steps wide.
+The node's dense part (the dense graph's nodes between the dense values of its map inputs and
+of its output, with their constants) runs as a graph of its own; the baseline node runs as a
+one-node graph with its constant inputs, on the phase sub-maps of those inputs, the phases
+folded into the batch dim (the ops of a CNN treat samples independently; an op that does not
+keep the batch dim is left to the end-to-end checks). A dense part that reads anything else
+(the input image's size) is left out likewise.
 """
 
 from __future__ import annotations
@@ -18,9 +22,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from econv_convert.errors import describe
-from econv_convert.onnx.model import run
-from econv_convert.proof import NotProven, PhaseProof, check_node, map_inputs
+from econv_convert.onnx.model import _with_input_shape
+from econv_convert.proof import NodeCase, NotProven, PhaseProof, map_inputs, prove_cases
 
 # ops that move or merge the batch dim: folding phases into it would not be the same op
 _BATCH_MOVERS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Gather",
@@ -29,8 +32,9 @@ _BATCH_MOVERS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Gat
 
 def prove_graphs(baseline: onnx.ModelProto, dense: onnx.ModelProto, meta,
                  x: torch.Tensor, tol: tuple[float, float],
-                 session: Callable[[onnx.ModelProto], Any]) -> PhaseProof:
-    """The per-node proof of ``dense`` against ``baseline`` (free spatial dims) on ``x``;
+                 session: Callable[[onnx.ModelProto], Any], seed: int = 0) -> PhaseProof:
+    """The per-node proof of ``dense`` against ``baseline`` (free spatial dims), each node on
+    small random maps whose sizes start from the baseline's at input ``x``'s shape;
     ``session`` makes an onnxruntime session of a model, as the checks do."""
     proof = PhaseProof()
     nodes = meta.nodes
@@ -38,85 +42,130 @@ def prove_graphs(baseline: onnx.ModelProto, dense: onnx.ModelProto, meta,
         proof.note = "the dense graph records no node map (written by an older version)"
         return proof
     g = baseline.graph
+    constants = _constants(baseline)
+    try:
+        shapes = _shapes(baseline, tuple(x.shape))
+    except Exception as e:  # noqa: BLE001  no shapes: say so, no verdict
+        proof.note = f"the baseline's shapes cannot be inferred ({e})"
+        return proof
+    producers = {o: n for n in dense.graph.node for o in n.output}
+    dense_inputs = {i.name for i in dense.graph.input}
+    dense_constants = {i.name for i in dense.graph.initializer}
+    records = {r.get("dense_name"): r for r in meta.records}
+    opset = list(baseline.opset_import)
+    dtype = x.dtype
+    np_dtype = np.dtype(str(dtype).removeprefix("torch."))
+
+    def case(node: onnx.NodeProto) -> NodeCase:
+        out = node.output[0]
+        inputs = [i for i in node.input if i]
+        maps = map_inputs(inputs, nodes, lambda name: name in constants)
+        if nodes[out]["flat"]:
+            raise NotProven("its value flattens positions")
+        if node.op_type in _BATCH_MOVERS:
+            raise NotProven(f"{node.op_type} moves the batch dim the phases are folded into")
+        if any(m not in shapes for m in maps):
+            raise NotProven("shape inference gives no shape for its input")
+        seeds = {nodes[m]["dense"]: m for m in maps}
+        piece = _piece(dense, producers, dense_inputs, dense_constants, nodes[out]["dense"],
+                       seeds, np_dtype)
+        dense_sess = session(piece) if piece is not None else None
+        apply = _node_apply(node, list(maps), constants, opset, baseline.ir_version, session,
+                            np_dtype)
+
+        def run_dense(values: dict[str, torch.Tensor]) -> torch.Tensor:
+            if dense_sess is None:  # the dense value is the input's own
+                return values[seeds[nodes[out]["dense"]]]
+            feed = {nodes[m]["dense"]: t.contiguous().numpy() for m, t in values.items()}
+            return torch.from_numpy(np.asarray(dense_sess.run(None, feed)[0]))
+
+        return NodeCase(out, nodes[out], maps, {m: shapes[m] for m in maps}, run_dense,
+                        apply, records.get(out))
+
+    cases = [(n.output[0], lambda n=n: case(n)) for n in g.node
+             if n.output and n.output[0] in nodes and n.domain in ("", "ai.onnx")]
+    return prove_cases(cases, tol, dtype, seed, proof)
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The graph's initializers and Constant nodes' values."""
+    g = model.graph
     constants = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     for n in g.node:
         if n.op_type == "Constant" and n.output:
-            constants[n.output[0]] = numpy_helper.to_array(
-                helper.get_attribute_value(n.attribute[0])) if n.attribute[0].type == \
-                onnx.AttributeProto.TENSOR else np.asarray(
-                    helper.get_attribute_value(n.attribute[0]))
-    made = {o for n in dense.graph.node for o in n.output} | {i.name for i in dense.graph.input}
-    checked = [n for n in g.node if n.output and n.output[0] in nodes
-               and n.domain in ("", "ai.onnx")]
-    records = {r.get("dense_name"): r for r in meta.records}
-    wanted = {nodes[v]["dense"] for n in checked for v in [n.output[0], *n.input] if v in nodes}
-    try:
-        dense_vals = _run(dense, x, sorted(wanted & made), session)
-    except Exception as e:  # noqa: BLE001  a graph the proof cannot run: say so, no verdict
-        proof.note = f"the dense graph does not run with its values exposed ({describe(e, 100)})"
-        return proof
-    opset = [o for o in baseline.opset_import]
-    for node in checked:
-        out = node.output[0]
-        try:
-            inputs = [i for i in node.input if i]
-            maps = map_inputs(inputs, nodes, lambda name: name in constants)
-            if nodes[out]["flat"]:
-                raise NotProven("its value flattens positions")
-            if node.op_type in _BATCH_MOVERS:
-                raise NotProven(f"{node.op_type} moves the batch dim the phases are folded into")
-            if any(nodes[v]["dense"] not in dense_vals for v in [out, *maps]):
-                raise NotProven("its dense value is not a value of the dense graph")
-            apply = _node_apply(node, list(maps), constants, opset, baseline.ir_version, session,
-                                {m: dense_vals[nodes[m]["dense"]].dtype for m in maps})
-            proof.nodes.append(check_node(
-                out, nodes[out], maps, {m: dense_vals[nodes[m]["dense"]] for m in maps},
-                dense_vals[nodes[out]["dense"]], apply, records.get(out), tol))
-        except NotProven as e:
-            proof.skipped[out] = str(e)
-        except Exception as e:  # noqa: BLE001  the proof's own limit, never a verdict
-            proof.skipped[out] = f"not evaluated here ({describe(e, 80)})"
-    return proof
+            a = n.attribute[0]
+            value = helper.get_attribute_value(a)
+            constants[n.output[0]] = (numpy_helper.to_array(value)
+                                      if a.type == onnx.AttributeProto.TENSOR
+                                      else np.asarray(value))
+    return constants
 
 
-def _run(model: onnx.ModelProto, x: torch.Tensor, names: list[str],
-         session) -> dict[str, torch.Tensor]:
-    """``names`` of ``model`` on ``x``, read by exposing them as outputs."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    types = _elem_types(m)
-    for name in names:
-        if name not in have and name in types:
-            m.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
-    sess = session(m)
-    image = next(i.name for i in sess.get_inputs())
-    outs = [o.name for o in sess.get_outputs() if o.name in set(names)]
-    got = run(sess, outs, {image: x.numpy()})
-    return {n: torch.from_numpy(np.asarray(v)) for n, v in zip(outs, got)}
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of each value, by shape inference."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+def _shapes(model: onnx.ModelProto, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Every value's shape at input ``shape``, by ONNX shape inference (no data)."""
+    inferred = onnx.shape_inference.infer_shapes(_with_input_shape(model, shape))
     g = inferred.graph
-    types = {vi.name: vi.type.tensor_type.elem_type
-             for vi in [*g.input, *g.output, *g.value_info]
-             if vi.type.tensor_type.elem_type}
-    types.update({i.name: i.data_type for i in g.initializer})
-    return types
+    found = {}
+    for vi in [*g.input, *g.value_info, *g.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            found[vi.name] = tuple(int(d.dim_value) for d in dims)
+    return found
+
+
+def _piece(dense: onnx.ModelProto, producers: dict[str, onnx.NodeProto], graph_inputs: set[str],
+           initializers: set[str], out: str, seeds: dict[str, str],
+           np_dtype: np.dtype) -> onnx.ModelProto | None:
+    """The dense graph's nodes that compute ``out`` from the values ``seeds`` and constants,
+    as a graph of their own (None when ``out`` is a seed); NotProven where they read the
+    image input or any other value."""
+    if out in seeds:
+        return None
+    wanted: list[onnx.NodeProto] = []
+    seen: set[int] = set()
+    used_inits: set[str] = set()
+    stack = [out]
+    while stack:
+        name = stack.pop()
+        if not name or name in seeds:
+            continue
+        if name in initializers:
+            used_inits.add(name)
+            continue
+        if name in graph_inputs:
+            raise NotProven("its dense part reads the input image (its size), not only its "
+                            "inputs")
+        node = producers.get(name)
+        if node is None:
+            raise NotProven(f"its dense part reads {name}, which no node makes")
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        wanted.append(node)
+        stack.extend(node.input)
+        for a in node.attribute:  # subgraphs (If, Loop) read outer values: not cut here
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                raise NotProven(f"its dense part has a {node.op_type} with a subgraph")
+    order = {id(n): i for i, n in enumerate(dense.graph.node)}
+    wanted.sort(key=lambda n: order[id(n)])
+    elem = helper.np_dtype_to_tensor_dtype(np_dtype)
+    inputs = [helper.make_tensor_value_info(name, elem, None) for name in seeds]
+    inits = [i for i in dense.graph.initializer if i.name in used_inits]
+    graph = helper.make_graph(wanted, "piece", inputs, [onnx.ValueInfoProto(name=out)], inits)
+    model = helper.make_model(graph, opset_imports=list(dense.opset_import))
+    model.ir_version = dense.ir_version
+    return model
 
 
 def _node_apply(node: onnx.NodeProto, maps: list[str], constants: dict[str, np.ndarray],
-                opset, ir_version: int, session, dtypes: dict[str, torch.dtype]):
+                opset, ir_version: int, session, np_dtype: np.dtype):
     """``apply(subs, count)`` for :func:`check_node`: ``node`` alone, its map inputs fed the
     stacked sub-maps with the phases folded into the batch dim."""
     one = helper.make_node(node.op_type, list(node.input), [node.output[0]],
                            domain=node.domain or None)
     one.attribute.extend(node.attribute)
-    inputs = [helper.make_tensor_value_info(
-        m, helper.np_dtype_to_tensor_dtype(np.dtype(str(dtypes[m]).removeprefix("torch."))),
-        None) for m in maps]
+    inputs = [helper.make_tensor_value_info(m, helper.np_dtype_to_tensor_dtype(np_dtype), None)
+              for m in maps]
     inits = [numpy_helper.from_array(np.asarray(constants[i]), i) for i in node.input
              if i and i not in maps]
     output = onnx.ValueInfoProto(name=node.output[0])  # its type: what the op gives

@@ -1,21 +1,18 @@
-"""Every phase of every node, for PyTorch dense graphs (:mod:`econv_convert.proof` checks
-each node; this module runs the graphs and applies the baseline's ops).
+"""Every phase of every node, for PyTorch dense graphs (:mod:`econv_convert.proof` draws the
+small random maps and checks each node; this module cuts each node's dense part out of the
+dense graph, runs it, and applies the baseline's op).
 
-The baseline graph and the dense graph run once on the same input (float64, the real
-weights). At every baseline node whose value carries a map, the baseline's own op is applied
-to the phase sub-maps of the dense inputs, and must give the dense output on the matching
-sub-lattice: identity (*) of :mod:`econv_convert.core.lattice`, for every phase of every axis.
-Non-map arguments (weights) are the baseline run's values.
-
-An error anywhere in a dense graph, on the lattice or between it, shows up at the first node
-whose output it reaches. A node is left out only where the identity does not apply as such
-(a flatten over positions, per-phase values broadcast back onto a map, inputs on different
-lattices); the proof lists those nodes and why, and the end-to-end checks cover them.
+Nothing runs at the model's own size: the baseline's shapes at the checked size come from a
+run on fake tensors (no data), and each node then runs alone, float64, on random maps a few
+lattice steps wide. A node's dense part is the dense graph's nodes between the dense values
+of its map inputs and of its output; one that reads anything else (the input image's size, a
+map that is not its input) is left out, as are nodes where the identity does not apply as
+such (a flatten over positions, per-phase values broadcast back onto a map, arguments read
+off a map's size). The proof lists those nodes and why; the end-to-end checks cover them.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,17 +23,17 @@ import torch.nn.functional as F
 
 from econv_convert.core.records import info
 from econv_convert.errors import EConvError, describe
-from econv_convert.proof import NodeProof, NotProven, PhaseProof, check_node, map_inputs
+from econv_convert.proof import NodeCase, NotProven, PhaseProof, map_inputs, prove_cases
 
 
 def prove(baseline: fx.GraphModule, dense: fx.GraphModule, nodes: dict[str, dict[str, Any]],
           records: Sequence[dict[str, Any]], x: torch.Tensor,
-          tol: tuple[float, float]) -> PhaseProof:
-    """Run both graphs on ``x`` and check identity (*) at every node of ``nodes`` (the
-    dense model's node map, :attr:`DenseInfo.nodes`); ``records`` give the layers' geometry
-    (their padding decides where (*) holds for the phases ``j > 0``). ``tol`` is
-    ``(atol, rtol)``: ``|dense - op| <= atol * scale + rtol * |op|``, ``scale`` the node's
-    largest ``|op|``."""
+          tol: tuple[float, float], seed: int = 0) -> PhaseProof:
+    """Check identity (*) at every node of ``nodes`` (the dense model's node map,
+    :attr:`DenseInfo.nodes`), each on small random maps whose sizes start from the
+    baseline's at input ``x`` (only its shape and dtype are used); ``records`` give the
+    layers' geometry (their windows and padding). ``tol`` is ``(atol, rtol)``:
+    ``|dense - op| <= atol * scale + rtol * |op|``, ``scale`` the node's largest ``|op|``."""
     proof = PhaseProof()
     if not nodes:
         proof.note = "the dense model records no node map (written by an older version)"
@@ -49,49 +46,38 @@ def prove(baseline: fx.GraphModule, dense: fx.GraphModule, nodes: dict[str, dict
                       "): not the graph econv-convert made")
         return proof
     try:
-        base_env = _run(baseline, x)
+        ref = next((p for p in baseline.parameters() if p.is_floating_point()), None)
+        shapes = _shapes(baseline, x[:1].to(ref.dtype if ref is not None else x.dtype))
     except Exception as e:  # noqa: BLE001  a graph the proof cannot run: say so, no verdict
         proof.note = f"the baseline graph does not run node by node ({describe(e, 100)})"
         return proof
+    constants = _constants(baseline, x.dtype)
     geometry = {r.get("fx_name"): r for r in records}
-    # each baseline node is checked when its dense node has run; the dense values its check
-    # reads are kept until then
-    due: dict[str, list[fx.Node]] = defaultdict(list)
-    wanted: dict[str, str] = {}  # dense node -> the last dense node whose check reads it
-    order = {n.name: i for i, n in enumerate(dense.graph.nodes)}
-    for node in baseline.graph.nodes:
-        spec = nodes.get(node.name)
-        if spec is None or node.op not in ("call_function", "call_method"):
-            continue
-        due[spec["dense"]].append(node)
-        for arg in node.all_input_nodes:
-            arg_spec = nodes.get(arg.name)
-            if arg_spec is not None:
-                name = arg_spec["dense"]
-                if order[spec["dense"]] > order.get(wanted.get(name, name), -1):
-                    wanted[name] = spec["dense"]
-    def check(dense_node: fx.Node, env: dict[str, Any]) -> None:
-        for node in due.get(dense_node.name, ()):
-            try:
-                result = _check_node(node, nodes, base_env, env, geometry.get(node.name), tol)
-            except NotProven as e:
-                proof.skipped[node.name] = str(e)
-            except Exception as e:  # noqa: BLE001  the proof's own limit, never a verdict
-                proof.skipped[node.name] = f"not evaluated here ({describe(e, 80)})"
-            else:
-                proof.nodes.append(result)
 
-    try:
-        _run(dense, x, after=check, keep=wanted)
-    except Exception as e:  # noqa: BLE001  likewise
-        proof.note = f"the dense graph does not run node by node ({describe(e, 100)})"
-    return proof
+    def case(node: fx.Node) -> NodeCase:
+        names = [a.name for a in node.all_input_nodes]
+        maps = map_inputs(names, nodes,
+                          lambda n: isinstance(constants.get(n), torch.Tensor))
+        spec = nodes[node.name]
+        record = geometry.get(node.name)
+        nd = sum(kind == "space" for kind, *_ in next(iter(maps.values()))["dims"])
+        op = _specialized_op(node, record, nd) or _baseline_op(node, constants, list(maps),
+                                                               x.dtype)
+        piece = _piece(dense, dense_nodes[spec["dense"]], {nodes[m]["dense"]: m for m in maps})
+        return NodeCase(node.name, spec, maps, {m: shapes[m] for m in maps},
+                        lambda inputs: _run_piece(dense, piece, spec["dense"], nodes, inputs,
+                                                  x.dtype),
+                        lambda subs, count: _apply(op, subs, count), record)
+
+    cases = [(node.name, lambda node=node: case(node)) for node in baseline.graph.nodes
+             if node.name in nodes and node.op in ("call_function", "call_method")]
+    return prove_cases(cases, tol, x.dtype, seed, proof)
 
 
 def prove_model(dense: nn.Module, x: torch.Tensor, tol: tuple[float, float]) -> PhaseProof:
     """:func:`prove` for a dense model as it is given (its ``econv`` record names the nodes;
-    its baseline graph is rebuilt by ``inverse``), in ``x``'s dtype and device, on the first
-    sample of ``x`` (every phase of a batch of one is every phase)."""
+    its baseline graph is rebuilt by ``inverse``), in ``x``'s dtype and device: each node's
+    weights are converted to that dtype while it runs (no copy of the whole model)."""
     from econv_convert.torch.api import inverse  # the API builds on this module's checks
 
     if not isinstance(dense, fx.GraphModule):
@@ -99,71 +85,106 @@ def prove_model(dense: nn.Module, x: torch.Tensor, tol: tuple[float, float]) -> 
                           "wrapper?): checked end to end only")
     meta = info(dense)
     try:
-        baseline = inverse(dense).to(x.device, x.dtype)
+        baseline = inverse(dense).to(x.device)
     except EConvError as e:
         return PhaseProof(note=f"its baseline graph cannot be rebuilt ({e})")
     with torch.no_grad():
         return prove(baseline, dense, meta.nodes, meta.records, x[:1], tol)
 
 
-def _run(gm: fx.GraphModule, x: torch.Tensor, after=None,
-         keep: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``gm`` on ``x`` node by node. Without ``after``, every value is kept and returned
-    by name; with it, ``after(node, env)`` is called after each node and values are dropped
-    after their last use (or the last check that reads them, ``keep``)."""
-    env: dict[str, Any] = {}
-    nodes = list(gm.graph.nodes)
-    last: dict[str, int] = {}
-    if after is not None:
-        index = {n.name: i for i, n in enumerate(nodes)}
-        for i, n in enumerate(nodes):
-            for a in n.all_input_nodes:
-                last[a.name] = max(last.get(a.name, 0), i)
-        for name, reader in (keep or {}).items():
-            last[name] = max(last.get(name, index[name]), index[reader])
-    dying: dict[int, list[str]] = defaultdict(list)
-    for name, i in last.items():
-        dying[i].append(name)
-    placeholders = 0
-    for i, node in enumerate(nodes):
-        if node.op == "output":
-            break
-        if node.op == "placeholder":
-            value = x if not placeholders else None
-            placeholders += 1
-        else:
-            args = fx.node.map_arg(node.args, lambda n: env[n.name])
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
-            if node.op == "get_attr":
-                value = gm
-                for part in node.target.split("."):
-                    value = getattr(value, part)
-            elif node.op == "call_function":
-                value = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                value = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                value = gm.get_submodule(node.target)(*args, **kwargs)
-        env[node.name] = value
-        if after is not None:
-            after(node, env)
-            for name in dying.get(i, ()):
-                env.pop(name, None)
-    return env
+def _shapes(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor value of ``gm`` at input ``x``'s shape, from a run on fake
+    tensors (no data is computed); a graph fake tensors cannot run (data-dependent code)
+    runs for real, at the baseline's cost."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    found: dict[str, tuple[int, ...]] = {}
+
+    class _Shapes(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                found[n.name] = tuple(out.shape)
+            return out
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            _Shapes(gm).run(mode.from_tensor(x))
+    except Exception:  # noqa: BLE001  data-dependent: run it for real
+        found.clear()
+        _Shapes(gm).run(x)
+    return found
 
 
-def _check_node(node: fx.Node, nodes: dict[str, dict[str, Any]], base_env: dict[str, Any],
-                dense_env: dict[str, Any], record: dict[str, Any] | None,
-                tol: tuple[float, float]) -> NodeProof:
-    names = [a.name for a in node.all_input_nodes]
-    maps = map_inputs(names, nodes, lambda n: isinstance(base_env.get(n), torch.Tensor))
-    spec = nodes[node.name]
-    nd = sum(kind == "space" for kind, *_ in next(iter(maps.values()))["dims"])
-    op = _specialized_op(node, record, nd) or _baseline_op(node, base_env, list(maps))
-    return check_node(node.name, spec, maps,
-                      {n: dense_env[m["dense"]] for n, m in maps.items()},
-                      dense_env[spec["dense"]], lambda subs, count: _apply(op, subs, count),
-                      record, tol)
+def _constants(gm: fx.GraphModule, dtype: torch.dtype) -> dict[str, Any]:
+    """The values of ``gm``'s nodes that do not depend on its input: weights as they are
+    (converted when a node uses them), and what is computed from them alone, in ``dtype``."""
+    values: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            values[node.name] = _attr(gm, node.target)
+        elif node.op in ("call_function", "call_method") and all(
+                a.name in values for a in node.all_input_nodes):
+            try:
+                values[node.name] = _call(gm, node, {
+                    a.name: _in_dtype(values[a.name], dtype) for a in node.all_input_nodes})
+            except Exception:  # noqa: BLE001  not a constant after all: left to the checks
+                pass
+    return values
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _call(gm: fx.GraphModule, node: fx.Node, env: dict[str, Any]):
+    args = fx.node.map_arg(node.args, lambda n: env[n.name])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n.name])
+    if node.op == "get_attr":
+        return _attr(gm, node.target)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return gm.get_submodule(node.target)(*args, **kwargs)
+
+
+def _piece(dense: fx.GraphModule, out: fx.Node, seeds: dict[str, str]) -> list[fx.Node]:
+    """The dense graph's nodes that compute ``out`` from the dense values ``seeds`` (dense
+    name -> the baseline input it stands for) and constants, in graph order; NotProven where
+    they read anything else."""
+    wanted: set[fx.Node] = set()
+    stack = [out]
+    while stack:
+        n = stack.pop()
+        if n in wanted or n.name in seeds:
+            continue
+        if n.op == "placeholder":
+            raise NotProven("its dense part reads the input image (its size), not only its "
+                            "inputs")
+        wanted.add(n)
+        stack.extend(n.all_input_nodes)
+    if out.name in seeds:
+        return []
+    return [n for n in dense.graph.nodes if n in wanted]
+
+
+def _run_piece(dense: fx.GraphModule, piece: list[fx.Node], out_name: str,
+               nodes: dict[str, dict[str, Any]], inputs: dict[str, torch.Tensor],
+               dtype: torch.dtype) -> torch.Tensor:
+    """The dense part ``piece`` (ending at ``out_name``) on ``inputs`` (baseline input name
+    -> dense value), its weights in ``dtype``."""
+    env: dict[str, Any] = {nodes[m]["dense"]: t for m, t in inputs.items()}
+    for node in piece:
+        env[node.name] = _in_dtype(_call(dense, node, env), dtype) if node.op == "get_attr" \
+            else _call(dense, node, env)
+    out = env[out_name]
+    if not isinstance(out, torch.Tensor):
+        raise NotProven("its dense value is not one tensor")
+    return out
 
 
 _POOLS = {"avg_pool": (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d),
@@ -187,13 +208,23 @@ def _specialized_op(node: fx.Node, record: dict[str, Any] | None, nd: int):
     return lambda x: pool(x, kernel, stride)
 
 
-def _baseline_op(node: fx.Node, env: dict[str, Any], maps: list[str]):
-    """The baseline node as a function of its map arguments (in the order of ``maps``)."""
+def _in_dtype(value: Any, dtype: torch.dtype) -> Any:
+    """A floating-point tensor in ``dtype`` (other values as they are)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    return value
+
+
+def _baseline_op(node: fx.Node, env: dict[str, Any], maps: list[str], dtype: torch.dtype):
+    """The baseline node as a function of its map arguments (in the order of ``maps``), its
+    other tensors (weights) in ``dtype``."""
+    fixed = {n.name: _in_dtype(env.get(n.name), dtype) for n in node.all_input_nodes
+             if n.name not in maps}
 
     def op(*values: torch.Tensor):
         given = dict(zip(maps, values))
-        args = fx.node.map_arg(node.args, lambda n: given.get(n.name, env.get(n.name)))
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: given.get(n.name, env.get(n.name)))
+        args = fx.node.map_arg(node.args, lambda n: given.get(n.name, fixed.get(n.name)))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: given.get(n.name, fixed.get(n.name)))
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         return node.target(*args, **kwargs)
