@@ -145,8 +145,9 @@ def small_sizes(maps: dict[str, dict[str, Any]], shapes: dict[str, Sequence[int]
                 sizes[axis] = min(sizes.get(axis, shape[d]), shape[d])
     cut = {}
     for axis, h in sizes.items():
-        need, stride = _needed(record, axis)
-        cut[axis] = h - (need + (h - need) % stride)
+        least, enough, stride = _needed(record, axis)
+        target = max(least, min(h, enough))
+        cut[axis] = h - (target + (h - target) % stride)
     out = {}
     for name, spec in maps.items():
         dims = []
@@ -159,25 +160,32 @@ def small_sizes(maps: dict[str, dict[str, Any]], shapes: dict[str, Sequence[int]
     return out
 
 
-def _needed(record: dict[str, Any] | None, axis: int) -> tuple[int, int]:
-    """(baseline points a node's input keeps along ``axis``, the node's stride there): two
-    for a pointwise node (the lattice and one point of every other phase); for a window of
-    extent ``e`` and stride ``t``, ``e + t``, so that every phase's sub-map (one point shorter
-    than the lattice's) holds a window that reads no padding, and the stride's sub-lattices
-    each have a point. The cost of a node's check is that of its dense op on ``s`` times these
-    sizes: about ``s * s`` times the baseline op on them."""
+def _needed(record: dict[str, Any] | None, axis: int) -> tuple[int, int, int]:
+    """Along ``axis``: the fewest baseline points a node's input may have (every phase's
+    sub-map, one point shorter than the lattice's, still gives each of the stride's
+    sub-lattices an output), the points that are enough (a window that reads no padding on
+    every phase, and the stride's sub-lattices twice), and the node's stride. A pointwise node
+    needs two (the lattice and one point of every other phase). Inputs already smaller than
+    enough are not grown past what they have: a node at lattice step ``s`` costs ``s * s``
+    times the baseline op on these sizes, and the deepest nodes of a large network have the
+    largest steps and the most channels."""
     if record is None or record.get("kind") not in _WINDOW_KINDS:
-        return 2, 1
+        return 2, 2, 1
     before = record.get("before", {})
 
     def at(key, default):
         v = before.get(key, default)
         if isinstance(v, (list, tuple)):
-            return int(v[axis]) if axis < len(v) else int(default)
-        return int(v) if isinstance(v, (int, float)) else int(default)
+            return v[axis] if axis < len(v) else default
+        return v if isinstance(v, (int, float, list, tuple)) else default
 
-    kernel, stride, dilation = at("kernel", 1), max(1, at("stride", 1)), at("dilation", 1)
-    return dilation * (kernel - 1) + 1 + stride, stride
+    kernel, stride, dilation = int(at("kernel", 1)), max(1, int(at("stride", 1))), \
+        int(at("dilation", 1))
+    pad = at("padding", 0)  # a number, a (before, after) pair, or words (SAME): none then
+    pads = sum(pad) if isinstance(pad, (list, tuple)) else 2 * pad \
+        if isinstance(pad, (int, float)) else 0
+    extent = dilation * (kernel - 1) + 1
+    return max(2, extent - int(pads) + stride), extent + stride, stride
 
 
 def map_inputs(inputs: Sequence[str], nodes: dict[str, dict[str, Any]],

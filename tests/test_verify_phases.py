@@ -190,7 +190,8 @@ def test_the_command_says_what_was_proven(tmp_path):
                                       "1,3,31,27", "--trust-pickle"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
-    assert "proven: the lattice at" in text and "every phase of 5 nodes" in text, text
+    assert "proven: the lattice end to end at" in text, text
+    assert "every phase of 5 nodes, each alone on small random maps (float64" in text, text
     assert "shifted windows at 16 offsets, outputs 1.." in text
     result = CliRunner().invoke(app, ["verify", str(tmp_path / "m.pt"), "--input-shape",
                                       "1,3,31,27", "--trust-pickle", "--json"])
