@@ -210,9 +210,10 @@ def default_shapes(meta, near_example: bool = False,
     if not any_size(meta) and not near_example:
         return [(max(example[0], 2), *example[1:])], (
             "one input size: the model takes the example's size only (a head over a fixed "
-            "map, or a pool specialized to it), so it is checked end to end there, once (a "
-            "dense pass costs about the total stride squared times the baseline); every phase "
-            "of every node is proven on small maps; near=True adds sizes around the example")
+            "map, or a pool specialized to it), so its lattice is checked there: the head "
+            "alone from random maps of its input's sizes where every map before it is proven "
+            "node by node, else the whole model once (a dense pass costs about the total "
+            "stride squared times the baseline); near=True adds sizes around the example")
     if near_example or not any_size(meta) or small == example[2:]:
         return candidate_shapes(example, st), ""
     shapes = candidate_shapes(example[:2] + small, st, compact=True)
@@ -263,10 +264,24 @@ class Checks:
     outputs: Sequence[str] | None = None
 
 
+def one_size(meta, options: Checks) -> bool:
+    """Whether the check runs the dense model at the example size alone (a model that takes
+    one input size, checked with the default sizes; not window pooling)."""
+    return (not options.shapes and not options.near_example and not windowed(meta)
+            and not any_size(meta))
+
+
+# the end-to-end lattice check of a one-size model's head: given the input the per-node proof
+# started from, that proof and the check's (atol, rtol), lattice Cases over the layers after
+# the last maps every node before which is proven, on random maps (None where it does not
+# apply: the whole model then runs end to end)
+Head = Callable[[torch.Tensor, Any, tuple[float, float]], "list[Case] | None"]
+
+
 def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks = Checks(), *,
           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
           batch: int | None = None, depth: int = 0, lattice_points: int = 2,
-          prove: Prove | None = None) -> VerifyReport:
+          prove: Prove | None = None, head: Head | None = None) -> VerifyReport:
     """The lattice, phase and shift checks for any runtime: ``run_baseline(x)`` gives the
     baseline's output tensors (or None and why the size is not accepted), ``run_dense(x)``
     the dense model's; ``meta`` is the :class:`~econv_convert.core.records.DenseInfo` of the
@@ -314,6 +329,22 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
         if progress:
             progress(done, total, what)
 
+    early = None  # (proof, its input): a one-size model's proof, run before its lattice
+    if head is not None and prove is not None and one_size(meta, options):
+        x = _input(meta, shapes[0], torch.Generator().manual_seed(seed + 1), device, dtype)
+        t = time.perf_counter()
+        proof = prove(x, tol)
+        proof.seconds = time.perf_counter() - t
+        early = (proof, x)
+        t = time.perf_counter()
+        cases = head(x, proof, tol) if proof.ok and not proof.note and proof.complete \
+            else None
+        if cases:
+            for case in cases:
+                report.cases.append(_timed(case, t))
+                t = time.perf_counter()
+                step(f"lattice {'x'.join(map(str, meta.canonical(case.shape)[2:]))}")
+            shapes = []
     for shape in shapes:
         for _ in range(trials):
             t = time.perf_counter()
@@ -340,18 +371,21 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
         return check(meta, run_baseline, run_dense, wider, device=device, dtype=dtype,
                      batch=batch, depth=depth, lattice_points=more, prove=prove)
     lattice = [c for c in report.checked if c.check == "lattice"]
-    if prove is not None and lattice:
+    if prove is not None and (lattice or early):
         t = time.perf_counter()
         # the smallest checked size at which every phase of every node has points, else
         # the example's (a baseline whose windows eat small inputs)
-        tried = sorted({meta.canonical(c.shape) for c in lattice}, key=math.prod)
-        example = (tried[0][0], *meta.canonical(meta.example_shape)[1:])
-        for size in tried + ([example] if example not in tried else []):
-            x = _input(meta, size, torch.Generator().manual_seed(seed + 1), device, dtype)
-            proof = prove(x, tol)
-            if proof.note or proof.complete or not proof.ok:
-                break
-        proof.seconds = time.perf_counter() - t
+        if early is not None:
+            proof, x = early
+        else:
+            tried = sorted({meta.canonical(c.shape) for c in lattice}, key=math.prod)
+            example = (tried[0][0], *meta.canonical(meta.example_shape)[1:])
+            for size in tried + ([example] if example not in tried else []):
+                x = _input(meta, size, torch.Generator().manual_seed(seed + 1), device, dtype)
+                proof = prove(x, tol)
+                if proof.note or proof.complete or not proof.ok:
+                    break
+            proof.seconds = time.perf_counter() - t
         report.proof = proof
         if not proof.note and not proof.complete:
             report.notes.append("some phases of some nodes have no point at the sizes checked "

@@ -188,6 +188,36 @@ def _needed(record: dict[str, Any] | None, axis: int) -> tuple[int, int, int]:
     return max(2, extent - int(pads) + stride), extent + stride, stride
 
 
+def head_of(order: Sequence[tuple[str, Sequence[str]]], maps: set[str], proven: set[str],
+            constants: set[str], output: str) -> tuple[list[str], list[str]] | None:
+    """The *head* of a baseline graph whose per-node proof left some maps unproven: every node
+    downstream of an unproven map (``order``: the nodes with their inputs, in graph order;
+    ``maps``: the values that carry a map; ``proven``: the nodes the proof checked), and its
+    *frontier*, the values it reads from the rest of the graph. None unless the head makes
+    ``output`` and its frontier holds proven maps alone (no image, no size read off a map):
+    then the model before the frontier is proven node by node, every phase, and the head is
+    what an end-to-end check must still cover."""
+    head: list[str] = []
+    inside: set[str] = set()
+    for name, inputs in order:
+        if (name in maps and name not in proven) or any(i in inside for i in inputs):
+            head.append(name)
+            inside.add(name)
+    if output not in inside:
+        return None
+    frontier: list[str] = []
+    for name, inputs in order:
+        if name not in inside:
+            continue
+        for i in inputs:
+            if i in inside or i in constants or i in frontier:
+                continue
+            if i not in maps or i not in proven:
+                return None
+            frontier.append(i)
+    return (head, frontier) if frontier else None
+
+
 def map_inputs(inputs: Sequence[str], nodes: dict[str, dict[str, Any]],
                is_tensor: Callable[[str], bool]) -> dict[str, dict[str, Any]]:
     """The node's map inputs (name -> its entry in the node map), or :class:`NotProven`:

@@ -5,6 +5,7 @@ runs the model at its own size (each node runs alone on small random maps)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -61,33 +62,97 @@ def test_verifying_a_one_size_model_peaks_near_one_dense_pass():
     assert proof <= 2.5 * one_pass + 64, (proof, one_pass)
 
 
-def test_the_per_node_proof_never_runs_a_node_at_the_models_size(monkeypatch):
-    """Each dense window op of a one-size model runs on maps a few lattice steps wide in the
-    proof, however large the example is (the end-to-end check alone runs it at full size)."""
+def _net():
     torch.manual_seed(0)
-    model = rand_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                  nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
-                                  nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 30 * 30, 3)))
-    dense = densify(model, (1, 3, 120, 120))
-    seen: list[tuple[int, ...]] = []
+    return rand_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                 nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(),
+                                 nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 30 * 30, 3)))
+
+
+def _spy(dense, seen):
+    """Record the dtype and spatial size of every dense convolution ``dense`` runs."""
     real = ops.conv
 
     def conv(x, *args, **kwargs):
         seen.append((x.dtype, tuple(x.shape[2:])))
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(ops, "conv", conv)
     for node in dense.graph.nodes:
         if node.target is real:
             node.target = conv
     dense.recompile()
-    report = verify(model, dense)
+    return dense
+
+
+def test_a_one_size_model_never_runs_dense_at_its_size():
+    """The per-node proof runs each window op on maps a few lattice steps wide, and the
+    lattice check runs the head alone (here Flatten + Linear, the layers after the last
+    proven map) from random maps of its input's size: no dense pass over the 120 x 120
+    example at all."""
+    model = _net()
+    dense = densify(model, (1, 3, 120, 120))
+    seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    report = verify(model, _spy(dense, seen))
     assert report.ok, report.failures()
-    full = [s for dt, s in seen if dt == torch.float32]
-    small = [s for dt, s in seen if dt == torch.float64]
-    assert full and all(min(s) > 100 for s in full)  # end to end, at the example's size
-    assert small and all(max(s) <= 40 for s in small), small  # the proof: small maps
+    head = (29 * 4 + 1,) * 2  # the last pool's dense map: 30 lattice points at step 4
+    assert seen and all(dt == torch.float64 for dt, _ in seen)
+    assert all(max(s) <= 40 or s == head for _, s in seen), seen
+    lattice = [c for c in report.checked if c.check == "lattice"]
+    assert len(lattice) == 2, lattice
+    # the recorded baseline graph is the model given (run at the baseline's cost), and the
+    # dense head is that graph's head on the lattice
+    assert "the baseline graph the dense model records gives" in lattice[0].detail
+    assert "layers after max_pool2d_1 end to end" in lattice[1].detail
     proven = report.to_dict()["proven"]
     assert proven["phases"]["precision"] == "float64"
-    assert proven["lattice"]["precision"] == "float32"
     assert proven["phases"]["where"] == "each node alone, on small random maps"
+
+
+def _bumped(*args, **kwargs):
+    return ops.conv(*args, **kwargs) + 1e-3
+
+
+def test_the_head_check_catches_an_error_in_the_head():
+    """A dense head whose op is wrong on the lattice fails the head check; dense weights that
+    are not the given model's fail the check of the recorded baseline graph against it."""
+    model = _net()
+    dense = densify(model, (1, 3, 120, 120))
+    wrong = copy.deepcopy(dense)
+    wrong.econv = dense.econv
+    head = [n for n in wrong.graph.nodes if n.target is ops.conv][-1]
+    head.target = _bumped
+    wrong.recompile()
+    report = verify(model, wrong)
+    lattice = [c for c in report.checked if c.check == "lattice"]
+    assert not report.ok and len(lattice) == 2
+    assert lattice[0].ok and not lattice[1].ok, lattice  # the given model: the head's error
+    tuned = copy.deepcopy(dense)
+    tuned.econv = dense.econv
+    with torch.no_grad():
+        [p for n, p in tuned.named_parameters() if n.endswith("bias")][-1].add_(1e-3)
+    report = verify(model, tuned)
+    assert [c.check for c in report.failures()] == ["lattice"], report.failures()
+
+
+def test_the_head_check_catches_an_error_in_the_head_of_an_onnx_graph(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from econv_convert.onnx import api as onnx_api
+
+    model = _net()
+    torch.onnx.export(model, (torch.randn(1, 3, 120, 120),), str(tmp_path / "m.onnx"),
+                      opset_version=13, dynamo=False)
+    baseline = onnx.load(str(tmp_path / "m.onnx"))
+    dense = onnx_api.densify(baseline)
+    report = verify(baseline, dense)
+    assert report.ok, report.failures()
+    lattice = [c for c in report.checked if c.check == "lattice"]
+    assert len(lattice) == 1 and " nodes after " in lattice[0].detail, lattice
+    wrong = copy.deepcopy(dense)
+    gemm_bias = [i for i in wrong.graph.initializer if numpy_helper.to_array(i).shape == (3,)]
+    assert gemm_bias
+    bumped = numpy_helper.to_array(gemm_bias[-1]) + np.float32(1e-2)
+    gemm_bias[-1].CopyFrom(numpy_helper.from_array(bumped, gemm_bias[-1].name))
+    assert not verify(baseline, wrong).ok

@@ -51,7 +51,7 @@ from econv_convert.onnx.model import (
     example_shape,
     run,
 )
-from econv_convert.onnx.phases import prove_graphs
+from econv_convert.onnx.phases import head_check, prove_graphs
 from econv_convert.onnx.rewrite import OnnxRewriter
 
 INFO_KEY = "econv_convert.dense"
@@ -325,7 +325,9 @@ def checked(baseline: onnx.ModelProto, dense: onnx.ModelProto, options: Checks
     pair = (as_double(base_free), as_double(dense)) if wide else (base_free, dense)
     report = check(meta, runs.baseline, runs.dense, options, dtype=dtype, batch=batch,
                    depth=len(meta.records),
-                   prove=lambda x, tol: prove_graphs(*pair, meta, x, tol, _session))
+                   prove=lambda x, tol: prove_graphs(*pair, meta, x, tol, _session),
+                   head=lambda x, proof, tol: head_check(*pair, meta, x, proof, tol,
+                                                         _session))
     report.notes[:0] = notes
     return report
 

@@ -23,7 +23,14 @@ import torch
 from onnx import helper, numpy_helper
 
 from econv_convert.onnx.model import _with_input_shape
-from econv_convert.proof import NodeCase, NotProven, PhaseProof, map_inputs, prove_cases
+from econv_convert.proof import (
+    NodeCase,
+    NotProven,
+    PhaseProof,
+    head_of,
+    map_inputs,
+    prove_cases,
+)
 
 # ops that move or merge the batch dim: folding phases into it would not be the same op
 _BATCH_MOVERS = {"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Gather",
@@ -85,6 +92,65 @@ def prove_graphs(baseline: onnx.ModelProto, dense: onnx.ModelProto, meta,
     cases = [(n.output[0], lambda n=n: case(n)) for n in g.node
              if n.output and n.output[0] in nodes and n.domain in ("", "ai.onnx")]
     return prove_cases(cases, tol, dtype, seed, proof)
+
+
+def head_check(baseline: onnx.ModelProto, dense: onnx.ModelProto, meta, x: torch.Tensor,
+               proof: PhaseProof, tol: tuple[float, float],
+               session: Callable[[onnx.ModelProto], Any]):
+    """The end-to-end lattice check of a graph that takes one input size, at the cost of its
+    head (:func:`econv_convert.torch.phases.head_check` for ONNX): the nodes after the last
+    maps every node before which is proven run from random dense maps of the frontier's
+    sizes at input ``x``, against the baseline's same nodes on those maps' lattices. None
+    where that does not apply (the whole graph then runs end to end)."""
+    from dataclasses import replace
+
+    from econv_convert.check import _compare, read_lattice
+
+    nodes = meta.nodes
+    g = baseline.graph
+    if len(g.output) != 1 or len(dense.graph.output) != 1 or len(meta.outputs) != 1:
+        return None
+    constants = _constants(baseline)
+    order = [(o, [i for i in n.input if i]) for n in g.node for o in n.output if o]
+    found = head_of(order, set(nodes), {p.node for p in proof.nodes}, set(constants),
+                    g.output[0].name)
+    if found is None:
+        return None
+    head, frontier = found
+    np_dtype = np.dtype(str(x.dtype).removeprefix("torch."))
+    try:
+        shapes = _shapes(baseline, tuple(x.shape))
+        dense_piece = _piece(dense, {o: n for n in dense.graph.node for o in n.output},
+                             {i.name for i in dense.graph.input},
+                             {i.name for i in dense.graph.initializer},
+                             dense.graph.output[0].name, {nodes[f]["dense"]: f for f in frontier},
+                             np_dtype)
+        base_piece = _piece(baseline, {o: n for n in g.node for o in n.output},
+                            {i.name for i in g.input}, {i.name for i in g.initializer},
+                            g.output[0].name, {f: f for f in frontier}, np_dtype)
+        if dense_piece is None or base_piece is None or any(f not in shapes for f in frontier):
+            return None
+        gen = torch.Generator().manual_seed(2)
+        maps = {}
+        for f in frontier:
+            shape = [(n - 1) * step + 1 if kind == "space" else n
+                     for n, (kind, step, _) in zip(shapes[f], nodes[f]["dims"])]
+            maps[f] = torch.randn(shape, generator=gen, dtype=torch.float64).to(x.dtype)
+        y = session(dense_piece).run(None, {nodes[f]["dense"]: t.numpy()
+                                            for f, t in maps.items()})[0]
+        b = session(base_piece).run(None, {
+            f: read_lattice(t, nodes[f]["dims"], len(nodes[f]["dims"])).contiguous().numpy()
+            for f, t in maps.items()})[0]
+    except NotProven:
+        return None
+    spec = meta.outputs[0]
+    dense_lattice = read_lattice(torch.from_numpy(np.asarray(y)), spec["dims"], spec["base_ndim"])
+    case = _compare("lattice", tuple(x.shape), [torch.from_numpy(np.asarray(b))],
+                    [dense_lattice], tol, [(0, spec.get("name") or "output 0")])
+    # the per-node proof ran the given baseline graph's own nodes: no other graph to tie
+    return [replace(case, detail=case.detail or (
+        f"the {len(head)} nodes after {', '.join(frontier)} end to end, from random maps of "
+        "its sizes at this input (every map before it is proven node by node)"))]
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:

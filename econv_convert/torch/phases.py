@@ -23,7 +23,14 @@ import torch.nn.functional as F
 
 from econv_convert.core.records import info
 from econv_convert.errors import EConvError, describe
-from econv_convert.proof import NodeCase, NotProven, PhaseProof, map_inputs, prove_cases
+from econv_convert.proof import (
+    NodeCase,
+    NotProven,
+    PhaseProof,
+    head_of,
+    map_inputs,
+    prove_cases,
+)
 
 
 def prove(baseline: fx.GraphModule, dense: fx.GraphModule, nodes: dict[str, dict[str, Any]],
@@ -74,10 +81,12 @@ def prove(baseline: fx.GraphModule, dense: fx.GraphModule, nodes: dict[str, dict
     return prove_cases(cases, tol, x.dtype, seed, proof)
 
 
-def prove_model(dense: nn.Module, x: torch.Tensor, tol: tuple[float, float]) -> PhaseProof:
+def prove_model(dense: nn.Module, x: torch.Tensor, tol: tuple[float, float],
+                baseline: fx.GraphModule | None = None) -> PhaseProof:
     """:func:`prove` for a dense model as it is given (its ``econv`` record names the nodes;
     its baseline graph is rebuilt by ``inverse``), in ``x``'s dtype and device: each node's
-    weights are converted to that dtype while it runs (no copy of the whole model)."""
+    weights are converted to that dtype while it runs (no copy of the whole model).
+    ``baseline``: that graph, where the caller has rebuilt it already."""
     from econv_convert.torch.api import inverse  # the API builds on this module's checks
 
     if not isinstance(dense, fx.GraphModule):
@@ -85,11 +94,122 @@ def prove_model(dense: nn.Module, x: torch.Tensor, tol: tuple[float, float]) -> 
                           "wrapper?): checked end to end only")
     meta = info(dense)
     try:
-        baseline = inverse(dense).to(x.device)
+        baseline = (baseline if baseline is not None else inverse(dense)).to(x.device)
     except EConvError as e:
         return PhaseProof(note=f"its baseline graph cannot be rebuilt ({e})")
     with torch.no_grad():
         return prove(baseline, dense, meta.nodes, meta.records, x[:1], tol)
+
+
+def head_check(dense: nn.Module, x: torch.Tensor, proof: PhaseProof,
+               tol: tuple[float, float], dtype: torch.dtype = torch.float64,
+               baseline: fx.GraphModule | None = None, reference=None):
+    """The end-to-end lattice check of a model that takes one input size, at the cost of its
+    head: where the per-node proof covers every map before some frontier
+    (:func:`econv_convert.proof.head_of`), the layers after it (a flatten and a fully
+    connected head, a pool specialized to the example) run from random dense maps of the
+    frontier's sizes at input ``x`` (float64 by default), against the baseline's same layers
+    on those maps' lattices. None where that does not apply (the whole model then runs end to
+    end). ``baseline``: the baseline graph, where the caller has rebuilt it already.
+
+    The per-node proof and this check compare the dense graph with the baseline graph it
+    records (rebuilt with the dense model's weights); ``reference`` ties that graph to the
+    model the user gave: ``(run, tol)``, ``run(x)`` giving that model's outputs (or None and
+    why), which the rebuilt graph must give too, on ``x`` in the model's own dtype (the
+    baseline's cost). Returns the two lattice cases, or None."""
+    from econv_convert.check import _compare, read_lattice
+    from econv_convert.torch.api import inverse
+
+    if not isinstance(dense, fx.GraphModule) or not proof.nodes:
+        return None
+    meta = info(dense)
+    nodes = meta.nodes
+    try:
+        baseline = baseline if baseline is not None else inverse(dense)
+    except EConvError:
+        return None
+    base_out = _single_output(baseline)
+    dense_out = _single_output(dense)
+    if base_out is None or dense_out is None or len(meta.outputs) != 1:
+        return None
+    constants = _constants(baseline, dtype)
+    order = [(n.name, [a.name for a in n.all_input_nodes]) for n in baseline.graph.nodes
+             if n.op not in ("placeholder", "output")]
+    found = head_of(order, set(nodes), {p.node for p in proof.nodes}, set(constants),
+                    base_out.name)
+    if found is None:
+        return None
+    head, frontier = found
+    try:
+        ref = next((p for p in baseline.parameters() if p.is_floating_point()), None)
+        shapes = _shapes(baseline, x.to(ref.dtype if ref is not None else x.dtype))
+        dense_piece = _piece(dense, dense_out, {nodes[f]["dense"]: f for f in frontier})
+        base_piece = _piece(baseline, base_out, {f: f for f in frontier})
+    except (NotProven, KeyError):
+        return None
+    gen = torch.Generator().manual_seed(2)
+    maps = {}
+    for f in frontier:
+        dims = nodes[f]["dims"]
+        shape = [(n - 1) * step + 1 if kind == "space" else n
+                 for n, (kind, step, _) in zip(shapes[f], dims)]
+        maps[f] = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    with torch.no_grad():
+        y = _run_piece(dense, dense_piece, dense_out.name, nodes, maps, dtype)
+        lattices = {f: read_lattice(t, nodes[f]["dims"], len(nodes[f]["dims"]))
+                    for f, t in maps.items()}
+        b = _run_piece(baseline, base_piece, base_out.name, {f: {"dense": f} for f in frontier},
+                       lattices, dtype)
+    spec = meta.outputs[0]
+    name = spec.get("name") or "output 0"
+    case = _compare("lattice", tuple(x.shape), [b], [read_lattice(y, spec["dims"],
+                                                                 spec["base_ndim"])],
+                    tol, [(0, name)])
+    where = ", ".join(frontier)
+    from dataclasses import replace
+
+    cases = [replace(case, detail=case.detail or (
+        f"the {len(head)} layers after {where} end to end, from random maps of its sizes at "
+        f"this input (every map before it is proven node by node)"))]
+    if reference is not None:
+        same = _same_as_given(baseline, x, *reference)
+        if same is None:
+            return None
+        cases.insert(0, same)
+    return cases
+
+
+def _same_as_given(baseline: fx.GraphModule, x: torch.Tensor, run, tol):
+    """The recorded baseline graph against the model the user gave, on ``x`` in the graph's
+    own dtype: a lattice case (the lattice of the dense model is that graph's, by the proof),
+    or None where the given model does not run at ``x``."""
+    from dataclasses import replace
+
+    from econv_convert.check import _compare
+    from econv_convert.torch.outputs import flatten
+
+    ref = next((p for p in baseline.parameters() if p.is_floating_point()), None)
+    x = x.to(ref.dtype if ref is not None else torch.float32)
+    given, _ = run(x)
+    if given is None:
+        return None
+    with torch.no_grad():
+        rebuilt = flatten(baseline(x))[0]
+    if len(rebuilt) != len(given):
+        return None
+    case = _compare("lattice", tuple(x.shape), given, rebuilt, tol,
+                    [(k, f"output {k}") for k in range(len(given))])
+    return replace(case, detail=case.detail or (
+        "the baseline graph the dense model records gives the model's own outputs at this "
+        "input (the baseline's cost)"))
+
+
+def _single_output(gm: fx.GraphModule) -> fx.Node | None:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    value = out.args[0]
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    return value if isinstance(value, fx.Node) else None
 
 
 def _shapes(gm: fx.GraphModule, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
@@ -178,9 +298,13 @@ def _run_piece(dense: fx.GraphModule, piece: list[fx.Node], out_name: str,
     """The dense part ``piece`` (ending at ``out_name``) on ``inputs`` (baseline input name
     -> dense value), its weights in ``dtype``."""
     env: dict[str, Any] = {nodes[m]["dense"]: t for m, t in inputs.items()}
-    for node in piece:
+    last = {a.name: i for i, node in enumerate(piece) for a in node.all_input_nodes}
+    for i, node in enumerate(piece):
         env[node.name] = _in_dtype(_call(dense, node, env), dtype) if node.op == "get_attr" \
             else _call(dense, node, env)
+        for a in node.all_input_nodes:  # a weight's copy in ``dtype`` goes with its last use
+            if last.get(a.name) == i and a.name != out_name:
+                env.pop(a.name, None)
     out = env[out_name]
     if not isinstance(out, torch.Tensor):
         raise NotProven("its dense value is not one tensor")

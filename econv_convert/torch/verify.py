@@ -16,13 +16,13 @@ from econv_convert.check import (
     VerifyReport,
     _lattice_case,
     _names,
-    any_size,
     check,
     default_shapes,
     default_tolerance,
-    windowed,
+    one_size,
 )
 from econv_convert.errors import (
+    EConvError,
     InvalidModelError,
     SizeNotCovered,
     describe,
@@ -45,17 +45,25 @@ def checked(baseline: nn.Module, dense: nn.Module, options: Checks) -> VerifyRep
     depth = len(meta.records)
     notes = []
     with torch.no_grad():
-        if precision == "float64" and dtype != torch.float64 and _one_size(meta, options):
+        if precision == "float64" and dtype != torch.float64 and one_size(meta, options):
             # one input size, where a dense pass costs about the total stride squared times
             # the baseline (float64 convolutions, dilated, go through im2col: gigabytes):
             # end to end once in the model's dtype, every phase of every node in float64
             wide_tol = default_tolerance(torch.float64, options.atol, options.rtol)
+            try:  # one copy of the baseline graph for the proof and the head check
+                rebuilt = inverse(dense) if isinstance(dense, torch.fx.GraphModule) else None
+            except EConvError:
+                rebuilt = None  # the proof says why
             report = check(meta, runs.baseline, runs.dense, options, device=device,
-                           dtype=dtype, prove=_prover(dense, torch.float64, wide_tol),
-                           depth=depth)
-            report.notes.insert(0, f"the lattice checked in {_name(dtype)} (the model's own "
-                                "dtype) at its one input size; every phase of every node in "
-                                "float64 on small maps")
+                           dtype=dtype, prove=_prover(dense, torch.float64, wide_tol, rebuilt),
+                           depth=depth, head=lambda x, proof, tol: phases.head_check(
+                               dense, x.to("cpu"), proof, wide_tol, baseline=rebuilt,
+                               reference=(runs.baseline, tol)))
+            if not any(c.detail.startswith("the ") and " layers after " in c.detail
+                       for c in report.checked if c.check == "lattice"):
+                report.notes.insert(0, f"the lattice checked in {_name(dtype)} (the model's "
+                                    "own dtype) at its one input size; every phase of every "
+                                    "node in float64 on small maps")
             return report
         if precision == "float64" and dtype != torch.float64:
             try:
@@ -78,19 +86,12 @@ def checked(baseline: nn.Module, dense: nn.Module, options: Checks) -> VerifyRep
 
 
 def _prover(dense: nn.Module, dtype: torch.dtype | None = None,
-            tol: tuple[float, float] | None = None):
+            tol: tuple[float, float] | None = None, baseline: nn.Module | None = None):
     """The per-node phase proof of ``dense`` as the check calls it: on one input, with the
-    check's tolerance (or in ``dtype`` with ``tol``)."""
+    check's tolerance (or in ``dtype`` with ``tol``); ``baseline``: its rebuilt graph."""
     if dtype is None:
         return lambda x, check_tol: phases.prove_model(dense, x, check_tol)
-    return lambda x, check_tol: phases.prove_model(dense, x.to("cpu", dtype), tol)
-
-
-def _one_size(meta, options: Checks) -> bool:
-    """Whether the check runs the dense model at the example size alone (a model that takes
-    one input size, checked with the default sizes)."""
-    return (not options.shapes and not options.near_example and not windowed(meta)
-            and not any_size(meta))
+    return lambda x, check_tol: phases.prove_model(dense, x.to("cpu", dtype), tol, baseline)
 
 
 def _name(dtype: torch.dtype) -> str:
