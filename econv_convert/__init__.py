@@ -13,7 +13,7 @@ and ``econv_convert.onnx_api`` (imported on use: ONNX is not loaded until needed
 """
 
 from econv_convert.api import densify, info, inverse, lattice_view, load_dense, save_dense
-from econv_convert.check import VerifyReport
+from econv_convert.cases import VerifyReport
 from econv_convert.core.records import DenseInfo
 from econv_convert.equivalence import verify
 from econv_convert.errors import (

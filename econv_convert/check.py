@@ -25,113 +25,32 @@ error at the model's own dtype is measured too, on one input, for information.
 
 from __future__ import annotations
 
-import itertools
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from econv_convert.core.lattice import Field, interior
-from econv_convert.core.records import HEAD_KIND
+from econv_convert.cases import (
+    Case,
+    RunBaseline,
+    RunDense,
+    VerifyReport,
+    any_size,
+    compare,
+    not_covered,
+    random_input,
+    read_lattice,
+    timed,
+    windowed,
+)
 from econv_convert.errors import InvalidInputError, SizeNotCovered
+from econv_convert.shift import shift_cases, shift_plan
 
 Progress = Callable[[int, int, str], None]
 PRECISIONS = ("float64", "model")
-
-
-@dataclass(frozen=True)
-class Case:
-    check: str  # "lattice", "phases" or "shift"
-    shape: tuple[int, ...]
-    max_abs: float = 0.0
-    scale: float = 0.0
-    ok: bool = True
-    detail: str = ""  # where the worst error is, or why the case was skipped
-    skipped: bool = False
-    offset: tuple[int, ...] = ()
-    output: str = ""  # the compared output with the largest error (relative to its scale)
-    seconds: float = 0.0
-    # shift: the compared output indices per axis (first, last), the window's interior
-    region: tuple[tuple[int, int], ...] = ()
-
-
-@dataclass
-class VerifyReport:
-    cases: list[Case] = field(default_factory=list)
-    atol: float = 1e-5
-    rtol: float = 1e-4
-    notes: list[str] = field(default_factory=list)
-    precision: str = "float32"  # the dtype both models ran in
-    outputs: list[str] = field(default_factory=list)  # the outputs compared
-    # the error at the model's own dtype, on one input, for information: dtype, shape,
-    # max_abs, max_error_over_scale (None when the check already ran in that dtype)
-    native: dict[str, Any] | None = None
-    # the per-node phase proof (:class:`econv_convert.proof.PhaseProof`), when it ran
-    proof: Any = None
-    seconds: float = 0.0
-
-    def proven(self) -> dict[str, Any]:
-        """What the checks that passed cover, in words a report can print."""
-        kinds = {k: [c for c in self.checked if c.check == k]
-                 for k in ("lattice", "phases", "shift")}
-        out: dict[str, Any] = {
-            "lattice": {"sizes": list(map(list, dict.fromkeys(c.shape[2:]
-                                                            for c in kinds["lattice"]))),
-                        "checks": len(kinds["lattice"]),
-                        "where": "end to end", "precision": self.precision,
-                        "seconds": sum(c.seconds for c in kinds["lattice"])}}
-        p = self.proof
-        out["phases"] = None if p is None or not p.nodes else {
-            "nodes": len(p.nodes), "phase_checks": p.phases,
-            "where": "each node alone, on small random maps",
-            "precision": p.precision or self.precision,
-            "not_checked": dict(p.skipped), "seconds": p.seconds}
-        shifts = kinds["shift"]
-        out["shift"] = None if not shifts else {
-            "offsets": len(shifts), "interior": [list(r) for r in shifts[0].region],
-            "seconds": sum(c.seconds for c in shifts)}
-        return out
-
-    @property
-    def checked(self) -> list[Case]:
-        return [c for c in self.cases if not c.skipped]
-
-    @property
-    def ok(self) -> bool:
-        return bool(self.checked) and all(c.ok for c in self.checked)
-
-    @property
-    def max_abs(self) -> float:
-        return max((c.max_abs for c in self.checked), default=0.0)
-
-    @property
-    def max_rel(self) -> float:
-        return max((c.max_abs / c.scale for c in self.checked if c.scale > 0), default=0.0)
-
-    def failures(self) -> list[Case]:
-        return [c for c in self.checked if not c.ok]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "precision": self.precision,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "max_abs_error": self.max_abs,
-            "max_error_over_scale": self.max_rel,
-            "native": self.native,
-            "outputs": list(self.outputs),
-            "cases": [c.__dict__ | {"shape": list(c.shape), "offset": list(c.offset),
-                                    "region": [list(r) for r in c.region]}
-                      for c in self.cases],
-            "proven": self.proven(),
-            "seconds": self.seconds,
-            "notes": list(self.notes),
-        }
 
 
 def candidate_shapes(example: Sequence[int], st: Sequence[int],
@@ -157,9 +76,6 @@ def candidate_shapes(example: Sequence[int], st: Sequence[int],
     return [(max(n, 2), c, *s) for s in unique]
 
 
-RunBaseline = Callable[[torch.Tensor], tuple[list[torch.Tensor] | None, str]]
-RunDense = Callable[[torch.Tensor], list[torch.Tensor]]
-
 
 def default_tolerance(dtype: torch.dtype, atol: float | None = None,
                       rtol: float | None = None, depth: int = 0) -> tuple[float, float]:
@@ -175,18 +91,6 @@ def default_tolerance(dtype: torch.dtype, atol: float | None = None,
     else:
         a, r = 1e-5 * max(1.0, depth / 5), 1e-4 * max(1.0, depth / 5)
     return (atol if atol is not None else a, rtol if rtol is not None else r)
-
-
-def any_size(meta) -> bool:
-    """Whether the dense model's structure is the same at every input size: no fully
-    connected head over a fixed map and no adaptive pool specialized to the example size."""
-    return not meta.specialized and not any(r["kind"] == HEAD_KIND for r in meta.records)
-
-
-def windowed(meta) -> bool:
-    """Whether the model pools globally in ``window`` mode (a fixed window: one size)."""
-    return meta.global_pool == "window" and meta.global_pools > 0
-
 
 def default_shapes(meta, near_example: bool = False,
                    lattice_points: int = 2) -> tuple[list[tuple[int, ...]], str]:
@@ -314,7 +218,7 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
                           outputs=[n for _, n in names])
     if note:
         report.notes.append(note)
-    plan, why = _shift_plan(meta, seed, batch) if options.shift else (None, "")
+    plan, why = shift_plan(meta, seed, batch) if options.shift else (None, "")
     if why:
         report.notes.append(f"shift check: {why}")
     total = len(shapes) * trials + (1 if prove else 0) + (len(plan.offsets) if plan else 0)
@@ -331,7 +235,7 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
 
     early = None  # (proof, its input): a one-size model's proof, run before its lattice
     if head is not None and prove is not None and one_size(meta, options):
-        x = _input(meta, shapes[0], torch.Generator().manual_seed(seed + 1), device, dtype)
+        x = random_input(meta, shapes[0], torch.Generator().manual_seed(seed + 1), device, dtype)
         t = time.perf_counter()
         proof = prove(x, tol)
         proof.seconds = time.perf_counter() - t
@@ -341,7 +245,7 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
             else None
         if cases:
             for case in cases:
-                report.cases.append(_timed(case, t))
+                report.cases.append(timed(case, t))
                 t = time.perf_counter()
                 step(f"lattice {'x'.join(map(str, meta.canonical(case.shape)[2:]))}")
             shapes = []
@@ -349,13 +253,13 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
         for _ in range(trials):
             t = time.perf_counter()
             case = _lattice_case(meta, run_baseline, run_dense,
-                                 _input(meta, shape, gen, device, dtype), tol, names)
+                                 random_input(meta, shape, gen, device, dtype), tol, names)
             # a size the baseline rejects: try a spare size instead (fixed-size heads)
             while case.skipped and "rejects" in case.detail and spares:
                 rejected.append(case)
-                case = _lattice_case(meta, run_baseline, run_dense,
-                                     _input(meta, spares.pop(0), gen, device, dtype), tol, names)
-            report.cases.append(_timed(case, t))
+                x = random_input(meta, spares.pop(0), gen, device, dtype)
+                case = _lattice_case(meta, run_baseline, run_dense, x, tol, names)
+            report.cases.append(timed(case, t))
             step(f"lattice {'x'.join(map(str, meta.canonical(case.shape)[2:]))}")
     if rejected:
         sizes = ", ".join("x".join(map(str, meta.canonical(c.shape)[2:])) for c in rejected)
@@ -381,7 +285,7 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
             tried = sorted({meta.canonical(c.shape) for c in lattice}, key=math.prod)
             example = (tried[0][0], *meta.canonical(meta.example_shape)[1:])
             for size in tried + ([example] if example not in tried else []):
-                x = _input(meta, size, torch.Generator().manual_seed(seed + 1), device, dtype)
+                x = random_input(meta, size, torch.Generator().manual_seed(seed + 1), device, dtype)
                 proof = prove(x, tol)
                 if proof.note or proof.complete or not proof.ok:
                     break
@@ -405,105 +309,10 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
                 seconds=proof.seconds))
         step("every phase of every node")
     if plan is not None:
-        _shift_cases(meta, plan, run_baseline, run_dense, gen, device, dtype, tol, names,
+        shift_cases(meta, plan, run_baseline, run_dense, gen, device, dtype, tol, names,
                      report, step)
     report.seconds = time.perf_counter() - started
     return report
-
-
-def _timed(case: Case, since: float) -> Case:
-    return replace(case, seconds=time.perf_counter() - since)
-
-
-@dataclass(frozen=True)
-class ShiftPlan:
-    """The shift check's input: crops of ``crop`` pixels (N, C, spatial...) at ``offsets``
-    of one input of ``big`` pixels; ``region`` gives, per axis, the crop output indices
-    ``[first, last]`` whose windows read no padding."""
-
-    crop: tuple[int, ...]
-    big: tuple[int, ...]
-    offsets: tuple[tuple[int, ...], ...]
-    region: tuple[tuple[int, int], ...]
-
-
-MAX_OFFSETS = 16
-
-
-def _shift_plan(meta, seed: int, batch: int | None) -> tuple[ShiftPlan | None, str]:
-    """Where the shift check looks, or why it cannot: crops of the example size (or larger,
-    so that some positions are away from the padding), at offsets that cover every phase of
-    every axis (every combination while there are at most 16; else every phase per axis on
-    the diagonal, plus random ones)."""
-    if not any(d[0] == "space" for o in meta.outputs for d in o["dims"]):
-        return None, ("the outputs have no positions (a global pool): the positions between "
-                      "the lattice points are its phases")
-    example = meta.canonical(meta.example_shape)
-    nd = len(example) - 2
-    steps = meta.axis_steps
-    res = meta.output_stride or 1  # dense positions are this many input pixels apart
-    if meta.out_field and len(meta.out_field) == nd:
-        fields = [Field(*f) for f in meta.out_field]
-    elif not meta.has_padding:
-        fields = [Field(1, s) for s in steps]
-    else:
-        return None, "the padding's reach is not recorded (ONNX, or an older file)"
-    if meta.global_pools and not windowed(meta):
-        return None, ("a global pool inside the network (squeeze-excitation) reads every "
-                      "position: no position is independent of the borders")
-    if windowed(meta) and any(f.lo or f.hi for f in fields):
-        return None, ("a window pool over a padded network reads its crop's borders at every "
-                      "position (the fully convolutional prediction): it equals the head over "
-                      "the pooled whole-image features, not the baseline on a crop")
-    crop = []
-    for h, f, s in zip(example[2:], fields, steps):
-        need = f.lo + f.size + f.hi + 2 * s if any_size(meta) and not windowed(meta) else h
-        crop.append(max(h, need) if (f.lo or f.hi) else h)
-    region = [interior(c, replace(f, step=s)) for c, f, s in zip(crop, fields, steps)]
-    if any(a > b for a, b in region):
-        reach = ", ".join(f"{f.lo} px from the start and {f.hi} px from the end"
-                          for f in fields)
-        return None, (f"the padding reaches {reach}; a crop of {tuple(crop)} px has no "
-                      "position away from it")
-    big = [c + 2 * s for c, s in zip(crop, steps)]
-    if math.prod(big) > 4 * math.prod(h + 2 * s for h, s in zip(example[2:], steps)):
-        return None, (f"positions away from the padding (it reaches {fields[0].lo} px in) need "
-                      f"inputs of {'x'.join(map(str, big))} px, too costly here: every phase "
-                      "is proven node by node instead")
-    phases = [max(1, s // res) for s in steps]
-    combos = list(itertools.product(*(range(p) for p in phases)))
-    if len(combos) > MAX_OFFSETS:
-        rng = random.Random(seed)
-        diagonal = [tuple(k % p for p in phases) for k in range(max(phases))]
-        combos = diagonal + [c for c in rng.sample(combos, MAX_OFFSETS // 2)
-                             if c not in diagonal]
-    n = batch if batch is not None else max(example[0], 2)
-    offsets = tuple(tuple(res * k for k in c) for c in combos)
-    return ShiftPlan((n, example[1], *crop), (n, example[1], *big), offsets, tuple(region)), ""
-
-
-def _shift_cases(meta, plan: ShiftPlan, run_baseline, run_dense, gen, device, dtype, tol,
-                 names, report: VerifyReport, step) -> None:
-    t = time.perf_counter()
-    x = _input(meta, plan.big, gen, device, dtype)
-    try:
-        y = run_dense(x)
-    except SizeNotCovered as e:
-        report.cases.append(Case("shift", tuple(x.shape), skipped=True, detail=_not_covered(e)))
-        return
-    for offset in plan.offsets:
-        case = _shift_case(meta, run_baseline, x, y, offset, plan.crop[2:], plan.region, tol,
-                           names)
-        report.cases.append(_timed(case, t))
-        t = time.perf_counter()
-        step(f"shift {offset}")
-
-
-def _input(meta, shape, gen: torch.Generator, device, dtype) -> torch.Tensor:
-    """A random input of (N, C, spatial...) ``shape``, in the input's own order."""
-    return torch.randn(meta.input_shape(shape), generator=gen,
-                       dtype=torch.float64).to(device, dtype)
-
 
 def _lattice_case(meta, run_baseline: RunBaseline, run_dense: RunDense, x, tol,
                   names: list[tuple[int, str]]) -> Case:
@@ -517,113 +326,10 @@ def _lattice_case(meta, run_baseline: RunBaseline, run_dense: RunDense, x, tol,
     try:
         dense = run_dense(x)
     except SizeNotCovered as e:  # a size-specialized capture: honest, not a failure
-        return Case("lattice", shape, skipped=True, detail=_not_covered(e))
+        return Case("lattice", shape, skipped=True, detail=not_covered(e))
     if len(b) != len(dense) or len(dense) != len(meta.outputs):
         return Case("lattice", shape, ok=False, detail=f"{len(dense)} dense outputs vs "
                     f"{len(b)} baseline outputs")
     d = [read_lattice(y, spec["dims"], spec["base_ndim"])
          for y, spec in zip(dense, meta.outputs)]
-    return _compare("lattice", shape, b, d, tol, names)
-
-
-def _not_covered(e: Exception) -> str:
-    condition = str(e).rpartition("expression ")[2].partition(" on node")[0]
-    return ("the model's Python code takes another branch at this size than at the example "
-            f"(where {condition or 'its condition'} held); the dense model does not cover it")
-
-
-def _shift_case(meta, run_baseline: RunBaseline, x, y, offset, crop, region, tol,
-                names: list[tuple[int, str]]) -> Case:
-    """The baseline on ``x`` cropped at ``offset`` (``crop`` pixels per axis) against the
-    dense output ``y`` at the crop's positions, on the crop output indices ``region``."""
-    c = x
-    for i, (r, e) in enumerate(zip(offset, crop)):
-        c = c.narrow(meta.spatial_dim(i), r, e)
-    b, why = run_baseline(c)
-    if b is None:
-        return Case("shift", tuple(x.shape), skipped=True, detail=why, offset=offset)
-    picked, kept = [], []
-    res = meta.output_stride or 1
-    for out, spec, base in zip(y, meta.outputs, b):
-        index, base_index = [], []
-        extra = 0
-        for i, (kind, step, axis) in enumerate(spec["dims"]):
-            if kind != "space":
-                index.append(slice(None))
-                base_index.append(slice(None))
-                continue
-            size = base.shape[i] if i < spec["base_ndim"] else 1
-            first, last = region[axis]
-            last = min(last, size - 1)
-            r = offset[axis] // res
-            index.append(slice(r + first * step, r + last * step + 1, step))
-            if i < spec["base_ndim"]:
-                base_index.append(slice(first, last + 1))
-            extra += i >= spec["base_ndim"]
-        v = out[tuple(index)]
-        if extra:
-            v = v.reshape(v.shape[: v.dim() - extra])
-        picked.append(v)
-        kept.append(base[tuple(base_index)])
-    case = _compare("shift", tuple(x.shape), kept, picked, tol, names, offset)
-    return replace(case, region=tuple(region))
-
-
-def _compare(check, shape, base: list[torch.Tensor], dense: list[torch.Tensor], tol,
-             names: list[tuple[int, str]], offset: tuple[int, ...] = ()) -> Case:
-    """The worst of the selected outputs (the first failing one, else the largest error
-    relative to its scale). Compared in float64 whatever the dtype."""
-    atol, rtol = tol
-    worst = Case(check, shape, offset=offset)
-    for k, name in names:
-        b, d = base[k], dense[k]
-        if b.shape != d.shape:
-            return Case(check, shape, ok=False, offset=offset, output=name,
-                        detail=f"{name}: dense gives {tuple(d.shape)} on the lattice, "
-                               f"baseline {tuple(b.shape)}")
-        b = b.double()
-        d = d.double()
-        scale = float(b.abs().max()) if b.numel() else 0.0
-        diff = (d - b).abs()
-        diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
-        max_abs = float(diff.max()) if diff.numel() else 0.0
-        bad = diff > atol * max(scale, 1e-300) + rtol * b.abs()
-        ok = not bool(bad.any())
-        detail = ""
-        if not ok:
-            flat = int(torch.argmax(diff).item())
-            where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), b.shape))
-            detail = (f"{name} at {where}: dense {float(d.flatten()[flat]):.9g} vs "
-                      f"baseline {float(b.flatten()[flat]):.9g}")
-        rel = max_abs / scale if scale else max_abs
-        worst_rel = worst.max_abs / worst.scale if worst.scale else worst.max_abs
-        if not ok or rel > worst_rel or not worst.output:
-            worst = Case(check, shape, max_abs, scale, ok and worst.ok, detail or worst.detail,
-                         offset=offset, output=name)
-        if not ok:
-            return worst
-    return worst
-
-
-def read_lattice(y: torch.Tensor, dims: Sequence[Sequence], base_ndim: int) -> torch.Tensor:
-    """The baseline's output read off a dense output.
-
-    ``dims`` gives each dense dim's ``(kind, step, axis)``: ``plain``, ``space`` (every
-    ``step``-th) or ``phase`` (take phase 0). Dims past ``base_ndim`` are extras the baseline
-    lacks: after the lattice sampling they have size one and are dropped.
-    """
-    index = []
-    for kind, step, *_ in dims:
-        if kind == "space":
-            index.append(slice(None, None, step))
-        elif kind == "phase":
-            index.append(slice(0, 1))
-        else:
-            index.append(slice(None))
-    y = y[tuple(index)]
-    if y.dim() > base_ndim:
-        extra = y.shape[base_ndim:]
-        if any(n != 1 for n in extra):
-            return y  # a larger input than the baseline accepts: a map of predictions
-        y = y.reshape(y.shape[:base_ndim])
-    return y
+    return compare("lattice", shape, b, d, tol, names)

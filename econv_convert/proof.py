@@ -188,15 +188,24 @@ def _needed(record: dict[str, Any] | None, axis: int) -> tuple[int, int, int]:
     return max(2, extent - int(pads) + stride), extent + stride, stride
 
 
+def plain_maps(nodes: dict[str, dict[str, Any]]) -> set[str]:
+    """The values of a node map that are maps as the baseline has them: not flattened over
+    positions and with no per-phase dims (a head's frontier is drawn at random in the
+    baseline's shape, so only these can be one)."""
+    return {name for name, spec in nodes.items() if not spec["flat"] and not spec["n_extra"]}
+
+
 def head_of(order: Sequence[tuple[str, Sequence[str]]], maps: set[str], proven: set[str],
-            constants: set[str], output: str) -> tuple[list[str], list[str]] | None:
+            constants: set[str], output: str,
+            plain: set[str] | None = None) -> tuple[list[str], list[str]] | None:
     """The *head* of a baseline graph whose per-node proof left some maps unproven: every node
     downstream of an unproven map (``order``: the nodes with their inputs, in graph order;
     ``maps``: the values that carry a map; ``proven``: the nodes the proof checked), and its
     *frontier*, the values it reads from the rest of the graph. None unless the head makes
-    ``output`` and its frontier holds proven maps alone (no image, no size read off a map):
-    then the model before the frontier is proven node by node, every phase, and the head is
-    what an end-to-end check must still cover."""
+    ``output`` and its frontier holds proven maps alone (no image, no size read off a map),
+    each among ``plain`` (:func:`plain_maps`, as the baseline has them) where given: then the
+    model before the frontier is proven node by node, every phase, and the head is what an
+    end-to-end check must still cover."""
     head: list[str] = []
     inside: set[str] = set()
     for name, inputs in order:
@@ -212,7 +221,7 @@ def head_of(order: Sequence[tuple[str, Sequence[str]]], maps: set[str], proven: 
         for i in inputs:
             if i in inside or i in constants or i in frontier:
                 continue
-            if i not in maps or i not in proven:
+            if i not in maps or i not in proven or (plain is not None and i not in plain):
                 return None
             frontier.append(i)
     return (head, frontier) if frontier else None

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from econv_convert.check import VerifyReport
+from econv_convert.cases import VerifyReport
 from econv_convert.core.costs import Plan
 from econv_convert.core.records import DenseInfo
 

@@ -12,7 +12,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from econv_convert.check import read_lattice as lattice_view
+from econv_convert.cases import read_lattice as lattice_view
 from econv_convert.onnx import api as onnx_api
 
 

@@ -26,7 +26,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from econv_convert.check import Checks, VerifyReport, check
+from econv_convert.cases import VerifyReport, read_lattice
+from econv_convert.check import Checks, check
 from econv_convert.core.lattice import Window, out_size
 from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo
 from econv_convert.core.walk import require_output_stride
@@ -250,7 +251,6 @@ def lattice_view(dense: onnx.ModelProto | DenseInfo, out):
     structure."""
     import torch
 
-    from econv_convert.check import read_lattice
 
     specs = (dense if isinstance(dense, DenseInfo) else info(dense)).outputs
     arrays = out if isinstance(out, (list, tuple)) else [out]

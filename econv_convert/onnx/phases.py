@@ -22,6 +22,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from econv_convert.cases import compare, read_lattice
 from econv_convert.onnx.model import _with_input_shape
 from econv_convert.proof import (
     NodeCase,
@@ -29,6 +30,7 @@ from econv_convert.proof import (
     PhaseProof,
     head_of,
     map_inputs,
+    plain_maps,
     prove_cases,
 )
 
@@ -104,7 +106,6 @@ def head_check(baseline: onnx.ModelProto, dense: onnx.ModelProto, meta, x: torch
     where that does not apply (the whole graph then runs end to end)."""
     from dataclasses import replace
 
-    from econv_convert.check import _compare, read_lattice
 
     nodes = meta.nodes
     g = baseline.graph
@@ -113,7 +114,7 @@ def head_check(baseline: onnx.ModelProto, dense: onnx.ModelProto, meta, x: torch
     constants = _constants(baseline)
     order = [(o, [i for i in n.input if i]) for n in g.node for o in n.output if o]
     found = head_of(order, set(nodes), {p.node for p in proof.nodes}, set(constants),
-                    g.output[0].name)
+                    g.output[0].name, plain_maps(nodes))
     if found is None:
         return None
     head, frontier = found
@@ -145,7 +146,7 @@ def head_check(baseline: onnx.ModelProto, dense: onnx.ModelProto, meta, x: torch
         return None
     spec = meta.outputs[0]
     dense_lattice = read_lattice(torch.from_numpy(np.asarray(y)), spec["dims"], spec["base_ndim"])
-    case = _compare("lattice", tuple(x.shape), [torch.from_numpy(np.asarray(b))],
+    case = compare("lattice", tuple(x.shape), [torch.from_numpy(np.asarray(b))],
                     [dense_lattice], tol, [(0, spec.get("name") or "output 0")])
     # the per-node proof ran the given baseline graph's own nodes: no other graph to tie
     return [replace(case, detail=case.detail or (

@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from econv_convert.api import is_onnx_model
-from econv_convert.check import read_lattice
+from econv_convert.cases import read_lattice
 from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo, info
 from econv_convert.core.walk import require_output_stride
 from econv_convert.errors import (

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from econv_convert.cases import any_size, windowed
 from econv_convert.errors import EquivalenceError, InvalidInputError, InvalidModelError, describe
 from econv_convert.files import atomic_write
 from econv_convert.torch.api import info
@@ -53,7 +54,6 @@ def export_shapes(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     more than 12 GB). Other models (a head over a fixed map, an adaptive pool specialized to
     the example) start from the example size plus two lattice steps, so that no dim has
     size 1, which exporters pin."""
-    from econv_convert.check import any_size, windowed
 
     meta = info(dense)
     n, c, *sp = meta.example_shape

@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from econv_convert.cases import compare, read_lattice
 from econv_convert.core.records import info
 from econv_convert.errors import EConvError, describe
 from econv_convert.proof import (
@@ -29,6 +30,7 @@ from econv_convert.proof import (
     PhaseProof,
     head_of,
     map_inputs,
+    plain_maps,
     prove_cases,
 )
 
@@ -117,7 +119,6 @@ def head_check(dense: nn.Module, x: torch.Tensor, proof: PhaseProof,
     model the user gave: ``(run, tol)``, ``run(x)`` giving that model's outputs (or None and
     why), which the rebuilt graph must give too, on ``x`` in the model's own dtype (the
     baseline's cost). Returns the two lattice cases, or None."""
-    from econv_convert.check import _compare, read_lattice
     from econv_convert.torch.api import inverse
 
     if not isinstance(dense, fx.GraphModule) or not proof.nodes:
@@ -136,7 +137,7 @@ def head_check(dense: nn.Module, x: torch.Tensor, proof: PhaseProof,
     order = [(n.name, [a.name for a in n.all_input_nodes]) for n in baseline.graph.nodes
              if n.op not in ("placeholder", "output")]
     found = head_of(order, set(nodes), {p.node for p in proof.nodes}, set(constants),
-                    base_out.name)
+                    base_out.name, plain_maps(nodes))
     if found is None:
         return None
     head, frontier = found
@@ -162,7 +163,7 @@ def head_check(dense: nn.Module, x: torch.Tensor, proof: PhaseProof,
                        lattices, dtype)
     spec = meta.outputs[0]
     name = spec.get("name") or "output 0"
-    case = _compare("lattice", tuple(x.shape), [b], [read_lattice(y, spec["dims"],
+    case = compare("lattice", tuple(x.shape), [b], [read_lattice(y, spec["dims"],
                                                                  spec["base_ndim"])],
                     tol, [(0, name)])
     where = ", ".join(frontier)
@@ -185,7 +186,6 @@ def _same_as_given(baseline: fx.GraphModule, x: torch.Tensor, run, tol):
     or None where the given model does not run at ``x``."""
     from dataclasses import replace
 
-    from econv_convert.check import _compare
     from econv_convert.torch.outputs import flatten
 
     ref = next((p for p in baseline.parameters() if p.is_floating_point()), None)
@@ -197,7 +197,7 @@ def _same_as_given(baseline: fx.GraphModule, x: torch.Tensor, run, tol):
         rebuilt = flatten(baseline(x))[0]
     if len(rebuilt) != len(given):
         return None
-    case = _compare("lattice", tuple(x.shape), given, rebuilt, tol,
+    case = compare("lattice", tuple(x.shape), given, rebuilt, tol,
                     [(k, f"output {k}") for k in range(len(given))])
     return replace(case, detail=case.detail or (
         "the baseline graph the dense model records gives the model's own outputs at this "

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from econv_convert.cases import VerifyReport
 from econv_convert.check import (
     Checks,
-    VerifyReport,
     _lattice_case,
     _names,
     check,
