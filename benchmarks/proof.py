@@ -85,6 +85,8 @@ def main() -> None:
                          **timed(["densify", *common, "-o", "dense.pt"], d)})
             rows.append({"model": name, "command": "densify -o dense.pt --no-verify",
                          **timed(["densify", *common, "-o", "dense.pt", "--no-verify"], d)})
+            rows.append({"model": name, "command": "densify -o dense.onnx",
+                         **timed(["densify", *common, "-o", "dense.onnx"], d)})
             fine_tune_pt(d / "dense.pt", d / "tuned.pt")
             rows.append({"model": name, "command": "inverse tuned.pt -o base.pt",
                          **timed(["inverse", "tuned.pt", "-o", "base.pt"], d)})

@@ -200,3 +200,21 @@ def test_a_gate_before_a_flatten_head_is_checked_end_to_end(backend, tmp_path):
     report = verify(baseline, dense)
     assert report.ok, report.failures()
     assert any(c.check == "lattice" for c in report.checked)
+
+
+def test_a_head_after_a_ceil_mode_pool_of_an_onnx_graph(tmp_path):
+    """Found by the random networks: ONNX shape inference sizes a ceil-mode pool's output one
+    larger than onnxruntime runs it (a last window that starts past the map), so the head's
+    frontier drawn at the inferred size fails in the baseline's own Gemm: the graph is then
+    checked end to end instead of ending in an internal error."""
+    import onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), nn.ReLU(), nn.AvgPool2d(1, 3, ceil_mode=True),
+                          nn.Flatten(), nn.Linear(6 * 2 * 2, 4))
+    model = rand_bn(model, 0).eval()
+    torch.onnx.export(model, (torch.randn(1, 3, 9, 9),), str(tmp_path / "m.onnx"),
+                      opset_version=13, dynamo=False)
+    baseline = onnx.load(str(tmp_path / "m.onnx"))
+    report = verify(baseline, densify(baseline))
+    assert report.ok, report.failures()
+    assert any(c.check == "lattice" for c in report.checked)

@@ -139,9 +139,12 @@ def head_check(baseline: onnx.ModelProto, dense: onnx.ModelProto, meta, x: torch
             maps[f] = torch.randn(shape, generator=gen, dtype=torch.float64).to(x.dtype)
         y = session(dense_piece).run(None, {nodes[f]["dense"]: t.numpy()
                                             for f, t in maps.items()})[0]
-        b = session(base_piece).run(None, {
-            f: read_lattice(t, nodes[f]["dims"], len(nodes[f]["dims"])).contiguous().numpy()
-            for f, t in maps.items()})[0]
+        feed = {f: read_lattice(t, nodes[f]["dims"], len(nodes[f]["dims"])).contiguous().numpy()
+                for f, t in maps.items()}
+        try:
+            b = session(base_piece).run(None, feed)[0]
+        except Exception:  # the sizes are shape inference's, and onnxruntime's differ (a
+            return None  # ceil-mode pool's last window): the whole graph runs end to end
     except NotProven:
         return None
     spec = meta.outputs[0]
