@@ -110,7 +110,6 @@ def default_shapes(meta, near_example: bool = False,
         return [tuple(example)], (
             "window pooling: the dense model is the baseline at the example size only (a "
             "larger input gives one prediction per window position), so it is checked there")
-    small = [min(h, s * (lattice_points - 1) + 1) for h, s in zip(example[2:], st)]
     if not any_size(meta) and not near_example:
         return [(max(example[0], 2), *example[1:])], (
             "one input size: the model takes the example's size only (a head over a fixed "
@@ -118,9 +117,15 @@ def default_shapes(meta, near_example: bool = False,
             "alone from random maps of its input's sizes where every map before it is proven "
             "node by node, else the whole model once (a dense pass costs about the total "
             "stride squared times the baseline); near=True adds sizes around the example")
-    if near_example or not any_size(meta) or small == example[2:]:
+    if near_example or not any_size(meta):
         return candidate_shapes(example, st), ""
-    shapes = candidate_shapes(example[:2] + small, st, compact=True)
+    # the whole step, even past an example smaller than it (a map of one lattice point has
+    # no phase to prove): the model takes any size
+    full = meta.axis_steps
+    small = [s * (lattice_points - 1) + 1 for s in full]
+    if small == example[2:]:
+        return candidate_shapes(example, full), ""
+    shapes = candidate_shapes(example[:2] + small, full, compact=True)
     sizes = "x".join(map(str, small))
     return shapes, (f"checked at small sizes from {sizes} ({lattice_points} lattice points): "
                     "the model takes any size and its dense graph is the same at every size; "

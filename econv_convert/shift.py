@@ -51,8 +51,9 @@ def shift_plan(meta, seed: int, batch: int | None) -> tuple[ShiftPlan | None, st
                       "the lattice points are its phases")
     example = meta.canonical(meta.example_shape)
     nd = len(example) - 2
-    steps = meta.axis_steps
     res = meta.output_stride or 1  # dense positions are this many input pixels apart
+    phases = meta.axis_steps  # dense positions per lattice step, per axis
+    steps = [res * p for p in phases]  # the lattice step in input pixels
     if meta.out_field and len(meta.out_field) == nd:
         fields = [Field(*f) for f in meta.out_field]
     elif not meta.has_padding:
@@ -77,11 +78,13 @@ def shift_plan(meta, seed: int, batch: int | None) -> tuple[ShiftPlan | None, st
         return None, (f"the padding reaches {reach}; a crop of {tuple(crop)} px has no "
                       "position away from it")
     big = [c + 2 * s for c, s in zip(crop, steps)]
-    if math.prod(big) > 4 * math.prod(h + 2 * s for h, s in zip(example[2:], steps)):
+    # within four times an input of the example plus two steps, or small in any case (an
+    # example smaller than the padding's reach)
+    budget = max(4 * math.prod(h + 2 * s for h, s in zip(example[2:], steps)), 48 ** nd)
+    if math.prod(big) > budget:
         return None, (f"positions away from the padding (it reaches {fields[0].lo} px in) need "
                       f"inputs of {'x'.join(map(str, big))} px, too costly here: every phase "
                       "is proven node by node instead")
-    phases = [max(1, s // res) for s in steps]
     combos = list(itertools.product(*(range(p) for p in phases)))
     if len(combos) > MAX_OFFSETS:
         rng = random.Random(seed)

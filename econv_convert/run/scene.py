@@ -87,10 +87,14 @@ def geometry(meta) -> Geometry:
         after = halo
     else:
         # output q reads input [q * res - before, q * res - before + size): a block reads
-        # that much before its first output and after its last, in whole lattice steps (the
-        # window starts and ends on the lattice, so no tight crop cuts its last outputs)
+        # that much before its first output and after its last, in whole lattice steps. A
+        # dense model's output ends on its input's last lattice point (the phases past it
+        # are cut), and a block ends on a lattice step: between lattice points (s > 1
+        # positions a step) the block's last output is one short of the next lattice point,
+        # whose field the window must hold too
         halo = tuple(u * math.ceil(b / u) for (b, _), u in zip(support, unit))
-        after = tuple(u * math.ceil(max(0, n - b - res) / u) for (b, n), u in zip(support, unit))
+        after = tuple(u * math.ceil(max(0, n - b - (res if s == 1 else 0)) / u)
+                      for (b, n), u, s in zip(support, unit, meta.axis_steps))
     window = tuple(example[2:]) if windowed else tuple(field_)
     # output q's window starts at input pixel q * step: the example-size window in window
     # mode, the receptive field of an unpadded network; a padded network's field reaches

@@ -83,8 +83,11 @@ def global_pool(x: Layout, dims: Sequence[int], reduce: str, mode: str,
     elif mode == "window":
         extras = tuple(Dim("space", x.base_dims[d].axis, x.base_dims[d].step) for d in space)
         extent = tuple(x.base[d] for d in space)
-        start = field or (1,) * len(space)
-        fields = tuple(Field(f, s).through(Window(m)) for f, s, m in zip(start, steps, extent))
+        if full and len(full) == len(extent):  # in input pixels, with the padding's reach
+            fields = tuple(f.through(Window(m)) for f, m in zip(full, extent))
+        else:
+            start = field or (1,) * len(space)
+            fields = tuple(Field(f, s).through(Window(m)) for f, s, m in zip(start, steps, extent))
         sizes = tuple(f.size for f in fields)
         after = {"mode": mode, "kernel": extent, "dilation": steps}
         if full and len(full) == len(extent):

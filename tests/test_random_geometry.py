@@ -1,0 +1,203 @@
+"""Random networks (tests/random_nets.py) through densify, verify and predict, each drawn
+case against independent references:
+
+* ``verify`` passes every drawn model (no false alarm) and fails the same model with an
+  error between its lattice points (the proof tests' inserted node);
+* ``predict`` block by block equals one whole-image pass of the dense model, for random
+  block sizes (smaller than the window, many blocks, edge blocks of odd size);
+* the output strides agree: output stride ``k`` is output stride 1 sampled every ``k``;
+* unpadded networks: each output is the baseline on the crop under its window.
+
+In CI the examples are fixed (``derandomize``) and few; ``pytest -m extended`` runs the long
+profile with fresh random draws (Hypothesis prints the failing case and how to reproduce it).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from conftest import assert_baseline_on_crops
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from random_nets import Conv, Pool, Res, Spec, build, specs
+
+from econv_convert import densify, info, verify
+from econv_convert.run.predict import predict
+
+CI = dict(deadline=None, derandomize=True, print_blob=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+LONG = dict(deadline=None, print_blob=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+LONG_EXAMPLES = int(os.environ.get("RANDOM_NETS_EXAMPLES", 300))
+
+
+def _bump_rows(y: torch.Tensor, step: int) -> torch.Tensor:
+    y = y.clone()
+    y[..., 1::step, :] += 1.0
+    return y
+
+
+def mutated(dense):
+    """A copy of ``dense`` wrong only between its lattice points: +1 on the rows off the
+    lattice of the last map that has phases (rows 1 mod its step), or None where no map has."""
+    meta = dense.econv
+    steps = {name: spec["dims"][-2][1] for name, spec in meta.nodes.items()
+             if spec["dims"] and spec["dims"][-2][0] == "space" and not spec["n_extra"]
+             and not spec["flat"]}
+    names = {n.name: n for n in dense.graph.nodes}
+    # between two layers, as the proof tests insert it: a node whose value is the graph's
+    # output is seen by the lattice and shift checks alone (Known limits, README)
+    output = next(n for n in dense.graph.nodes if n.op == "output")
+    candidates = [r["dense_name"] for r in meta.records
+                  if steps.get(r.get("fx_name") or "", 1) > 1 and r.get("dense_name") in names
+                  and output not in names[r["dense_name"]].users]
+    if not candidates:
+        return None
+    wrong = copy.deepcopy(dense)
+    wrong.econv = meta
+    nodes = {n.name: n for n in wrong.graph.nodes}
+    target = nodes[candidates[-1]]
+    step = steps[next(r["fx_name"] for r in meta.records if r.get("dense_name") == target.name)]
+    with wrong.graph.inserting_after(target):
+        bumped = wrong.graph.call_function(_bump_rows, (target, step))
+    target.replace_all_uses_with(bumped, delete_user_cb=lambda u: u is not bumped)
+    wrong.recompile()
+    return wrong
+
+
+def _pool_mode(spec: Spec, draw_mode: str) -> str:
+    return draw_mode if spec.head == "gap" else "phase"
+
+
+def _image(spec: Spec, extra: tuple[int, int], seed: int) -> torch.Tensor:
+    h, w = spec.size
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((1, 3, h + extra[0], w + extra[1]), generator=gen)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape, (tuple(got.shape), tuple(want.shape))
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale + 1e-6)
+
+
+def check_verify(spec: Spec, mode: str, output_stride: int, seed: int) -> None:
+    baseline = build(spec, seed)
+    dense = densify(baseline, (1, 3, *spec.size), global_pool=_pool_mode(spec, mode),
+                    output_stride=output_stride)
+    report = verify(baseline, dense)
+    assert report.ok, [(c.check, c.shape, c.offset, c.detail) for c in report.failures()]
+    wrong = mutated(dense)
+    if wrong is not None:
+        report = verify(baseline, wrong)
+        assert not report.ok, "an error between the lattice points passed verify"
+
+
+def check_predict(spec: Spec, output_stride: int, blocks: int, extra: tuple[int, int],
+                  seed: int) -> None:
+    """predict equals the whole pass; stride k equals stride 1 sampled every k; unpadded:
+    the baseline on crops."""
+    baseline = build(spec, seed)
+    mode = "window" if spec.head == "gap" else "phase"
+    dense = densify(baseline, (1, 3, *spec.size), global_pool=mode,
+                    output_stride=output_stride)
+    x = _image(spec, extra, seed)
+    with torch.no_grad():
+        want = dense(x)
+    unit = max(info(dense).axis_steps) * output_stride
+    got = predict(dense, x, tile=unit * blocks)
+    _close(got, want)
+    if output_stride > 1:
+        finest = densify(baseline, (1, 3, *spec.size), global_pool=mode)
+        with torch.no_grad():
+            fine = finest(x)
+        _close(want, fine[..., ::output_stride, ::output_stride])
+    if not spec.padded and spec.head != "flatten":
+        meta = info(dense)  # what one output reads (a window pool's: at most the example)
+        patch = tuple(n for _, n in meta.support) if spec.head == "gap" else _field(spec)
+        y = want.reshape(-1, *want.shape[-2:])
+        assert assert_baseline_on_crops(baseline, y, x, patch,
+                                        (output_stride, output_stride)) > 0
+
+
+def _field(spec: Spec) -> tuple[int, int]:
+    """The input one output of an unpadded map model reads: the smallest input it takes."""
+    from random_nets import smallest
+
+    n = smallest(spec)
+    return (n, n)
+
+
+@settings(max_examples=int(os.environ.get("RANDOM_NETS_CI", 14)), **CI)
+@given(spec=specs(), data=st.data())
+def test_verify_passes_every_random_network_and_fails_its_mutation(spec, data):
+    mode = data.draw(st.sampled_from(["phase", "lattice", "window"]), "global_pool")
+    os_ = data.draw(st.sampled_from(spec.output_strides), "output_stride")
+    check_verify(spec, mode, os_, data.draw(st.integers(0, 9), "seed"))
+
+
+@settings(max_examples=int(os.environ.get("RANDOM_NETS_CI", 14)), **CI)
+@given(spec=specs(heads=("gap", "map")), data=st.data())
+def test_predict_on_random_networks_equals_the_whole_pass(spec, data):
+    os_ = data.draw(st.sampled_from(spec.output_strides), "output_stride")
+    blocks = data.draw(st.integers(1, 4), "lattice steps per block")
+    extra = (data.draw(st.integers(0, 40), "extra rows"),
+             data.draw(st.integers(0, 40), "extra columns"))
+    check_predict(spec, os_, blocks, extra, data.draw(st.integers(0, 9), "seed"))
+
+
+@pytest.mark.extended
+@settings(max_examples=LONG_EXAMPLES, **LONG)
+@given(spec=specs(), data=st.data())
+def test_long_profile_verify(spec, data):
+    mode = data.draw(st.sampled_from(["phase", "lattice", "window"]), "global_pool")
+    os_ = data.draw(st.sampled_from(spec.output_strides), "output_stride")
+    check_verify(spec, mode, os_, data.draw(st.integers(0, 9), "seed"))
+
+
+@pytest.mark.extended
+@settings(max_examples=LONG_EXAMPLES, **LONG)
+@given(spec=specs(heads=("gap", "map")), data=st.data())
+def test_long_profile_predict(spec, data):
+    os_ = data.draw(st.sampled_from(spec.output_strides), "output_stride")
+    blocks = data.draw(st.integers(1, 4), "lattice steps per block")
+    extra = (data.draw(st.integers(0, 40), "extra rows"),
+             data.draw(st.integers(0, 40), "extra columns"))
+    check_predict(spec, os_, blocks, extra, data.draw(st.integers(0, 9), "seed"))
+
+
+
+# -- what the random networks found, kept as explicit cases -----------------------------------
+
+UNPADDED_GAP = Spec(Conv(3, False), (Pool("max", 2, 2), Conv(3, False), Pool("max", 2, 2)),
+                    "gap", (36, 36))
+PADDED_MAP = Spec(Conv(3, True), (Pool("max", 2, 2), Conv(3, True), Pool("max", 2, 2)),
+                  "map", (36, 36))
+
+
+@pytest.mark.parametrize("spec", [UNPADDED_GAP, PADDED_MAP], ids=["unpadded-gap", "padded-map"])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_predict_at_an_intermediate_output_stride(spec, blocks):
+    """Output stride 2 of a total 4: a block's last output lies between two lattice points,
+    and the dense output ends on the window's last one, so the halo after a block must hold
+    the next lattice point's field (it was one step short: an internal error)."""
+    check_predict(spec, 2, blocks, (37, 19), 0)
+
+
+@pytest.mark.parametrize("mode", ["window", "phase"])
+@pytest.mark.parametrize("spec", [UNPADDED_GAP, PADDED_MAP], ids=["unpadded-gap", "padded-map"])
+def test_verify_at_an_intermediate_output_stride(spec, mode):
+    """The shift check's lattice step is the output stride times the dense step (it used the
+    dense step alone: a false "NOT equivalent" at output stride 2); a padded window pool's
+    field keeps its padding's reach (it lost it past output stride 1)."""
+    check_verify(spec, mode, 2, 0)
+
+
+def test_an_example_smaller_than_the_step_is_checked_past_it():
+    """An any-size model given a 1 x 1 example: checked at sizes with two lattice points, so
+    every phase has points (at the example no error between the lattice points can show)."""
+    spec = Spec(Conv(2, True, 2, 2), (Res(1, False), Conv(1, False)), "map", (1, 1))
+    check_verify(spec, "phase", 1, 0)
