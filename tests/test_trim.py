@@ -157,3 +157,99 @@ def test_a_trimmed_pass_lets_each_map_go_after_its_last_use(monkeypatch):
         padded = dense(x)
     torch.testing.assert_close(y, padded[..., shift[0]:shift[0] + y.shape[-2],
                                          shift[1]:shift[1] + y.shape[-1]])
+
+
+# what a dense graph may call that a block does not trim (it runs padded, exact and slower),
+# by why; every other registered rule's target must be one :func:`trim.handles`
+RUNS_PADDED = {
+    # sizes and numbers read off a map, and checks on them
+    "_operator.and_", "_operator.eq", "_operator.ge", "_operator.getitem", "_operator.gt",
+    "_operator.le", "_operator.lshift", "_operator.lt", "_operator.mod", "_operator.ne",
+    "_operator.not_", "_operator.or_", "_operator.rshift", "getattr", "math.ceil",
+    "math.floor", "math.sqrt", "math.trunc", "torch._assert",
+    "torch.ops.aten._assert_scalar.default", "torch.ops.aten.sym_size.int", "torch.sym_float",
+    "torch.sym_int", "torch.sym_ite", "torch.sym_max", "torch.sym_min", "torch.sym_not",
+    "econv_convert.torch.outputs.restore",
+    # layouts: a map's positions moved between dims
+    "torch.chunk", "torch.flatten", "torch.functional.split", "torch.permute", "torch.reshape",
+    "torch.stack", "torch.transpose", "torch.unbind", "torch.unsqueeze", "torch.slice_scatter",
+    "torch._C._nn.pad", "torch.nn.functional.pad", "torch.pixel_shuffle",
+    "torch.pixel_unshuffle", "torch.nn.functional.fold", "torch.nn.functional.unfold",
+    # reductions and layers over several positions or channels-last
+    "torch.amax", "torch.mean", "torch.sum", "torch.softmax", "torch.log_softmax",
+    "torch.nn.functional.softmax", "torch.nn.functional.log_softmax", "torch.layer_norm",
+    "torch.nn.functional.layer_norm", "torch.group_norm", "torch.instance_norm",
+    "torch.nn.functional.group_norm", "torch.nn.functional.instance_norm",
+    "torch._C._nn.linear", "torch._C._nn.scaled_dot_product_attention",
+    "torch.nn.functional.multi_head_attention_forward",
+    # windows of other kinds (sizes and positions they read are their own)
+    "torch._C._nn.adaptive_avg_pool2d", "torch._C._nn.adaptive_avg_pool3d",
+    "torch.adaptive_avg_pool1d", "torch.nn.functional.adaptive_avg_pool2d",
+    "torch.nn.functional.adaptive_avg_pool3d", "torch.nn.functional.adaptive_max_pool1d",
+    "torch.nn.functional.adaptive_max_pool2d", "torch.nn.functional.adaptive_max_pool3d",
+    "torch.nn.functional.lp_pool1d", "torch.nn.functional.lp_pool2d",
+    "torch.nn.functional.lp_pool3d", "torch.nn.functional.fractional_max_pool2d",
+    "torch.conv_transpose1d", "torch.conv_transpose2d", "torch.conv_transpose3d",
+    "torch.nn.functional.grid_sample", "torch.nn.functional.interpolate",
+    "torch.nn.functional.upsample",
+}
+
+
+def test_every_registered_layer_is_trimmed_or_known_to_run_padded():
+    """A new layer kind must not silently run untrimmed: each target a rule registers is one
+    the trimmed pass runs, or listed above with why it is not."""
+    import econv_convert.torch.api  # noqa: F401  (registers every rule)
+    from econv_convert.torch import targets
+    from econv_convert.torch.rewrite.frame import FUNCTIONS, METHODS
+
+    names = {targets.qualified_name(t): t for t in FUNCTIONS}
+    unknown = sorted(n for n, t in names.items() if not trim.handles(t) and n not in RUNS_PADDED)
+    assert not unknown, (f"rules registered for {unknown}: run them trimmed in run/trim.py or "
+                         "list them in RUNS_PADDED with why")
+    stale = sorted(n for n in RUNS_PADDED if n not in names or trim.handles(names[n]))
+    assert not stale, f"RUNS_PADDED names {stale}: no longer registered, or trimmed now"
+    elementwise = {m for m in METHODS if METHODS[m].__name__ in ("_unary", "_binary")}
+    assert elementwise <= trim._METHODS
+
+
+@pytest.mark.parametrize("layer", ["concat", "batch_norm_fn", "prelu", "max_pool_fn"])
+def test_layers_written_as_functions_trim(layer):
+    """Layers a model calls as functions (``torch.concat``, ``F.batch_norm``, ``F.prelu``,
+    ``torch.max_pool2d`` below an output stride) trim, and equal the padded pass."""
+    import torch.nn.functional as F
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.b = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.w = torch.nn.Parameter(torch.rand(8) * 0.5)
+            self.register_buffer("m", torch.randn(8))
+            self.register_buffer("v", torch.rand(8) + 0.5)
+            self.head = torch.nn.Conv2d(8, 2, 3, stride=2)
+
+        def forward(self, x):
+            y = torch.concat([self.a(x), self.b(x)], dim=1) if layer == "concat" else \
+                torch.cat([self.a(x), self.b(x)], 1)
+            if layer == "batch_norm_fn":
+                y = F.batch_norm(y, self.m, self.v, self.w, None, False)
+            if layer == "prelu":
+                y = F.prelu(y, self.w)
+            y = torch.max_pool2d(y, 2, 2) if layer == "max_pool_fn" else F.max_pool2d(y, 2)
+            return self.head(y).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    stride = 2 if layer == "max_pool_fn" else None
+    dense = densify(model, (1, 3, 24, 24), global_pool="window", output_stride=stride)
+    gm = prepare(dense)
+    assert trim.trimmable(gm)
+    x = torch.randn(1, 3, 40, 44)
+    y, shift = trim.run(gm, x, 2)
+    with torch.no_grad():
+        want = gm(x)
+    # the positions both hold (the padded pass's tight crop may end before the trimmed map)
+    n = [min(a, b - s) for a, b, s in zip(y.shape[-2:], want.shape[-2:], shift)]
+    assert min(n) > 4
+    torch.testing.assert_close(y[..., :n[0], :n[1]],
+                               want[..., shift[0]:shift[0] + n[0], shift[1]:shift[1] + n[1]])

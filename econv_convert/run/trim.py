@@ -24,7 +24,6 @@ outside what the block keeps, as the padded pass's edge positions do.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import torch
@@ -33,29 +32,45 @@ import torch.nn.functional as F
 
 from econv_convert.run import fuse
 from econv_convert.torch import ops
+from econv_convert.torch.rewrite import norm, pointwise, window
 
 # dense window layers (stride 1 on the dense map): the name of their (first) padding
 _WINDOW = {ops.conv: "pad_lo", ops.max_pool: "pad_lo", ops.avg_pool: "padding",
            ops.lp_pool: None}
-# layers that keep the baseline's stride (below an output stride), as PyTorch's functions
-_KEPT_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2,
-              torch.conv3d: 3}
-_KEPT_POOL = {F.max_pool1d: (1, "max"), F.max_pool2d: (2, "max"), F.max_pool3d: (3, "max"),
-              F.avg_pool1d: (1, "avg"), F.avg_pool2d: (2, "avg"), F.avg_pool3d: (3, "avg")}
-# one map in, the same positions out
-_UNARY = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish,
-          F.hardsigmoid, F.hardtanh, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
-          F.dropout, fuse.relu_into, ops.batch_norm}
+
+
+def _dims(fn) -> int:
+    return int(fn.__name__[-2])  # conv2d, max_pool3d, ...
+
+
+# layers that keep the baseline's stride (below an output stride): the targets their rules
+# register, which the dense graph calls as they are; their number of spatial dims
+_KEPT_CONV = {f: _dims(f) for f in window.CONV_FUNCTIONS}
+_KEPT_POOL = {**{f: (_dims(f), "max") for f in window.MAX_POOL_FUNCTIONS},
+              **{f: (_dims(f), "avg") for f in window.AVG_POOL_FUNCTIONS}}
+# one map in, the same positions out: the registered unary and channel-wise layers (their
+# rules admit them only where they act on each position alone) and the fused ones
+_UNARY = {*pointwise.UNARY_FUNCTIONS, *norm.CHANNELWISE, fuse.relu_into}
 # maps (and per-channel constants) combined position by position
-_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
-           torch.mul, torch.div, fuse.add_into}
+_BINARY = {*pointwise.BINARY_FUNCTIONS, fuse.add_into}
 # layers acting on the dims before the trailing spatial ones (the heads after window
 # pooling): checked when run (:func:`_below`)
 _BELOW = {ops.reshape, ops.last_dims, torch.squeeze}
-# element-wise only when not training: (function, position of ``training``)
-_TRAINING = {ops.batch_norm: 5, F.dropout: 2}
-_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "add", "add_",
-            "mul", "mul_", "sub", "div"}
+# element-wise only when not training: the position of their ``training`` argument
+_TRAINING = {ops.batch_norm: 5, F.batch_norm: 5, torch.batch_norm: 5, ops.drop_path: 2, **{
+    f: 2 for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                   F.feature_alpha_dropout)}}
+_METHODS = {*pointwise.UNARY_METHODS, *pointwise.BINARY_METHODS}
+# what else a dense graph may call: layers whose trimmed form is the call itself
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_OTHER = {*_CAT, fuse.linear_then_pool}
+
+
+def handles(target) -> bool:
+    """Whether a dense graph's ``call_function`` target is one this module can run trimmed
+    (a global pool in window mode is, in :func:`trimmable`, by its arguments)."""
+    return any(target in group for group in (_WINDOW, _KEPT_CONV, _KEPT_POOL, _UNARY, _BINARY,
+                                             _BELOW, _OTHER))
 
 
 class Untrimmable(Exception):
@@ -69,11 +84,7 @@ def trimmable(gm: fx.GraphModule) -> bool:
         if node.op == "placeholder":
             placeholders += 1
         elif node.op == "call_function":
-            if not (node.target in _WINDOW or node.target in _KEPT_CONV
-                    or node.target in _KEPT_POOL or node.target in _UNARY
-                    or node.target in _BINARY or node.target is torch.cat
-                    or node.target is fuse.linear_then_pool or _window_pool(node)
-                    or node.target in _BELOW):
+            if not (handles(node.target) or _window_pool(node)):
                 return False
         elif node.op == "call_method":
             if node.target not in _METHODS:
@@ -155,7 +166,7 @@ def _trimmed(node, arg, values, shifts, spatial, nd, axes):
         # a window pool without padding: position q pools q, q + s, ...; the shift stays
         _only_first(node, spatial)
         return _call(node, arg(node.args), arg(node.kwargs)), list(shifts[spatial[0]])
-    if f is torch.cat:
+    if f in _CAT:
         return _cat(node, arg, values, shifts, nd)
     if f in _BELOW:
         return _below(node, arg, values, shifts, spatial, nd)
@@ -181,10 +192,17 @@ def _trimmed(node, arg, values, shifts, spatial, nd, axes):
 
 
 def _training(node) -> bool:
-    f = node.target
-    given = node.kwargs.get("training", node.args[_TRAINING[f]]
-                            if len(node.args) > _TRAINING[f] else f is F.dropout)
-    return given is not False
+    f, at = node.target, _TRAINING[node.target]
+    if len(node.args) > at:
+        return node.args[at] is not False
+    if "training" in node.kwargs:
+        return node.kwargs["training"] is not False
+    import inspect
+
+    try:
+        return inspect.signature(f).parameters["training"].default is not False
+    except (ValueError, KeyError):  # a builtin without a signature: as if training
+        return True
 
 
 def _below(node, arg, values, shifts, spatial, nd):
@@ -309,6 +327,7 @@ def _kept(node, arg, shifts, nd, axes):
         params["ceil_mode"] = False
     if kind == "conv":
         return node.target(x, params.pop("weight"), params.pop("bias"), **params), out_shift
+    params.pop("return_indices", None)  # False (checked above); torch.max_pool2d has none
     return node.target(x, **params), out_shift
 
 
@@ -323,7 +342,8 @@ def covered(y: torch.Tensor, shift: Sequence[int], starts: Sequence[int],
 
 def _cat(node, arg, values, shifts, nd):
     tensors = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim",
+                                                                    node.kwargs.get("axis", 0))
     if not isinstance(tensors, (list, tuple)) or not all(
             isinstance(t, fx.Node) and t in shifts for t in tensors):
         raise Untrimmable(f"{node.name}: concatenates a constant")

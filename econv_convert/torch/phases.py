@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from econv_convert.cases import compare, read_lattice
 from econv_convert.core.records import info
@@ -33,6 +32,7 @@ from econv_convert.proof import (
     plain_maps,
     prove_cases,
 )
+from econv_convert.torch.rewrite import window
 
 
 def prove(baseline: fx.GraphModule, dense: fx.GraphModule, nodes: dict[str, dict[str, Any]],
@@ -311,8 +311,8 @@ def _run_piece(dense: fx.GraphModule, piece: list[fx.Node], out_name: str,
     return out
 
 
-_POOLS = {"avg_pool": (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d),
-          "max_pool": (F.max_pool1d, F.max_pool2d, F.max_pool3d)}
+# the registered pools by kind, 1-D to 3-D
+_POOLS = {"avg_pool": window.AVG_POOL_FUNCTIONS[:3], "max_pool": window.MAX_POOL_FUNCTIONS[:3]}
 
 
 def _specialized_op(node: fx.Node, record: dict[str, Any] | None, nd: int):

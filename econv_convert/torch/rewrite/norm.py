@@ -15,8 +15,13 @@ from econv_convert.torch.rewrite.frame import Rewriter, Val, _arg, _per_extra, r
 # -- channel-wise layers ---------------------------------------------------------------------
 
 
-@rule(F.batch_norm, ops.batch_norm, torch.batch_norm, F.prelu, F.local_response_norm,
-      F.channel_shuffle, torch.channel_shuffle, F.normalize)
+# layers acting on each position's channels alone (also what :mod:`econv_convert.run.trim`
+# runs trimmed)
+CHANNELWISE = (F.batch_norm, ops.batch_norm, torch.batch_norm, F.prelu, F.local_response_norm,
+               F.channel_shuffle, torch.channel_shuffle, F.normalize)
+
+
+@rule(*CHANNELWISE)
 def _channelwise(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
     lay = x.layout

@@ -49,7 +49,13 @@ def _bindings(fns):
     return out
 
 
-@rule(*_bindings(_UNARY_FUNCTIONS), *_UNARY_METHODS)
+# what the rules below register, by kind (:mod:`econv_convert.run.trim` runs them trimmed:
+# position by position, they compute the same on any part of a map)
+UNARY_FUNCTIONS = tuple(_bindings(_UNARY_FUNCTIONS))
+UNARY_METHODS = tuple(_UNARY_METHODS)
+
+
+@rule(*UNARY_FUNCTIONS, *UNARY_METHODS)
 def _unary(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
     others = [rw.v(a) for a in list(node.args[1:]) + list(node.kwargs.values())]
@@ -83,6 +89,10 @@ _BINARY = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow",
     "where",
 ]
+
+
+BINARY_FUNCTIONS = tuple(b for b in _BINARY if not isinstance(b, str))
+BINARY_METHODS = tuple(b for b in _BINARY if isinstance(b, str))
 
 
 @rule(*_BINARY)

@@ -33,7 +33,15 @@ def _window_layer(rw: Rewriter, node: fx.Node, kind: str, windows: Sequence[Wind
     return rw.window_layer(node, plan, emit)
 
 
-@rule(F.conv1d, F.conv2d, F.conv3d)
+# the registered targets, by kind (also what :mod:`econv_convert.run.trim` runs trimmed where
+# a layer keeps its stride below an output stride: the dense graph calls them as they are)
+CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d)
+MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d,
+                      torch.max_pool2d, torch.max_pool3d)
+AVG_POOL_FUNCTIONS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d)
+
+
+@rule(*CONV_FUNCTIONS)
 def _conv(rw: Rewriter, node: fx.Node) -> Val:
     weight = rw.base(node.args[1]) if isinstance(node.args[1], fx.Node) else node.args[1]
     nd = weight.dim() - 2
@@ -71,8 +79,7 @@ def _pool_params(node: fx.Node, nd: int, avg: bool):
     return k, stride, padding, dilation
 
 
-@rule(F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
-      torch.max_pool3d)
+@rule(*MAX_POOL_FUNCTIONS)
 def _max_pool(rw: Rewriter, node: fx.Node) -> Val:
     nd = len(rw.lay(node.args[0]).base) - 2
     if _arg(node, 6, "return_indices", False):
@@ -95,7 +102,7 @@ def _max_pool_of(rw: Rewriter, node: fx.Node, windows: Sequence[Window], note: s
                          emit, reduce="max", note=note)
 
 
-@rule(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d)
+@rule(*AVG_POOL_FUNCTIONS)
 def _avg_pool(rw: Rewriter, node: fx.Node) -> Val:
     nd = len(rw.lay(node.args[0]).base) - 2
     k, stride, padding = _pool_params(node, nd, avg=True)
