@@ -766,3 +766,86 @@ class PortedNet(nn.Module):
         if not return_dict:
             return (logits,) + ((all_hidden,) if all_hidden else ())
         return ClassifierOutput(logits=logits, hidden_states=all_hidden)
+
+
+# -- a decoder-style block that takes its skip only when one is given, tested the way
+# TorchScript-minded libraries test it (``torch.jit.isinstance``): under torch.fx the skip is a
+# Proxy, not a Tensor, so the trace leaves the skip out
+
+
+class OptionalSkip(nn.Module):
+    def __init__(self, cin: int, cskip: int, cout: int, merge: str = "cat"):
+        super().__init__()
+        self.merge = merge
+        self.convs = conv_bn(cin + cskip if merge == "cat" else cin, cout)
+
+    def forward(self, x: torch.Tensor, x_e: torch.Tensor | None = None) -> torch.Tensor:
+        if x_e is not None and torch.jit.isinstance(x_e, torch.Tensor):
+            x = torch.cat([x_e, x], dim=1) if self.merge == "cat" else x + x_e
+        return self.convs(x)
+
+
+class OptionalSkipNet(nn.Module):
+    def __init__(self, merge: str = "cat", classes: int = 3):
+        super().__init__()
+        self.stem = conv_bn(3, 8, stride=2)
+        self.body = conv_bn(8, 8)
+        self.up = OptionalSkip(8, 8, 8, merge)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        skip = self.stem(x)
+        x = self.up(self.body(skip), skip)
+        return self.fc(self.pool(x).mean((2, 3)))
+
+
+# -- a ghost module as GhostNet-style libraries write it: half the channels from a cheap
+# depthwise convolution, the concatenation cut back to the channels asked for
+# (``out[:, :oup, :, :]``), and the bottleneck's residual added in place through that view
+
+
+class GhostModule(nn.Module):
+    def __init__(self, inp: int, oup: int, ratio: int = 2, relu: bool = True):
+        super().__init__()
+        self.oup = oup
+        init_channels = math.ceil(oup / ratio)
+        new_channels = init_channels * (ratio - 1)
+        act = (lambda: nn.ReLU(inplace=True)) if relu else nn.Identity
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(inp, init_channels, 1, bias=False), nn.BatchNorm2d(init_channels), act())
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init_channels, new_channels, 3, 1, 1, groups=init_channels, bias=False),
+            nn.BatchNorm2d(new_channels), act())
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        x2 = self.cheap_operation(x1)
+        out = torch.cat([x1, x2], dim=1)
+        return out[:, :self.oup, :, :]
+
+
+class GhostBottleneck(nn.Module):
+    def __init__(self, chs: int, mid_chs: int):
+        super().__init__()
+        self.ghost1 = GhostModule(chs, mid_chs)
+        self.ghost2 = GhostModule(mid_chs, chs, relu=False)
+        self.shortcut = nn.Sequential()
+
+    def forward(self, x):
+        shortcut = x
+        x = self.ghost1(x)
+        x = self.ghost2(x)
+        x += self.shortcut(shortcut)
+        return x
+
+
+class GhostNetLike(nn.Module):
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv_stem = conv_bn(3, 5, stride=2)
+        self.blocks = nn.Sequential(GhostBottleneck(5, 7), nn.MaxPool2d(2), GhostBottleneck(5, 9))
+        self.classifier = nn.Linear(5, classes)
+
+    def forward(self, x):
+        return self.classifier(self.blocks(self.conv_stem(x)).mean((2, 3)))

@@ -237,7 +237,7 @@ def test_python_control_flow_on_sizes_falls_back_to_torch_export():
     model = rand_bn(SizeBranchNet())
     dense = densify(model, (1, 3, 32, 32))
     assert dense.econv.capture == "torch.export"
-    assert any("torch.fx could not trace the model" in n and "'(the model itself)'" in n
+    assert any("torch.fx could not capture the model" in n and "'(the model itself)'" in n
                for n in dense.econv.notes)
     report = verify(model, dense)
     assert report.ok, report.failures()
@@ -363,3 +363,77 @@ def test_space_to_depth_stems_in_onnx(stem):
     want = densify(model, (1, 3, 64, 64))(x).detach().numpy()
     got = run(dense, x.numpy())[0]
     assert abs(want - got).max() < 1e-4
+
+
+@pytest.mark.parametrize("merge", ["cat", "add"])
+def test_a_capture_that_drops_a_branch_is_not_used(merge):
+    """torch.fx takes ``torch.jit.isinstance(skip, torch.Tensor)`` as false: its graph fails
+    (``cat``: a convolution gets too few channels) or computes something else (``add``: the
+    skip is left out). Each capture is run against the model before the rewrite; torch.export
+    runs the branch the model takes, and the note says which capture was used."""
+    from library_style import OptionalSkipNet
+
+    torch.manual_seed(0)
+    model = rand_bn(OptionalSkipNet(merge))
+    dense = densify(model, (1, 3, 32, 32))
+    assert dense.econv.capture == "torch.export"
+    note = next(n for n in dense.econv.notes if n.startswith("torch.fx could not capture"))
+    assert ("cannot run" if merge == "cat" else "a branch the model takes") in note
+    report = verify(model, dense)
+    assert report.ok, report.failures()
+    with pytest.raises(EConvError, match="torch.fx capture") as e:
+        densify(model, (1, 3, 32, 32), capture_with="torch.fx")
+    assert "fails on an input" not in str(e.value)  # the model runs; its capture does not
+
+
+def test_an_in_place_residual_through_a_channel_slice_view():
+    """A ghost module's ``out[:, :oup, :, :]`` changed in place by the residual: torch.export
+    writes it back with ``slice_scatter`` over the channels and over the whole of each spatial
+    axis, which is no write into positions."""
+    from library_style import GhostNetLike
+
+    torch.manual_seed(0)
+    model = rand_bn(GhostNetLike())
+    for size in (32, 29):
+        dense = densify(model, (1, 3, size, size))
+        assert dense.econv.capture == "torch.export"
+        report = verify(model, dense)
+        assert report.ok, report.failures()
+
+
+def test_the_until_hint_names_a_module_of_the_model(monkeypatch):
+    """torch.export's own passes give the nodes they create a module path of their own
+    (``_empty_nn_module_stack_from_metadata_hook``); "to go on: ... until=" names a module
+    of the user's model, one that densifies."""
+    import torch.nn.functional as F
+
+    import econv_convert.torch.api as torch_api
+
+    class Upsampling(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.body = conv_bn(3, 4, stride=2), conv_bn(4, 4)
+
+        def forward(self, x):
+            return F.interpolate(self.body(self.stem(x)), scale_factor=2.0)
+
+    real = torch_api.capture
+
+    def capture(*args, **kwargs):  # the last node before the refusal, made by a pass
+        captured = real(*args, **kwargs)
+        nodes = list(captured.gm.graph.nodes)
+        up = [i for i, n in enumerate(nodes) if "upsample" in str(n.target)]
+        if not up:
+            return captured
+        before = nodes[up[0] - 1]
+        key = "_empty_nn_module_stack_from_metadata_hook"
+        before.meta["nn_module_stack"] = {key: (key, key)}
+        before.meta.pop("econv_name", None)
+        return captured
+
+    monkeypatch.setattr(torch_api, "capture", capture)
+    torch.manual_seed(0)
+    model = rand_bn(Upsampling())
+    with pytest.raises(EConvError, match="until=body$"):
+        densify(model, (1, 3, 32, 32), capture_with="torch.export")
+    assert verify(model, densify(model, (1, 3, 32, 32), until="body")).ok

@@ -20,6 +20,7 @@ from econv_convert.torch.capture.common import (  # noqa: F401  (the package's p
     PREFIX,
     Captured,
     _short,
+    differs,
     module_of_error,
     module_path,
     node_name,
@@ -30,6 +31,9 @@ from econv_convert.torch.capture.fx_trace import _capture_fx
 from econv_convert.torch.capture.stochastic import _export_notes, stochastic_depth
 
 CAPTURES = ("auto", "torch.fx", "torch.export")
+
+
+MODULES = "econv_modules"  # gm.meta key: the model's module names (what until= may name)
 
 
 def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None,
@@ -47,8 +51,17 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
     With ``until``, the graph returns the output of module ``until`` (a name from
     ``named_modules()``). With ``input_name``, the model is called as
     ``model(**{input_name: x})``. ``method`` ``torch.fx`` or ``torch.export`` uses that
-    capture only (``auto``: the order above).
+    capture only (``auto``: the order above). Each capture's graph is run against the model
+    on ``example`` (:func:`differs`) before it is used: one that fails or computes something
+    else is not, and the other capture is tried.
     """
+    captured = _capture(model, example, until, input_name, method)
+    captured.gm.meta[MODULES] = frozenset(n for n, _ in model.named_modules() if n)
+    return captured
+
+
+def _capture(model: nn.Module, example: torch.Tensor, until: str | None,
+             input_name: str | None, method: str) -> Captured:
     if method not in CAPTURES:
         raise InvalidInputError(f"capture '{method}' is not one of {', '.join(CAPTURES)}")
     if until is not None and until not in dict(model.named_modules()):
@@ -56,10 +69,12 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
     drops, off = stochastic_depth(model, example, input_name)
     if method == "torch.export":
         captured = _capture_export(model, example, until, input_name)
+        _reproduce(captured, model, example, until, input_name)
         captured.notes += _export_notes(drops) + off
         return captured
     try:
         captured = _capture_fx(model, until, input_name, drops)
+        _reproduce(captured, model, example, until, input_name)
         captured.notes += [
             f"'{d.name}' is stochastic depth (drop rate {d.p:.4g} per "
             f"{'sample' if d.per_sample else 'batch'}): it drops when the dense model trains"
@@ -71,13 +86,14 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
         fx_error = e
     try:
         captured = _capture_export(model, example, until, input_name)
+        _reproduce(captured, model, example, until, input_name)
     except InvalidModelError as e:
         raise InvalidModelError(
             f"{fx_error}; torch.export fails too ({e}). Make the forward() of that module "
             "depend on attributes rather than on tensor values, or stop before it with "
             "until=...") from fx_error
     captured.notes.append(
-        f"torch.fx could not trace the model ({_short(fx_error)}); captured with "
+        f"torch.fx could not capture the model ({_short(fx_error)}); captured with "
         "torch.export: Python control flow is fixed at the example input, and where it "
         "depends on the input size the dense model checks that the size takes the same "
         "branch")
@@ -85,5 +101,18 @@ def capture(model: nn.Module, example: torch.Tensor, *, until: str | None = None
     return captured
 
 
-__all__ = ["CAPTURES", "NAME", "PREFIX", "Captured", "capture", "from_exported",
+class _NotReproduced(Exception):
+    """What a capture's graph does differently from the model (the cause of the refusal)."""
+
+
+def _reproduce(captured: Captured, model: nn.Module, example: torch.Tensor,
+               until: str | None, input_name: str | None) -> None:
+    """Raise where the captured graph does not compute what the model does on ``example``:
+    the graph, not the model, is then at fault, and the other capture may do better."""
+    why = differs(captured, model, example, until, input_name)
+    if why is not None:
+        raise InvalidModelError(f"the {captured.method} capture {why}") from _NotReproduced(why)
+
+
+__all__ = ["CAPTURES", "MODULES", "NAME", "PREFIX", "Captured", "capture", "from_exported",
            "module_of_error", "module_path", "node_name", "shape_prop", "stochastic_depth"]

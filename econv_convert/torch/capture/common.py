@@ -39,12 +39,15 @@ class _Capture(nn.Module):
     (the structure is kept in ``spec``)."""
 
     def __init__(self, model: nn.Module, input_name: str | None, until: str | None,
-                 hooks: bool) -> None:
+                 hooks: bool, keep: bool = False) -> None:
         super().__init__()
         self.model = model
         self.input_name = input_name
         self.until = until
         self.hooks = hooks  # torch.export runs forward hooks; fx tracing reports to captured
+        # eagerly, a copy of the hooked output: an in-place op after ``until`` (DenseNet's
+        # ``F.relu(features, inplace=True)``) changes the tensor the hook saw
+        self.keep = keep
         self.captured: list[Any] = []
         self.spec: outputs.Spec | None = None
 
@@ -52,7 +55,8 @@ class _Capture(nn.Module):
         handle = None
         if self.until is not None and self.hooks:
             handle = self.model.get_submodule(self.until).register_forward_hook(
-                lambda m, args, out: self.captured.append(out))
+                lambda m, args, out: self.captured.append(
+                    torch.utils._pytree.tree_map(_copy, out) if self.keep else out))
         try:
             out = self.model(**{self.input_name: x}) if self.input_name else self.model(x)
         finally:
@@ -67,8 +71,13 @@ class _Capture(nn.Module):
         return tuple(leaves)
 
 
+def _copy(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
 def _short(e: BaseException) -> str:
-    return str(e).removeprefix("cannot trace the model with torch.fx")
+    return str(e).removeprefix("cannot trace the model with torch.fx").removeprefix(
+        "the torch.fx capture ")
 
 
 @dataclass(frozen=True)
@@ -242,3 +251,69 @@ def node_name(node: fx.Node) -> str:
         return node.meta[NAME]
     path = module_path(node)
     return f"{node.name}' in module '{path}" if path else node.name
+
+
+def differs(captured: Captured, model: nn.Module, example: torch.Tensor, until: str | None,
+            input_name: str | None) -> str | None:
+    """Why the captured graph does not compute what ``model`` computes on ``example`` (both
+    run in float64 on copies: the model eagerly, the graph as captured), or None where it
+    does. A capture runs the model's Python code once, symbolically or at the example: a
+    branch on ``torch.jit.isinstance`` that torch.fx takes the other way, a view that
+    becomes invalid, leave a graph that fails or computes something else, which is not the
+    model's failure. None too where the model itself does not run on ``example`` eagerly
+    (nothing to compare with: the graph's own run then names the error)."""
+    def leaves(out):
+        flat, _ = outputs.flatten(out)
+        return [t for t in flat if isinstance(t, torch.Tensor)]
+
+    try:
+        want = _eager(model, example, until, input_name)
+    except Exception:  # the model's own failure, reported where the graph runs
+        return None
+    try:
+        gm = copy.deepcopy(captured.gm)
+        wide = want is not None and want[1]
+        if wide:
+            gm = gm.double()
+        with torch.no_grad():
+            got = leaves(gm(example.double() if wide else example))
+    except Exception as e:
+        return f"cannot run ({describe(e, 200)})"
+    if want is None:
+        return None
+    want = want[0]
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        return (f"returns other outputs than the model ({[tuple(t.shape) for t in got]} "
+                f"against {[tuple(t.shape) for t in want]})")
+    for i, (g, w) in enumerate(zip(got, want)):
+        if not g.is_floating_point():
+            same = torch.equal(g, w)
+        else:
+            scale = float(w.abs().max()) if w.numel() else 0.0
+            tol = (1e-6, 1e-9 * scale + 1e-12) if wide else (1e-3, 1e-4 * scale + 1e-6)
+            same = torch.allclose(g.to(w.dtype), w, rtol=tol[0], atol=tol[1], equal_nan=True)
+        if not same:
+            return (f"computes other values than the model (output {i}): a branch the model "
+                    "takes is not in the graph")
+    return None
+
+
+def _eager(model: nn.Module, example: torch.Tensor, until: str | None,
+           input_name: str | None) -> tuple[list[torch.Tensor], bool] | None:
+    """The model's outputs (those the graph returns: module ``until``'s with ``until``) on
+    ``example``, eagerly: in float64 where the model runs so (``True``), else in its own
+    dtype (``False``)."""
+    for wide in (True, False):
+        m = copy.deepcopy(model)
+        if wide:
+            m = m.double()
+        wrapper = _Capture(m, input_name, until, hooks=True, keep=True)
+        try:
+            with torch.no_grad():
+                out = wrapper(example.double() if wide else example)
+        except Exception:
+            if wide:
+                continue
+            raise
+        return [t for t in out if isinstance(t, torch.Tensor)], wide
+    return None

@@ -28,7 +28,7 @@ from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord, Rewritten
 from econv_convert.core.rules import refuse
 from econv_convert.core.walk import Val, Walk
 from econv_convert.torch import ops, targets
-from econv_convert.torch.capture import module_path, node_name
+from econv_convert.torch.capture import MODULES, module_path, node_name
 
 # helpers the rules emit besides their own targets and the run-time ops
 _EMITTED = (torch.mean, torch.sum, torch.amax, torch.unsqueeze, torch.squeeze, torch.permute,
@@ -99,12 +99,13 @@ class Rewriter(Walk):
         """``until=`` the last top-level module that ran before the refused node (and does
         not contain it): its output is a dense feature map the user can have."""
         inside = module_path(refused).split(".")[0]
+        names = self.gm.meta.get(MODULES)  # the model's own (not a name from the capture)
         last = ""
         for node in self.gm.graph.nodes:
             if node is refused:
                 break
             top = module_path(node).split(".")[0]
-            if top and top != inside:
+            if top and top != inside and (names is None or top in names):
                 last = top
         if not last:
             return ""

@@ -209,12 +209,23 @@ def _squeeze(rw: Rewriter, node: fx.Node) -> Val:
 @rule(torch.slice_scatter)
 def _slice_scatter(rw: Rewriter, node: fx.Node) -> Val:
     """``out = x; out[..., a:b] = src`` along a dim that is not spatial (what torch.export
-    makes of an in-place change of a channel slice): every position as in the baseline."""
+    makes of an in-place change of a channel slice): every position as in the baseline. Along
+    a spatial dim only over the whole axis (the result is ``src``)."""
     x, src = rw.v(node.args[0]), rw.v(_arg(node, 1, "src"))
     lay = x.layout
     d = lay.norm_dim(_arg(node, 2, "dim", 0))
     if lay.base_dims[d].spatial:
-        rules.refuse_kind("write_positions")
+        # a write over the whole spatial axis (what torch.export makes of ``y = x[:, :c, :,
+        # :]; y += s``: one write per dim of the view, the spatial ones full range) leaves
+        # nothing of ``x``: the result is ``src``
+        start, end = _arg(node, 3, "start"), _arg(node, 4, "end")
+        whole = (start in (None, 0) and _arg(node, 5, "step", 1) == 1
+                 and (end is None or (isinstance(end, int) and end >= lay.base[d])))
+        if not whole:
+            rules.refuse_kind("write_positions")
+        if src.layout is None or src.layout.dims != lay.dims or src.layout.base != lay.base:
+            rules.refuse_kind("write_other_lattice")
+        return Val(src.node, src.layout)
     if src.layout is None or [dd for i, dd in enumerate(src.layout.dims) if i != d] != \
             [dd for i, dd in enumerate(lay.dims) if i != d]:
         rules.refuse_kind("write_other_lattice")
