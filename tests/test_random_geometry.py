@@ -201,3 +201,98 @@ def test_an_example_smaller_than_the_step_is_checked_past_it():
     every phase has points (at the example no error between the lattice points can show)."""
     spec = Spec(Conv(2, True, 2, 2), (Res(1, False), Conv(1, False)), "map", (1, 1))
     check_verify(spec, "phase", 1, 0)
+
+
+# -- the same random networks through the files and sinks users give predict ------------------
+
+KINDS = ("baseline.pt", "dense.pt", "dense.onnx")
+SINKS = (".zarr", ".npy")
+
+
+def check_files(spec: Spec, output_stride: int, blocks: int, kind: str, sink: str,
+                workers: int, seed: int) -> None:
+    """``econv-convert predict`` from a model file of ``kind`` into ``sink``: the whole pass of
+    the dense model made in memory with the same options."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from conftest import whole
+    from typer.testing import CliRunner
+
+    from econv_convert import save_dense
+    from econv_convert.cli import app
+    from econv_convert.run import scene
+
+    baseline = build(spec, seed)
+    mode = "window" if spec.head == "gap" else "phase"
+    dense = densify(baseline, (1, 3, *spec.size), global_pool=mode,
+                    output_stride=output_stride)
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (spec.size[0] + 29, spec.size[1] + 17, 3), dtype=np.uint8)
+    want = whole(dense, image)
+    options = ["--global-pool", mode, "--output-stride", str(output_stride)]
+    unit = max(info(dense).axis_steps)  # output positions per lattice step
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        np.save(root / "image.npy", image)
+        model = root / "model.pt"
+        if kind == "dense.pt":
+            save_dense(dense, model)
+            options = []
+        else:
+            torch.save(baseline, model)
+            options += ["--input-shape", ",".join(map(str, (1, 3, *spec.size)))]
+            if kind == "dense.onnx":
+                result = CliRunner().invoke(app, ["densify", str(model), "-o",
+                                                  str(root / "model.onnx"), "--trust-pickle",
+                                                  "--no-verify", *options])
+                assert result.exit_code == 0, result.stderr
+                model, options = root / "model.onnx", []
+        out = root / f"out{sink}"
+        args = ["predict", str(model), str(root / "image.npy"), "-o", str(out), "--block",
+                str(unit * blocks), "--workers", str(workers), "--trust-pickle", *options]
+        if sink == ".zarr":
+            args += ["--mask", "none"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.stderr
+        got = scene.result_array(out)[:] if sink == ".zarr" else np.load(out)
+        got = got.reshape(-1, *got.shape[-2:])
+    assert got.shape == want.shape, (got.shape, want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+MIXED = Spec(Conv(3, True), (Pool("max", 2, 2), Conv(5, False), Pool("max", 2, 2)), "map",
+             (36, 36))
+
+
+def test_a_dense_onnx_of_padded_and_unpadded_layers_exports():
+    """The export traces at the smallest size with two lattice points: what the unpadded
+    layers consume plus a step. It took ``s + 1`` wherever any layer padded, too small for
+    the unpadded 5 x 5 after the pool (torch.export: '5 not in VR[6, int_oo]')."""
+    check_files(MIXED, 1, 2, "dense.onnx", ".npy", 0, 0)
+
+
+def _draw_files(spec: Spec, data, workers=(0,)) -> tuple:
+    return (data.draw(st.sampled_from(spec.output_strides), "output_stride"),
+            data.draw(st.integers(1, 3), "lattice steps per block"),
+            data.draw(st.sampled_from(KINDS), "model file"),
+            data.draw(st.sampled_from(SINKS), "sink"),
+            data.draw(st.sampled_from(workers), "workers"),
+            data.draw(st.integers(0, 9), "seed"))
+
+
+@settings(max_examples=int(os.environ.get("RANDOM_NETS_FILES", 4)), **CI)
+@given(spec=specs(heads=("gap", "map")), data=st.data())
+def test_predict_from_every_model_file_into_every_sink(spec, data):
+    check_files(spec, *_draw_files(spec, data))
+
+
+@pytest.mark.extended
+@settings(max_examples=max(1, LONG_EXAMPLES // 5), **LONG)
+@given(spec=specs(heads=("gap", "map")), data=st.data())
+def test_long_profile_files_sinks_workers(spec, data):
+    drawn = _draw_files(spec, data, workers=(0, 1, 2))
+    if drawn[3] == ".npy":  # one process: .npy takes no workers
+        drawn = drawn[:4] + (0,) + drawn[5:]
+    check_files(spec, *drawn)

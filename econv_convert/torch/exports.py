@@ -70,16 +70,17 @@ def export_shapes(dense: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def _smallest(meta, steps) -> list[int]:
     """Per axis, the smallest input giving the last map two lattice points: ``s + 1``, or
-    the receptive field plus one step where the network reads no padding (it needs its whole
-    window)."""
+    what the layers without padding consume (the receptive field less the padding's reach)
+    plus one step."""
     fields = meta.out_field if meta.out_field and len(meta.out_field) == len(steps) else None
     out = []
     for i, s in enumerate(steps):
         need = s + 1
         if fields is not None:
+            # the field less the padding's reach is what the unpadded layers consume (all of
+            # it where nothing pads, part of it where only some layers pad)
             size, _, lo, hi = fields[i]
-            if not (lo or hi):
-                need = max(need, size + s)
+            need = max(need, size - lo - hi + s)
         elif not meta.has_padding:
             need = max(need, meta.example_shape[2 + i] + s)
         out.append(need)
