@@ -362,8 +362,11 @@ def test_resume_after_a_real_kill(tmp_path, classifier, image):
     report = json.loads(result.stdout)
     assert report["blocks_skipped"] == done < report["blocks_total"]
     run(path, tif, tmp_path / "full.zarr", block=16, overview=False)
-    assert np.array_equal(scene.result_array(out)[:],
-                          scene.result_array(tmp_path / "full.zarr")[:])
+    # the killed process's blocks ran in another process, beside other tests under xdist:
+    # equal to float32 rounding (a lost or stale block differs in whole values)
+    np.testing.assert_allclose(scene.result_array(out)[:],
+                               scene.result_array(tmp_path / "full.zarr")[:],
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("output_stride", [1, 4, 8], ids=["os1", "os4", "os8"])
