@@ -244,7 +244,7 @@ def profile() -> None:
     patch_rate = 1 / patches["seconds"]  # outputs per second
     mac_ratio = patches["macs"] / per_output_macs(dense)
     halo = geo.halo[0] + geo.halo_after[0]
-    from econv_convert.run.predict import map_field
+    from econv_convert.run.geometry import map_field
 
     old = 2 * geo.unit[0] * (math.ceil(map_field(dense.econv)[0] / geo.unit[0]) + 1)
     print(f"halo {geo.halo[0]} px before and {geo.halo_after[0]} after a block (a field each "

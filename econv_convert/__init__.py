@@ -12,7 +12,15 @@ also has a face of its own with the same names and return shapes: ``econv_conver
 and ``econv_convert.onnx_api`` (imported on use: ONNX is not loaded until needed).
 """
 
-from econv_convert.api import densify, info, inverse, lattice_view, load_dense, save_dense
+from econv_convert.api import (
+    densify,
+    info,
+    inverse,
+    is_dense,
+    lattice_view,
+    load_dense,
+    save_dense,
+)
 from econv_convert.cases import VerifyReport
 from econv_convert.core.records import DenseInfo
 from econv_convert.equivalence import verify
@@ -25,7 +33,6 @@ from econv_convert.errors import (
     UnsafeCheckpointError,
     UnsupportedLayerError,
 )
-from econv_convert.torch.api import is_dense
 from econv_convert.torch.module import freeze_batchnorm
 from econv_convert.workflow import (
     CheckOptions,

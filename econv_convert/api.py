@@ -12,11 +12,24 @@ from typing import Any
 from econv_convert.core.records import DenseInfo
 from econv_convert.core.records import info as _info
 from econv_convert.errors import InvalidInputError
+from econv_convert.kinds import is_onnx_model
 
 
-def is_onnx_model(model: Any) -> bool:
-    """Whether ``model`` is an ONNX graph (an ``onnx.ModelProto``; ONNX is not imported)."""
-    return hasattr(model, "graph") and hasattr(model, "opset_import")
+def is_dense(model: Any) -> bool:
+    """Whether ``model`` is a dense model made by econv-convert: a module with its record, a
+    dense ONNX graph, or a file of either (a dense checkpoint, a dense ``.pt2`` or ``.onnx``;
+    no code is read)."""
+    onnx_file = isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx"
+    if onnx_file or is_onnx_model(model):
+        from econv_convert.onnx import api as onnx_api
+
+        try:
+            return onnx_api.is_dense(onnx_api.load(model) if onnx_file else model)
+        except Exception:  # not a readable graph: not a dense one
+            return False
+    from econv_convert.torch.api import is_dense as torch_is_dense
+
+    return torch_is_dense(model)
 
 
 def densify(model: Any, example_input: Any = None, *, global_pool: str = "phase",
@@ -121,6 +134,6 @@ def cut(model: Any, until: str) -> Any:
     return torch_cut(model, until)
 
 
-__all__ = ["cut", "densify", "info", "inverse", "is_onnx_model", "lattice_view", "load_dense",
-           "save_dense"]
+__all__ = ["cut", "densify", "info", "inverse", "is_dense", "is_onnx_model", "lattice_view",
+           "load_dense", "save_dense"]
 

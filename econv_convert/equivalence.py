@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from econv_convert.api import is_onnx_model
 from econv_convert.cases import VerifyReport
 from econv_convert.check import PRECISIONS, Checks, Progress
 from econv_convert.errors import InvalidInputError
+from econv_convert.kinds import is_onnx_model
 
 
 def verify(

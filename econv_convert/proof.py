@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from econv_convert.core.lattice import lead_margin, phase_start
+from econv_convert.core.lattice import lead_margin, phase_count, phase_start
 from econv_convert.errors import describe
 
 # ``apply(subs, count)``: the baseline op on ``count`` stacked sub-maps per map input (in the
@@ -351,8 +351,8 @@ def _gather(t: torch.Tensor, dim: int, start: int, count: int, width: int, step:
 
 
 def _count(size: int, first: int, step: int) -> int:
-    """Points ``first, first + step, ...`` below ``size``."""
-    return max(0, (size - 1 - first) // step + 1) if first < size else 0
+    """Points ``first, first + step, ...`` below ``size``: phase 0 of the map from ``first``."""
+    return max(0, phase_count(size - first, step, 0))
 
 
 def _axis_dims(dims, base_out: int | None = None) -> dict[int, int]:

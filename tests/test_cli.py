@@ -183,8 +183,8 @@ def test_library_messages_name_api_arguments_and_the_cli_shows_flags():
     """The library names options as the API arguments they are (``output_stride=3``); the
     command line shows its own flags for them (``--output-stride 3``), brackets and all."""
     from econv_convert import densify
-    from econv_convert.cli import cli_words
     from econv_convert.errors import InvalidInputError
+    from econv_convert.report import cli_words
     from econv_convert.torch.loading import load_model
 
     loaded = load_model(FIXTURES / "tiny_resnet.pt")

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from econv_convert import workflow
-from econv_convert.cli import (
+from econv_convert.cli.common import (
     GlobalPool,
     JsonOpt,
     Load,

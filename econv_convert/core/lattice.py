@@ -1,7 +1,8 @@
 """Lattice arithmetic: the one place where the mathematics of densification lives.
 
-Pure integer functions over small frozen records, free of any framework, so that the PyTorch
-rewrite, the runtime ops, ``inspect`` and the verifier all share the same formulas.
+Pure integer functions over small frozen records, free of any framework, so that both
+backends' rewrites, the PyTorch runtime ops, the ONNX graphs' size arithmetic, the phase
+proof and the block engine share the same formulas.
 
 Conventions (per spatial axis; the README's "How it works" has the picture):
 
@@ -175,8 +176,21 @@ def window_geometry(windows: Sequence[Window], steps: Sequence[int] | None = Non
 
 def same_padding(kernel: int, dilation: int) -> tuple[int, int]:
     """PyTorch's ``padding='same'`` split: the odd position goes to the right."""
-    total = dilation * (kernel - 1)
-    return total // 2, total - total // 2
+    return same_split(dilation * (kernel - 1))
+
+
+def same_split(total: Any, upper: bool = True) -> tuple[Any, Any]:
+    """A SAME padding of ``total`` positions as (before, after): the odd one after
+    (``SAME_UPPER``, PyTorch's ``'same'``), or before (``SAME_LOWER``)."""
+    small = total // 2
+    big = total - small
+    return (small, big) if upper else (big, small)
+
+
+def slice_count(start: Any, end: Any, step: int, maximum: Any = max) -> Any:
+    """Elements of ``[start:end:step]`` once both bounds are clamped to the axis (``step``
+    positive): ``ceil((end - start) / step)``, none where ``end <= start``."""
+    return (maximum(end - start, 0) + step - 1) // step
 
 
 def avg_divisor_bounds(h: int, w: Window, count_include_pad: bool) -> tuple[int, int]:
@@ -237,8 +251,8 @@ class Field:
         reach, and at the far end so does the part of a ceil-mode window past the input."""
         tail = w.stride - 1 if w.ceil_mode else 0
         return Field(size=self.size + (w.extent - 1) * self.step, step=self.step * w.stride,
-                     lo=self.lo + _known(w.pad_lo, w) * self.step,
-                     hi=self.hi + (_known(w.pad_hi, w) + tail) * self.step)
+                     lo=self.lo + _known(w.pad_lo) * self.step,
+                     hi=self.hi + (_known(w.pad_hi) + tail) * self.step)
 
     def padded(self, lo: Any, hi: Any) -> Field:
         """After explicit padding of ``lo``/``hi`` points (at this map's step)."""
@@ -262,7 +276,7 @@ class Field:
         return replace(widest, lo=lo, hi=end - (widest.size - 1 - lo))
 
 
-def _known(pad: Any, w: Window | None = None) -> int:
+def _known(pad: Any) -> int:
     return pad if isinstance(pad, int) else UNKNOWN_REACH
 
 

@@ -123,7 +123,7 @@ class DenseInfo:
     # (empty in checkpoints written before it was recorded: that proof is not available)
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # per input axis, the outputs' receptive field: [size, step, reach lo, reach hi] in input
-    # pixels (core.lattice.Field); empty where not recorded (older files, ONNX)
+    # pixels (core.lattice.Field); empty where not recorded (files written before it was)
     out_field: list[list[int]] = field(default_factory=list)
     # per input axis, with window pooling: [pixels before an output's lattice point where
     # the input it reads starts, how many it reads] (empty: not window-pooled, or older files)

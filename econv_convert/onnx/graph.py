@@ -153,12 +153,6 @@ class Builder:
             return self.const([int(v) for v in values])
         return self.op1("Concat", [self.int_tensor(v) for v in values], axis=0)
 
-    def shape_slice(self, x: str, start: int, end: int | None = None) -> str:
-        """``Shape(x)[start:end]`` as a 1-D int64 tensor."""
-        shape = self.op1("Shape", [x])
-        ends = [end] if end is not None else [np.iinfo(np.int64).max]
-        return self.op1("Slice", [shape, self.const([start]), self.const(ends), self.const([0])])
-
     # -- tensor ops that differ across opsets -------------------------------------------
 
     def slice(self, x: str, axes: Sequence[int], starts: Sequence[Int], ends: Sequence[Int],

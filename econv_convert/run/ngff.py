@@ -486,5 +486,3 @@ def _rgb(hex_: str) -> list[int]:
     return [int(hex_[i:i + 2], 16) for i in (0, 2, 4)]
 
 
-def describe_scale(scale: Sequence[float], unit: str | None) -> str:
-    return " x ".join(f"{v:.4g}" for v in scale) + (" um" if unit else " px")

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from econv_convert.errors import InvalidInputError
+from econv_convert.run.geometry import geometry, output_size
 from econv_convert.run.resources import ResourceError, available_bytes, estimate_bytes
 from econv_convert.torch.api import info
 
@@ -32,36 +33,11 @@ class TilePlan:
     estimate_bytes: int  # memory estimate of one tile's dense pass
 
 
-def map_field(meta) -> tuple[int, ...]:
-    """The receptive field per spatial axis (input pixels) of a dense model whose one output
-    is a map over the input; refuses a model whose outputs depend on more than a window (a
-    global pool in another mode than ``window``) or that has several outputs."""
-    if len(meta.outputs) != 1:
-        raise InvalidInputError("prediction needs a model with one output map")
-    if meta.global_pools and meta.global_pool != "window":
-        raise InvalidInputError(
-            "this dense model pools over the whole image (global_pool="
-            f"{meta.global_pool}), so no output depends on a window only; densify it with "
-            "global_pool=window (a heat map of the classifier) or cut before the pool "
-            "(until=...)")
-    nd = len(meta.example_shape) - 2
-    dims = meta.outputs[0]["dims"]
-    if len(dims) < nd or any(kind != "space" for kind, *_ in dims[-nd:]):
-        raise InvalidInputError("the model's output is not a map over the input's spatial axes")
-    field = [1] * nd
-    for r in meta.records:
-        for i, f in enumerate(r["field"][:nd]):
-            field[i] = max(field[i], f)
-    return tuple(field)
-
-
 def plan_tiles(dense: nn.Module, shape: Sequence[int], *, tile: int | None = None,
                max_memory: int | None = None) -> TilePlan:
     """Choose the tile size (input pixels a tile contributes per axis): ``tile`` if given,
     else the largest that fits ``max_memory`` (default: half of the available memory). The
-    halo is the block engine's (:func:`econv_convert.run.scene.geometry`)."""
-    from econv_convert.run.scene import geometry
-
+    halo is the block engine's (:func:`econv_convert.run.geometry.geometry`)."""
     meta = info(dense)
     geo = geometry(meta)
     # a multiple of the lattice step: every tile starts on the image's lattice, so its tight
@@ -102,11 +78,11 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
     convolutions on CPU; see :func:`econv_convert.run.bench.memory_format`)."""
     import numpy as np
 
-    from econv_convert.run import blocks, runner, scene
+    from econv_convert.run import blocks, runner
     from econv_convert.run.sources import InMemorySource
 
     plan = plan_tiles(dense, tuple(x.shape), tile=tile, max_memory=max_memory)
-    geo = scene.geometry(info(dense))
+    geo = geometry(info(dense))
     res = geo.step[0]  # outputs are this many pixels apart
     lead: list[int] = []
     run = runner.module_runner(dense, x.dim() - 2, x.device, lead)
@@ -114,7 +90,7 @@ def predict(dense: nn.Module, x: torch.Tensor, *, tile: int | None = None,
     outs = []
     for n in range(x.shape[0]):
         source = InMemorySource(x[n].detach().float().cpu().numpy())
-        shape = scene.output_size(run, source, geo, None, None)
+        shape = output_size(run, source, geo, None, None)
         job = blocks.Job(None, None, "", shape, tuple(t // res for t in plan.tile), geo.step,
                         geo.unit, geo.halo, halo_after=geo.halo_after)
         done = n * len(job.blocks())

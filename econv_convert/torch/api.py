@@ -20,7 +20,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from econv_convert.api import is_onnx_model
 from econv_convert.cases import read_lattice
 from econv_convert.core.records import GLOBAL_POOL_MODES, DenseInfo, info
 from econv_convert.core.walk import require_output_stride
@@ -36,7 +35,12 @@ from econv_convert.torch.capture import capture, module_of_error, shape_prop
 from econv_convert.torch.module import DenseModule
 from econv_convert.torch.rewrite import Rewriter
 from econv_convert.torch.state import restore_keys, set_versions, state_metadata
-from econv_convert.torch.storage import build_module, graph_to_json
+from econv_convert.torch.storage import (
+    build_module,
+    dense_pt2_record,
+    graph_to_json,
+    is_dense_checkpoint,
+)
 
 
 def _example(model: nn.Module, example_input: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -194,29 +198,14 @@ def cut(model: nn.Module, until: str) -> Cut:
 
 
 def is_dense(model: Any) -> bool:
-    """Whether ``model`` is a dense model made by econv-convert: a module with its record, a
-    dense ONNX graph, or a file of either (a dense checkpoint, a dense ``.pt2`` or ``.onnx``;
-    no code is read)."""
+    """Whether ``model`` is a dense PyTorch model made by econv-convert: a module with its
+    record, or a file of one (a dense checkpoint or a dense ``.pt2``; no code is read). The
+    package's :func:`econv_convert.is_dense` also tells dense ONNX graphs."""
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
-        if path.suffix.lower() == ".onnx":
-            from econv_convert.onnx import api as onnx_api
-
-            try:
-                return onnx_api.is_dense(onnx_api.load(path))
-            except Exception:
-                return False
         if path.suffix.lower() == ".pt2":
-            from econv_convert.torch.loading import dense_pt2_record
-
             return dense_pt2_record(path) is not None
-        from econv_convert.torch.storage import is_dense_checkpoint
-
         return is_dense_checkpoint(path)
-    if is_onnx_model(model):
-        from econv_convert.onnx import api as onnx_api
-
-        return onnx_api.is_dense(model)
     return isinstance(getattr(model, "econv", None), DenseInfo)
 
 

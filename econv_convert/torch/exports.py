@@ -191,7 +191,7 @@ def write(dense: nn.Module, path: Path) -> ExportCheck | None:
         return None
     if suffix == ".pt2":
         program, result = export_pt2(dense)
-        from econv_convert.torch.loading import DENSE_PT2_KEY
+        from econv_convert.torch.storage import DENSE_PT2_KEY
 
         record = info(dense).to_json()  # every command then knows the file for a dense model
         atomic_write(path, lambda f: torch.export.save(program, f,

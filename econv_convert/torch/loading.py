@@ -35,7 +35,7 @@ from econv_convert.errors import (
     describe,
 )
 from econv_convert.torch.state import load_weights_into
-from econv_convert.torch.storage import FORMAT
+from econv_convert.torch.storage import FORMAT, dense_pt2_record
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".tar"}
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
@@ -246,22 +246,6 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         except ValueError:
             raise InvalidInputError(f"{path}: damaged '{SAFETENSORS_METADATA}' entry") from None
     return state
-
-
-DENSE_PT2_KEY = "econv_dense.json"  # the dense record inside a dense .pt2 (its extra file)
-
-
-def dense_pt2_record(path: Path) -> str | None:
-    """The dense record a ``.pt2`` written by densify carries, or None (a baseline's)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith("/extra/" + DENSE_PT2_KEY)
-                     or n == "extra/" + DENSE_PT2_KEY]
-            return z.read(names[0]).decode() if names else None
-    except (OSError, zipfile.BadZipFile, KeyError, UnicodeDecodeError):
-        return None
 
 
 def _load_pt2(path: Path) -> nn.Module:

@@ -27,6 +27,7 @@ from econv_convert.core.lattice import (
     out_size,
     phase_blocks,
     phase_count,
+    slice_count,
     tight,
 )
 from econv_convert.core.lattice import (
@@ -554,7 +555,7 @@ def spatial_slice(x: torch.Tensor, dim: int, start, stop, base_step: int, step: 
     """Baseline slice ``[start:stop:base_step]`` of a map on lattice ``step``, held densely."""
     h = lattice_count(x.shape[dim], step)
     start, stop, base_step = slice(start, stop, base_step).indices(h)
-    n = max(0, (stop - start + base_step - 1) // base_step)
+    n = slice_count(start, stop, base_step)
     _check(n >= 1, lambda: "a spatial slice is empty")
     return x.narrow(dim, start * step, tight(n, step * base_step))
 

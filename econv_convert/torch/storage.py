@@ -158,6 +158,22 @@ def _graph_from_json(text: str) -> fx.Graph:
 # ---------------------------------------------------------------------------------------------
 # Dense checkpoints
 
+DENSE_PT2_KEY = "econv_dense.json"  # the dense record inside a dense .pt2 (its extra file)
+
+
+def dense_pt2_record(path: Path) -> str | None:
+    """The dense record a ``.pt2`` written by densify carries, or None (a baseline's)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("/extra/" + DENSE_PT2_KEY)
+                     or n == "extra/" + DENSE_PT2_KEY]
+            return z.read(names[0]).decode() if names else None
+    except (OSError, zipfile.BadZipFile, KeyError, UnicodeDecodeError):
+        return None
+
+
 FORMAT = "econv-convert/dense"
 FORMAT_VERSION = 1
 
@@ -223,8 +239,6 @@ def load_dense(path: str | os.PathLike) -> fx.GraphModule:
     """Load a dense checkpoint written by :func:`save_dense` into a trainable module."""
     path = Path(path)
     if path.suffix.lower() == ".pt2":
-        from econv_convert.torch.loading import dense_pt2_record
-
         what = ("a dense torch.export program (for deployment; its weights cannot move back)"
                 if dense_pt2_record(path) is not None else "a torch.export program")
         raise InvalidInputError(f"{path}: is {what}; this takes the dense checkpoint .pt "

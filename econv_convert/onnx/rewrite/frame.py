@@ -150,9 +150,7 @@ class OnnxRewriter(Walk):
         _per_extra(self, node, node.input[0], self.lay(node.input[0]))
 
     def covering_pool(self, node: onnx.NodeProto, plan: rules.WindowPlan) -> None:
-        from econv_convert.onnx.rewrite.window import covering_pool
-
-        covering_pool(self, node, plan)
+        HOOKS["covering_pool"](self, node, plan)
 
     def kept(self, node: onnx.NodeProto) -> str:
         self._same(node)
@@ -173,9 +171,7 @@ class OnnxRewriter(Walk):
         op = node.op_type
         vals = [self.v(i) for i in node.input if i]
         if any(v.layout is not None and v.layout.merged for v in vals):
-            from econv_convert.onnx.rewrite.global_pool import _on_merged
-
-            return _on_merged(self, node)
+            return HOOKS["on_merged"](self, node)
         if op in _SHAPE_PLUMBING and vals and vals[0].spatial and vals[0].layout is not None \
                 and vals[0].layout.is_plain:
             # integer plumbing on a value computed from spatial sizes: it stays such a value
@@ -339,6 +335,21 @@ def rule(*ops: str):
     def register(fn):
         for op in ops:
             RULES[op] = fn
+        return fn
+
+    return register
+
+
+# what the frame calls in its rule modules, registered by them (the frame imports none):
+# "covering_pool" (rw, node, plan) for a pool whose one window covers its input, "on_merged"
+# (rw, node) for a node reading a value whose phases a global pool merged
+HOOKS: dict[str, Callable[..., None]] = {}
+
+
+def hook(name: str):
+    """Register a rule module's function the frame calls by ``name`` (see ``HOOKS``)."""
+    def register(fn):
+        HOOKS[name] = fn
         return fn
 
     return register

@@ -16,7 +16,7 @@ from econv_convert.core import rules
 from econv_convert.core.lattice import phase_blocks, phase_count
 from econv_convert.core.layout import PLAIN, Layout
 from econv_convert.onnx.graph import SymInt
-from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, rule
+from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, hook, rule
 from econv_convert.onnx.rewrite.pointwise import _SCALAR_PARAMS, UNARY
 
 _REDUCE = {"ReduceMean": "mean", "ReduceMax": "max", "ReduceMin": "min", "ReduceSum": "sum",
@@ -176,6 +176,7 @@ def _reduction(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
                                   lay.n_extra))
 
 
+@hook("on_merged")
 def _on_merged(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     """Nodes reading a value whose spatial dims were merged into one (``x.view(n, c, -1)``):
     pointwise ops keep the merge; a mean/max/min/sum over the merged dim is global pooling;

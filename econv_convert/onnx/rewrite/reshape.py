@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import onnx
 
 from econv_convert.core import rules
-from econv_convert.core.lattice import lattice_count, tight
+from econv_convert.core.lattice import lattice_count, slice_count, tight
 from econv_convert.core.layout import Layout
 from econv_convert.onnx.graph import Builder, SymInt
 from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, rule
@@ -172,7 +172,7 @@ def _slice(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         h = _lattice_size(rw, x, a - 2, d.step)
         start = _bound(b, st, h)
         end = h if _static(en) and en >= min(_BIG, 2**31 - 1) else _bound(b, en, h)
-        n = (b.maximum(end - start, 0) + (sp - 1)) // sp
+        n = slice_count(start, end, sp, b.maximum)
         new_starts.append(start * d.step)
         new_ends.append(start * d.step + (n - 1) * (d.step * sp) + 1)
         new_steps.append(1)

@@ -18,6 +18,7 @@ from econv_convert.core.lattice import (
     dense_out,
     effective_dilation,
     lattice_count,
+    same_split,
     tf_same_padding,
     tight,
 )
@@ -25,7 +26,7 @@ from econv_convert.core.layout import Layout, LayoutError
 from econv_convert.core.rules import refuse
 from econv_convert.core.rules.window import PAST_COVER
 from econv_convert.onnx.graph import SymInt
-from econv_convert.onnx.rewrite.frame import OnnxRewriter, attrs, node_label, rule
+from econv_convert.onnx.rewrite.frame import OnnxRewriter, attrs, hook, node_label, rule
 from econv_convert.onnx.rewrite.global_pool import _emit_global
 
 # -- window layers -----------------------------------------------------------------------
@@ -53,9 +54,7 @@ def _window_attrs(rw: OnnxRewriter, node: onnx.NodeProto, kernel: Sequence[int],
     elif auto in ("SAME_UPPER", "SAME_LOWER"):
         for i in range(nd):
             total = tf_same_padding(h[i], kernel[i], stride[i], dil[i], rw.b.maximum)
-            small = total // 2
-            big = total - small
-            lo[i], hi[i] = (small, big) if auto == "SAME_UPPER" else (big, small)
+            lo[i], hi[i] = same_split(total, auto == "SAME_UPPER")
     elif auto != "NOTSET":
         rules.refuse_kind("auto_pad", what=auto)
     return [Window(k, t, p, q, d, ceil) for k, t, p, q, d in
@@ -90,6 +89,7 @@ def _window_layer(rw: OnnxRewriter, node: onnx.NodeProto, kind: str, kernel: Seq
     rw.window_layer(node, plan, emit)
 
 
+@hook("covering_pool")
 def covering_pool(rw: OnnxRewriter, node: onnx.NodeProto, plan: rules.WindowPlan) -> None:
     """A pool whose one window covers its whole input is a global pool while the map fits in
     the kernel; past that the run stops (:data:`~econv_convert.core.rules.window.PAST_COVER`):

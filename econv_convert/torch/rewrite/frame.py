@@ -120,11 +120,9 @@ class Rewriter(Walk):
         return _per_extra(self, node, self.v(node.args[0]))
 
     def covering_pool(self, node: fx.Node, plan: rules.WindowPlan) -> Val:
-        from econv_convert.torch.rewrite.global_pool import _emit_global
-
         x = self.v(node.args[0])
         checked = self.call(ops.within, x.node, plan.steps, plan.limits, node_name(node))
-        return _emit_global(self, node, Val(checked, x.layout), plan.pool)
+        return HOOKS["global_pool"](self, node, Val(checked, x.layout), plan.pool)
 
     def kept(self, node: fx.Node) -> fx.Node:
         return self.same(node)
@@ -158,12 +156,9 @@ class Rewriter(Walk):
             rule = FUNCTIONS.get(node.target) or _refused_by_name(node.target)
         else:
             rule = METHODS.get(node.target)
-        from econv_convert.torch.rewrite.global_pool import _on_merged
-        from econv_convert.torch.rewrite.pointwise import _unary
-
-        if rule is not _unary and any(
+        if rule not in ON_MERGED and any(
                 v.layout is not None and v.layout.merged for v in self.tensor_inputs(node)):
-            return _on_merged(self, node)
+            return HOOKS["on_merged"](self, node)
         if rule is not None:
             return rule(self, node)
         return self._unknown(node)
@@ -309,12 +304,30 @@ class Rewriter(Walk):
 
 FUNCTIONS: dict[Any, Callable[[Rewriter, fx.Node], Val]] = {}
 METHODS: dict[str, Callable[[Rewriter, fx.Node], Val]] = {}
+ON_MERGED: set[Callable] = set()  # rules that take inputs with merged phase dims as they are
+# what the frame calls in its rule modules, registered by them (the frame imports none):
+# "global_pool" (rw, node, x, plan) emits a covering pool, "on_merged" (rw, node) runs an op
+# on inputs whose phases a global pool merged
+HOOKS: dict[str, Callable[..., Val]] = {}
 
 
-def rule(*handled):
-    """Register a rule for call targets (functions, or tensor method names). A rule may emit
-    its target as it is, so each function is also admitted in dense graphs."""
+def hook(name: str):
+    """Register a rule module's function the frame calls by ``name`` (see ``HOOKS``)."""
     def register(fn):
+        HOOKS[name] = fn
+        return fn
+
+    return register
+
+
+def rule(*handled, merged: bool = False):
+    """Register a rule for call targets (functions, or tensor method names). A rule may emit
+    its target as it is, so each function is also admitted in dense graphs. ``merged``: the
+    rule takes inputs whose phase dims a global pool merged as they are (elementwise ops);
+    other rules see such inputs through the ``on_merged`` hook."""
+    def register(fn):
+        if merged:
+            ON_MERGED.add(fn)
         for t in handled:
             if isinstance(t, str):
                 METHODS[t] = fn

@@ -13,7 +13,7 @@ import torch.fx as fx
 from econv_convert.core import rules
 from econv_convert.core.layout import PLAIN, Layout
 from econv_convert.torch import ops
-from econv_convert.torch.rewrite.frame import Rewriter, Val, _arg, _describe, rule
+from econv_convert.torch.rewrite.frame import Rewriter, Val, _arg, _describe, hook, rule
 
 _REDUCE_FNS = {"mean": torch.mean, "sum": torch.sum, "max": torch.amax}
 _REDUCE_NAMES = {"mean": "mean", "sum": "sum", "amax": "max", torch.mean: "mean",
@@ -31,6 +31,7 @@ def _global(rw: Rewriter, node: fx.Node, x: Val, dims: Sequence[int], reduce: st
     return _emit_global(rw, node, x, plan, base)
 
 
+@hook("global_pool")
 def _emit_global(rw: Rewriter, node: fx.Node, x: Val, plan: rules.GlobalPlan,
                  base: tuple[int, ...] | None = None) -> Val:
     reduce = "amax" if plan.reduce == "max" else plan.reduce
@@ -53,6 +54,7 @@ def _emit_global(rw: Rewriter, node: fx.Node, x: Val, plan: rules.GlobalPlan,
     return Val(n, Layout(base_shape, plan.out_dims, plan.n_extra))
 
 
+@hook("on_merged")
 def _on_merged(rw: Rewriter, node: fx.Node) -> Val:
     """A node reading merged spatial positions (``x.view(n, c, -1)``): a mean, sum or amax
     over the merged dim is global pooling over the spatial dims; anything else is refused."""

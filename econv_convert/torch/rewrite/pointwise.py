@@ -55,7 +55,7 @@ UNARY_FUNCTIONS = tuple(_bindings(_UNARY_FUNCTIONS))
 UNARY_METHODS = tuple(_UNARY_METHODS)
 
 
-@rule(*UNARY_FUNCTIONS, *UNARY_METHODS)
+@rule(*UNARY_FUNCTIONS, *UNARY_METHODS, merged=True)
 def _unary(rw: Rewriter, node: fx.Node) -> Val:
     x = rw.v(node.args[0])
     others = [rw.v(a) for a in list(node.args[1:]) + list(node.kwargs.values())]
