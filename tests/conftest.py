@@ -42,6 +42,25 @@ def pytest_generate_tests(metafunc):
                              indirect=True)
 
 
+# torch.export costs about 1.5 s a rule test on CI's cores, torch.fx 0.08 s: CI runs the
+# export capture on every EXPORT_EVERY-th parameter set of each rule test (spread over the
+# kernels, strides and paddings the matrix draws) and all of them with ``-m extended``
+EXPORT_EVERY = 8
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    seen: dict[str, int] = {}
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        if spec is None or spec.params.get("rule_capture") != "torch.export":
+            continue
+        key = f"{item.module.__name__}::{item.originalname}"
+        n = seen[key] = seen.get(key, -1) + 1
+        if n % EXPORT_EVERY:
+            item.add_marker(pytest.mark.extended)
+
+
 @pytest.fixture(autouse=True)
 def rule_capture(request):
     """The capture ``assert_lattice_equal`` densifies with in this test (parametrized by

@@ -279,6 +279,9 @@ def test_a_flatten_of_one_position_as_the_output_is_refused_with_phase_pooling()
 # -- a ported library model with every pattern at once -----------------------------------------
 
 
+# its torch.export capture takes ~25 s on CI's cores: both modes run with -m extended (the
+# patterns one by one are the tests above)
+@pytest.mark.extended
 @pytest.mark.parametrize("mode", ["phase", "window"])
 def test_a_ported_library_model_converts_exactly_at_odd_and_even_sizes(mode):
     """Config object, keyword input, output class, computed "same" padding, ceil-mode pool,

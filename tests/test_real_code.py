@@ -394,11 +394,10 @@ def test_an_in_place_residual_through_a_channel_slice_view():
 
     torch.manual_seed(0)
     model = rand_bn(GhostNetLike())
-    for size in (32, 29):
-        dense = densify(model, (1, 3, size, size))
-        assert dense.econv.capture == "torch.export"
-        report = verify(model, dense)
-        assert report.ok, report.failures()
+    dense = densify(model, (1, 3, 29, 29))  # verify checks it at odd and even sizes
+    assert dense.econv.capture == "torch.export"
+    report = verify(model, dense)
+    assert report.ok, report.failures()
 
 
 def test_the_until_hint_names_a_module_of_the_model(monkeypatch):

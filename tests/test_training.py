@@ -381,42 +381,43 @@ def test_inverse_refuses_a_dense_model_whose_structure_changed_naming_what_diffe
 
 
 def test_inverse_cli_refuses_a_changed_dense_checkpoint(tmp_path):
-    import subprocess
-    import sys
+    from typer.testing import CliRunner
+
+    from econv_convert.cli import app
 
     dense = densify(net(), (1, 3, 32, 32))
     _add_module(dense)
     save_dense(dense, tmp_path / "d.pt")
-    proc = subprocess.run([sys.executable, "-m", "econv_convert.cli", "inverse",
-                           str(tmp_path / "d.pt"), "-o", str(tmp_path / "b.pt")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
+    proc = CliRunner().invoke(app, ["inverse", str(tmp_path / "d.pt"), "-o",
+                                    str(tmp_path / "b.pt")])
+    assert proc.exit_code == 2, proc.stderr
     assert "extra.weight" in proc.stderr + proc.stdout
     assert not (tmp_path / "b.pt").exists()
 
 
 def test_densify_cli_freezes_batchnorm_on_request_and_says_so(tmp_path):
-    import subprocess
-    import sys
+    from typer.testing import CliRunner
+
+    from econv_convert.cli import app
 
     model = tmp_path / "m.pt"
     torch.save(net(), model)
-    base = [sys.executable, "-m", "econv_convert.cli", "densify", str(model), "--input-shape",
-            "1,3,32,32", "--trust-pickle", "--no-verify"]
-    plain = subprocess.run([*base, "-o", str(tmp_path / "a.pt")], capture_output=True, text=True)
-    frozen = subprocess.run([*base, "-o", str(tmp_path / "b.pt"), "--freeze-batchnorm"],
-                            capture_output=True, text=True)
-    assert plain.returncode == 0 and frozen.returncode == 0, plain.stderr + frozen.stderr
+    base = ["densify", str(model), "--input-shape", "1,3,32,32", "--trust-pickle",
+            "--no-verify"]
+    runner = CliRunner()
+    plain = runner.invoke(app, [*base, "-o", str(tmp_path / "a.pt")])
+    frozen = runner.invoke(app, [*base, "-o", str(tmp_path / "b.pt"), "--freeze-batchnorm"])
+    assert plain.exit_code == 0 and frozen.exit_code == 0, plain.stderr + frozen.stderr
     assert "BatchNorm and dropout follow train()" in plain.stdout
     assert "BatchNorm frozen" in frozen.stdout
     assert not load_dense(tmp_path / "a.pt").econv.frozen_batchnorm
     assert load_dense(tmp_path / "b.pt").econv.frozen_batchnorm
-    as_json = subprocess.run([*base, "--freeze-batchnorm", "--json"], capture_output=True,
-                             text=True)
+    as_json = runner.invoke(app, [*base, "--freeze-batchnorm", "--json"])
     assert json.loads(as_json.stdout)["dense"]["training"].startswith("BatchNorm frozen")
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a benchmark's run: kept out of CI's time
 def test_the_training_benchmark_runs_end_to_end(tmp_path):
     """benchmarks/training.py at a toy budget: the script the README's table comes from still
     runs (dense training, inverse, the dense evaluation checked against baseline crops)."""

@@ -9,7 +9,7 @@ import contextlib
 import operator
 import os
 import re
-import traceback
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -85,8 +85,10 @@ def _size_decisions(deciders: dict[str, str]):
 
     def record(self, orig_expr, msg, fx_node=None):
         try:
-            deciders.setdefault(str(canonicalize_bool_expr(orig_expr)),
-                                _decider(traceback.extract_stack()[:-1]))
+            key = str(canonicalize_bool_expr(orig_expr))
+            if key not in deciders:  # the first decider; the stack's files only (reading
+                # every frame's source line, as traceback does, cost seconds a model)
+                deciders[key] = _decider(_files(sys._getframe(1)))
         except Exception:  # bookkeeping only: a condition not recorded is kept
             pass
         return original(self, orig_expr, msg, fx_node)
@@ -105,12 +107,21 @@ _SYMBOLIC = tuple(os.path.join(_TORCH_DIR, f) for f in (
     os.path.join("fx", "experimental", "symbolic_shapes.py")))
 
 
-def _decider(stack: list[traceback.FrameSummary]) -> str:
+def _files(frame) -> list[str]:
+    """The file of each frame from the outermost to ``frame``."""
+    files = []
+    while frame is not None:
+        files.append(frame.f_code.co_filename)
+        frame = frame.f_back
+    return files[::-1]
+
+
+def _decider(stack: list[str]) -> str:
     """``"model"`` or ``"torch"`` (see ``_size_decisions``), from the innermost frame outside
-    PyTorch and what it called."""
+    PyTorch and what it called (``stack``: the frames' files, outermost first)."""
     for i in range(len(stack) - 1, -1, -1):
-        if not stack[i].filename.startswith(_TORCH_DIR):
-            callee = stack[i + 1].filename if i + 1 < len(stack) else ""
+        if not stack[i].startswith(_TORCH_DIR):
+            callee = stack[i + 1] if i + 1 < len(stack) else ""
             return "model" if callee.startswith(_SYMBOLIC) or not callee else "torch"
     return "model"
 
