@@ -19,15 +19,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Literal
 
 
 class LayoutError(Exception):
     """A tensor's layout does not fit what a rule needs; the message says why."""
 
 
+# a dense dim: a baseline dim as it is (``plain``), a spatial axis on a lattice of ``step``
+# (``space``), or the phases of a pooled axis (``phase``: an extra dim of ``step`` positions)
+DimKind = Literal["plain", "space", "phase"]
+
+
 @dataclass(frozen=True)
 class Dim:
-    kind: str  # "plain" | "space" | "phase"
+    kind: DimKind
     axis: int = -1
     step: int = 1
 
@@ -37,6 +43,8 @@ class Dim:
 
 
 PLAIN = Dim("plain")
+# what a window layer's input is (:meth:`Layout.window_input`)
+InputForm = Literal["dense", "plain", "extra"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ class Layout:
             raise IndexError(d)
         return d % n
 
-    def window_input(self, nd: int) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    def window_input(self, nd: int) -> tuple[InputForm, tuple[int, ...], tuple[int, ...]]:
         """Classify the input of a window layer with ``nd`` spatial dims: ``dense`` (every
         spatial dim on a lattice; with their steps and axes), ``plain`` (nothing spatial: the
         baseline op as it is) or ``extra`` (nothing spatial, but extra dims: the op runs per

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from econv_convert.core.layout import Dim, Layout
 from econv_convert.core.records import Rewritten
@@ -55,11 +55,17 @@ class Val:
         return self.spatial or any(d.spatial for d in self.sizes or ())
 
 
-class Walk:
-    """The walk; a backend's frame subclasses it. ``rewritten`` is the record it fills."""
+Node = TypeVar("Node")  # a baseline graph's node: an ``fx.Node``, an ``onnx.NodeProto``
+Made = TypeVar("Made")  # what a rule returns: PyTorch's rules a :class:`Val`, ONNX's None
+# (they set the value in the frame's env)
+
+
+class Walk(Generic[Node, Made]):
+    """The walk; a backend's frame subclasses it as ``Walk[its node type, what its rules
+    return]`` and implements the hooks below. ``rewritten`` is the record it fills."""
 
     rewritten: Rewritten
-    node: Any = None  # the node being rewritten (rules read it for their records)
+    node: Node | None = None  # the node being rewritten (rules read it for their records)
     fields: dict  # each value's receptive fields, per spatial axis
 
     def reached(self, output_stride: int | None) -> None:
@@ -76,50 +82,50 @@ class Walk:
                 f"output_stride={k} cannot be reached: the model's total stride is {total}; "
                 f"reachable output strides: {', '.join(map(str, sorted(cumulative)))}")
 
-    def nodes(self) -> Iterable[Any]:
+    def nodes(self) -> Iterable[Node]:
         raise NotImplementedError
 
-    def label(self, node: Any) -> str:
+    def label(self, node: Node) -> str:
         raise NotImplementedError
 
-    def rewrite(self, node: Any) -> None:
+    def rewrite(self, node: Node) -> None:
         raise NotImplementedError
 
-    def made(self, node: Any) -> Iterable[tuple[str, str | None, Layout | None]]:
+    def made(self, node: Node) -> Iterable[tuple[str, str | None, Layout | None]]:
         """``(value name, its dense value's name or None, layout)`` for each value ``node``
         made."""
         raise NotImplementedError
 
-    def until_hint(self, refused: Any) -> str:
+    def until_hint(self, refused: Node) -> str:
         return ""
 
     # what the window switch asks of a backend: each returns what the backend's rules return
-    def as_is(self, node: Any) -> Any:
+    def as_is(self, node: Node) -> Made:
         """The node unchanged: nothing spatial reaches it."""
         raise NotImplementedError
 
-    def per_extra(self, node: Any) -> Any:
+    def per_extra(self, node: Node) -> Made:
         """The node unchanged at each extra position (phase dims, head positions)."""
         raise NotImplementedError
 
-    def covering_pool(self, node: Any, plan: WindowPlan) -> Any:
+    def covering_pool(self, node: Node, plan: WindowPlan) -> Made:
         """A pool covering its whole map: ``plan.pool``, which stops the run past
         ``plan.limits`` (:data:`~econv_convert.core.rules.window.PAST_COVER`)."""
         raise NotImplementedError
 
-    def kept(self, node: Any) -> Any:
+    def kept(self, node: Node) -> Any:
         """Emit the node unchanged (its stride kept); returns the dense value."""
         raise NotImplementedError
 
-    def window_done(self, node: Any, dense: Any, plan: WindowPlan) -> Any:
+    def window_done(self, node: Node, dense: Any, plan: WindowPlan) -> Made:
         """Record the rewritten layer and its output's layout, ``plan.out_dims``."""
         raise NotImplementedError
 
-    def set_fields(self, node: Any, fields: tuple) -> None:
+    def set_fields(self, node: Node, fields: tuple) -> None:
         raise NotImplementedError
 
-    def window_layer(self, node: Any, plan: WindowPlan, emit: Callable[[WindowPlan], Any]
-                     ) -> Any:
+    def window_layer(self, node: Node, plan: WindowPlan, emit: Callable[[WindowPlan], Any]
+                     ) -> Made:
         """A convolution or pool in the form the core planned (:func:`rules.window`), for
         every backend: as it is (plain), at each extra position, a global pool (a window
         covering its map), its stride kept (under an output stride), or dense (stride 1, the

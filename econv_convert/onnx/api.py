@@ -108,19 +108,19 @@ def densify(
         notes.append("the graph's input is channels-last (N, spatial..., C): shapes are given "
                      "and checked in that order")
     rw = OnnxRewriter(model, shapes, types, consts, global_pool, output_stride, last)
-    result = rw.run()
+    rewritten = rw.run()
     rw.reached(output_stride)
-    dense = _assemble(model, result, example, last)
+    dense = _assemble(model, rewritten, example, last)
     meta = DenseInfo(
         example_shape=list(example), global_pool=global_pool, until=until,
-        outputs=result.outputs,
-        records=[_record_dict(r) for r in result.records],
-        notes=notes + result.notes, has_padding=result.has_padding,
-        global_pools=result.global_pools, output_stride=output_stride,
-        peak_elements=result.peak_elements, peak_node=result.peak_node,
+        outputs=rewritten.outputs,
+        records=[_record_dict(r) for r in rewritten.records],
+        notes=notes + rewritten.notes, has_padding=rewritten.has_padding,
+        global_pools=rewritten.global_pools, output_stride=output_stride,
+        peak_elements=rewritten.peak_elements, peak_node=rewritten.peak_node,
         input_layout="channels_last" if last else "channels_first", capture="onnx",
-        out_field=result.out_field, support=result.support,
-        nodes=json.loads(json.dumps(result.nodes)))
+        out_field=rewritten.out_field, support=rewritten.support,
+        nodes=json.loads(json.dumps(rewritten.nodes)))
     _store(dense, meta, model)
     _check_dense(dense)
     return dense

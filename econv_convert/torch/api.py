@@ -101,7 +101,7 @@ def densify(
         gm = captured.gm
         values = shape_prop(gm, x)
         rewriter = Rewriter(gm, values, global_pool, output_stride)
-        graph, plan = rewriter.run()
+        graph, rewritten = rewriter.run()
     except EConvError:
         raise
     except Exception as e:  # a user's model must never end in an internal error
@@ -109,7 +109,7 @@ def densify(
             f"econv-convert could not process the model{module_of_error(e, baseline)} "
             f"({describe(e, 160)}); this is a limit of econv-convert: please report it, "
             "or densify the part before that module with until=...") from e
-    if not plan.outputs:
+    if not rewritten.outputs:
         raise InvalidModelError("the model returns no tensor: nothing to densify")
     rewriter.reached(output_stride)
     dense = DenseModule(gm, graph)
@@ -119,25 +119,25 @@ def densify(
         global_pool=global_pool,
         until=until,
         outputs=_as_json([o | {"name": n} for o, n in
-                          zip(plan.outputs, outputs.names(captured.output_spec))]),
-        records=_as_json([asdict(r) for r in plan.records]),
-        notes=notes + captured.notes + plan.notes,
-        has_padding=plan.has_padding,
-        global_pools=plan.global_pools,
-        specialized=plan.specialized,
+                          zip(rewritten.outputs, outputs.names(captured.output_spec))]),
+        records=_as_json([asdict(r) for r in rewritten.records]),
+        notes=notes + captured.notes + rewritten.notes,
+        has_padding=rewritten.has_padding,
+        global_pools=rewritten.global_pools,
+        specialized=rewritten.specialized,
         baseline_graph=graph_to_json(gm.graph),
         params=[k for k, _ in baseline.named_parameters()],
         output_stride=output_stride,
-        peak_elements=plan.peak_elements,
-        peak_node=plan.peak_node,
+        peak_elements=rewritten.peak_elements,
+        peak_node=rewritten.peak_node,
         state_metadata=state_metadata(baseline),
         capture=captured.method,
         input_name=input_name,
         output_spec=_as_json(captured.output_spec),
         state_shapes={k: list(v.shape) for k, v in baseline.state_dict().items()},
-        nodes=_as_json(plan.nodes),
-        out_field=plan.out_field,
-        support=plan.support,
+        nodes=_as_json(rewritten.nodes),
+        out_field=rewritten.out_field,
+        support=rewritten.support,
     )
     set_versions(dense, dense.econv.state_metadata)
     dense.eval()

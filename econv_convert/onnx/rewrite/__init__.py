@@ -9,10 +9,11 @@ reshaping, padding) and :mod:`.shape_values` (sizes as values).
 
 import importlib
 
+from econv_convert.core.records import Rewritten
 from econv_convert.core.walk import FAMILIES
-from econv_convert.onnx.rewrite.frame import RULES, OnnxRewriter, Result, Val, rule
+from econv_convert.onnx.rewrite.frame import RULES, OnnxRewriter, Val, rule
 
-__all__ = ["RULES", "OnnxRewriter", "Result", "Val", "rule"]
+__all__ = ["RULES", "OnnxRewriter", "Rewritten", "Val", "rule"]
 
 for _family in FAMILIES:  # importing a family's module registers its rules
     importlib.import_module(f"{__name__}.{_family}")

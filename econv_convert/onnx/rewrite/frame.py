@@ -46,11 +46,6 @@ _SHAPE_PLUMBING = {"Squeeze", "Unsqueeze", "Slice", "Gather", "Cast", "Identity"
 _BIG = 2**62
 
 
-# what the walk found besides the dense graph (built in ``graph``): one record, shared with
-# the PyTorch backend
-Result = Rewritten
-
-
 def node_label(node: onnx.NodeProto) -> str:
     name = node.name or (node.output[0] if node.output else "?")
     return f"{name} ({node.op_type})"
@@ -60,7 +55,7 @@ def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-class OnnxRewriter(Walk):
+class OnnxRewriter(Walk[onnx.NodeProto, None]):
     """Rewrite ``model`` (opset >= 13, default domain) whose baseline shapes at the example
     input are ``shapes`` and whose constant tensors are ``consts``. ``channels_last``: the
     image input is (N, spatial..., C)."""
@@ -85,12 +80,12 @@ class OnnxRewriter(Walk):
         self.b = Builder(used, opset)
         self.env: dict[str, Val] = {}
         self.fields: dict[str, tuple[Field, ...]] = {}
-        self.result = self.rewritten = Result(graph=onnx.GraphProto())
+        self.rewritten = Rewritten(graph=onnx.GraphProto())
         self.node: onnx.NodeProto | None = None
 
     # -- driver -------------------------------------------------------------------------
 
-    def run(self) -> Result:
+    def run(self) -> Rewritten:
         for init in self.g.initializer:
             self.env[init.name] = Val(layout=Layout.plain(tuple(init.dims)))
         inputs = [i for i in self.g.input if i.name not in self.env]
@@ -107,8 +102,8 @@ class OnnxRewriter(Walk):
         self.note(x.name, x.name, self.env[x.name].layout, x.name)
         self.walk()
         self._outputs()
-        self.result.graph.node.extend(self.b.nodes)
-        return self.result
+        self.rewritten.graph.node.extend(self.b.nodes)
+        return self.rewritten
 
     # -- what the walk asks of a backend (core/walk.py) ----------------------------------
 
@@ -274,7 +269,7 @@ class OnnxRewriter(Walk):
         node = self.node
         out = out or node.output[0]
         lay = self.env[out].layout if out in self.env else None
-        self.result.records.append(LayerRecord.named(
+        self.rewritten.records.append(LayerRecord.named(
             rec, node_label(node), node.name, out, lay.base if lay else (),
             lay.dense_shape() if lay else ()))
 
@@ -288,9 +283,9 @@ class OnnxRewriter(Walk):
                 view = rules.output_view(self.lay(o.name), "Gemm or MatMul")
             except Refusal as r:
                 raise UnsupportedLayerError(o.name, r.reason) from None
-            self.result.outputs.append({"name": o.name, **view})
+            self.rewritten.outputs.append({"name": o.name, **view})
         found = [self.fields[o.name] for o in self.g.output if self.fields.get(o.name)]
-        self.result.out_field = [list(astuple(Field.merge(fs))) for fs in zip(*found)]
+        self.rewritten.out_field = [list(astuple(Field.merge(fs))) for fs in zip(*found)]
 
 
 # ops whose number of outputs is their mode, read or not: a BatchNormalization with its

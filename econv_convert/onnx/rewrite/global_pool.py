@@ -121,8 +121,8 @@ def _emit_global(rw: OnnxRewriter, x: str, plan: rules.GlobalPlan, out: str,
             b.op1("Identity", [y], out)
     rw.set(out, Layout(tuple(base_shape), plan.out_dims, plan.n_extra))
     if plan.support:
-        rw.result.support = [list(s) for s in plan.support]
-    rw.result.global_pools += 1
+        rw.rewritten.support = [list(s) for s in plan.support]
+    rw.rewritten.global_pools += 1
     rw.record(plan.record, out)
 
 

@@ -43,7 +43,7 @@ def _reshape_to(rw: OnnxRewriter, node: onnx.NodeProto, x: str, out_shape) -> No
                     for o in range(r)]
             y = b.op1("Concat", taps, axis=d + 1)
         b.op1("Identity", [y], out)
-        rw.result.has_padding = True  # its baseline needs whole blocks: the far border differs
+        rw.rewritten.has_padding = True  # its baseline needs whole blocks: the far border differs
         rw.set(out, plan.layout)
         return
     target = [b.dim(x, d) if d is not None else int(n)
@@ -176,7 +176,7 @@ def _slice(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         new_starts.append(start * d.step)
         new_ends.append(start * d.step + (n - 1) * (d.step * sp) + 1)
         new_steps.append(1)
-        rw.result.has_padding = True  # a crop: shifted windows differ at the borders
+        rw.rewritten.has_padding = True  # a crop: shifted windows differ at the borders
         if d.axis < len(fields):
             fields[d.axis] = fields[d.axis].sliced(st if _static(st) else None, int(sp))
     b.slice(x, axes, new_starts, new_ends, new_steps, output=node.output[0])
@@ -228,12 +228,12 @@ def _pad(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
         if len(node.input) > 3 and node.input[3]:
             inputs += [""] * (3 - len(inputs)) + [rw.b.const(axes)]
         rw.b.op1("Pad", inputs, node.output[0], mode=mode)
-        rw.result.has_padding = True
+        rw.rewritten.has_padding = True
     else:
         lo, hi = pads[:len(axes)], pads[len(axes):]
         rw.b.pad(x, len(lay.dims), axes, [p * s for p, s in zip(lo, plan.scales)],
                  [q * s for q, s in zip(hi, plan.scales)], value, mode, node.output[0])
-        rw.result.has_padding |= any(lo) or any(hi)
+        rw.rewritten.has_padding |= any(lo) or any(hi)
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), lay.base_dims + lay.extras,
                                   lay.n_extra))
     fields = list(rw.field_of(x))

@@ -272,6 +272,6 @@ def _space_to_depth(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     b.op1("Concat", taps, node.output[0], axis=1)
     rec, fields = rules.space_to_depth_record(lay, r, rw.field_of(x))
     rw.fields[node.output[0]] = fields
-    rw.result.has_padding = True  # the baseline drops the rows a block does not fill
+    rw.rewritten.has_padding = True  # the baseline drops the rows a block does not fill
     rw.set(node.output[0], Layout(rw.base_shape(node.output[0]), out.dims))
     rw.record(rec)

@@ -11,10 +11,11 @@ the ONNX backend.
 
 import importlib
 
+from econv_convert.core.records import Rewritten
 from econv_convert.core.walk import FAMILIES
-from econv_convert.torch.rewrite.frame import FUNCTIONS, METHODS, Plan, Rewriter, Val, rule
+from econv_convert.torch.rewrite.frame import FUNCTIONS, METHODS, Rewriter, Val, rule
 
-__all__ = ["FUNCTIONS", "METHODS", "Plan", "Rewriter", "Val", "rule"]
+__all__ = ["FUNCTIONS", "METHODS", "Rewriter", "Rewritten", "Val", "rule"]
 
 for _family in FAMILIES:  # importing a family's module registers its rules
     importlib.import_module(f"{__name__}.{_family}")

@@ -36,10 +36,6 @@ _EMITTED = (torch.mean, torch.sum, torch.amax, torch.unsqueeze, torch.squeeze, t
 targets.register(*_EMITTED)
 
 
-# what the walk found besides the dense graph: one record, shared with the ONNX backend
-Plan = Rewritten
-
-
 def _tuple(v, n: int) -> tuple[int, ...]:
     if isinstance(v, (list, tuple)):
         if len(v) == 1:
@@ -50,7 +46,7 @@ def _tuple(v, n: int) -> tuple[int, ...]:
     return tuple(int(v) for _ in range(n))
 
 
-class Rewriter(Walk):
+class Rewriter(Walk[fx.Node, Val]):
     def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any], global_pool: str,
                  output_stride: int | None = None):
         if global_pool not in GLOBAL_POOL_MODES:
@@ -62,15 +58,15 @@ class Rewriter(Walk):
         self.graph = fx.Graph()
         self.env: dict[fx.Node, Val] = {}
         self.fields: dict[fx.Node, tuple[Field, ...]] = {}
-        self.plan = self.rewritten = Plan()
+        self.rewritten = Rewritten()
         self.node: fx.Node | None = None
 
     # -- driver ---------------------------------------------------------------------------
 
-    def run(self) -> tuple[fx.Graph, Plan]:
+    def run(self) -> tuple[fx.Graph, Rewritten]:
         self.walk()
         self.graph.lint()
-        return self.graph, self.plan
+        return self.graph, self.rewritten
 
     # -- what the walk asks of a backend (core/walk.py) ----------------------------------
 
@@ -82,9 +78,9 @@ class Rewriter(Walk):
 
     def rewrite(self, node: fx.Node) -> None:
         self.env[node] = val = self._rewrite(node)
-        if self.plan.records and self.plan.records[-1].fx_name == node.name \
+        if self.rewritten.records and self.rewritten.records[-1].fx_name == node.name \
                 and val.layout is not None:
-            r = self.plan.records[-1]
+            r = self.rewritten.records[-1]
             r.base_shape = val.layout.base
             r.dense_shape = val.layout.dense_shape()
         if node not in self.fields:
@@ -216,7 +212,8 @@ class Rewriter(Walk):
     def record(self, dense: fx.Node, rec: rules.Record) -> None:
         """Note a rewritten layer (the core's record, with this graph's names)."""
         node = self.node
-        self.plan.records.append(LayerRecord.named(rec, node_name(node), node.name, dense.name))
+        self.rewritten.records.append(
+            LayerRecord.named(rec, node_name(node), node.name, dense.name))
 
     def tensor_inputs(self, node: fx.Node) -> list[Val]:
         found: list[Val] = []
@@ -252,8 +249,8 @@ class Rewriter(Walk):
                 found.append(rules.output_view(val.layout, "a Linear layer"))
 
         args = fx.node.map_aggregate(node.args[0], visit)
-        self.plan.outputs = found
-        self.plan.out_field = [list(astuple(f)) for f in self._inherited_field(node)]
+        self.rewritten.outputs = found
+        self.rewritten.out_field = [list(astuple(f)) for f in self._inherited_field(node)]
         self.graph.output(args)
         return Val(None)
 
@@ -267,7 +264,7 @@ class Rewriter(Walk):
         if any(n != 1 for n in lay.fold_shape):
             return val  # refused by the caller: a flatten over several positions
         if self.mode == "window":
-            self.plan.global_pools += 1  # a window pool of one position
+            self.rewritten.global_pools += 1  # a window pool of one position
             return Val(val.node, Layout(lay.base, lay.dims, lay.fold))
         if self.mode == "lattice":
             steps = tuple(d.step for d in lay.fold_dims)

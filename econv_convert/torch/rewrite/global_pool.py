@@ -41,14 +41,14 @@ def _emit_global(rw: Rewriter, node: fx.Node, x: Val, plan: rules.GlobalPlan,
     if plan.fields:
         rw.fields[node] = plan.fields
     if plan.support:
-        rw.plan.support = [list(s) for s in plan.support]
+        rw.rewritten.support = [list(s) for s in plan.support]
     # the remaining (non-spatial) dims are reduced as the baseline does; the pooled dims have
     # size 1 now: they are squeezed (a view), not reduced again (a pass over the whole output)
     if plan.others:
         n = rw.call(_REDUCE_FNS[plan.reduce], n, tuple(sorted(plan.others)), keepdim=True)
     if not plan.keepdim:
         n = rw.call(torch.squeeze, n, tuple(sorted(plan.space + plan.others)))
-    rw.plan.global_pools += 1
+    rw.rewritten.global_pools += 1
     rw.record(n, plan.record)
     base_shape = tuple(rw.base(node).shape) if base is None else base
     return Val(n, Layout(base_shape, plan.out_dims, plan.n_extra))

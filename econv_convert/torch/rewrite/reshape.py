@@ -100,7 +100,7 @@ def _slice(rw: Rewriter, node: fx.Node, x: Val, idx) -> Val:
             fields[axis] = fields[axis].sliced(sl.start or 0, sl.step or 1)
     if fields:
         rw.fields[node] = tuple(fields)
-    rw.plan.has_padding = True
+    rw.rewritten.has_padding = True
     return Val(cur, Layout(tuple(rw.base(node).shape), tuple(out_dims) + lay.extras,
                            lay.n_extra))
 
@@ -136,7 +136,7 @@ def _reshape(rw: Rewriter, node: fx.Node) -> Val:
         steps = {d: x.layout.base_dims[d].step for d in plan.blocks}
         n = rw.call(ops.unfold_blocks, x.node, tuple(plan.blocks.items()),
                     tuple(steps[d] for d in plan.blocks))
-        rw.plan.has_padding = True  # its baseline needs whole blocks: the far border differs
+        rw.rewritten.has_padding = True  # its baseline needs whole blocks: the far border differs
         return Val(n, plan.layout)
     n = rw.call(ops.reshape, x.node, _shape_args(rw, node), list(plan.from_dims),
                 x.layout.n_extra)
@@ -292,12 +292,12 @@ def _pad(rw: Rewriter, node: fx.Node) -> Val:
         # baseline computes them, and scaled by the step of each axis
         n = rw.call(ops.pad, x.node, [rw.v(p).node for p in amounts],
                     [s for s in plan.scales for _ in range(2)], mode, value)
-        rw.plan.has_padding = True
+        rw.rewritten.has_padding = True
     else:
         kwargs = {"mode": mode} | ({"value": value} if value is not None else {})
         n = rw.call(F.pad, x.node, [a * s for a, s in zip(amounts, _pairs(plan.scales))],
                     **kwargs)
-        rw.plan.has_padding |= any(p > 0 for p in amounts)
+        rw.rewritten.has_padding |= any(p > 0 for p in amounts)
     rw.record(n, plan.record)
     fields = list(rw.field_of(node.args[0]))
     for k, d in enumerate(dims):

@@ -174,8 +174,8 @@ def _adaptive(rw: Rewriter, node: fx.Node) -> Val:
         return _global(rw, node, x, range(2, 2 + nd), "mean" if avg else "max", keepdim=True)
     h = x.layout.base[2:]
     note = rules.adaptive_note(h, k)
-    rw.plan.notes.append(f"{node_name(node)}: {note}")
-    rw.plan.specialized[node.name] = list(h)
+    rw.rewritten.notes.append(f"{node_name(node)}: {note}")
+    rw.rewritten.specialized[node.name] = list(h)
     if all(kk == 1 for kk in k):
         rw.fields[node] = rw.field_of(node.args[0])
         return Val(x.node, x.layout.with_base(rw.base(node).shape, x.layout.base_dims))
@@ -221,6 +221,6 @@ def _pixel_unshuffle(rw: Rewriter, node: fx.Node) -> Val:
     n = rw.call(ops.space_to_depth, x.node, r, steps, "channels_first")
     rec, fields = rules.space_to_depth_record(x.layout, r, rw.field_of(node.args[0]))
     rw.fields[node] = fields
-    rw.plan.has_padding = True  # its baseline drops the rows a block does not fill
+    rw.rewritten.has_padding = True  # its baseline drops the rows a block does not fill
     rw.record(n, rec)
     return rw.result(node, n, out.base_dims)
