@@ -28,7 +28,7 @@ def test_the_backends_refuse_in_the_cores_words():
     the key and the names to fill in (``rules.refuse_kind``), never words of its own."""
     import re
 
-    for folder in ("torch/rewrite", "onnx/rewrite"):
+    for folder in ("core/rules", "torch/rewrite", "onnx/rewrite"):
         for path in (PACKAGE / folder).glob("*.py"):
             text = path.read_text()
             worded = re.findall(r"\brefuse\(\s*f?[\"']", text)

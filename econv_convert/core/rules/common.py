@@ -34,7 +34,7 @@ def refuse(reason: str, hint: str = "") -> NoReturn:
 
 def refuse_kind(kind: str, **names: Any) -> NoReturn:
     """Refuse with the core's words for ``kind`` (:mod:`.reasons`), ``names`` filled in."""
-    refuse(REFUSED[kind].format(**names), HINTS.get(kind, ""))
+    refuse(REFUSED[kind].format(**names), HINTS.get(kind, "").format(**names))
 
 
 # -- refusals every backend words the same way: the backend names the node ------------------
@@ -42,15 +42,13 @@ def refuse_kind(kind: str, **names: Any) -> NoReturn:
 
 def no_rule(what: str) -> NoReturn:
     """A node with no rule that a map reaches."""
-    refuse(f"no rule for {what} on a spatial map; it may mix positions, which would break "
-           "equivalence on the lattice")
+    refuse_kind("no_rule", what=what)
 
 
 def on_merged(what: str) -> NoReturn:
     """A node other than a reduction over spatial positions merged into one dim (a
     flatten(2) before a mean, say)."""
-    refuse(f"{what} on merged spatial positions (only a mean, max, min or sum over them has a "
-           "rule: global pooling)")
+    refuse_kind("on_merged", what=what)
 
 
 def output_view(x: Layout, linear_layer: str) -> dict[str, Any]:
@@ -59,11 +57,9 @@ def output_view(x: Layout, linear_layer: str) -> dict[str, Any]:
     that only ``linear_layer``, the backend's linear layer, may consume; positions merged into one
     dim)."""
     if x.fold:
-        refuse(f"the output is a flatten over spatial positions; only {linear_layer} may consume "
-               "such a flatten")
+        refuse_kind("output_flatten", linear_layer=linear_layer)
     if x.merged:
-        refuse("the output merges spatial positions into one dim; only a reduction over them "
-               "may consume it")
+        refuse_kind("output_merged")
     return {"dims": [(d.kind, d.step, d.axis) for d in x.dims], "base_ndim": x.base_ndim}
 
 

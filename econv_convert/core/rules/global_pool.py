@@ -12,7 +12,7 @@ from econv_convert.core.lattice import (
     Window,
 )
 from econv_convert.core.layout import PLAIN, Dim, Layout
-from econv_convert.core.rules.common import Record, refuse
+from econv_convert.core.rules.common import Record, refuse_kind
 
 GLOBAL_MODES_NOTE = {
     "phase": "one output per lattice phase (phase 0 = baseline)",
@@ -61,9 +61,7 @@ def global_pool(x: Layout, dims: Sequence[int], reduce: str, mode: str,
     extra ``space`` dims, as the positions of a fully connected head do; position 0 is the
     baseline at the example size). ``field``: the receptive fields of the input map."""
     if x.n_extra or x.fold:
-        refuse("global pooling of a map that already has extra dims (a second global pool "
-               "after a phase- or window-pooled one)",
-               "global_pool=lattice pools the lattice only")
+        refuse_kind("second_global_pool")
     dims = sorted(x.norm_dim(d) for d in dims)
     space = tuple(d for d in dims if x.base_dims[d].kind == "space")
     steps = tuple(x.base_dims[d].step for d in space)
@@ -106,7 +104,7 @@ def merged_reduction(x: Layout, dims: Sequence[int] | None, rank: int) -> tuple[
     (``x.view(n, c, -1)``, baseline rank ``rank``): global pooling of those spatial dims when
     it reduces the merged dim alone; refused otherwise. Returns the dense dims to pool."""
     if dims is None or [d % rank for d in dims] != [rank - 1]:
-        refuse("a reduction over other dims than the merged spatial positions")
+        refuse_kind("reduction_besides_merged")
     return tuple(range(rank - 1, x.base_ndim))
 
 
@@ -117,7 +115,7 @@ def reduction(x: Layout, dims: Sequence[int] | None, what: str) -> str:
     if x.is_plain:
         return "plain"
     if dims is None:
-        refuse(f"{what} over every dim, batch included")
+        refuse_kind("reduction_with_batch", what=what)
     if x.fold:
-        refuse("a reduction over a flatten of spatial positions")
+        refuse_kind("on_flatten", what="a reduction over")
     return "global" if any(x.base_dims[x.norm_dim(d)].spatial for d in dims) else "channels"

@@ -13,7 +13,7 @@ from econv_convert.core.lattice import (
 )
 from econv_convert.core.layout import PLAIN, Dim, Layout
 from econv_convert.core.records import HEAD_KIND
-from econv_convert.core.rules.common import Record, refuse
+from econv_convert.core.rules.common import Record, refuse_kind
 
 # -- fully connected layers --------------------------------------------------------------------
 
@@ -41,8 +41,7 @@ def linear(x: Layout, in_features: int, fields: Sequence[Field] = ()) -> LinearP
     if x.fold:
         folded = x.fold_dims
         if x.base_ndim != 2 or folded[0].spatial or any(not d.spatial for d in folded[1:]):
-            refuse("a fully connected layer over a flatten that is not (N, C, spatial...) in "
-                   "channels-first order")
+            refuse_kind("linear_flatten_order")
         space = folded[1:]
         kernel = tuple(x.fold_shape)
         steps = tuple(d.step for d in space)
@@ -56,9 +55,9 @@ def linear(x: Layout, in_features: int, fields: Sequence[Field] = ()) -> LinearP
         return LinearPlan("head", kernel, steps, (PLAIN, PLAIN) + extras, len(extras), record,
                           out_fields)
     if x.base_dims[-1].spatial:
-        refuse("a fully connected layer over a spatial dim mixes positions")
+        refuse_kind("over_spatial_dim", what="a fully connected layer")
     if x.n_extra:
         if x.has_space:
-            refuse("a fully connected layer on a map with extra dims")
+            refuse_kind("with_extra_dims", what="a fully connected layer on")
         return LinearPlan("per_position")
     return LinearPlan("channels")

@@ -5,21 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from econv_convert.core.layout import Layout
-from econv_convert.core.rules.common import refuse
+from econv_convert.core.rules.common import refuse_kind
 
 
 def channel_axes(x: Layout, axes: Sequence[int], what: str) -> None:
     """A layer that reads along ``axes`` (softmax, normalizations, LRN, a channel-wise
     statistic): those must not be spatial, or the layer mixes positions."""
     if x.fold:
-        refuse(f"{what} on a flatten of spatial positions")
+        refuse_kind("on_flatten", what=f"{what} on")
     if any(x.base_dims[a].spatial for a in axes):
-        refuse(f"{what} over a spatial dim mixes positions")
+        refuse_kind("over_spatial_dim", what=what)
 
 
 def statistics_over_space(x: Layout, what: str) -> None:
     """GroupNorm, InstanceNorm: statistics over spatial positions differ between the lattice
     and the dense map."""
     if x.has_space:
-        refuse(f"{what} normalizes with statistics over spatial positions, which differ between "
-               "the lattice and the dense map")
+        refuse_kind("spatial_statistics", what=what)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from econv_convert.core.layout import PLAIN, Dim, Layout
-from econv_convert.core.rules.common import refuse
+from econv_convert.core.rules.common import refuse_kind
 
 # -- element-wise ops with broadcasting ----------------------------------------------------------
 
@@ -41,7 +41,7 @@ def broadcast(layouts: Sequence[Layout], out_rank: int) -> BroadcastPlan:
     is spread over the map so each position gets its own phase's value; operands without the
     extras of another get trailing singletons."""
     if any(lay.fold for lay in layouts):
-        refuse("an element-wise op on a flatten of spatial positions")
+        refuse_kind("on_flatten", what="an element-wise op on")
     maps = [k for k, lay in enumerate(layouts)
             if not lay.n_extra and any(d.kind == "space" for d in lay.base_dims)]
     actions: list[Spread | int | None] = [None] * len(layouts)
@@ -57,13 +57,12 @@ def broadcast(layouts: Sequence[Layout], out_rank: int) -> BroadcastPlan:
             j = next((j for j, d in enumerate(like.base_dims)
                       if d.kind == "space" and d.axis == e.axis), None)
             if j is None:
-                refuse("a phase-pooled value meets a map without that spatial axis")
+                refuse_kind("phase_pooled_axis")
             if like.base_dims[j].step != e.step:
-                refuse(f"a phase-pooled value (step {e.step}) scales a map on step "
-                       f"{like.base_dims[j].step}")
+                refuse_kind("phase_pooled_step", step=e.step, other=like.base_dims[j].step)
             t = j - offset
             if t < 0 or lay.base[t] != 1:
-                refuse("a phase-pooled value meets a map along a dim it was not pooled over")
+                refuse_kind("phase_pooled_dim")
             targets.append(t)
             like_dims.append(j)
         actions[k] = Spread(tuple(targets), maps[0], tuple(like_dims))
@@ -77,22 +76,17 @@ def broadcast(layouts: Sequence[Layout], out_rank: int) -> BroadcastPlan:
                  for j in [i - (out_rank - lay.base_ndim)] if j >= 0]
         space = {d for d, _ in found if d.spatial}
         if len(space) > 1:
-            refuse("operands on different lattices (their strides differ); their baseline "
-                   "maps have equal sizes only by accident of the input size")
+            refuse_kind("other_lattices")
         if space and any(not d.spatial and n != 1 for d, n in found):
-            refuse("adds or multiplies a tensor that varies over space (a positional "
-                   "embedding is not translation-equivariant)")
+            refuse_kind("positional_tensor")
         out.append(space.pop() if space else PLAIN)
     if any(lay.n_extra and any(e.kind == "space" for e in lay.extras) for lay in layouts) \
             and any(any(d.spatial for d in lay.base_dims) for lay in layouts):
-        refuse("a window-pooled value meets the map it was pooled from (as in "
-               "squeeze-and-excitation): each position would need its own window of the map, "
-               "which has no dense form",
-               "global_pool=phase keeps one value per lattice phase")
+        refuse_kind("window_pooled_meets_map")
     extras = max((lay.extras for lay in views), key=len)
     for k, lay in enumerate(views):
         if lay.extras and lay.extras != extras:
-            refuse("operands with different extra dims")
+            refuse_kind("other_extra_dims")
         if extras and not lay.extras:
             actions[k] = len(extras)
     return BroadcastPlan(tuple(out), extras, tuple(actions))

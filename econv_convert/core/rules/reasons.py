@@ -97,10 +97,64 @@ READING = {
     "domain_op": "operator {what} has no rule on a spatial map",
 }
 
-REFUSED = {**LAYER_KINDS, **USES, **READING}
+# what the core's own rules refuse (the layer kinds above are each backend's ops)
+CORE = {
+    "no_rule": "no rule for {what} on a spatial map; it may mix positions, which would break "
+               "equivalence on the lattice",
+    "on_merged": "{what} on merged spatial positions (only a mean, max, min or sum over them has "
+                 "a rule: global pooling)",
+    "output_flatten": "the output is a flatten over spatial positions; only {linear_layer} may "
+                      "consume such a flatten",
+    "output_merged": "the output merges spatial positions into one dim; only a reduction over "
+                     "them may consume it",
+    "second_global_pool": "global pooling of a map that already has extra dims (a second global "
+                          "pool after a phase- or window-pooled one)",
+    "reduction_besides_merged": "a reduction over other dims than the merged spatial positions",
+    "reduction_with_batch": "{what} over every dim, batch included",
+    "on_flatten": "{what} a flatten of spatial positions",
+    "linear_flatten_order": "a fully connected layer over a flatten that is not (N, C, "
+                            "spatial...) in channels-first order",
+    "over_spatial_dim": "{what} over a spatial dim mixes positions",
+    "with_extra_dims": "{what} a map with extra dims",
+    "spatial_statistics": "{what} normalizes with statistics over spatial positions, which "
+                          "differ between the lattice and the dense map",
+    "phase_pooled_axis": "a phase-pooled value meets a map without that spatial axis",
+    "phase_pooled_step": "a phase-pooled value (step {step}) scales a map on step {other}",
+    "phase_pooled_dim": "a phase-pooled value meets a map along a dim it was not pooled over",
+    "other_lattices": "operands on different lattices (their strides differ); their baseline "
+                      "maps have equal sizes only by accident of the input size",
+    "positional_tensor": "adds or multiplies a tensor that varies over space (a positional "
+                         "embedding is not translation-equivariant)",
+    "window_pooled_meets_map": "a window-pooled value meets the map it was pooled from (as in "
+                               "squeeze-and-excitation): each position would need its own window "
+                               "of the map, which has no dense form",
+    "other_extra_dims": "operands with different extra dims",
+    "reshape_unmatched": "reshape {base} -> {out} cannot be matched dim by dim",
+    "window_partition": "moves spatial positions into the batch (a window partition), which is "
+                        "not translation-equivariant on the lattice",
+    "split_spatial": "splits a spatial dim in a way that is not a window partition",
+    "flatten_order": "a flatten of channels and space that is not in channels-first order",
+    "reshape_mixes": "reshape {base} -> {out} mixes spatial positions with other dims",
+    "circular_padding": "circular padding of a map on a lattice wraps to the wrong phase (it is "
+                        "not translation-equivariant on the lattice)",
+    "slice_computed_step": "a spatial slice with a computed step",
+    "slice_negative_step": "a spatial slice with a negative step",
+    "concat_layouts": "concatenation of tensors with different layouts",
+    "concat_lattices": "concatenating maps on different lattices",
+    "concat_spatial": "concatenation along a spatial dim is not translation-equivariant",
+    "along_spatial": "{what} along a spatial dim",
+    "squeeze_spatial": "squeezing a spatial dim of size 1 (its dense size can be larger)",
+    "adaptive_pool": "adaptive pooling from {size} to {out}: the windows depend on the input "
+                     "size and are not translation-equivariant on the lattice",
+}
+
+REFUSED = {**LAYER_KINDS, **USES, **READING, **CORE}
 
 # what the user can do, where an option helps
 HINTS = {
+    "second_global_pool": "global_pool=lattice pools the lattice only",
+    "window_pooled_meets_map": "global_pool=phase keeps one value per lattice phase",
+    "adaptive_pool": "give an input_shape=... at which the map there is a multiple of {out}",
     "flat_output": "global_pool=window gives one output per window position; lattice gives "
                    "the baseline's own output",
 }

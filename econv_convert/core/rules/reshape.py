@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from econv_convert.core.layout import PLAIN, Dim, Layout
-from econv_convert.core.rules.common import Record, refuse
+from econv_convert.core.rules.common import Record, refuse, refuse_kind
 
 # -- reshapes ----------------------------------------------------------------------------------
 
@@ -74,12 +74,12 @@ def reshape(x: Layout, base_in: Sequence[int], base_out: Sequence[int]) -> Resha
     if x.fold:
         if base_in == base_out:
             return ReshapePlan("same", x)
-        refuse("reshaping a flatten of spatial positions")
+        refuse_kind("on_flatten", what="reshaping")
     if not x.has_space and not x.n_extra:
         return ReshapePlan("plain")
     matched = groups(base_in, base_out)
     if matched is None:
-        refuse(f"reshape {base_in} -> {base_out} cannot be matched dim by dim")
+        refuse_kind("reshape_unmatched", base=base_in, out=base_out)
     out_dims: list[Dim] = []
     from_dims: list[int | None] = []
     blocks: dict[int, int] = {}
@@ -87,8 +87,7 @@ def reshape(x: Layout, base_in: Sequence[int], base_out: Sequence[int]) -> Resha
     for ins, outs in matched:
         in_space = [i for i in ins if x.base_dims[i].spatial]
         if in_space and 0 in ins and len(ins) > 1:
-            refuse("moves spatial positions into the batch (a window partition), which is not "
-                   "translation-equivariant on the lattice")
+            refuse_kind("window_partition")
         if not in_space and len(ins) == 1 and len(outs) == 1:
             out_dims.append(PLAIN)  # an unchanged dim (the batch): its dense size, as it is
             from_dims.append(ins[0])
@@ -102,7 +101,7 @@ def reshape(x: Layout, base_in: Sequence[int], base_out: Sequence[int]) -> Resha
             d = x.base_dims[ins[0]]
             block = base_out[outs[1]]
             if block < 2 or x.n_extra:
-                refuse("splits a spatial dim in a way that is not a window partition")
+                refuse_kind("split_spatial")
             # (h) -> (h / r, r): position i * r + j is block i, offset j: a stride-r window
             blocks[ins[0]] = block
             out_dims += [Dim("space", d.axis, d.step * block), PLAIN]
@@ -119,12 +118,12 @@ def reshape(x: Layout, base_in: Sequence[int], base_out: Sequence[int]) -> Resha
             # a flatten of (channels..., space...) into the last dim: a fold, for a Linear head
             if x.base_dims[ins[0]].spatial or not all(
                     x.base_dims[i].spatial for i in ins[1:]):
-                refuse("a flatten of channels and space that is not in channels-first order")
+                refuse_kind("flatten_order")
             return ReshapePlan("fold", Layout(base_out, tuple(out_dims) + tuple(
                 x.base_dims[i] for i in ins), 0, len(ins),
                 fold_shape=tuple(base_in[i] for i in ins[1:])))
         else:
-            refuse(f"reshape {base_in} -> {base_out} mixes spatial positions with other dims")
+            refuse_kind("reshape_mixes", base=base_in, out=base_out)
         untouched &= len(ins) == 1 and len(outs) == 1
     if blocks:
         return ReshapePlan("unfold", Layout(base_out, tuple(out_dims)), tuple(from_dims),
@@ -153,11 +152,10 @@ def pad(x: Layout, dims: Sequence[int], mode: str, amounts: Sequence[Any] = (),
     ``amounts`` (baseline units, (lo, hi) per dim; symbolic when computed from sizes) go to
     the record."""
     if x.fold or x.n_extra:
-        refuse("padding a map with extra dims")
+        refuse_kind("with_extra_dims", what="padding")
     scales = tuple(x.base_dims[d].step if x.base_dims[d].kind == "space" else 1 for d in dims)
     if mode in ("circular", "wrap") and any(s > 1 for s in scales):
-        refuse("circular padding of a map on a lattice wraps to the wrong phase (it is not "
-               "translation-equivariant on the lattice)")
+        refuse_kind("circular_padding")
     steps = tuple(sorted({s for s in scales if s > 1})) or (1,)
     static = all(isinstance(a, int) for a in amounts)
     # amounts are (lo, hi) pairs in the order of ``dims`` (F.pad lists the last dim first)
@@ -176,9 +174,9 @@ def spatial_slice(d: Dim, step: Any) -> Dim:
     """A baseline slice with ``step`` along spatial dim ``d``: the kept positions are on a
     lattice ``step`` times coarser (the bounds are applied when the model runs)."""
     if not isinstance(step, int):
-        refuse("a spatial slice with a computed step")
+        refuse_kind("slice_computed_step")
     if step < 1:
-        refuse("a spatial slice with a negative step")
+        refuse_kind("slice_negative_step")
     return Dim(d.kind, d.axis, d.step * step)
 
 
@@ -190,16 +188,16 @@ def concat(layouts: Sequence[Layout], axis: int, stack: bool = False) -> Layout:
     not concatenated along space. Returns the output's layout without its base shape (the
     backend knows it) as the first part's dims."""
     if any(lay.fold for lay in layouts):
-        refuse("concatenating a flatten of spatial positions")
+        refuse_kind("on_flatten", what="concatenating")
     first = layouts[0]
     for lay in layouts[1:]:
         if lay.base_ndim != first.base_ndim or lay.extras != first.extras:
-            refuse("concatenation of tensors with different layouts")
+            refuse_kind("concat_layouts")
         if any(i != axis and d != e for i, (d, e) in enumerate(zip(lay.base_dims,
                                                                    first.base_dims))):
-            refuse("concatenating maps on different lattices")
+            refuse_kind("concat_lattices")
     if not stack and first.base_dims[axis].spatial:
-        refuse("concatenation along a spatial dim is not translation-equivariant")
+        refuse_kind("concat_spatial")
     dims = list(first.base_dims)
     if stack:
         dims.insert(axis, PLAIN)
@@ -209,15 +207,15 @@ def concat(layouts: Sequence[Layout], axis: int, stack: bool = False) -> Layout:
 def split(x: Layout, axis: int, what: str = "split") -> None:
     """``split``/``chunk``/``Split`` along ``axis``: channels, not space."""
     if x.fold:
-        refuse("splitting a flatten of spatial positions")
+        refuse_kind("on_flatten", what="splitting")
     if x.base_dims[axis].spatial:
-        refuse(f"{what} along a spatial dim")
+        refuse_kind("along_spatial", what=what)
 
 
 def permute(x: Layout, perm: Sequence[int]) -> tuple[Dim, ...]:
     """The base dims after ``perm`` (the extras stay last)."""
     if x.fold:
-        refuse("permuting a flatten of spatial positions")
+        refuse_kind("on_flatten", what="permuting")
     return tuple(x.base_dims[p] for p in perm)
 
 
@@ -225,15 +223,15 @@ def squeeze(x: Layout, dims: Sequence[int]) -> tuple[Dim, ...]:
     """The base dims after squeezing ``dims`` (size 1 in the baseline): a spatial dim of
     size 1 can be larger in the dense model."""
     if x.fold:
-        refuse("squeezing a flatten of spatial positions")
+        refuse_kind("on_flatten", what="squeezing")
     if any(x.base_dims[d].spatial for d in dims):
-        refuse("squeezing a spatial dim of size 1 (its dense size can be larger)")
+        refuse_kind("squeeze_spatial")
     return tuple(d for i, d in enumerate(x.base_dims) if i not in dims)
 
 
 def unsqueeze(x: Layout, dims: Sequence[int]) -> tuple[Dim, ...]:
     if x.fold:
-        refuse("unsqueezing a flatten of spatial positions")
+        refuse_kind("on_flatten", what="unsqueezing")
     out = list(x.base_dims)
     for d in sorted(dims):
         out.insert(d, PLAIN)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from econv_convert.core.lattice import (
     DenseWindow,
@@ -19,10 +20,14 @@ from econv_convert.core.lattice import (
     window_geometry,
 )
 from econv_convert.core.layout import PLAIN, Dim, Layout, LayoutError
-from econv_convert.core.rules.common import Record, fields_through, refuse
+from econv_convert.core.rules.common import Record, fields_through, refuse, refuse_kind
 from econv_convert.core.rules.global_pool import GlobalPlan, global_pool
 
 # -- window layers: convolutions and pools ------------------------------------------------------
+
+
+# the forms a window layer takes (:class:`WindowPlan`), picked once by the core for both backends
+Form = Literal["plain", "extra", "kept", "global", "dense"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class WindowPlan:
     global pool, see ``pool`` and ``limits``), ``dense`` (stride 1, the ``dense`` windows, a
     tight crop)."""
 
-    form: str
+    form: Form
     steps: tuple[int, ...] = ()
     axes: tuple[int, ...] = ()
     windows: tuple[Window, ...] = ()
@@ -128,9 +133,7 @@ def adaptive_pool(x: Layout, output_size: Sequence[int | None]) -> tuple[str, tu
     if all(o == 1 for o in out):
         return "global", ()
     if any(n % o for n, o in zip(h, out)):
-        refuse(f"adaptive pooling from {tuple(h)} to {out}: the windows depend on the input "
-               "size and are not translation-equivariant on the lattice",
-               "give an input_shape=... at which the map there is a multiple of " f"{out}")
+        refuse_kind("adaptive_pool", size=tuple(h), out=out)
     return "window", tuple(n // o for n, o in zip(h, out))
 
 
@@ -155,7 +158,7 @@ def space_to_depth(x: Layout, block: int) -> Layout:
     except LayoutError as e:
         refuse(str(e))
     if form == "extra":
-        refuse("space to depth on a map with extra dims")
+        refuse_kind("with_extra_dims", what="space to depth on")
     if form == "plain":
         return Layout.plain(x.base)
     dims = (PLAIN, PLAIN) + tuple(Dim("space", a, s * block) for a, s in zip(axes, steps))
