@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from econv_convert.core.rules.reasons import REFUSED
 from econv_convert.core.rules.window import PAST_COVER, past_cover
 from econv_convert.errors import (
     InvalidInputError,
@@ -55,8 +56,8 @@ def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     if len(inputs) != 1:
-        raise UnsupportedLayerError("graph inputs", "expected one image input, found "
-                                    f"{len(inputs)}: " + ", ".join(i.name for i in inputs))
+        raise UnsupportedLayerError("graph inputs", REFUSED["image_inputs"].format(
+            n=len(inputs), names=", ".join(i.name for i in inputs)))
     return inputs[0]
 
 

@@ -80,6 +80,7 @@ USES = {
 
 # what a graph or its arguments must be for any rule to read them
 READING = {
+    "image_inputs": "expected one image input, found {n}: {names}",
     "model_input": "the model input must be a batched tensor (N, C, spatial...) with 1 to 3 "
                    "spatial dims",
     "argument_count": "expected {n} values, got {got}",

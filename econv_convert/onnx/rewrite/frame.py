@@ -88,12 +88,8 @@ class OnnxRewriter(Walk[onnx.NodeProto, None]):
     def run(self) -> Rewritten:
         for init in self.g.initializer:
             self.env[init.name] = Val(layout=Layout.plain(tuple(init.dims)))
-        inputs = [i for i in self.g.input if i.name not in self.env]
-        if len(inputs) != 1:
-            raise UnsupportedLayerError(
-                "graph inputs", f"expected one image input, found {len(inputs)}: "
-                + ", ".join(i.name for i in inputs))
-        x = inputs[0]
+        # one image input: onnx/model.py refused any other graph before the walk
+        (x,) = [i for i in self.g.input if i.name not in self.env]
         shape = self.shapes[x.name]
         if len(shape) < 3:
             raise UnsupportedLayerError(x.name, rules.REFUSED["model_input"])
