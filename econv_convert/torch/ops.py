@@ -554,10 +554,21 @@ def unfold_blocks(x: torch.Tensor, blocks: Sequence[Sequence[int]], steps: Seque
 def spatial_slice(x: torch.Tensor, dim: int, start, stop, base_step: int, step: int):
     """Baseline slice ``[start:stop:base_step]`` of a map on lattice ``step``, held densely."""
     h = lattice_count(x.shape[dim], step)
-    start, stop, base_step = slice(start, stop, base_step).indices(h)
-    n = slice_count(start, stop, base_step)
+    start, stop = _clamped(start, h, 0), _clamped(stop, h, h)
+    n = slice_count(start, stop, base_step, torch.sym_max)
     _check(n >= 1, lambda: "a spatial slice is empty")
     return x.narrow(dim, start * step, tight(n, step * base_step))
+
+
+def _clamped(bound, h, default):
+    """A slice bound as ``slice.indices(h)`` makes it for a positive step, written so that a
+    size traced symbolically stays a symbol: ``indices`` reads it as a plain int, and an
+    exported dense graph then crops to the trace size's bounds at every size."""
+    if bound is None:
+        return default
+    if bound < 0:
+        bound = bound + h
+    return torch.sym_max(0, torch.sym_min(bound, h))
 
 
 # every public function above may be called by a dense graph; checkpoints written before the
