@@ -22,7 +22,7 @@ import torch
 from conftest import assert_baseline_on_crops
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from random_nets import Conv, Pool, Res, Spec, build, specs
+from random_nets import Cat, Conv, Pool, Res, Spec, build, specs
 
 from econv_convert import densify, info, verify
 from econv_convert.run.predict import predict
@@ -90,18 +90,27 @@ def check_verify(spec: Spec, mode: str, output_stride: int, seed: int) -> None:
                     output_stride=output_stride)
     report = verify(baseline, dense)
     assert report.ok, [(c.check, c.shape, c.offset, c.detail) for c in report.failures()]
-    wrong = mutated(dense) if observable(dense) else None
-    if wrong is not None:
+    wrong = mutated(dense)
+    if wrong is not None and changes_outputs(dense, wrong, [c.shape for c in report.checked]):
         report = verify(baseline, wrong)
         assert not report.ok, "an error between the lattice points passed verify"
 
 
-def observable(dense) -> bool:
-    """Whether an error between the lattice points can reach the outputs: a global pool in
-    lattice mode reads the lattice points alone, and nothing before it mixes phases, so such
-    a model's outputs are the same with or without the error (the long profile drew one)."""
-    meta = info(dense)
-    return not (meta.global_pool == "lattice" and meta.global_pools)
+def changes_outputs(dense, wrong, shapes) -> bool:
+    """Whether the mutation changes any output at the sizes verify checks: an error between
+    the lattice points does not where nothing reads it (a global pool in lattice mode reads
+    the lattice points alone; a model of one input size whose mutated map is one lattice
+    point there has no position between them). The long profile drew both."""
+    torch.manual_seed(0)
+    for shape in shapes:
+        x = torch.randn(shape, dtype=torch.float64)
+        with torch.no_grad():
+            a, b = copy.deepcopy(dense).double()(x), copy.deepcopy(wrong).double()(x)
+        flat = [t for t in torch.utils._pytree.tree_leaves((a, b)) if torch.is_tensor(t)]
+        half = len(flat) // 2
+        if any(not torch.equal(p, q) for p, q in zip(flat[:half], flat[half:])):
+            return True
+    return False
 
 
 def check_predict(spec: Spec, output_stride: int, blocks: int, extra: tuple[int, int],
@@ -211,10 +220,15 @@ def test_an_error_off_the_lattice_before_a_lattice_pool_changes_no_output():
     baseline = build(spec, 0)
     dense = densify(baseline, (1, 3, 2, 2), global_pool="lattice")
     wrong = mutated(dense)
-    assert wrong is not None and not observable(dense)
-    x = torch.randn(2, 3, 13, 11, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(wrong.double()(x), dense.double()(x))
+    assert wrong is not None
+    assert not changes_outputs(dense, wrong, [(2, 3, 13, 11), (1, 3, 20, 24)])
+
+
+def test_a_mutation_that_changes_outputs_is_caught_before_a_flatten_head():
+    """A model of one input size (a flatten of a 1 x 1 map): its mutation is checked only
+    where it changes an output (at the example the mutated map may be one lattice point)."""
+    spec = Spec(Conv(2, True, 2, 2), (Res(3, True), Cat(3, False)), "flatten", (5, 5))
+    check_verify(spec, "phase", 1, 2)
 
 
 def test_an_example_smaller_than_the_step_is_checked_past_it():
@@ -292,6 +306,18 @@ def test_a_dense_onnx_of_padded_and_unpadded_layers_exports():
     layers consume plus a step. It took ``s + 1`` wherever any layer padded, too small for
     the unpadded 5 x 5 after the pool (torch.export: '5 not in VR[6, int_oo]')."""
     check_files(MIXED, 1, 2, "dense.onnx", ".npy", 0, 0)
+
+
+CROPPED_CONCAT = Spec(Conv(3, False, 2, 2), (Cat(3, False), Res(3, False), Cat(1, True)), "map",
+                      (17, 17))
+
+
+def test_a_crop_to_another_maps_size_exports_for_every_size():
+    """A skip cropped to its branch's size (``a[..., 1:1 + h, 1:1 + w]``, h read off the
+    branch): the dense slice's bounds went through ``slice.indices``, which reads a traced
+    size as a plain int, so the exports cropped to the trace size's bounds at every size (the
+    ONNX export's check then failed inside onnxruntime: an internal error)."""
+    check_files(CROPPED_CONCAT, 2, 1, "dense.onnx", ".npy", 0, 8)
 
 
 def _draw_files(spec: Spec, data, workers=(0,)) -> tuple:
