@@ -159,11 +159,15 @@ def test_verify_passes_every_random_network_and_fails_its_mutation(spec, data):
 @settings(max_examples=int(os.environ.get("RANDOM_NETS_CI", 14)), **CI)
 @given(spec=specs(heads=("gap", "map")), data=st.data())
 def test_predict_on_random_networks_equals_the_whole_pass(spec, data):
-    os_ = data.draw(st.sampled_from(spec.output_strides), "output_stride")
-    blocks = data.draw(st.integers(1, 4), "lattice steps per block")
-    extra = (data.draw(st.integers(0, 40), "extra rows"),
-             data.draw(st.integers(0, 40), "extra columns"))
-    check_predict(spec, os_, blocks, extra, data.draw(st.integers(0, 9), "seed"))
+    check_predict(spec, *_draw_predict(spec, data))
+
+
+def _draw_predict(spec: Spec, data) -> tuple:
+    return (data.draw(st.sampled_from(spec.output_strides), "output_stride"),
+            data.draw(st.integers(1, 4), "lattice steps per block"),
+            (data.draw(st.integers(0, 40), "extra rows"),
+             data.draw(st.integers(0, 40), "extra columns")),
+            data.draw(st.integers(0, 9), "seed"))
 
 
 @pytest.mark.extended
@@ -179,11 +183,7 @@ def test_long_profile_verify(spec, data):
 @settings(max_examples=LONG_EXAMPLES, **LONG)
 @given(spec=specs(heads=("gap", "map")), data=st.data())
 def test_long_profile_predict(spec, data):
-    os_ = data.draw(st.sampled_from(spec.output_strides), "output_stride")
-    blocks = data.draw(st.integers(1, 4), "lattice steps per block")
-    extra = (data.draw(st.integers(0, 40), "extra rows"),
-             data.draw(st.integers(0, 40), "extra columns"))
-    check_predict(spec, os_, blocks, extra, data.draw(st.integers(0, 9), "seed"))
+    check_predict(spec, *_draw_predict(spec, data))
 
 
 

@@ -177,6 +177,19 @@ class Walk(Generic[Node, Made]):
                 "n_extra": lay.n_extra, "flat": bool(lay.fold or lay.merged)}
 
 
+def registrar(table: dict[str, Callable]) -> Callable[[str], Callable]:
+    """A decorator factory that registers a function in ``table`` under a name: how a frame
+    lets its rule modules give it the functions it calls (the frame imports none of them)."""
+    def named(name: str) -> Callable[[Callable], Callable]:
+        def register(fn: Callable) -> Callable:
+            table[name] = fn
+            return fn
+
+        return register
+
+    return named
+
+
 def require_output_stride(output_stride: int | None) -> None:
     """An output stride, if given, is a positive integer (both backends, before any work)."""
     if output_stride is not None and (not isinstance(output_stride, int) or output_stride < 1):

@@ -30,7 +30,7 @@ from econv_convert.core.lattice import Field
 from econv_convert.core.layout import PLAIN, Layout
 from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord, Rewritten
 from econv_convert.core.rules import Refusal
-from econv_convert.core.walk import Val, Walk
+from econv_convert.core.walk import Val, Walk, registrar
 from econv_convert.errors import UnsupportedLayerError
 from econv_convert.onnx.graph import Builder
 
@@ -336,14 +336,7 @@ def rule(*ops: str):
 # (rw, node) for a node reading a value whose phases a global pool merged
 HOOKS: dict[str, Callable[..., None]] = {}
 
-
-def hook(name: str):
-    """Register a rule module's function the frame calls by ``name`` (see ``HOOKS``)."""
-    def register(fn):
-        HOOKS[name] = fn
-        return fn
-
-    return register
+hook = registrar(HOOKS)  # ``@hook(name)`` on a rule module's function
 
 
 def _per_extra(rw: OnnxRewriter, node: onnx.NodeProto, x: str, lay: Layout) -> None:

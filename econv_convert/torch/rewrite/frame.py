@@ -26,7 +26,7 @@ from econv_convert.core.lattice import Field
 from econv_convert.core.layout import PLAIN, Dim, Layout
 from econv_convert.core.records import GLOBAL_POOL_MODES, LayerRecord, Rewritten
 from econv_convert.core.rules import refuse
-from econv_convert.core.walk import Val, Walk
+from econv_convert.core.walk import Val, Walk, registrar
 from econv_convert.torch import ops, targets
 from econv_convert.torch.capture import MODULES, module_path, node_name
 
@@ -307,14 +307,7 @@ ON_MERGED: set[Callable] = set()  # rules that take inputs with merged phase dim
 # on inputs whose phases a global pool merged
 HOOKS: dict[str, Callable[..., Val]] = {}
 
-
-def hook(name: str):
-    """Register a rule module's function the frame calls by ``name`` (see ``HOOKS``)."""
-    def register(fn):
-        HOOKS[name] = fn
-        return fn
-
-    return register
+hook = registrar(HOOKS)  # ``@hook(name)`` on a rule module's function
 
 
 def rule(*handled, merged: bool = False):
