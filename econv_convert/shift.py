@@ -41,11 +41,18 @@ class ShiftPlan:
 MAX_OFFSETS = 16
 
 
-def shift_plan(meta, seed: int, batch: int | None) -> tuple[ShiftPlan | None, str]:
+# how much more input the shift check may take where it is the only check of some nodes'
+# phases (the per-node proof skipped them: their arguments are computed from sizes)
+NEEDED = 16
+
+
+def shift_plan(meta, seed: int, batch: int | None,
+               needed: bool = False) -> tuple[ShiftPlan | None, str]:
     """Where the shift check looks, or why it cannot: crops of the example size (or larger,
     so that some positions are away from the padding), at offsets that cover every phase of
     every axis (every combination while there are at most 16; else every phase per axis on
-    the diagonal, plus random ones)."""
+    the diagonal, plus random ones). ``needed``: no other check covers some phases, so the
+    inputs may be ``NEEDED`` times larger than usual."""
     if not any(d[0] == "space" for o in meta.outputs for d in o["dims"]):
         return None, ("the outputs have no positions (a global pool): the positions between "
                       "the lattice points are its phases")
@@ -81,7 +88,7 @@ def shift_plan(meta, seed: int, batch: int | None) -> tuple[ShiftPlan | None, st
     # within four times an input of the example plus two steps, or small in any case (an
     # example smaller than the padding's reach)
     budget = max(4 * math.prod(h + 2 * s for h, s in zip(example[2:], steps)), 48 ** nd)
-    if math.prod(big) > budget:
+    if math.prod(big) > budget * (NEEDED if needed else 1):
         return None, (f"positions away from the padding (it reaches {fields[0].lo} px in) need "
                       f"inputs of {'x'.join(map(str, big))} px, too costly here: every phase "
                       "is proven node by node instead")

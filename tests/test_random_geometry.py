@@ -231,6 +231,15 @@ def test_a_mutation_that_changes_outputs_is_caught_before_a_flatten_head():
     check_verify(spec, "phase", 1, 2)
 
 
+def test_a_crop_the_proof_skips_is_checked_by_the_shift_check():
+    """A skip cropped to its branch's size (bounds computed from the map's size) is left by
+    the per-node proof to the end-to-end checks; the shift check, skipped as too costly where
+    the proof covers every node, then runs at a larger size: an error between the lattice
+    points before the crop passed verify (the long profile drew it)."""
+    spec = Spec(Conv(4, True, 2, 2), (Res(3, True, 2), Cat(3, False)), "map", (17, 19))
+    check_verify(spec, "phase", 2, 5)
+
+
 def test_an_example_smaller_than_the_step_is_checked_past_it():
     """An any-size model given a 1 x 1 example: checked at sizes with two lattice points, so
     every phase has points (at the example no error between the lattice points can show)."""
