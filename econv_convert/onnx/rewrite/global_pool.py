@@ -16,7 +16,16 @@ from econv_convert.core import rules
 from econv_convert.core.lattice import phase_blocks, phase_count
 from econv_convert.core.layout import PLAIN, Layout
 from econv_convert.onnx.graph import SymInt
-from econv_convert.onnx.rewrite.frame import _BIG, OnnxRewriter, Val, _norm, attrs, hook, rule
+from econv_convert.onnx.rewrite.frame import (
+    _BIG,
+    OnnxRewriter,
+    Val,
+    _norm,
+    _per_extra,
+    attrs,
+    hook,
+    rule,
+)
 from econv_convert.onnx.rewrite.pointwise import _SCALAR_PARAMS, UNARY
 
 _REDUCE = {"ReduceMean": "mean", "ReduceMax": "max", "ReduceMin": "min", "ReduceSum": "sum",
@@ -131,6 +140,10 @@ def _global_pool(rw: OnnxRewriter, node: onnx.NodeProto) -> None:
     lay = rw.lay(node.input[0])
     if lay.is_plain:
         return rw._same(node)
+    if lay.n_extra and not lay.has_space and not lay.fold:
+        # no position left, only extra dims (a pool that covered its map kept its phases):
+        # the pool at each extra position, as PyTorch's adaptive pool to 1 does there
+        return _per_extra(rw, node, node.input[0], lay)
     _global(rw, node, node.input[0], range(2, lay.base_ndim), _REDUCE[node.op_type], True)
 
 
