@@ -277,10 +277,10 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
         # input): try twice as many lattice points, and the example's own sizes last
         more = lattice_points * 2
         example = meta.canonical(meta.example_shape)[2:]
-        # at the example's size or past it: the sizes around the example are the last try
-        # (doubling on would grow without end where no size is taken: a covering pool's
-        # dense model stops past its kernel)
-        past = all(s * (more - 1) + 1 >= h for s, h in zip(meta.axis_steps, example))
+        # sizes at the example's or past it were tried and rejected: the sizes around the
+        # example are the last try (doubling on would grow without end where no size is
+        # taken: a covering pool's dense model stops past its kernel)
+        past = all(s * (lattice_points - 1) + 1 >= h for s, h in zip(meta.axis_steps, example))
         wider = replace(options, near_example=past or default_shapes(meta, False, more)[1] == "")
         return check(meta, run_baseline, run_dense, wider, device=device, dtype=dtype,
                      batch=batch, depth=depth, lattice_points=more, prove=prove)
