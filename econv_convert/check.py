@@ -316,6 +316,15 @@ def check(meta, run_baseline: RunBaseline, run_dense: RunDense, options: Checks 
                                 if plan is not None else f"shift check: {more}; the phases of "
                                 "the nodes the per-node proof skipped are not checked")
             total += len(plan.offsets) if plan is not None else 0
+        if proof.skipped and not proof.note:
+            # say which nodes the proof left, and what checks their other phases
+            first, why = next(iter(proof.skipped.items()))
+            others = len(proof.skipped) - 1
+            report.notes.append(
+                f"the per-node proof skipped '{first}' ({why})"
+                + (f" and {others} other node{'s' * (others > 1)}" if others else "") + ": "
+                + ("the shift check covers their phases end to end" if plan is not None
+                   else "only their lattice points are checked end to end"))
         if proof.note:
             report.notes.append(f"phases not proven node by node: {proof.note}")
         else:
