@@ -21,6 +21,7 @@ from econv_convert.torch.capture.common import (  # noqa: F401  (the package's p
     Captured,
     _short,
     differs,
+    eager_outputs,
     module_of_error,
     module_path,
     node_name,
@@ -67,14 +68,15 @@ def _capture(model: nn.Module, example: torch.Tensor, until: str | None,
     if until is not None and until not in dict(model.named_modules()):
         raise InvalidModelError(f"until={until}: the model has no module named '{until}'")
     drops, off = stochastic_depth(model, example, input_name)
+    reproduce = _reproducer(model, example, until, input_name)
     if method == "torch.export":
         captured = _capture_export(model, example, until, input_name)
-        _reproduce(captured, model, example, until, input_name)
+        reproduce(captured)
         captured.notes += _export_notes(drops) + off
         return captured
     try:
         captured = _capture_fx(model, until, input_name, drops)
-        _reproduce(captured, model, example, until, input_name)
+        reproduce(captured)
         captured.notes += [
             f"'{d.name}' is stochastic depth (drop rate {d.p:.4g} per "
             f"{'sample' if d.per_sample else 'batch'}): it drops when the dense model trains"
@@ -86,7 +88,7 @@ def _capture(model: nn.Module, example: torch.Tensor, until: str | None,
         fx_error = e
     try:
         captured = _capture_export(model, example, until, input_name)
-        _reproduce(captured, model, example, until, input_name)
+        reproduce(captured)
     except InvalidModelError as e:
         raise InvalidModelError(
             f"{fx_error}; torch.export fails too ({e}). Make the forward() of that module "
@@ -102,16 +104,26 @@ def _capture(model: nn.Module, example: torch.Tensor, until: str | None,
 
 
 class _NotReproduced(Exception):
-    """What a capture's graph does differently from the model (the cause of the refusal)."""
+    """The cause of a capture's refusal where its graph does not reproduce the model: an
+    error with a cause is the capture's (``_capture`` then tries the other one)."""
 
 
-def _reproduce(captured: Captured, model: nn.Module, example: torch.Tensor,
-               until: str | None, input_name: str | None) -> None:
-    """Raise where the captured graph does not compute what the model does on ``example``:
-    the graph, not the model, is then at fault, and the other capture may do better."""
-    why = differs(captured, model, example, until, input_name)
-    if why is not None:
-        raise InvalidModelError(f"the {captured.method} capture {why}") from _NotReproduced(why)
+def _reproducer(model: nn.Module, example: torch.Tensor, until: str | None,
+                input_name: str | None):
+    """A check of a capture: it raises where the captured graph does not compute what the
+    model does on ``example`` (the graph, not the model, is then at fault, and the other
+    capture may do better). The model runs eagerly once, when the first capture is checked."""
+    want: list = []
+
+    def reproduce(captured: Captured) -> None:
+        if not want:
+            want.append(eager_outputs(model, example, until, input_name))
+        why = differs(captured, example, want[0])
+        if why is not None:
+            raise InvalidModelError(f"the {captured.method} capture {why}") \
+                from _NotReproduced(why)
+
+    return reproduce
 
 
 __all__ = ["CAPTURES", "MODULES", "NAME", "PREFIX", "Captured", "capture", "from_exported",

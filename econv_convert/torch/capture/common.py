@@ -253,35 +253,28 @@ def node_name(node: fx.Node) -> str:
     return f"{node.name}' in module '{path}" if path else node.name
 
 
-def differs(captured: Captured, model: nn.Module, example: torch.Tensor, until: str | None,
-            input_name: str | None) -> str | None:
-    """Why the captured graph does not compute what ``model`` computes on ``example`` (both
-    run in float64 on copies: the model eagerly, the graph as captured), or None where it
-    does. A capture runs the model's Python code once, symbolically or at the example: a
-    branch on ``torch.jit.isinstance`` that torch.fx takes the other way, a view that
-    becomes invalid, leave a graph that fails or computes something else, which is not the
-    model's failure. None too where the model itself does not run on ``example`` eagerly
-    (nothing to compare with: the graph's own run then names the error)."""
-    def leaves(out):
-        flat, _ = outputs.flatten(out)
-        return [t for t in flat if isinstance(t, torch.Tensor)]
-
-    try:
-        want = _eager(model, example, until, input_name)
-    except Exception:  # the model's own failure, reported where the graph runs
+def differs(captured: Captured, example: torch.Tensor,
+            want: tuple[list[torch.Tensor], bool] | None) -> str | None:
+    """Why the captured graph does not compute ``want``, the model's outputs on ``example``
+    (:func:`eager_outputs`; the graph runs on a copy, in float64 where the model did), or
+    None where it does. A capture runs the model's Python code once, symbolically or at the
+    example: a branch on ``torch.jit.isinstance`` that torch.fx takes the other way, a view
+    that becomes invalid, leave a graph that fails or computes something else, which is not
+    the model's failure. None too where the model itself does not run on ``example``
+    eagerly (``want`` None: nothing to compare with; the graph's own run then names the
+    error)."""
+    if want is None:
         return None
+    want, wide = want
     try:
         gm = copy.deepcopy(captured.gm)
-        wide = want is not None and want[1]
         if wide:
             gm = gm.double()
         with torch.no_grad():
-            got = leaves(gm(example.double() if wide else example))
+            flat, _ = outputs.flatten(gm(example.double() if wide else example))
+        got = [t for t in flat if isinstance(t, torch.Tensor)]
     except Exception as e:
         return f"cannot run ({describe(e, 200)})"
-    if want is None:
-        return None
-    want = want[0]
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
         return (f"returns other outputs than the model ({[tuple(t.shape) for t in got]} "
                 f"against {[tuple(t.shape) for t in want]})")
@@ -298,11 +291,11 @@ def differs(captured: Captured, model: nn.Module, example: torch.Tensor, until: 
     return None
 
 
-def _eager(model: nn.Module, example: torch.Tensor, until: str | None,
-           input_name: str | None) -> tuple[list[torch.Tensor], bool] | None:
-    """The model's outputs (those the graph returns: module ``until``'s with ``until``) on
-    ``example``, eagerly: in float64 where the model runs so (``True``), else in its own
-    dtype (``False``)."""
+def eager_outputs(model: nn.Module, example: torch.Tensor, until: str | None,
+                  input_name: str | None) -> tuple[list[torch.Tensor], bool] | None:
+    """The model's outputs (those a capture's graph returns: module ``until``'s with
+    ``until``) on ``example``, run eagerly on a copy: in float64 where the model runs so
+    (``True``), else in its own dtype (``False``); None where it does not run at all."""
     for wide in (True, False):
         m = copy.deepcopy(model)
         if wide:
@@ -311,9 +304,7 @@ def _eager(model: nn.Module, example: torch.Tensor, until: str | None,
         try:
             with torch.no_grad():
                 out = wrapper(example.double() if wide else example)
-        except Exception:
-            if wide:
-                continue
-            raise
+        except Exception:  # in float64: try the model's own dtype; else the model's failure
+            continue
         return [t for t in out if isinstance(t, torch.Tensor)], wide
     return None
